@@ -1,0 +1,186 @@
+"""The `mobile` command line.
+
+    mobile compile SPEC.yaml [-o DIR]        spec -> scheduled graph + dumps (needs no weights)
+    mobile run --graph DIR --prompt TEXT     generate text with a compiled graph
+    mobile import-hf DIR [-o FILE]           write a spec from a Hugging Face config.json
+
+Errors a user can fix print one line, `mobile: error: FILE: KEY: what was expected`, and exit 2;
+--debug shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mobile.errors import MobileError
+
+POLICIES = ["resident", "ondemand", "lru", "lru-prefetch", "little", "mobile", "layer-mass"]
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from mobile.compiler import compile_to_dir
+
+    out, g = compile_to_dir(args.spec, args.out, policy=args.policy)
+    from mobile.emit import summarize
+
+    s = summarize(g)
+    segments = len({n.attr("seg") for n in g.nodes if n.attr("seg") is not None})
+    print(f"compiled {g.name}: {len(g.nodes)} nodes, {segments} compute segments -> {out}/")
+    print(f"  planned decode step on {g.spec['runtime']['plan']['device']}: {s['step_us']:.1f} us "
+          f"(compute {s['compute_us']:.1f}, copy {s['copy_us']:.1f}, stall {s['stall_us']:.1f})")
+    from mobile.compiler import memory_plan
+
+    for line in memory_plan(g):
+        print(f"  {line}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mobile.engine import Engine
+
+    if args.prompt is None and args.prompt_ids is None:
+        raise MobileError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3", key="--prompt")
+    engine = Engine.load(args.graph, weights=args.weights, device=args.device, policy=args.policy,
+                         compile=args.compile, progress=not args.json)
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise MobileError(f"expected comma-separated integers, got {args.prompt_ids!r}",
+                              key="--prompt-ids") from None
+    else:
+        ids = engine.tokenizer.encode(args.prompt)
+    tok = None
+    if args.prompt is not None or not args.json:
+        try:
+            tok = engine.tokenizer
+        except MobileError:
+            tok = None  # token ids in, token ids out
+    stream = not args.json and tok is not None
+    printed = ""
+    new: list[int] = []
+
+    def on_token(t: int) -> None:
+        nonlocal printed
+        new.append(t)
+        if stream:
+            text = tok.decode(new, skip_special_tokens=True)
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+
+    if stream:
+        sys.stdout.write(tok.decode(ids, skip_special_tokens=True))
+    out = engine.generate(torch.tensor(ids), max_new_tokens=args.max_new_tokens, greedy=not args.sample,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=on_token)
+    text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
+    stats = engine.stats
+    if args.json:
+        print(json.dumps({"ids": out, "text": text, "stats": stats}))
+        return 0
+    if stream:
+        print()
+    else:
+        print(" ".join(str(t) for t in out))
+    if args.stats:
+        for k, v in stats.items():
+            print(f"{k:>22}: {v:.2f}" if isinstance(v, float) else f"{k:>22}: {v}", file=sys.stderr)
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mobile.emit import atomic_write_text
+    from mobile.families import spec_from_hf_config
+    from mobile.spec import spec_from_dict
+
+    src = Path(args.dir)
+    if args.out:
+        ckpt = os.path.relpath(src.resolve(), Path(args.out).resolve().parent)
+    else:
+        ckpt = str(src.resolve())
+    data = spec_from_hf_config(src, name=args.name, checkpoint_path=ckpt if args.with_checkpoint else None)
+    spec_from_dict(data, source=str(src / "config.json"))  # the result must itself validate
+    text = f"# written by `mobile import-hf` from {src / 'config.json'}\n" + yaml.safe_dump(
+        data, sort_keys=False, width=100)
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mobile", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run `mobile COMMAND --help` for each command's options.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="lower a YAML spec to a scheduled graph and its dumps",
+                       description="Lower SPEC to a dataflow graph, run the pass pipeline (streams, "
+                       "scheduling, segments, planned timeline) and write DIR/graph.json, schedule.txt, "
+                       "schedule.trace.json and graph.dot. Needs no weights.")
+    c.add_argument("spec", help="the model spec (YAML), e.g. specs/demo.yaml")
+    c.add_argument("-o", "--out", help="output folder (default: graphs/<spec name>/)")
+    c.add_argument("--policy", choices=POLICIES, help="override the spec's policy.name")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="generate text with a compiled graph",
+                       description="Load a compiled graph and its weights, and generate from a prompt.")
+    r.add_argument("--graph", required=True, help="a folder written by `mobile compile`")
+    r.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint folder)")
+    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    r.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    mode.add_argument("--sample", action="store_true", help="sample with --temperature/--top-p/--seed")
+    r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    r.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    r.add_argument("--policy", choices=POLICIES, help="override the graph's policy")
+    r.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    r.add_argument("--compile", action="store_true", help="run compute segments through torch.compile")
+    r.add_argument("--stats", action="store_true", help="print run statistics to stderr")
+    r.add_argument("--json", action="store_true", help='print one JSON object {"ids", "text", "stats"}')
+    r.set_defaults(fn=cmd_run)
+
+    i = sub.add_parser("import-hf", help="write a spec from a Hugging Face config.json",
+                       description="Read DIR/config.json (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
+                       "DeepSeek-V2) and write a mobile spec whose checkpoint is DIR.")
+    i.add_argument("dir", help="a Hugging Face checkpoint folder (or just its config.json)")
+    i.add_argument("-o", "--out", help="spec file to write (default: print to stdout)")
+    i.add_argument("--name", help="spec name (default: from the config or folder name)")
+    i.add_argument("--no-checkpoint", dest="with_checkpoint", action="store_false",
+                   help="leave checkpoint.path empty (for specs of models you don't have)")
+    i.set_defaults(fn=cmd_import_hf)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except MobileError as e:
+        if args.debug:
+            raise
+        print(f"mobile: error: {e.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mobile: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The cost model behind the planned schedule: FLOPs and bytes of each node for one decode token.
+
+Times are max(FLOPs / compute rate, weight bytes / HBM bandwidth) on the plan device
+(`runtime.plan`), and transfer bytes / link bandwidth on the copy stream. Attention's
+context-dependent work is left out: at decode it is small next to the weight reads.
+"""
+
+from __future__ import annotations
+
+from mobile.ir import Node, Op
+from mobile.spec import Spec
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def expert_bytes(spec: Spec) -> int:
+    """Bytes of one routed expert (gate, up, down) in the spec's dtype: the unit a fetch moves."""
+    m = spec.model
+    return 3 * m.hidden_size * m.moe.intermediate_size * DTYPE_BYTES[spec.dtype]
+
+
+def attention_params(spec: Spec) -> int:
+    m, a = spec.model, spec.model.attention
+    h = m.hidden_size
+    if a.kind == "gqa":
+        return h * a.num_heads * a.head_dim * 2 + h * a.num_kv_heads * a.head_dim * 2
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    q = h * a.num_heads * qk if a.q_lora_rank is None else h * a.q_lora_rank + a.q_lora_rank * a.num_heads * qk
+    kv = h * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
+    return q + kv + a.num_heads * a.v_head_dim * h
+
+
+def node_cost(spec: Spec, node: Node) -> tuple[float, int, int]:
+    """(flops, device bytes read, host-to-device bytes) of one node for one decode token."""
+    m = spec.model
+    h, dt = m.hidden_size, DTYPE_BYTES[spec.dtype]
+    op = node.op
+    if op is Op.EMBED or op is Op.NORM or op is Op.ADD or op is Op.COMBINE:
+        return 0.0, h * dt, 0
+    if op is Op.ATTENTION:
+        p = attention_params(spec)
+        return 2.0 * p, p * dt, 0
+    if op is Op.MLP:
+        p = 3 * h * m.intermediate_size
+        return 2.0 * p, p * dt, 0
+    if op is Op.ROUTER or op is Op.PREDICT:
+        p = h * m.moe.num_experts
+        return 2.0 * p, p * 4, 0  # routers run in float32
+    if op is Op.EXPERT:
+        if node.attr("variant") == "shared":
+            p = 3 * h * m.moe.shared_expert.intermediate_size
+            return 2.0 * p, p * dt, 0
+        k = node.attr("k") or m.moe.top_k
+        p = 3 * h * m.moe.intermediate_size
+        return 2.0 * p * k, p * dt * k, 0
+    if op is Op.FETCH or op is Op.PREFETCH:
+        moved = 0 if spec.policy.name == "resident" else (node.attr("k") or 0) * expert_bytes(spec)
+        return 0.0, 0, moved
+    if op is Op.LM_HEAD:
+        p = h * m.vocab_size
+        return 2.0 * p, p * dt, 0
+    return 0.0, 0, 0
+
+
+def node_time_us(spec: Spec, flops: float, device_bytes: int, h2d_bytes: int) -> float:
+    plan = spec.runtime.plan
+    if h2d_bytes:
+        return h2d_bytes / (plan.link_gbps * 1e3)  # GB/s -> bytes per microsecond
+    return max(flops / (plan.compute_tflops * 1e6), device_bytes / (plan.hbm_gbps * 1e3))

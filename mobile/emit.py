@@ -1,0 +1,187 @@
+"""Emit and load a compiled graph folder, graphs/NAME/:
+
+    graph.json           the scheduled graph (versioned); this is what `mobile run` executes
+    schedule.txt         one line per node: step, stream, segment, op, inputs, bytes, planned times
+    schedule.trace.json  the planned timeline as a Chrome trace (open in Perfetto or chrome://tracing)
+    graph.dot            Graphviz
+
+The folder is written to a temporary sibling and renamed into place, so an interrupted compile
+never leaves a half-written graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mobile.errors import GraphError
+from mobile.ir import GRAPH_FORMAT, GRAPH_VERSION, Graph, Op
+
+GRAPH_FILES = ("graph.json", "schedule.txt", "schedule.trace.json", "graph.dot")
+STREAM_TIDS = {"compute": 1, "copy": 2}
+
+
+def human_bytes(n: int) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def summarize(g: Graph) -> dict[str, float]:
+    busy = {"compute": 0.0, "copy": 0.0}
+    stall = 0.0
+    last_end = 0.0
+    for n in g.nodes:
+        start, end = n.attr("start_us"), n.attr("end_us")
+        if start is None:
+            continue
+        busy[n.attr("stream", "compute")] += end - start
+        last_end = max(last_end, end)
+    compute_end = 0.0
+    for n in g.nodes:
+        if n.attr("stream", "compute") == "compute" and n.attr("start_us") is not None:
+            stall += max(0.0, n.attr("start_us") - compute_end)
+            compute_end = n.attr("end_us")
+    overlap = busy["compute"] + busy["copy"] - last_end + stall
+    return {"step_us": last_end, "compute_us": busy["compute"], "copy_us": busy["copy"],
+            "stall_us": stall, "overlap_us": max(0.0, overlap)}
+
+
+def render_schedule(g: Graph) -> str:
+    spec = g.spec
+    plan = spec.get("runtime", {}).get("plan", {})
+    lines = [
+        f"# mobile schedule: {g.name}   policy={spec.get('policy', {}).get('name')}   dtype={spec.get('dtype')}",
+        f"# planned for {plan.get('device')}: {plan.get('compute_tflops')} TFLOP/s, "
+        f"{plan.get('hbm_gbps')} GB/s HBM, {plan.get('link_gbps')} GB/s host link; one decode token",
+        f"# passes: {', '.join(g.passes)}",
+    ]
+    if any(n.attr("start_us") is not None for n in g.nodes):
+        s = summarize(g)
+        lines.append(f"# planned step {s['step_us']:.1f} us: compute {s['compute_us']:.1f} us, copy "
+                     f"{s['copy_us']:.1f} us, overlap {s['overlap_us']:.1f} us, compute stalled "
+                     f"{s['stall_us']:.1f} us")
+    header = (f"{'step':>4} {'stream':<7} {'seg':>3} {'op':<15} {'name':<16} {'inputs':<36} {'bytes':>9} "
+              f"{'h2d':>9} {'start_us':>10} {'end_us':>10}  note")
+    lines.append(header)
+    for step, n in enumerate(g.nodes):
+        seg = n.attr("seg")
+        op = n.op.value + (f"[{n.attr('variant')}]" if n.op is Op.EXPERT else "")
+        start, end = n.attr("start_us"), n.attr("end_us")
+        note = n.attr("hoist_limit") or ""
+        line = (
+            f"{step:>4} {n.attr('stream', '-'):<7} {'-' if seg is None else seg:>3} {op:<15} {n.name:<16} "
+            f"{','.join(n.inputs):<36} {human_bytes(n.attr('bytes', 0)):>9} "
+            f"{human_bytes(n.attr('h2d_bytes', 0)):>9} "
+            f"{'-' if start is None else f'{start:.3f}':>10} {'-' if end is None else f'{end:.3f}':>10}  {note}"
+        )
+        lines.append(line.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def trace_events(spans: list[dict[str, Any]], process: str) -> dict[str, Any]:
+    """Chrome-trace JSON from spans {name, cat, stream, ts_us, dur_us, args}; shared with measured traces."""
+    events: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": process}}]
+    for stream, tid in STREAM_TIDS.items():
+        events.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": stream}})
+    for s in spans:
+        events.append({"name": s["name"], "cat": s["cat"], "ph": "X", "pid": 1,
+                       "tid": STREAM_TIDS.get(s["stream"], 3), "ts": s["ts_us"], "dur": s["dur_us"],
+                       "args": s.get("args", {})})
+    return {"traceEvents": events, "displayTimeUnit": "ns"}
+
+
+def render_trace(g: Graph) -> str:
+    spans = [{"name": n.name, "cat": n.op.value, "stream": n.attr("stream", "compute"),
+              "ts_us": n.attr("start_us", 0.0), "dur_us": n.attr("end_us", 0.0) - n.attr("start_us", 0.0),
+              "args": {"step": i, "inputs": list(n.inputs), "bytes": n.attr("bytes", 0),
+                       "h2d_bytes": n.attr("h2d_bytes", 0)}}
+             for i, n in enumerate(g.nodes)]
+    return json.dumps(trace_events(spans, f"{g.name} (planned)"), indent=0)
+
+
+_DOT_STYLE = {Op.FETCH: "shape=cds,color=blue", Op.PREFETCH: "shape=cds,style=dashed,color=blue",
+              Op.WAIT: "shape=octagon,color=red", Op.ROUTER: "shape=diamond", Op.EXPERT: "shape=box3d",
+              Op.IMPORTANCE_GATE: "shape=diamond,color=orange", Op.FALLBACK: "shape=box,color=orange"}
+
+
+def render_dot(g: Graph) -> str:
+    lines = [f'digraph "{g.name}" {{', "  rankdir=TB; node [shape=box, fontsize=10];",
+             '  "tokens" [shape=ellipse];']
+    for n in g.nodes:
+        label = f"{n.name}\\n{n.op.value}" + (f" [{n.attr('variant')}]" if n.op is Op.EXPERT else "")
+        style = _DOT_STYLE.get(n.op, "")
+        lines.append(f'  "{n.name}" [label="{label}"{"," + style if style else ""}];')
+        for i in n.inputs:
+            lines.append(f'  "{i}" -> "{n.name}";')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so readers see the old content or the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_graph_dir(g: Graph, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        files = {"graph.json": g.dumps(), "schedule.txt": render_schedule(g),
+                 "schedule.trace.json": render_trace(g), "graph.dot": render_dot(g)}
+        for name, text in files.items():
+            with open(tmp / name, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_graph(graph_dir: str | Path) -> Graph:
+    path = Path(graph_dir)
+    path = path / "graph.json" if path.is_dir() or not path.suffix else path
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GraphError("no compiled graph here (run `mobile compile SPEC.yaml` first)", where=path) from None
+    except json.JSONDecodeError as e:
+        raise GraphError(f"malformed JSON: line {e.lineno}, column {e.colno}: {e.msg}", where=path) from None
+    if not isinstance(data, dict) or data.get("format") != GRAPH_FORMAT:
+        raise GraphError(f"not a mobile graph (expected \"format\": \"{GRAPH_FORMAT}\")", where=path)
+    if data.get("version") != GRAPH_VERSION:
+        raise GraphError(f"graph format version {data.get('version')} is not supported (this mobile reads "
+                         f"version {GRAPH_VERSION}); recompile the spec", where=path)
+    try:
+        return Graph.from_json(data)
+    except (KeyError, ValueError, TypeError) as e:
+        raise GraphError(f"malformed graph: {e!r}", where=path, key="nodes") from None

@@ -1,0 +1,246 @@
+"""The executor: runs a scheduled graph, node by node, in the order graph.json gives.
+
+Each node becomes a kernel, a closure over its weights: kernel(ctx, *input values) -> value.
+Consecutive nodes of one segment (the `seg` attr, set by the plan_segments pass) run as one
+function, which `--compile` hands to torch.compile. Sync nodes (fetch, wait, ...) run between
+segments in plain Python, because they talk to the expert cache on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mobile import ops
+from mobile.errors import GraphError
+from mobile.ir import GRAPH_INPUTS, SYNC_OPS, Graph, Node, Op
+from mobile.kv import KVCache
+from mobile.spec import Spec
+from mobile.verify import verify
+
+Kernel = Callable[..., Any]
+
+
+@dataclass
+class StepContext:
+    """Per-forward values every kernel may read. positions [T]; cos/sin [T, rope_dim/2]."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    kv_len: int  # attend over cache rows [0, kv_len)
+
+
+class Kernels:
+    """Builds the kernel of each node from the model's weights, KV cache and expert cache."""
+
+    def __init__(self, spec: Spec, weights: dict[tuple[str, int | None], torch.Tensor], kv: KVCache, experts):
+        self.spec, self.w, self.kv, self.experts = spec, weights, kv, experts
+        a = spec.model.attention
+        if a.kind == "mla":
+            scale = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5
+            r = spec.model.rope
+            if r.type != "default" and r.mscale_all_dim:
+                scale *= ops._yarn_mscale(r.factor, r.mscale_all_dim) ** 2
+        else:
+            scale = a.head_dim ** -0.5
+        self.attn_scale = scale
+
+    def build(self, node: Node) -> Kernel:
+        builder = getattr(self, f"_{node.op.value}", None)
+        if builder is None:
+            raise GraphError(f"op {node.op.value!r} is not executable by this runtime yet", key=node.name)
+        return builder(node)
+
+    def _embed(self, node: Node) -> Kernel:
+        table = self.w[("embed", None)]
+        return lambda ctx, tokens: F.embedding(tokens, table)
+
+    def _norm(self, node: Node) -> Kernel:
+        weight, eps = self.w[(node.attr("weight"), node.attr("layer"))], self.spec.model.norm_eps
+        return lambda ctx, x: ops.rms_norm(x, weight, eps)
+
+    def _add(self, node: Node) -> Kernel:
+        return lambda ctx, a, b: a + b
+
+    _combine = _add
+
+    def _mlp(self, node: Node) -> Kernel:
+        layer = node.attr("layer")
+        gate, up, down = (self.w[(k, layer)] for k in ("mlp_gate", "mlp_up", "mlp_down"))
+        return lambda ctx, x: ops.swiglu(x, gate, up, down)
+
+    def _lm_head(self, node: Node) -> Kernel:
+        key = "embed" if self.spec.model.tie_word_embeddings else "lm_head"
+        head = self.w[(key, None)]
+        return lambda ctx, x: F.linear(x, head).float()
+
+    def _router(self, node: Node) -> Kernel:
+        w = self.w[("router", node.attr("layer"))]
+        k, norm, scaling = node.attr("top_k"), bool(node.attr("norm_topk_prob")), float(node.attr("scaling", 1.0))
+        return lambda ctx, x: ops.route(x, w, k, norm, scaling)
+
+    def _fetch(self, node: Node) -> Kernel:
+        layer, k = node.attr("layer"), node.attr("k")
+        return lambda ctx, routed: self.experts.fetch(layer, routed[1][:, :k])
+
+    def _wait(self, node: Node) -> Kernel:
+        return lambda ctx, handle: self.experts.wait(handle)
+
+    def _expert(self, node: Node) -> Kernel:
+        layer = node.attr("layer")
+        if node.attr("variant") == "shared":
+            gate, up, down = (self.w[(k, layer)] for k in ("shared_gate", "shared_up", "shared_down"))
+            if node.attr("gate") == "sigmoid":
+                g = self.w[("shared_expert_gate", layer)]
+                return lambda ctx, x: torch.sigmoid(F.linear(x, g)) * ops.swiglu(x, gate, up, down)
+            return lambda ctx, x: ops.swiglu(x, gate, up, down)
+        k = node.attr("k")
+        w13, w2 = self.experts.arena(layer)
+
+        def routed(ctx, x, routed, slot_map):
+            weights, ids = routed
+            return ops.routed_experts(x, weights[:, :k], slot_map[ids[:, :k]], w13, w2)
+
+        return routed
+
+    def _attention(self, node: Node) -> Kernel:
+        layer = node.attr("layer")
+        if node.attr("kind") == "mla":
+            return self._mla(layer)
+        a, eps = self.spec.model.attention, self.spec.model.norm_eps
+        w = {k: self.w.get((k, layer)) for k in ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias",
+                                                 "v_bias", "q_norm", "k_norm")}
+        cache = self.kv.layers[layer]
+        n, n_kv, d = a.num_heads, a.num_kv_heads, a.head_dim
+        interleaved, scale, clip = self.spec.model.rope.interleaved, self.attn_scale, a.clip_qkv
+
+        def attention(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
+            T = x.shape[0]
+            q, k, v = (F.linear(x, w[p + "_proj"], w[p + "_bias"]) for p in "qkv")
+            if a.qk_norm == "full":  # OLMoE: over all heads at once
+                q, k = ops.rms_norm(q, w["q_norm"], eps), ops.rms_norm(k, w["k_norm"], eps)
+            if clip is not None:
+                q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+            q, k, v = q.view(T, n, d), k.view(T, n_kv, d), v.view(T, n_kv, d)
+            if a.qk_norm == "per_head":  # Qwen3: over head_dim
+                q, k = ops.rms_norm(q, w["q_norm"], eps), ops.rms_norm(k, w["k_norm"], eps)
+            q = ops.apply_rope(q, ctx.cos, ctx.sin, interleaved)
+            k = ops.apply_rope(k, ctx.cos, ctx.sin, interleaved)
+            cache.k.index_copy_(0, ctx.positions, k)
+            cache.v.index_copy_(0, ctx.positions, v)
+            out = ops.causal_attention(q, cache.k[: ctx.kv_len], cache.v[: ctx.kv_len], ctx.positions, scale)
+            return F.linear(out, w["o_proj"])
+
+        return attention
+
+    def _mla(self, layer: int) -> Kernel:
+        a, eps = self.spec.model.attention, self.spec.model.norm_eps
+        w = {k: self.w.get((k, layer)) for k in ("q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj",
+                                                 "kv_a_norm", "kv_b_proj", "o_proj")}
+        cache = self.kv.layers[layer]
+        n, nope, rd, dv, r = a.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
+        scale = self.attn_scale
+
+        def mla(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
+            T = x.shape[0]
+            if w["q_proj"] is not None:
+                q = F.linear(x, w["q_proj"])
+            else:
+                q = F.linear(ops.rms_norm(F.linear(x, w["q_a_proj"]), w["q_a_norm"], eps), w["q_b_proj"])
+            q_nope, q_pe = q.view(T, n, nope + rd).split([nope, rd], dim=-1)
+            latent, k_pe = F.linear(x, w["kv_a_proj"]).split([r, rd], dim=-1)
+            latent = ops.rms_norm(latent, w["kv_a_norm"], eps)  # [T, r]: what the cache keeps
+            q_pe = ops.apply_rope(q_pe, ctx.cos, ctx.sin, interleaved=True)
+            k_pe = ops.apply_rope(k_pe.view(T, 1, rd), ctx.cos, ctx.sin, interleaved=True)
+            cache.k.index_copy_(0, ctx.positions, latent.view(T, 1, r))
+            cache.v.index_copy_(0, ctx.positions, k_pe)
+            L = ctx.kv_len
+            kv = F.linear(cache.k[:L, 0], w["kv_b_proj"]).view(L, n, nope + dv)  # expand the latents
+            k_nope, v = kv.split([nope, dv], dim=-1)
+            k = torch.cat((k_nope, cache.v[:L].expand(L, n, rd)), dim=-1)
+            out = ops.causal_attention(torch.cat((q_nope, q_pe), dim=-1), k, v, ctx.positions, scale)
+            return F.linear(out, w["o_proj"])
+
+        return mla
+
+
+@dataclass
+class Step:
+    """One unit the executor runs: a segment of compute nodes, or a single sync node."""
+
+    nodes: list[Node]
+    fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]]
+    live_in: list[str]
+    live_out: list[str]
+    drop_after: list[str]  # values no later step reads
+
+
+def plan_steps(graph: Graph) -> list[list[Node]]:
+    """Group the node list into steps by the `seg` attrs; sync nodes are steps of their own."""
+    steps: list[list[Node]] = []
+    current = object()
+    for n in graph.nodes:
+        seg = n.attr("seg")
+        if n.op in SYNC_OPS or seg is None or seg != current:
+            steps.append([n])
+            current = None if n.op in SYNC_OPS or seg is None else seg
+        else:
+            steps[-1].append(n)
+    return steps
+
+
+class Executor:
+    def __init__(self, graph: Graph, kernels: Kernels, compile: bool = False):
+        errors = verify(graph)
+        if errors:
+            more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise GraphError(f"graph fails verification: {errors[0]}{more}", where=graph.name)
+        self.graph = graph
+        self.compile = compile
+        self.executed: list[str] = []  # node names in the order the last eager forward ran them
+        groups = plan_steps(graph)
+        last_use: dict[str, int] = {}
+        for si, group in enumerate(groups):
+            for n in group:
+                for i in n.inputs:
+                    last_use[i] = si
+        for out in graph.outputs:
+            last_use[out] = len(groups)
+        self.steps: list[Step] = []
+        for si, group in enumerate(groups):
+            defined = {n.name for n in group}
+            live_in = sorted({i for n in group for i in n.inputs if i not in defined})
+            live_out = [n.name for n in group if last_use.get(n.name, -1) > si]
+            drop = [v for v, s in last_use.items() if s == si]
+            fn = self._segment_fn(group, [kernels.build(n) for n in group], live_out)
+            if compile and group[0].op not in SYNC_OPS:
+                fn = torch.compile(fn, dynamic=True)
+            self.steps.append(Step(group, fn, live_in, live_out, drop))
+
+    def _segment_fn(self, nodes: list[Node], kernels: list[Kernel], live_out: list[str]):
+        record = not self.compile
+        executed = self.executed
+
+        def run(ctx: StepContext, env: dict[str, Any]) -> dict[str, Any]:
+            local = dict(env)
+            for node, kernel in zip(nodes, kernels, strict=True):
+                local[node.name] = kernel(ctx, *(local[i] for i in node.inputs))
+                if record:
+                    executed.append(node.name)
+            return {name: local[name] for name in live_out}
+
+        return run
+
+    def forward(self, ctx: StepContext, tokens: torch.Tensor) -> torch.Tensor:
+        env: dict[str, Any] = {GRAPH_INPUTS[0]: tokens}
+        self.executed.clear()
+        for step in self.steps:
+            env.update(step.fn(ctx, {k: env[k] for k in step.live_in}))
+            for v in step.drop_after:
+                env.pop(v, None)
+        return env[self.graph.outputs[0]]

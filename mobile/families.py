@@ -1,0 +1,237 @@
+"""What differs between model families: checkpoint tensor names, and how a config.json maps to a spec.
+
+Canonical tensor names are what lowering and the executor use (`q_proj`, `expert_up`, ...).
+Each family maps them to the names its Hugging Face checkpoints use, as templates over {layer}
+and {expert}. A spec may override any entry under `checkpoint.tensor_names`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from mobile.errors import SpecError
+
+_LAYER = "model.layers.{layer}"
+_ATTN = _LAYER + ".self_attn"
+
+_COMMON = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+    "attn_norm": _LAYER + ".input_layernorm.weight",
+    "ffn_norm": _LAYER + ".post_attention_layernorm.weight",
+    "q_proj": _ATTN + ".q_proj.weight",
+    "k_proj": _ATTN + ".k_proj.weight",
+    "v_proj": _ATTN + ".v_proj.weight",
+    "o_proj": _ATTN + ".o_proj.weight",
+    "q_bias": _ATTN + ".q_proj.bias",
+    "k_bias": _ATTN + ".k_proj.bias",
+    "v_bias": _ATTN + ".v_proj.bias",
+    "q_norm": _ATTN + ".q_norm.weight",
+    "k_norm": _ATTN + ".k_norm.weight",
+    "router": _LAYER + ".mlp.gate.weight",
+    "expert_gate": _LAYER + ".mlp.experts.{expert}.gate_proj.weight",
+    "expert_up": _LAYER + ".mlp.experts.{expert}.up_proj.weight",
+    "expert_down": _LAYER + ".mlp.experts.{expert}.down_proj.weight",
+    "mlp_gate": _LAYER + ".mlp.gate_proj.weight",
+    "mlp_up": _LAYER + ".mlp.up_proj.weight",
+    "mlp_down": _LAYER + ".mlp.down_proj.weight",
+}
+
+TENSOR_NAMES: dict[str, dict[str, str]] = {
+    "mixtral": {
+        **_COMMON,
+        "router": _LAYER + ".block_sparse_moe.gate.weight",
+        "expert_gate": _LAYER + ".block_sparse_moe.experts.{expert}.w1.weight",
+        "expert_up": _LAYER + ".block_sparse_moe.experts.{expert}.w3.weight",
+        "expert_down": _LAYER + ".block_sparse_moe.experts.{expert}.w2.weight",
+    },
+    "olmoe": dict(_COMMON),
+    "qwen3_moe": dict(_COMMON),
+    "qwen2_moe": {
+        **_COMMON,
+        "shared_gate": _LAYER + ".mlp.shared_expert.gate_proj.weight",
+        "shared_up": _LAYER + ".mlp.shared_expert.up_proj.weight",
+        "shared_down": _LAYER + ".mlp.shared_expert.down_proj.weight",
+        "shared_expert_gate": _LAYER + ".mlp.shared_expert_gate.weight",
+    },
+    "deepseek_v2": {
+        **_COMMON,
+        "q_a_proj": _ATTN + ".q_a_proj.weight",
+        "q_a_norm": _ATTN + ".q_a_layernorm.weight",
+        "q_b_proj": _ATTN + ".q_b_proj.weight",
+        "kv_a_proj": _ATTN + ".kv_a_proj_with_mqa.weight",
+        "kv_a_norm": _ATTN + ".kv_a_layernorm.weight",
+        "kv_b_proj": _ATTN + ".kv_b_proj.weight",
+        "shared_gate": _LAYER + ".mlp.shared_experts.gate_proj.weight",
+        "shared_up": _LAYER + ".mlp.shared_experts.up_proj.weight",
+        "shared_down": _LAYER + ".mlp.shared_experts.down_proj.weight",
+    },
+}
+
+MODEL_TYPES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe",
+               "deepseek_v2": "deepseek_v2"}
+
+
+def tensor_names(family: str, overrides: dict[str, str]) -> dict[str, str]:
+    return {**TENSOR_NAMES[family], **overrides}
+
+
+# -- import-hf: config.json -> spec dict --------------------------------------------------------
+
+
+def _rope(cfg: dict, where: str, interleaved: bool) -> dict[str, Any]:
+    # transformers 5 writes rope_parameters; older Hub configs have rope_theta + rope_scaling.
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") \
+        or scaling.get("type") or "default"
+    merged = {**scaling, **params}
+    out: dict[str, Any] = {"theta": float(theta), "type": rope_type, "interleaved": interleaved}
+    for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                "mscale_all_dim"):
+        if merged.get(key) is not None:
+            out[key] = merged[key]
+    return out
+
+
+# Keys that transformers versions and Hub configs spell differently.
+_ALIASES = {"num_experts": ("num_local_experts",), "num_local_experts": ("num_experts",)}
+
+
+def _get(cfg: dict, key: str, where: str, default: Any = ...) -> Any:
+    for k in (key, *_ALIASES.get(key, ())):
+        if k in cfg and cfg[k] is not None:
+            return cfg[k]
+    if default is ...:
+        raise SpecError("config.json has no value for this key, which the family needs", where=where, key=key)
+    return default
+
+
+def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
+                        checkpoint_path: str | None = None) -> dict[str, Any]:
+    """Read DIR/config.json and return a spec as a plain dict (ready to dump as YAML)."""
+    config_dir = Path(config_dir)
+    path = config_dir / "config.json" if config_dir.is_dir() else config_dir
+    where = str(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError("no config.json here", where=where) from None
+    except json.JSONDecodeError as e:
+        raise SpecError(f"malformed JSON: line {e.lineno}, column {e.colno}: {e.msg}", where=where) from None
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise SpecError(f"unsupported model_type {model_type!r} (supported: {', '.join(MODEL_TYPES)})",
+                        where=where, key="model_type")
+    family = MODEL_TYPES[model_type]
+    g = lambda key, default=...: _get(cfg, key, where, default)  # noqa: E731
+
+    hidden, heads = g("hidden_size"), g("num_attention_heads")
+    num_layers = g("num_hidden_layers")
+    model: dict[str, Any] = {
+        "family": family,
+        "vocab_size": g("vocab_size"),
+        "hidden_size": hidden,
+        "num_layers": num_layers,
+        "intermediate_size": g("intermediate_size", 0),
+        "max_position_embeddings": g("max_position_embeddings", 4096),
+        "tie_word_embeddings": bool(g("tie_word_embeddings", False)),
+        "hidden_act": g("hidden_act", "silu"),
+        "norm_eps": float(g("rms_norm_eps", 1e-6)),
+    }
+    attention: dict[str, Any] = {
+        "kind": "gqa",
+        "num_heads": heads,
+        "num_kv_heads": g("num_key_value_heads", heads),
+        "head_dim": g("head_dim", hidden // heads),
+    }
+    moe: dict[str, Any] = {"top_k": g("num_experts_per_tok")}
+    interleaved = False
+
+    if family == "mixtral":
+        moe.update(num_experts=g("num_local_experts"), intermediate_size=g("intermediate_size"),
+                   norm_topk_prob=True)
+        model["intermediate_size"] = 0
+    elif family == "olmoe":
+        moe.update(num_experts=g("num_experts"), intermediate_size=g("intermediate_size"),
+                   norm_topk_prob=bool(g("norm_topk_prob", False)))
+        attention.update(qk_norm="full", qkv_bias=bool(g("attention_bias", False)))
+        if cfg.get("clip_qkv") is not None:
+            attention["clip_qkv"] = float(cfg["clip_qkv"])
+        model["intermediate_size"] = 0
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        step = g("decoder_sparse_step", 1)
+        mlp_only = list(g("mlp_only_layers", []))
+        dense = [i for i in range(num_layers) if i in mlp_only or (i + 1) % step != 0]
+        moe.update(num_experts=g("num_experts"), intermediate_size=g("moe_intermediate_size"),
+                   norm_topk_prob=bool(g("norm_topk_prob", False)), dense_layers=dense)
+        if family == "qwen2_moe":
+            attention["qkv_bias"] = bool(g("qkv_bias", True))
+            shared = g("shared_expert_intermediate_size", 0)
+            if shared:
+                moe["shared_expert"] = {"intermediate_size": shared, "gate": "sigmoid"}
+        else:
+            attention.update(qk_norm="per_head", qkv_bias=bool(g("attention_bias", False)))
+        if g("use_sliding_window", False):
+            raise SpecError("sliding-window attention is not supported yet", where=where,
+                            key="use_sliding_window")
+        if not dense:
+            model["intermediate_size"] = 0
+    elif family == "deepseek_v2":
+        if g("topk_method", "greedy") != "greedy":
+            raise SpecError(f"only topk_method 'greedy' is supported, got {cfg['topk_method']!r}",
+                            where=where, key="topk_method")
+        first_dense = g("first_k_dense_replace", 0)
+        freq = g("moe_layer_freq", 1)
+        dense = [i for i in range(num_layers) if i < first_dense or i % freq != 0]
+        moe.update(num_experts=g("n_routed_experts"), intermediate_size=g("moe_intermediate_size"),
+                   # transformers' DeepseekV2 router never renormalizes the top-k weights
+                   norm_topk_prob=False,
+                   routed_scaling_factor=float(g("routed_scaling_factor", 1.0)), dense_layers=dense)
+        shared = g("n_shared_experts", 0) or 0
+        if shared:
+            moe["shared_expert"] = {"intermediate_size": shared * g("moe_intermediate_size")}
+        attention = {
+            "kind": "mla", "num_heads": heads, "num_kv_heads": g("num_key_value_heads", heads),
+            "head_dim": g("qk_nope_head_dim") + g("qk_rope_head_dim"),
+            "q_lora_rank": cfg.get("q_lora_rank"), "kv_lora_rank": g("kv_lora_rank"),
+            "qk_nope_head_dim": g("qk_nope_head_dim"), "qk_rope_head_dim": g("qk_rope_head_dim"),
+            "v_head_dim": g("v_head_dim"),
+        }
+        interleaved = True
+        if not dense:
+            model["intermediate_size"] = 0
+    model["attention"] = attention
+    model["rope"] = _rope(cfg, where, interleaved)
+    model["moe"] = moe
+
+    dtype = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}.get(
+        str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"), "bfloat16")
+    default_name = (cfg.get("_name_or_path") or config_dir.resolve().name or family).split("/")[-1]
+    return {
+        "name": _clean_name(name or default_name),
+        "model": model,
+        "dtype": dtype,
+        "checkpoint": {"path": checkpoint_path, "tensor_names": TENSOR_NAMES[family]},
+        "policy": {"name": "resident"},
+        "runtime": {"device": "cpu"},
+    }
+
+
+def _clean_name(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in name).strip("-")
+    return cleaned or "model"
+
+
+def expert_param_count(spec_model: Any) -> int:
+    """Parameters of one routed expert (gate, up and down projections)."""
+    return 3 * spec_model.hidden_size * spec_model.moe.intermediate_size
+
+
+def default_little_k(top_k: int) -> int:
+    return math.ceil(top_k / 2)

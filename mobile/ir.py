@@ -1,0 +1,137 @@
+"""The graph IR: one small immutable node type, an op enum, and a graph that is a node list in order.
+
+A graph is a straight-line program over one forward step of T tokens (T = prompt length in
+prefill, 1 in decode). Node order is program order: passes reorder nodes, the executor runs them
+in that order. Values are named by the node that produces them; the graph input is `tokens`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+GRAPH_FORMAT = "mobile.graph"
+GRAPH_VERSION = 1
+GRAPH_INPUTS = ("tokens",)
+
+
+class Op(enum.Enum):
+    EMBED = "embed"  # token ids [T] -> hidden [T, H]
+    NORM = "norm"  # RMSNorm
+    ATTENTION = "attention"  # projections, rope, KV-cache write and read, output projection
+    ADD = "add"  # residual add
+    MLP = "mlp"  # dense SwiGLU MLP (dense layers)
+    ROUTER = "router"  # hidden -> (weights [T, K], expert ids [T, K]) for the big set
+    IMPORTANCE_GATE = "importance_gate"  # reads the little pass's output; decides fallback
+    FETCH = "fetch"  # move an expert set host -> device cache slots (copy stream)
+    PREFETCH = "prefetch"  # a non-blocking, low-priority hint of a set needed soon
+    WAIT = "wait"  # compute waits for a fetch; yields the slot map
+    EXPERT = "expert"  # routed (little | big) or shared experts
+    COMBINE = "combine"  # routed + shared expert outputs
+    LM_HEAD = "lm_head"  # final norm output -> logits [T, V]
+    FALLBACK = "fallback"  # recompute a position with big experts
+    PREDICT = "predict"  # next-layer prediction: layer l+1's router on layer l's hidden state
+
+
+# Ops that cross the host: the executor runs them between compiled segments.
+SYNC_OPS = frozenset({Op.FETCH, Op.PREFETCH, Op.WAIT, Op.IMPORTANCE_GATE, Op.FALLBACK})
+COPY_OPS = frozenset({Op.FETCH, Op.PREFETCH})
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """name: the value it produces; inputs: names of values it reads; attrs: sorted (key, value) pairs."""
+
+    name: str
+    op: Op
+    inputs: tuple[str, ...] = ()
+    attrs: tuple[tuple[str, Any], ...] = ()
+
+    @staticmethod
+    def make(name: str, op: Op, inputs: Iterable[str] = (), **attrs: Any) -> Node:
+        return Node(name, op, tuple(inputs), tuple(sorted((k, _freeze(v)) for k, v in attrs.items())))
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        for k, v in self.attrs:
+            if k == key:
+                return v
+        return default
+
+    @property
+    def attr_dict(self) -> dict[str, Any]:
+        return dict(self.attrs)
+
+    def with_attrs(self, **updates: Any) -> Node:
+        merged = {**self.attr_dict, **{k: _freeze(v) for k, v in updates.items()}}
+        return replace(self, attrs=tuple(sorted(merged.items())))
+
+    def without_attrs(self, *keys: str) -> Node:
+        return replace(self, attrs=tuple((k, v) for k, v in self.attrs if k not in keys))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "op": self.op.value, "inputs": list(self.inputs),
+                "attrs": {k: _thaw(v) for k, v in self.attrs}}
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Node:
+        return Node.make(data["name"], Op(data["op"]), data.get("inputs", ()), **data.get("attrs", {}))
+
+
+@dataclass(frozen=True)
+class Graph:
+    name: str
+    nodes: tuple[Node, ...]
+    outputs: tuple[str, ...] = ("logits",)
+    spec: dict[str, Any] = field(default_factory=dict)  # the spec it was lowered from
+    passes: tuple[str, ...] = ()  # the passes that produced it, in order
+
+    def with_nodes(self, nodes: Iterable[Node], pass_name: str | None = None) -> Graph:
+        passes = self.passes + ((pass_name,) if pass_name else ())
+        return replace(self, nodes=tuple(nodes), passes=passes)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def by_op(self, op: Op) -> list[Node]:
+        return [n for n in self.nodes if n.op is op]
+
+    def users(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                out.setdefault(i, []).append(n.name)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": GRAPH_FORMAT, "version": GRAPH_VERSION, "name": self.name,
+                "inputs": list(GRAPH_INPUTS), "outputs": list(self.outputs), "passes": list(self.passes),
+                "spec": self.spec, "nodes": [n.to_json() for n in self.nodes]}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1)
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Graph:
+        return Graph(name=data["name"], nodes=tuple(Node.from_json(n) for n in data["nodes"]),
+                     outputs=tuple(data.get("outputs", ("logits",))), spec=dict(data.get("spec", {})),
+                     passes=tuple(data.get("passes", ())))

@@ -1,0 +1,149 @@
+"""Plain-torch reference implementations of the graph's compute ops.
+
+Shapes: T = tokens in this step, H = hidden, E = experts, K = experts per token, S = cache slots,
+I = expert intermediate size, n = heads, D = head dim, L = KV-cache length.
+These follow transformers' modeling code for each family; tests compare against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mobile.spec import RopeSpec
+
+# Below this many (token, expert) pairs, experts run by gathering their weights per token (no host
+# sync, graph-capturable). Above it (prefill), each needed expert runs once on all its tokens.
+GATHER_MAX_PAIRS = 16
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+# -- rope -------------------------------------------------------------------------------------
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(rope: RopeSpec, dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [dim/2], cos/sin scale), as transformers' rope init functions compute them."""
+    base = rope.theta
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if rope.type == "default":
+        return inv, 1.0
+    if rope.type == "linear":
+        return inv / rope.factor, 1.0
+    if rope.type == "yarn":
+        factor = rope.factor
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+        original = rope.original_max_position_embeddings or max_position_embeddings
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
+        return inv, attention_factor
+    raise NotImplementedError(rope.type)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] -> cos, sin [T, D/2] in float32."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    return freqs.cos() * scale, freqs.sin() * scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x [T, n, D]; cos/sin [T, D/2]. Halves layout (Llama) or adjacent pairs (DeepSeek's complex form)."""
+    dtype = x.dtype
+    x = x.float()
+    c, s = cos[:, None, :], sin[:, None, :]
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(dtype)
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((a * c - b * s, b * c + a * s), dim=-1).to(dtype)
+
+
+# -- attention --------------------------------------------------------------------------------
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """q [T, n, D], k [L, n_kv, D], v [L, n_kv, Dv], positions [T] -> [T, n * Dv].
+
+    Key j is visible to query t iff j <= positions[t]; this also hides cache rows not yet written.
+    """
+    n, n_kv = q.shape[1], k.shape[1]
+    if n != n_kv:
+        k = k.repeat_interleave(n // n_kv, dim=1)
+        v = v.repeat_interleave(n // n_kv, dim=1)
+    mask = torch.arange(k.shape[0], device=q.device)[None, :] <= positions[:, None]  # [T, L]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, scale=scale)  # [n, T, Dv]
+    return out.transpose(0, 1).reshape(q.shape[0], -1)
+
+
+# -- MoE --------------------------------------------------------------------------------------
+
+
+def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int, norm_topk_prob: bool,
+          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] -> (weights [T, K] float32, expert ids [T, K]), sorted by weight, descending.
+
+    Logits and softmax run in float32 (as DeepSeek does; identical for float32 models).
+    """
+    probs = F.linear(x.float(), router_w.float()).softmax(dim=-1)  # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * scaling, ids
+
+
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor,
+                   w2: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{slots[t, k]}(x[t]).
+
+    x [T, H], weights [T, K], slots [T, K] (cache slot of each chosen expert), w13 [S, 2I, H] (gate
+    rows then up rows), w2 [S, H, I] -> [T, H].
+    """
+    T, K = slots.shape
+    if T * K <= GATHER_MAX_PAIRS:
+        g13 = w13[slots]  # [T, K, 2I, H]
+        gate, up = torch.einsum("th,tkih->tki", x, g13).chunk(2, dim=-1)  # [T, K, I] each
+        y = torch.einsum("tki,tkhi->tkh", F.silu(gate) * up, w2[slots])  # [T, K, H]
+        return (y * weights[..., None].to(y.dtype)).sum(dim=1)
+    out = torch.zeros_like(x)
+    flat = slots.flatten()
+    order = torch.argsort(flat, stable=True)
+    used, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    tokens = order // K  # token of each (token, k) pair, grouped by slot
+    w_sorted = weights.flatten()[order]
+    start = 0
+    for slot, count in zip(used.tolist(), counts.tolist(), strict=True):  # host sync: prefill only
+        idx = tokens[start:start + count]
+        gate, up = F.linear(x[idx], w13[slot]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[slot]) * w_sorted[start:start + count, None].to(x.dtype)
+        out.index_add_(0, idx, y)
+        start += count
+    return out

@@ -1,0 +1,369 @@
+"""The model spec: what a YAML file under specs/ declares, loaded into typed dataclasses.
+
+Loading is strict. Unknown keys, wrong types and inconsistent shapes are errors that name the
+file, the YAML key path (`model.moe.top_k`) and what was expected. The dataclasses below are the
+schema: field types drive the checks, so adding a field here is all it takes to accept it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mobile.errors import SpecError
+
+Family = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"]
+DType = Literal["float32", "bfloat16", "float16"]
+PolicyName = Literal["resident", "ondemand", "lru", "lru-prefetch", "little", "mobile", "layer-mass"]
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    kind: Literal["gqa", "mla"] = "gqa"  # gqa covers MHA (num_kv_heads == num_heads)
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    qkv_bias: bool = False
+    # none; full: RMSNorm over all heads' q (k) projection (OLMoE); per_head: over head_dim (Qwen3)
+    qk_norm: Literal["none", "full", "per_head"] = "none"
+    clip_qkv: float | None = None
+    # MLA (DeepSeek-V2) only
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    theta: float = 10000.0
+    type: Literal["default", "linear", "yarn", "dynamic", "llama3", "longrope"] = "default"
+    # DeepSeek rotates adjacent pairs (complex form); the others rotate halves.
+    interleaved: bool = False
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass(frozen=True)
+class SharedExpertSpec:
+    intermediate_size: int = 0  # 0: no shared expert
+    gate: Literal["none", "sigmoid"] = "none"  # Qwen2-MoE scales the shared output by sigmoid(x @ g)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    num_experts: int = 0
+    top_k: int = 0
+    intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    scoring: Literal["softmax"] = "softmax"
+    shared_expert: SharedExpertSpec = field(default_factory=SharedExpertSpec)
+    dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP instead of MoE
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: Family = "olmoe"
+    vocab_size: int = 0
+    hidden_size: int = 0
+    num_layers: int = 0
+    intermediate_size: int = 0  # dense MLP width (dense layers only)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    hidden_act: Literal["silu"] = "silu"
+    norm_eps: float = 1e-5
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
+    rope: RopeSpec = field(default_factory=RopeSpec)
+    moe: MoESpec = field(default_factory=MoESpec)
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    path: str | None = None  # relative paths resolve against the spec file's folder
+    # canonical name -> tensor name template with {layer} and {expert}; merged over the
+    # family's defaults (mobile.families), so a spec lists only what differs.
+    tensor_names: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: PolicyName = "resident"
+    little_k: int | None = None  # default ceil(top_k / 2)
+    little_weights: Literal["rescale", "raw"] = "rescale"
+    signal: Literal["max_prob", "entropy", "margin"] = "max_prob"
+    tau: float = 0.5
+    layer_tau: float | None = None
+    prefill: Literal["big", "little"] = "big"
+
+
+@dataclass(frozen=True)
+class ExpertCacheSpec:
+    budget: str | None = None  # bytes for the whole expert cache, e.g. "6GiB"
+    slots_per_layer: int | None = None
+    eviction: Literal["lru"] = "lru"
+    staging_slots: int = 0
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    kind: Literal["none", "real", "emulated"] = "none"
+    gbps: float | None = None  # emulated link bandwidth, GB/s
+    latency_us: float = 10.0  # fixed cost per copy on the emulated link
+    ratio: float | None = None  # calibrated mode: expert transfer time / expert compute time
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """The device the planned schedule (schedule.txt, schedule.trace.json) is costed for."""
+
+    device: str = "rtx4090"
+    compute_tflops: float = 82.0
+    hbm_gbps: float = 1008.0
+    link_gbps: float = 25.0
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    device: str = "cpu"
+    expert_cache: ExpertCacheSpec = field(default_factory=ExpertCacheSpec)
+    link: LinkSpec = field(default_factory=LinkSpec)
+    plan: PlanSpec = field(default_factory=PlanSpec)
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    model: ModelSpec
+    dtype: DType = "bfloat16"
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    policy: PolicySpec = field(default_factory=PolicySpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    source: str | None = None  # the file this spec was read from; not a YAML key
+
+    # -- derived facts, used by lowering and the loaders --------------------------------------
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.model.moe.num_experts > 0 and layer not in self.model.moe.dense_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.model.num_layers) if self.is_moe_layer(i)]
+
+    @property
+    def little_k(self) -> int:
+        return self.policy.little_k or math.ceil(self.model.moe.top_k / 2)
+
+    def checkpoint_dir(self) -> Path | None:
+        if self.checkpoint.path is None:
+            return None
+        path = Path(self.checkpoint.path).expanduser()
+        if not path.is_absolute() and self.source is not None:
+            path = Path(self.source).parent / path
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load_spec(path: str | Path) -> Spec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError("no such file", where=path) from None
+    except OSError as e:
+        raise SpecError(f"cannot read: {e.strerror}", where=path) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"malformed YAML: {at}{problem}", where=path) from None
+    return spec_from_dict(data, source=str(path))
+
+
+def spec_from_dict(data: Any, source: str | None = None) -> Spec:
+    where = source or "<spec>"
+    if not isinstance(data, dict):
+        raise SpecError(f"expected a mapping at the top level, got {_kind(data)}", where=where)
+    spec = _build(Spec, {k: v for k, v in data.items()}, "", where)
+    spec = dataclasses.replace(spec, source=source)
+    check_consistency(spec)
+    return spec
+
+
+def dump_spec(spec: Spec) -> str:
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _build(cls: type, data: dict, path: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise SpecError(f"unknown key (expected one of: {', '.join(fields)})",
+                        where=where, key=_join(path, str(unknown[0])))
+    values = {}
+    for name, f in fields.items():
+        key = _join(path, name)
+        if name in data:
+            values[name] = _convert(hints[name], data[name], key, where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError("required key is missing", where=where, key=key)
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key, where)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise SpecError(f"expected one of {choices}, got {value!r}", where=where, key=key)
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise SpecError(f"expected a list, got {_kind(value)}", where=where, key=key)
+        return [_convert(args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"expected a mapping, got {_kind(value)}", where=where, key=key)
+        return {str(k): _convert(args[1], v, _join(key, str(k)), where) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpecError(f"expected a mapping, got {_kind(value)}", where=where, key=key)
+        return _build(tp, value, key, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"expected true or false, got {_kind(value)}", where=where, key=key)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"expected an integer, got {_kind(value)} {value!r}", where=where, key=key)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"expected a number, got {_kind(value)} {value!r}", where=where, key=key)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise SpecError(f"expected a string, got {_kind(value)} {value!r}", where=where, key=key)
+        return value
+    raise TypeError(f"spec schema has an unsupported type {tp!r} at {key}")  # a bug in this file
+
+
+def check_consistency(spec: Spec) -> None:
+    """Shape rules the types alone cannot express. Each names the key that is wrong."""
+    where = spec.source or "<spec>"
+    m, a, moe = spec.model, spec.model.attention, spec.model.moe
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise SpecError(msg, where=where, key=key)
+
+    need(bool(re.fullmatch(r"[A-Za-z0-9._-]+", spec.name)), "name",
+         f"expected letters, digits, '.', '_' or '-' (it names the graph folder), got {spec.name!r}")
+    for key, value in [("model.vocab_size", m.vocab_size), ("model.hidden_size", m.hidden_size),
+                       ("model.num_layers", m.num_layers), ("model.attention.num_heads", a.num_heads),
+                       ("model.max_position_embeddings", m.max_position_embeddings)]:
+        need(value >= 1, key, f"expected an integer >= 1, got {value}")
+    need(m.norm_eps > 0, "model.norm_eps", f"expected a number > 0, got {m.norm_eps}")
+    if a.kind == "gqa":
+        need(a.num_kv_heads >= 1, "model.attention.num_kv_heads", f"expected >= 1, got {a.num_kv_heads}")
+        need(a.num_heads % a.num_kv_heads == 0, "model.attention.num_kv_heads",
+             f"expected a divisor of num_heads={a.num_heads}, got {a.num_kv_heads}")
+        need(a.head_dim >= 2 and a.head_dim % 2 == 0, "model.attention.head_dim",
+             f"expected an even integer >= 2 (rope rotates pairs), got {a.head_dim}")
+    else:
+        need(a.kv_lora_rank >= 1, "model.attention.kv_lora_rank", f"expected >= 1 for mla, got {a.kv_lora_rank}")
+        need(a.qk_rope_head_dim >= 2 and a.qk_rope_head_dim % 2 == 0, "model.attention.qk_rope_head_dim",
+             f"expected an even integer >= 2 for mla, got {a.qk_rope_head_dim}")
+        need(a.qk_nope_head_dim >= 1, "model.attention.qk_nope_head_dim", f"expected >= 1, got {a.qk_nope_head_dim}")
+        need(a.v_head_dim >= 1, "model.attention.v_head_dim", f"expected >= 1, got {a.v_head_dim}")
+        need(a.qk_norm == "none", "model.attention.qk_norm", "expected 'none' for mla attention")
+        need(not a.qkv_bias, "model.attention.qkv_bias", "expected false for mla attention")
+    need(m.rope.factor > 0, "model.rope.factor", f"expected a number > 0, got {m.rope.factor}")
+    if moe.num_experts:
+        need(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k",
+             f"expected 1 <= top_k <= num_experts={moe.num_experts}, got {moe.top_k}")
+        need(moe.intermediate_size >= 1, "model.moe.intermediate_size",
+             f"expected >= 1, got {moe.intermediate_size}")
+        for i, layer in enumerate(moe.dense_layers):
+            need(0 <= layer < m.num_layers, f"model.moe.dense_layers[{i}]",
+                 f"expected a layer index in [0, {m.num_layers}), got {layer}")
+        if moe.shared_expert.gate != "none":
+            need(moe.shared_expert.intermediate_size > 0, "model.moe.shared_expert.gate",
+                 "a shared-expert gate needs model.moe.shared_expert.intermediate_size > 0")
+    else:
+        need(moe.top_k == 0, "model.moe.top_k", "expected 0 when model.moe.num_experts is 0")
+    if moe.dense_layers or not moe.num_experts:
+        need(m.intermediate_size >= 1, "model.intermediate_size",
+             "expected >= 1: the model has dense MLP layers")
+    p = spec.policy
+    if p.little_k is not None:
+        need(1 <= p.little_k <= max(moe.top_k, 1), "policy.little_k",
+             f"expected 1 <= little_k <= top_k={moe.top_k}, got {p.little_k}")
+    need(p.layer_tau is None or 0.0 <= p.layer_tau <= 1.0, "policy.layer_tau",
+         f"expected a number in [0, 1], got {p.layer_tau}")
+    c = spec.runtime.expert_cache
+    if c.budget is not None:
+        try:
+            parse_bytes(c.budget)
+        except ValueError as e:
+            raise SpecError(str(e), where=where, key="runtime.expert_cache.budget") from None
+    need(c.slots_per_layer is None or c.slots_per_layer >= 1, "runtime.expert_cache.slots_per_layer",
+         f"expected an integer >= 1, got {c.slots_per_layer}")
+    need(c.staging_slots >= 0, "runtime.expert_cache.staging_slots", f"expected >= 0, got {c.staging_slots}")
+    link = spec.runtime.link
+    need(link.gbps is None or link.gbps > 0, "runtime.link.gbps", f"expected a number > 0, got {link.gbps}")
+    need(link.ratio is None or link.ratio > 0, "runtime.link.ratio", f"expected a number > 0, got {link.ratio}")
+    need(link.latency_us >= 0, "runtime.link.latency_us", f"expected a number >= 0, got {link.latency_us}")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'6GiB' -> 6442450944. Accepts B, kB/MB/GB/TB (powers of 10) and KiB/MiB/GiB/TiB."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected a byte count such as '6GiB' or '512MB', got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])

@@ -1,0 +1,42 @@
+"""Run statistics. The keys of `Stats.as_dict()` are a stable interface (CLI --json, benchmarks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    bytes_h2d: int = 0
+    expert_hits: int = 0
+    expert_misses: int = 0
+    stall_s: float = 0.0
+    little_tokens: int = 0
+    fallback_tokens: int = 0
+    link: str = "none"  # none | real | emulated
+    extra: dict = field(default_factory=dict)
+
+    def reset(self) -> None:
+        link = self.link
+        self.__init__()  # type: ignore[misc]
+        self.link = link
+
+    def as_dict(self) -> dict:
+        return {
+            "prefill_tokens_per_s": self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0,
+            "decode_tokens_per_s": self.decode_tokens / self.decode_s if self.decode_s else 0.0,
+            "prefill_tokens": self.prefill_tokens,
+            "decode_tokens": self.decode_tokens,
+            "bytes_h2d": self.bytes_h2d,
+            "expert_hits": self.expert_hits,
+            "expert_misses": self.expert_misses,
+            "stall_s": self.stall_s,
+            "little_tokens": self.little_tokens,
+            "fallback_tokens": self.fallback_tokens,
+            "link": self.link,
+            **self.extra,
+        }

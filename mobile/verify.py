@@ -1,0 +1,122 @@
+"""Invariants of a valid graph, written as rules. The pipeline checks them after every pass, and the
+executor checks them again on the graph it loads, so a hand-edited graph.json cannot run broken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mobile.ir import COPY_OPS, GRAPH_INPUTS, SYNC_OPS, Graph, Op
+
+REQUIRED_ATTRS: dict[Op, tuple[str, ...]] = {
+    Op.NORM: ("weight",),
+    Op.ATTENTION: ("layer", "kind"),
+    Op.MLP: ("layer",),
+    Op.ROUTER: ("layer", "top_k", "num_experts"),
+    Op.FETCH: ("layer", "k"),
+    Op.WAIT: ("layer",),
+    Op.EXPERT: ("layer", "variant"),
+}
+ARITY: dict[Op, int] = {Op.EMBED: 1, Op.NORM: 1, Op.ATTENTION: 1, Op.ADD: 2, Op.MLP: 1, Op.ROUTER: 1,
+                        Op.FETCH: 1, Op.WAIT: 1, Op.COMBINE: 2, Op.LM_HEAD: 1}
+
+
+def rule_names_unique(g: Graph) -> list[str]:
+    seen: set[str] = set()
+    errors = []
+    for n in g.nodes:
+        if n.name in seen or n.name in GRAPH_INPUTS:
+            errors.append(f"{n.name}: value name defined twice")
+        seen.add(n.name)
+    return errors
+
+
+def rule_topological(g: Graph) -> list[str]:
+    defined = set(GRAPH_INPUTS)
+    all_names = {n.name for n in g.nodes}
+    errors = []
+    for n in g.nodes:
+        for i in n.inputs:
+            if i not in defined:
+                why = "is used before it is computed" if i in all_names else "is not produced by any node"
+                errors.append(f"{n.name}: input {i} {why}")
+        defined.add(n.name)
+    for out in g.outputs:
+        if out not in defined:
+            errors.append(f"graph output {out} is not produced by any node")
+    return errors
+
+
+def rule_attrs_and_arity(g: Graph) -> list[str]:
+    errors = []
+    for n in g.nodes:
+        missing = [a for a in REQUIRED_ATTRS.get(n.op, ()) if n.attr(a) is None]
+        if missing:
+            errors.append(f"{n.name}: {n.op.value} node lacks attrs {missing}")
+        if n.op in ARITY and len(n.inputs) != ARITY[n.op]:
+            errors.append(f"{n.name}: {n.op.value} takes {ARITY[n.op]} inputs, has {len(n.inputs)}")
+    return errors
+
+
+def rule_experts_fetched(g: Graph) -> list[str]:
+    """Every routed expert node reads its weights through a wait on a fetch of the same layer."""
+    nodes = {n.name: n for n in g.nodes}
+    errors = []
+    for n in g.nodes:
+        if n.op is Op.EXPERT and n.attr("variant") != "shared":
+            waits = [nodes[i] for i in n.inputs if i in nodes and nodes[i].op is Op.WAIT]
+            if not waits:
+                errors.append(f"{n.name}: routed expert computed without waiting for a fetch of its weights")
+                continue
+            for w in waits:
+                fetch = nodes.get(w.inputs[0]) if w.inputs else None
+                if fetch is None or fetch.op is not Op.FETCH:
+                    errors.append(f"{n.name}: {w.name} does not wait on a fetch")
+                elif fetch.attr("layer") != n.attr("layer"):
+                    errors.append(f"{n.name}: uses {fetch.name}, a fetch for layer {fetch.attr('layer')}")
+                elif (fetch.attr("k") or 0) < (n.attr("k") or 0):
+                    errors.append(f"{n.name}: needs {n.attr('k')} experts per token, {fetch.name} fetches "
+                                  f"{fetch.attr('k')}")
+    users = g.users()
+    for n in g.nodes:
+        if n.op is Op.FETCH and not any(nodes[u].op is Op.WAIT for u in users.get(n.name, [])):
+            errors.append(f"{n.name}: fetch is never waited for")
+    return errors
+
+
+def rule_streams(g: Graph) -> list[str]:
+    errors = []
+    for n in g.nodes:
+        stream = n.attr("stream")
+        if stream is None:
+            continue
+        want = "copy" if n.op in COPY_OPS else "compute"
+        if stream != want:
+            errors.append(f"{n.name}: {n.op.value} must run on the {want} stream, not {stream}")
+    return errors
+
+
+def rule_segments(g: Graph) -> list[str]:
+    """Segments are contiguous runs of compute nodes; sync nodes sit between them."""
+    errors = []
+    closed: set[int] = set()
+    current = None
+    for n in g.nodes:
+        seg = n.attr("seg")
+        if n.op in SYNC_OPS and seg is not None:
+            errors.append(f"{n.name}: {n.op.value} is a sync point and cannot sit inside segment {seg}")
+        if seg != current:
+            if current is not None:
+                closed.add(current)
+            if seg is not None and seg in closed:
+                errors.append(f"{n.name}: segment {seg} is not contiguous")
+            current = seg
+    return errors
+
+
+RULES: list[Callable[[Graph], list[str]]] = [rule_names_unique, rule_topological, rule_attrs_and_arity,
+                                              rule_experts_fetched, rule_streams, rule_segments]
+
+
+def verify(g: Graph) -> list[str]:
+    return [e for rule in RULES for e in rule(g)]

@@ -1,0 +1,213 @@
+"""The weight store: memory-mapped safetensors, single-file or sharded, checked against the spec.
+
+We parse the safetensors header ourselves (8-byte length, JSON, raw data) and map the file, so a
+tensor is a zero-copy view until it is converted or moved, and a truncated or corrupt file is
+caught up front with an error that names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mobile.errors import CheckpointError
+from mobile.families import tensor_names
+from mobile.spec import Spec
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+class SafetensorsFile:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"truncated safetensors file: {size} bytes, no header", where=path)
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8:
+                    raise CheckpointError(f"truncated or corrupt safetensors file: header of {n} bytes, file "
+                                          f"has {size}", where=path)
+                header = json.loads(f.read(n))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read safetensors header: {e}", where=path) from None
+        base = 8 + n
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+                begin, end = meta["data_offsets"]
+                shape = tuple(int(d) for d in meta["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"corrupt header entry {meta!r}", where=path, key=name) from None
+            if base + end > size:
+                raise CheckpointError(f"truncated safetensors file: tensor data ends at byte {base + end}, "
+                                      f"the file has {size}", where=path, key=name)
+            self.tensors[name] = TensorInfo(path, dtype, shape, base + begin, base + end)
+        self._map: mmap.mmap | None = None
+
+    def view(self, info: TensorInfo) -> torch.Tensor:
+        if info.end == info.start:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY: pages stay shared with the page cache until written (never, here),
+                # and the buffer is writable so torch.frombuffer doesn't warn.
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = (info.end - info.start) // info.dtype.itemsize
+        flat = torch.frombuffer(self._map, dtype=info.dtype, count=count, offset=info.start)
+        return flat.view(info.shape)
+
+
+class WeightStore:
+    """All tensors of a checkpoint folder, by their checkpoint names."""
+
+    def __init__(self, ckpt_dir: str | Path):
+        self.dir = Path(ckpt_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError("checkpoint folder does not exist", where=self.dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"malformed shard index: {e!r}", where=index, key="weight_map") from None
+            shard_names = sorted(set(weight_map.values()))
+        else:
+            shard_names = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            if not shard_names:
+                raise CheckpointError("no *.safetensors files in the checkpoint folder", where=self.dir)
+        self.files: dict[str, SafetensorsFile] = {}
+        self.index: dict[str, tuple[SafetensorsFile, TensorInfo]] = {}
+        for shard in shard_names:
+            path = self.dir / shard
+            if not path.exists():
+                raise CheckpointError("shard named in model.safetensors.index.json is missing", where=path)
+            f = SafetensorsFile(path)
+            self.files[shard] = f
+            for name, info in f.tensors.items():
+                self.index[name] = (f, info)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def info(self, name: str) -> TensorInfo:
+        return self.index[name][1]
+
+    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        if name not in self.index:
+            raise CheckpointError(f"tensor {name!r} not found", where=self.dir, key=name)
+        f, info = self.index[name]
+        t = f.view(info)
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+
+@dataclass(frozen=True)
+class TensorNeed:
+    key: str  # canonical name, e.g. "q_proj"
+    name: str  # checkpoint name
+    shape: tuple[int, ...]
+    layer: int | None = None
+    expert: int | None = None
+
+
+def required_tensors(spec: Spec) -> list[TensorNeed]:
+    """Every tensor the spec's model needs, with the shape the spec implies."""
+    m, a, moe = spec.model, spec.model.attention, spec.model.moe
+    names = tensor_names(m.family, spec.checkpoint.tensor_names)
+    h = m.hidden_size
+    out: list[TensorNeed] = []
+
+    def need(key: str, shape: tuple[int, ...], layer: int | None = None, expert: int | None = None) -> None:
+        if key not in names:
+            raise CheckpointError(f"no tensor-name template for {key!r} (add it under checkpoint.tensor_names)",
+                                  where=spec.source, key=f"checkpoint.tensor_names.{key}")
+        out.append(TensorNeed(key, names[key].format(layer=layer, expert=expert), shape, layer, expert))
+
+    need("embed", (m.vocab_size, h))
+    need("final_norm", (h,))
+    if not m.tie_word_embeddings:
+        need("lm_head", (m.vocab_size, h))
+    for i in range(m.num_layers):
+        need("attn_norm", (h,), i)
+        need("ffn_norm", (h,), i)
+        if a.kind == "gqa":
+            q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+            for key, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                need(key, (rows, h), i)
+            need("o_proj", (h, q), i)
+            if a.qkv_bias:
+                for key, rows in (("q_bias", q), ("k_bias", kv), ("v_bias", kv)):
+                    need(key, (rows,), i)
+            if a.qk_norm == "full":
+                need("q_norm", (q,), i)
+                need("k_norm", (kv,), i)
+            elif a.qk_norm == "per_head":
+                need("q_norm", (a.head_dim,), i)
+                need("k_norm", (a.head_dim,), i)
+        else:
+            qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+            if a.q_lora_rank is None:
+                need("q_proj", (a.num_heads * qk, h), i)
+            else:
+                need("q_a_proj", (a.q_lora_rank, h), i)
+                need("q_a_norm", (a.q_lora_rank,), i)
+                need("q_b_proj", (a.num_heads * qk, a.q_lora_rank), i)
+            need("kv_a_proj", (a.kv_lora_rank + a.qk_rope_head_dim, h), i)
+            need("kv_a_norm", (a.kv_lora_rank,), i)
+            need("kv_b_proj", (a.num_heads * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank), i)
+            need("o_proj", (h, a.num_heads * a.v_head_dim), i)
+        if spec.is_moe_layer(i):
+            need("router", (moe.num_experts, h), i)
+            for e in range(moe.num_experts):
+                need("expert_gate", (moe.intermediate_size, h), i, e)
+                need("expert_up", (moe.intermediate_size, h), i, e)
+                need("expert_down", (h, moe.intermediate_size), i, e)
+            s = moe.shared_expert.intermediate_size
+            if s:
+                need("shared_gate", (s, h), i)
+                need("shared_up", (s, h), i)
+                need("shared_down", (h, s), i)
+                if moe.shared_expert.gate == "sigmoid":
+                    need("shared_expert_gate", (1, h), i)
+        else:
+            need("mlp_gate", (m.intermediate_size, h), i)
+            need("mlp_up", (m.intermediate_size, h), i)
+            need("mlp_down", (h, m.intermediate_size), i)
+    return out
+
+
+def check_checkpoint(spec: Spec, store: WeightStore) -> dict[tuple[str, int | None, int | None], TensorNeed]:
+    """Every needed tensor exists with the expected shape; returns them keyed by (key, layer, expert)."""
+    needs = required_tensors(spec)
+    for t in needs:
+        if t.name not in store:
+            raise CheckpointError(f"tensor {t.name!r} not found (the spec needs it as {t.key}"
+                                  f"{'' if t.layer is None else f' of layer {t.layer}'})", where=store.dir,
+                                  key=t.name)
+        info = store.info(t.name)
+        if info.shape != t.shape:
+            raise CheckpointError(f"tensor {t.name!r} has shape {list(info.shape)}, the spec implies "
+                                  f"{list(t.shape)}", where=info.file, key=t.name)
+    return {(t.key, t.layer, t.expert): t for t in needs}

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import build_tiny  # noqa: E402
+
+from mobile.cli import main  # noqa: E402
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+class Tiny:
+    """A tiny checkpoint, its imported spec and its compiled graph, plus the transformers model."""
+
+    def __init__(self, root: Path, family: str):
+        self.root, self.family = root, family
+        self.ckpt = root / "ckpt"
+        self.model = build_tiny(family, self.ckpt)
+        self.spec = root / "spec.yaml"
+        self.graph = root / "graph"
+        assert run_cli("import-hf", self.ckpt, "-o", self.spec) == 0
+        assert run_cli("compile", self.spec, "-o", self.graph) == 0
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    cache: dict[str, Tiny] = {}
+
+    def get(family: str) -> Tiny:
+        if family not in cache:
+            cache[family] = Tiny(tmp_path_factory.mktemp(family), family)
+        return cache[family]
+
+    return get

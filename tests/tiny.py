@@ -1,0 +1,63 @@
+"""Tiny checkpoints of each supported family, built with transformers' own config classes and
+saved with save_pretrained (the Hub layout: per-expert tensors in safetensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v2", "qwen3_moe")
+
+_COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+               pad_token_id=0)
+
+
+def config_for(family: str, **overrides):
+    import transformers as tf
+
+    if family == "mixtral":
+        cfg = tf.MixtralConfig(**_COMMON, intermediate_size=24, num_local_experts=6, num_experts_per_tok=3)
+    elif family == "olmoe":
+        cfg = tf.OlmoeConfig(**_COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=4,
+                             norm_topk_prob=False)
+    elif family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(**_COMMON, intermediate_size=40, moe_intermediate_size=16, num_experts=8,
+                                num_experts_per_tok=4, shared_expert_intermediate_size=24, norm_topk_prob=False,
+                                mlp_only_layers=[1])
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**_COMMON, intermediate_size=40, moe_intermediate_size=16, num_experts=8,
+                                num_experts_per_tok=4, norm_topk_prob=True, head_dim=8)
+    elif family == "deepseek_v2":
+        # MLA expands every head's k/v from the latent: real configs set kv heads = heads
+        cfg = tf.DeepseekV2Config(**{**_COMMON, "num_key_value_heads": 4}, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+                                  num_experts_per_tok=4, n_shared_experts=2, first_k_dense_replace=1,
+                                  kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                  v_head_dim=8, routed_scaling_factor=2.5, topk_method="greedy")
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def model_class(family: str):
+    import transformers as tf
+
+    return {"mixtral": tf.MixtralForCausalLM, "olmoe": tf.OlmoeForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM,
+            "qwen3_moe": tf.Qwen3MoeForCausalLM, "deepseek_v2": tf.DeepseekV2ForCausalLM}[family]
+
+
+def build_tiny(family: str, out: Path, seed: int = 0, **overrides):
+    """Save a randomly initialised tiny model of `family` to `out`; returns the transformers model."""
+    torch.manual_seed(seed)
+    cfg = config_for(family, **overrides)
+    model = model_class(family)(cfg).eval()
+    # default init leaves routers near-uniform; spread them so routing is decisive and varied
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and p.dim() == 2 and p.shape[0] > 1:
+                p.normal_(0, 0.5)
+    model.save_pretrained(out)
+    return model
