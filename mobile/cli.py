@@ -69,13 +69,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_token(t: int) -> None:
         nonlocal printed
         new.append(t)
-        if stream:
+        if stream and tok is not None:
             text = tok.decode(new, skip_special_tokens=True)
             sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
             printed = text
 
-    if stream:
+    if stream and tok is not None:
         sys.stdout.write(tok.decode(ids, skip_special_tokens=True))
     out = engine.generate(torch.tensor(ids), max_new_tokens=args.max_new_tokens, greedy=not args.sample,
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=on_token)

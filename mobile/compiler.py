@@ -10,15 +10,14 @@ from mobile.costs import DTYPE_BYTES, attention_params, expert_bytes
 from mobile.emit import human_bytes, write_graph_dir
 from mobile.ir import Graph
 from mobile.passes import compile_spec, spec_of
-from mobile.spec import Spec, load_spec, spec_from_dict
+from mobile.spec import Spec, load_spec, with_policy
 
 
 def compile_to_dir(spec_path: str | Path, out_dir: str | Path | None = None,
                    policy: str | None = None) -> tuple[Path, Graph]:
     spec = load_spec(spec_path)
     if policy is not None:
-        spec = dataclasses.replace(spec, policy=dataclasses.replace(spec.policy, name=policy))
-        spec = spec_from_dict(spec.to_dict(), source=spec.source)
+        spec = with_policy(spec, name=policy)
     out = Path(out_dir) if out_dir is not None else Path("graphs") / spec.name
     spec = _relocate_checkpoint(spec, out)
     graph = compile_spec(spec)

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from mobile.ir import Graph
 from mobile.kv import KVCache
 from mobile.ops import rope_cos_sin, rope_inv_freq
 from mobile.sampling import Sampler
-from mobile.spec import Spec, spec_from_dict
+from mobile.spec import Spec, spec_from_dict, with_policy
 from mobile.stats import Stats
 from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
 
@@ -47,16 +46,15 @@ class Engine:
                             "(supported: default, linear, yarn)", where=graph.name, key="model.rope.type")
         needs = check_checkpoint(spec, store)
         dense = {(k, layer): t for (k, layer, expert), t in needs.items() if expert is None}
-        bar = tqdm(total=len(dense) + len(spec.moe_layers), desc="loading weights", unit="tensor",
-                   disable=not progress, leave=False)
         weights = {}
-        for key, t in dense.items():
-            # routers stay float32: routing decisions must not flip with the compute dtype
-            dtype = torch.float32 if t.key == "router" else self.dtype
-            weights[key] = store.get(t.name, dtype=dtype, device=self.device)
-            bar.update(1)
-        self.experts = ResidentExperts(spec, store, self.device, self.dtype, self.stats_, progress=bar)
-        bar.close()
+        with tqdm(total=len(dense) + len(spec.moe_layers), desc="loading weights", unit="tensor",
+                  disable=None if progress else True, leave=False) as bar:  # None: only on a TTY
+            for key, t in dense.items():
+                # routers stay float32: routing decisions must not flip with the compute dtype
+                dtype = torch.float32 if t.key == "router" else self.dtype
+                weights[key] = store.get(t.name, dtype=dtype, device=self.device)
+                bar.update(1)
+            self.experts = ResidentExperts(spec, store, self.device, self.dtype, self.stats_, progress=bar)
         self.stats_.link = self.experts.link
         self.kv = KVCache(spec, self.device, self.dtype)
         self.kernels = Kernels(spec, weights, self.kv, self.experts)
@@ -80,8 +78,7 @@ class Engine:
             raise SpecError(f"the spec embedded in the graph is invalid: {e.message}", where=e.where,
                             key=e.key and f"spec.{e.key}") from None
         if policy is not None and policy != spec.policy.name:
-            spec = dataclasses.replace(spec, policy=dataclasses.replace(spec.policy, name=policy))
-            spec_from_dict(spec.to_dict())  # re-validate the override
+            spec = with_policy(spec, name=policy)
         ckpt = Path(weights) if weights is not None else resolve_checkpoint(graph, graph_dir)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise MobileError(f"device {device!r} requested but CUDA is not available here", key="--device")

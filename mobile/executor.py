@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from mobile import ops
 from mobile.errors import GraphError
-from mobile.ir import GRAPH_INPUTS, SYNC_OPS, Graph, Node, Op
+from mobile.ir import GRAPH_INPUTS, SYNC_OPS, Graph, Node
 from mobile.kv import KVCache
 from mobile.spec import Spec
 from mobile.verify import verify
@@ -113,8 +113,8 @@ class Kernels:
         if node.attr("kind") == "mla":
             return self._mla(layer)
         a, eps = self.spec.model.attention, self.spec.model.norm_eps
-        w = {k: self.w.get((k, layer)) for k in ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias",
-                                                 "v_bias", "q_norm", "k_norm")}
+        keys = ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm")
+        w: dict[str, Any] = {k: self.w.get((k, layer)) for k in keys}
         cache = self.kv.layers[layer]
         n, n_kv, d = a.num_heads, a.num_kv_heads, a.head_dim
         interleaved, scale, clip = self.spec.model.rope.interleaved, self.attn_scale, a.clip_qkv
@@ -140,8 +140,8 @@ class Kernels:
 
     def _mla(self, layer: int) -> Kernel:
         a, eps = self.spec.model.attention, self.spec.model.norm_eps
-        w = {k: self.w.get((k, layer)) for k in ("q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj",
-                                                 "kv_a_norm", "kv_b_proj", "o_proj")}
+        keys = ("q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj")
+        w: dict[str, Any] = {k: self.w.get((k, layer)) for k in keys}
         cache = self.kv.layers[layer]
         n, nope, rd, dv, r = a.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
         scale = self.attn_scale
@@ -223,18 +223,34 @@ class Executor:
             self.steps.append(Step(group, fn, live_in, live_out, drop))
 
     def _segment_fn(self, nodes: list[Node], kernels: list[Kernel], live_out: list[str]):
-        record = not self.compile
-        executed = self.executed
+        """Generate one straight-line Python function per step.
 
-        def run(ctx: StepContext, env: dict[str, Any]) -> dict[str, Any]:
-            local = dict(env)
-            for node, kernel in zip(nodes, kernels, strict=True):
-                local[node.name] = kernel(ctx, *(local[i] for i in node.inputs))
-                if record:
-                    executed.append(node.name)
-            return {name: local[name] for name in live_out}
-
-        return run
+        Straight-line code (no loop over nodes, no dict shuffling) is what dynamo traces best, and a
+        separate code object per segment gives each its own compile cache instead of piling
+        recompiles onto one shared function.
+        """
+        var = {n.name: f"v{i}" for i, n in enumerate(nodes)}
+        args: list[str] = []
+        body: list[str] = []
+        for i, node in enumerate(nodes):
+            ins = []
+            for name in node.inputs:
+                if name not in var:
+                    var[name] = f"a{len(args)}"
+                    args.append(name)
+                ins.append(var[name])
+            body.append(f"    {var[node.name]} = k{i}(ctx, {', '.join(ins)})  # {node.name}")
+            if not self.compile:
+                body.append(f"    executed.append({node.name!r})")
+        outs = ", ".join(f"{n!r}: {var[n]}" for n in live_out)
+        unpack = "".join(f"    {var[a]} = env[{a!r}]\n" for a in args)
+        src = f"def segment(ctx, env):\n{unpack}" + "\n".join(body) + f"\n    return {{{outs}}}\n"
+        scope: dict[str, Any] = {f"k{i}": k for i, k in enumerate(kernels)}
+        scope["executed"] = self.executed
+        exec(compile(src, f"<mobile segment {nodes[0].name}..{nodes[-1].name}>", "exec"), scope)
+        fn = scope["segment"]
+        fn.source = src
+        return fn
 
     def forward(self, ctx: StepContext, tokens: torch.Tensor) -> torch.Tensor:
         env: dict[str, Any] = {GRAPH_INPUTS[0]: tokens}

@@ -56,8 +56,8 @@ def rope_inv_freq(rope: RopeSpec, dim: int, max_position_embeddings: int) -> tup
         def correction_dim(rotations: float) -> float:
             return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
-        low = max(math.floor(correction_dim(rope.beta_fast)), 0)
-        high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+        low: float = max(math.floor(correction_dim(rope.beta_fast)), 0)
+        high: float = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
         if low == high:
             high += 0.001
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
@@ -128,11 +128,19 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, 
     rows then up rows), w2 [S, H, I] -> [T, H].
     """
     T, K = slots.shape
-    if T * K <= GATHER_MAX_PAIRS:
-        g13 = w13[slots]  # [T, K, 2I, H]
-        gate, up = torch.einsum("th,tkih->tki", x, g13).chunk(2, dim=-1)  # [T, K, I] each
-        y = torch.einsum("tki,tkhi->tkh", F.silu(gate) * up, w2[slots])  # [T, K, H]
-        return (y * weights[..., None].to(y.dtype)).sum(dim=1)
+    if T * K > GATHER_MAX_PAIRS:
+        return _grouped_experts(x, weights, slots, w13, w2)
+    g13 = w13[slots]  # [T, K, 2I, H]
+    gate, up = torch.einsum("th,tkih->tki", x, g13).chunk(2, dim=-1)  # [T, K, I] each
+    y = torch.einsum("tki,tkhi->tkh", F.silu(gate) * up, w2[slots])  # [T, K, H]
+    return (y * weights[..., None].to(y.dtype)).sum(dim=1)
+
+
+@torch.compiler.disable  # data-dependent loop with a host sync: compiled code calls it eagerly
+def _grouped_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor,
+                     w2: torch.Tensor) -> torch.Tensor:
+    """routed_experts for many tokens: each used slot runs once, on all of its tokens."""
+    K = slots.shape[1]
     out = torch.zeros_like(x)
     flat = slots.flatten()
     order = torch.argsort(flat, stable=True)

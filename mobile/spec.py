@@ -211,6 +211,12 @@ def spec_from_dict(data: Any, source: str | None = None) -> Spec:
     return spec
 
 
+def with_policy(spec: Spec, **changes: Any) -> Spec:
+    """The spec with policy fields replaced (e.g. from --policy), validated again."""
+    changed = dataclasses.replace(spec, policy=dataclasses.replace(spec.policy, **changes))
+    return spec_from_dict(changed.to_dict(), source=spec.source)
+
+
 def dump_spec(spec: Spec) -> str:
     return yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None, width=100)
 
@@ -264,7 +270,7 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
         if not isinstance(value, dict):
             raise SpecError(f"expected a mapping, got {_kind(value)}", where=where, key=key)
         return {str(k): _convert(args[1], v, _join(key, str(k)), where) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise SpecError(f"expected a mapping, got {_kind(value)}", where=where, key=key)
         return _build(tp, value, key, where)

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import build_tiny  # noqa: E402
+from tiny import build_tiny, save_char_tokenizer  # noqa: E402
 
 from mobile.cli import main  # noqa: E402
 
@@ -23,6 +23,7 @@ class Tiny:
         self.root, self.family = root, family
         self.ckpt = root / "ckpt"
         self.model = build_tiny(family, self.ckpt)
+        save_char_tokenizer(self.ckpt)
         self.spec = root / "spec.yaml"
         self.graph = root / "graph"
         assert run_cli("import-hf", self.ckpt, "-o", self.spec) == 0

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import FAMILIES
 
 import mobile
-from tiny import FAMILIES
 
 PROMPT = torch.randint(3, 97, (24,), generator=torch.Generator().manual_seed(1))
 

@@ -31,7 +31,8 @@ def config_for(family: str, **overrides):
                                 num_experts_per_tok=4, norm_topk_prob=True, head_dim=8)
     elif family == "deepseek_v2":
         # MLA expands every head's k/v from the latent: real configs set kv heads = heads
-        cfg = tf.DeepseekV2Config(**{**_COMMON, "num_key_value_heads": 4}, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+        cfg = tf.DeepseekV2Config(**{**_COMMON, "num_key_value_heads": 4}, intermediate_size=40,
+                                  moe_intermediate_size=16, n_routed_experts=8,
                                   num_experts_per_tok=4, n_shared_experts=2, first_k_dense_replace=1,
                                   kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                   v_head_dim=8, routed_scaling_factor=2.5, topk_method="greedy")
@@ -61,3 +62,20 @@ def build_tiny(family: str, out: Path, seed: int = 0, **overrides):
                 p.normal_(0, 0.5)
     model.save_pretrained(out)
     return model
+
+
+def save_char_tokenizer(out: Path) -> None:
+    """A character-level tokenizer (75 ids, fits the tiny vocab of 97), saved transformers-style."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in string.ascii_lowercase + string.ascii_uppercase + " .,;:!?'\n" + string.digits:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(out)

@@ -1,0 +1,138 @@
+"""The IR, the pass pipeline and its verifier, the scheduler, and the emitted dumps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mobile import passes
+from mobile.compiler import compile_to_dir
+from mobile.emit import load_graph, write_graph_dir
+from mobile.errors import GraphError
+from mobile.ir import Graph, Node, Op
+from mobile.lower import lower
+from mobile.spec import load_spec
+from mobile.verify import verify
+
+SPECS = ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b"]
+
+
+@pytest.fixture(scope="module")
+def qwen_graph():
+    return passes.compile_spec(load_spec("specs/qwen1.5-moe-a2.7b.yaml"))
+
+
+def test_node_is_immutable_and_round_trips():
+    n = Node.make("L0.router", Op.ROUTER, ["L0.ffn_norm"], layer=0, top_k=4, dims=[1, 2])
+    with pytest.raises(AttributeError):
+        n.name = "x"  # type: ignore[misc]
+    assert Node.from_json(json.loads(json.dumps(n.to_json()))) == n
+    assert n.with_attrs(top_k=2).attr("top_k") == 2 and n.attr("top_k") == 4
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_published_specs_compile_without_weights(tmp_path, name):
+    out, g = compile_to_dir(f"specs/{name}.yaml", tmp_path / name)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["graph.json", "schedule.txt", "schedule.trace.json",
+                                                            "graph.dot"])
+    assert verify(load_graph(out)) == []
+    assert load_graph(out) == g
+    trace = json.loads((out / "schedule.trace.json").read_text())
+    tids = {e["tid"] for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert tids == {1, 2}  # both streams appear
+    lines = (out / "schedule.txt").read_text().splitlines()
+    assert len([ln for ln in lines if not ln.startswith("#")]) == len(g.nodes) + 1  # header + one per node
+
+
+def test_lowering_structure(qwen_graph):
+    spec = load_spec("specs/qwen1.5-moe-a2.7b.yaml")
+    g = qwen_graph
+    assert len(g.by_op(Op.ROUTER)) == len(spec.moe_layers) == 24
+    assert len(g.by_op(Op.FETCH)) == len(g.by_op(Op.WAIT)) == 24
+    assert {n.attr("variant") for n in g.by_op(Op.EXPERT)} == {"big", "shared"}
+    assert g.passes == ("lower", "assign_streams", "schedule", "plan_segments", "plan_timeline")
+    ds = passes.compile_spec(load_spec("specs/deepseek-v2-lite.yaml"))
+    assert [n.attr("layer") for n in ds.by_op(Op.MLP)] == [0]  # first_k_dense_replace = 1
+
+
+def test_scheduler_overlaps_shared_expert_with_fetch(qwen_graph):
+    """The shared expert does not need the fetched experts, so it runs between fetch and wait."""
+    names = [n.name for n in qwen_graph.nodes]
+    assert names.index("L3.fetch") < names.index("L3.shared") < names.index("L3.wait") < names.index("L3.experts")
+    assert qwen_graph.node("L3.fetch").attr("stream") == "copy"
+    assert "L3.router" in qwen_graph.node("L3.fetch").attr("hoist_limit")
+
+
+def test_planned_overlap_when_experts_stream(tmp_path):
+    _, g = compile_to_dir("specs/qwen1.5-moe-a2.7b.yaml", tmp_path / "g", policy="ondemand")
+    fetch, shared = g.node("L3.fetch"), g.node("L3.shared")
+    assert fetch.attr("h2d_bytes") == 4 * 3 * 2048 * 1408 * 2  # top-4 experts in bf16
+    # the shared expert runs on the compute stream while the fetch is in flight
+    assert fetch.attr("start_us") <= shared.attr("start_us") < fetch.attr("end_us")
+    assert g.node("L3.experts").attr("start_us") >= fetch.attr("end_us")
+
+
+def test_segments_are_runs_between_sync_points(qwen_graph):
+    for n in qwen_graph.nodes:
+        assert (n.attr("seg") is None) == (n.op in (Op.FETCH, Op.WAIT))
+
+
+def test_verifier_names_the_broken_pass():
+    spec = load_spec("specs/olmoe-1b-7b.yaml")
+
+    def drop_waits(g: Graph) -> Graph:
+        return g.with_nodes([n for n in g.nodes if n.op is not Op.WAIT], "drop_waits")
+
+    pipeline = [*passes.PIPELINE[:2], ("drop_waits", drop_waits), *passes.PIPELINE[2:]]
+    with pytest.raises(GraphError, match=r"pass 'drop_waits' \(after lower, assign_streams, schedule\)"):
+        passes.run_pipeline(lower(spec), pipeline)
+
+
+def test_verifier_rules():
+    g = lower(load_spec("specs/olmoe-1b-7b.yaml"))
+    assert verify(g) == []
+    # an expert whose fetch is for another layer
+    bad = [n if n.name != "L1.experts" else Node.make(n.name, n.op, [n.inputs[0], n.inputs[1], "L0.wait"],
+                                                      **n.attr_dict) for n in g.nodes]
+    assert any("fetch for layer 0" in e for e in verify(g.with_nodes(bad)))
+    # a copy op on the compute stream
+    bad = [n.with_attrs(stream="compute") if n.op is Op.FETCH else n for n in g.nodes]
+    assert any("copy stream" in e for e in verify(g.with_nodes(bad)))
+    # an input used before it is computed
+    nodes = list(g.nodes)
+    nodes[2], nodes[3] = nodes[3], nodes[2]
+    assert any("used before it is computed" in e for e in verify(g.with_nodes(nodes)))
+
+
+def test_scheduler_detects_cycles():
+    a = Node.make("a", Op.ADD, ["tokens", "b"])
+    b = Node.make("b", Op.ADD, ["tokens", "a"])
+    with pytest.raises(GraphError, match="cycle detected"):
+        passes.schedule(Graph("cyclic", (a, b)))
+
+
+def test_compile_is_atomic(tmp_path, monkeypatch):
+    out, g = compile_to_dir("specs/olmoe-1b-7b.yaml", tmp_path / "g")
+    before = (out / "graph.json").read_text()
+
+    def crash(graph):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mobile.emit.render_dot", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_graph_dir(g.with_nodes(g.nodes[:-1]), out)
+    assert (out / "graph.json").read_text() == before  # the old graph is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]  # no temp leftovers
+    with pytest.raises(KeyboardInterrupt):
+        write_graph_dir(g, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_debug_dumps_after_every_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOBILE_DEBUG", "1")
+    monkeypatch.setenv("MOBILE_DEBUG_DIR", str(tmp_path))
+    passes.compile_spec(load_spec("specs/olmoe-1b-7b.yaml"))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["olmoe-1b-7b.01.lower.txt", "olmoe-1b-7b.02.assign_streams.txt", "olmoe-1b-7b.03.schedule.txt",
+                     "olmoe-1b-7b.04.plan_segments.txt", "olmoe-1b-7b.05.plan_timeline.txt"]
