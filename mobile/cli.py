@@ -3,6 +3,8 @@
     mobile compile SPEC.yaml [-o DIR]        spec -> scheduled graph + dumps (needs no weights)
     mobile run --graph DIR --prompt TEXT     generate text with a compiled graph
     mobile import-hf DIR [-o FILE]           write a spec from a Hugging Face config.json
+    mobile bench --graph DIR --policies ...  compare policies side by side (tokens/s, bytes, stalls)
+    mobile synth SPEC -o DIR [--layers N]    random weights at a spec's real shapes, for benchmarks
 
 Errors a user can fix print one line, `mobile: error: FILE: KEY: what was expected`, and exit 2;
 --debug shows the traceback instead.
@@ -47,7 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.prompt is None and args.prompt_ids is None:
         raise MobileError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3", key="--prompt")
     engine = Engine.load(args.graph, weights=args.weights, device=args.device, policy=args.policy,
-                         compile=args.compile, progress=not args.json)
+                         compile=args.compile, progress=not args.json, link_gbps=args.link_gbps,
+                         link_ratio=args.link_ratio, trace=args.trace is not None)
     if args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
@@ -77,10 +80,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if stream and tok is not None:
         sys.stdout.write(tok.decode(ids, skip_special_tokens=True))
-    out = engine.generate(torch.tensor(ids), max_new_tokens=args.max_new_tokens, greedy=not args.sample,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=on_token)
+    # --temperature / --top-p / --seed imply sampling unless --greedy is given
+    sample = not args.greedy and (args.sample or args.temperature is not None or args.top_p is not None
+                                  or args.seed is not None)
+    out = engine.generate(torch.tensor(ids), max_new_tokens=args.max_new_tokens, greedy=not sample,
+                          temperature=1.0 if args.temperature is None else args.temperature,
+                          top_p=1.0 if args.top_p is None else args.top_p,
+                          seed=0 if args.seed is None else args.seed, on_token=on_token)
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
     stats = engine.stats
+    engine.close()
+    if args.trace is not None:
+        engine.write_trace(args.trace)
     if args.json:
         print(json.dumps({"ids": out, "text": text, "stats": stats}))
         return 0
@@ -90,8 +101,42 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(" ".join(str(t) for t in out))
     if args.stats:
         for k, v in stats.items():
-            print(f"{k:>22}: {v:.2f}" if isinstance(v, float) else f"{k:>22}: {v}", file=sys.stderr)
+            print(f"{k:>26}: {v:.2f}" if isinstance(v, float) else f"{k:>26}: {v}", file=sys.stderr)
+        if stats["link"] == "emulated":
+            print("(link: emulated on this machine; transfer times are modeled, not a real PCIe link)",
+                  file=sys.stderr)
+    if args.trace is not None:
+        print(f"wrote measured trace {args.trace}", file=sys.stderr)
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mobile.bench import run_bench
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for p in policies:
+        if p not in POLICIES:
+            raise MobileError(f"unknown policy {p!r} (choose from {', '.join(POLICIES)})", key="--policies")
+    run_bench(args.graph, policies, weights=args.weights, device=args.device, tokens=args.tokens,
+              prompt_len=args.prompt_len, link_gbps=args.link_gbps, link_ratio=args.link_ratio,
+              seed=args.seed, json_out=args.json)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from mobile.synth import write_synthetic_checkpoint
+
+    out = write_synthetic_checkpoint(args.spec, args.out, layers=args.layers, seed=args.seed, dtype=args.dtype)
+    print(f"wrote synthetic checkpoint {out} and its spec {out / 'spec.yaml'}", file=sys.stderr)
+    return 0
+
+
+def add_link_options(p: argparse.ArgumentParser) -> None:
+    link = p.add_mutually_exclusive_group()
+    link.add_argument("--link-gbps", type=float, help="emulated host-to-device link bandwidth in GB/s (CPU runs)")
+    link.add_argument("--link-ratio", type=float, metavar="R",
+                      help="calibrated emulated link: moving one expert takes R times as long as computing it "
+                      "for one token on this machine (about 40 for an RTX 4090 on PCIe 4.0, 87 for an H200)")
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
@@ -123,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Run `mobile COMMAND --help` for each command's options.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice). Use 1 when "
+                   "another process keeps a core busy: spinning OpenMP threads then cost far more than they gain")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compile", help="lower a YAML spec to a scheduled graph and its dumps",
@@ -144,16 +191,47 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
-    mode.add_argument("--sample", action="store_true", help="sample with --temperature/--top-p/--seed")
-    r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    r.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    mode.add_argument("--sample", action="store_true", help="sample (also implied by --temperature, --top-p, --seed)")
+    r.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    r.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0: off)")
+    r.add_argument("--seed", type=int, help="sampling seed (default 0); same seed, same text")
     r.add_argument("--policy", choices=POLICIES, help="override the graph's policy")
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     r.add_argument("--compile", action="store_true", help="run compute segments through torch.compile")
     r.add_argument("--stats", action="store_true", help="print run statistics to stderr")
     r.add_argument("--json", action="store_true", help='print one JSON object {"ids", "text", "stats"}')
+    r.add_argument("--trace", metavar="FILE", help="write the measured timeline (Chrome trace, like "
+                   "schedule.trace.json) to FILE")
+    add_link_options(r)
     r.set_defaults(fn=cmd_run)
+
+    b = sub.add_parser("bench", help="compare policies side by side on one model, in one run",
+                       description="Decode the same prompt under each policy, one after another in one "
+                       "process, and print one table: decode tokens/s and its ratio to the first policy, "
+                       "bytes moved per token, stall fraction, cache hit rate, prefetch accuracy.")
+    b.add_argument("--graph", required=True, help="a folder written by `mobile compile`")
+    b.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
+    b.add_argument("--policies", default="ondemand,lru,lru-prefetch,resident",
+                   help="comma-separated policies; ratios are to the first (default: %(default)s)")
+    b.add_argument("--tokens", type=int, default=32, help="decode tokens per policy (default 32)")
+    b.add_argument("--prompt-len", type=int, default=8, help="random prompt length (default 8)")
+    b.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    b.add_argument("--json", help="also write the rows as JSON to this file")
+    add_link_options(b)
+    b.set_defaults(fn=cmd_bench)
+
+    y = sub.add_parser("synth", help="write a random checkpoint at a spec's real shapes (for benchmarks)",
+                       description="Write random weights in Hugging Face layout with the spec's shapes, "
+                       "optionally with fewer layers, plus a spec pointing at them.")
+    y.add_argument("spec", help="the model spec (YAML)")
+    y.add_argument("-o", "--out", required=True, help="checkpoint folder to write")
+    y.add_argument("--layers", type=int, help="keep only this many layers (default: all)")
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype of the written spec (default: the spec's; CPUs without native bf16 "
+                   "run bfloat16 matmuls ~15x slower than float32)")
+    y.set_defaults(fn=cmd_synth)
 
     i = sub.add_parser("import-hf", help="write a spec from a Hugging Face config.json",
                        description="Read DIR/config.json (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
@@ -170,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     try:
         return args.fn(args)
     except MobileError as e:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -15,24 +16,29 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mobile.emit import load_graph
+from mobile.budget import cache_plan
+from mobile.costs import expert_bytes
+from mobile.emit import atomic_write_text, load_graph, trace_events
 from mobile.errors import CheckpointError, MobileError, SpecError
 from mobile.executor import Executor, Kernels, StepContext
-from mobile.experts import ResidentExperts
+from mobile.experts import OffloadedExperts, ResidentExperts, expert_compute_seconds
 from mobile.ir import Graph
 from mobile.kv import KVCache
 from mobile.ops import rope_cos_sin, rope_inv_freq
+from mobile.passes import compile_spec
 from mobile.sampling import Sampler
 from mobile.spec import Spec, spec_from_dict, with_policy
 from mobile.stats import Stats
+from mobile.transfer import LinkModel
 from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
 
-IMPLEMENTED_POLICIES = ("resident",)
+IMPLEMENTED_POLICIES = ("resident", "ondemand", "lru", "lru-prefetch")
 
 
 class Engine:
     def __init__(self, graph: Graph, spec: Spec, store: WeightStore, device: str = "cpu",
-                 compile: bool = False, progress: bool = False):
+                 compile: bool = False, progress: bool = False, link_gbps: float | None = None,
+                 link_ratio: float | None = None, trace: bool = False):
         self.graph, self.spec, self.store = graph, spec, store
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[spec.dtype]
@@ -44,9 +50,12 @@ class Engine:
         if r.type not in ("default", "linear", "yarn"):
             raise SpecError(f"rope type {r.type!r} is not supported by the runtime yet "
                             "(supported: default, linear, yarn)", where=graph.name, key="model.rope.type")
+        self.trace: list | None = [] if trace else None
+        self.t0 = time.perf_counter()
         needs = check_checkpoint(spec, store)
         dense = {(k, layer): t for (k, layer, expert), t in needs.items() if expert is None}
         weights = {}
+        plan = cache_plan(spec)
         with tqdm(total=len(dense) + len(spec.moe_layers), desc="loading weights", unit="tensor",
                   disable=None if progress else True, leave=False) as bar:  # None: only on a TTY
             for key, t in dense.items():
@@ -54,11 +63,21 @@ class Engine:
                 dtype = torch.float32 if t.key == "router" else self.dtype
                 weights[key] = store.get(t.name, dtype=dtype, device=self.device)
                 bar.update(1)
-            self.experts = ResidentExperts(spec, store, self.device, self.dtype, self.stats_, progress=bar)
+            if plan is None:
+                self.experts: ResidentExperts | OffloadedExperts = ResidentExperts(
+                    spec, store, self.device, self.dtype, self.stats_, progress=bar)
+            else:
+                link = LinkModel("real") if self.device.type == "cuda" and link_gbps is None and \
+                    link_ratio is None and spec.runtime.link.kind != "emulated" else \
+                    LinkModel("emulated", latency_s=spec.runtime.link.latency_us * 1e-6)
+                self.experts = OffloadedExperts(spec, store, self.device, self.dtype, self.stats_, plan, link,
+                                                trace=self.trace, progress=bar)
+                if link.kind == "emulated":
+                    self._set_link_rate(link, link_gbps, link_ratio)
         self.stats_.link = self.experts.link
         self.kv = KVCache(spec, self.device, self.dtype)
         self.kernels = Kernels(spec, weights, self.kv, self.experts)
-        self.executor = Executor(graph, self.kernels, compile=compile)
+        self.executor = Executor(graph, self.kernels, compile=compile, trace=self.trace)
         a = spec.model.attention
         rope_dim = a.qk_rope_head_dim if a.kind == "mla" else a.head_dim
         inv_freq, self.rope_scale = rope_inv_freq(r, rope_dim, spec.model.max_position_embeddings)
@@ -66,10 +85,25 @@ class Engine:
         self._tokenizer = None
         self.length = 0  # positions [0, length) of the current sequence are in the KV cache
 
+    def _set_link_rate(self, link: LinkModel, gbps: float | None, ratio: float | None) -> None:
+        """Emulated link bandwidth: --link-gbps, else calibrated from --link-ratio, else the spec."""
+        cfg = self.spec.runtime.link
+        gbps = gbps if gbps is not None else (None if ratio is not None else cfg.gbps)
+        ratio = ratio if ratio is not None else cfg.ratio
+        if gbps is None and ratio is not None:
+            assert isinstance(self.experts, OffloadedExperts)
+            layer = self.spec.moe_layers[0]
+            seconds = expert_compute_seconds(self.experts.host[layer], self.spec, self.device)
+            gbps = expert_bytes(self.spec) / (ratio * seconds) / 1e9
+            self.stats_.extra.update(link_ratio=ratio, expert_compute_us=round(seconds * 1e6, 2))
+        link.gbps = gbps if gbps is not None else self.spec.runtime.plan.link_gbps
+        self.stats_.extra["link_gbps"] = round(link.gbps, 4)
+
     # -- loading ------------------------------------------------------------------------------
     @classmethod
     def load(cls, graph_dir: str | Path, weights: str | Path | None = None, device: str = "cpu",
-             policy: str | None = None, compile: bool = False, progress: bool = False) -> Engine:
+             policy: str | None = None, compile: bool = False, progress: bool = False, **options) -> Engine:
+        """options: link_gbps, link_ratio (emulated link), trace (record a measured timeline)."""
         graph_dir = Path(graph_dir)
         graph = load_graph(graph_dir)
         try:
@@ -78,12 +112,15 @@ class Engine:
             raise SpecError(f"the spec embedded in the graph is invalid: {e.message}", where=e.where,
                             key=e.key and f"spec.{e.key}") from None
         if policy is not None and policy != spec.policy.name:
+            # another policy lowers to another graph (prefetch nodes, cache sizes): compile it now,
+            # from the spec the graph was built from
             spec = with_policy(spec, name=policy)
+            graph = compile_spec(spec)
         ckpt = Path(weights) if weights is not None else resolve_checkpoint(graph, graph_dir)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise MobileError(f"device {device!r} requested but CUDA is not available here", key="--device")
         store = WeightStore(ckpt)
-        return cls(graph, spec, store, device=device, compile=compile, progress=progress)
+        return cls(graph, spec, store, device=device, compile=compile, progress=progress, **options)
 
     @property
     def tokenizer(self):
@@ -93,15 +130,38 @@ class Engine:
 
     @property
     def stats(self) -> dict:
+        if isinstance(self.experts, OffloadedExperts):
+            self.experts.collect_stats()
         return self.stats_.as_dict()
+
+    def write_trace(self, path: str | Path) -> None:
+        """The measured timeline as a Chrome trace, in the planned trace's format."""
+        if self.trace is None:
+            raise MobileError("this engine was loaded without trace=True")
+        spans = [{"name": name, "cat": cat, "stream": stream, "ts_us": (start - self.t0) * 1e6,
+                  "dur_us": (end - start) * 1e6, "args": {"bytes": nbytes} if nbytes else {}}
+                 for name, cat, stream, start, end, nbytes in list(self.trace)]
+        atomic_write_text(path, json.dumps(trace_events(spans, f"{self.graph.name} (measured, "
+                                                               f"link {self.stats_.link})")))
+
+    def close(self) -> None:
+        self.experts.close()
 
     # -- running ------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Run positions [start, start + T) of the current sequence; returns logits [T, V]."""
+        """Run positions [start, start + T) of the current sequence; returns logits [T, V].
+
+        With a bounded expert cache, a forward's experts must fit in the cache at once, so prefill
+        runs in chunks of main_slots // top_k tokens (a chunk's experts are loaded once for it).
+        """
         T = ids.shape[0]
         if start + T > self.spec.model.max_position_embeddings:
             raise MobileError(f"sequence of {start + T} tokens exceeds max_position_embeddings="
                               f"{self.spec.model.max_position_embeddings}")
+        if isinstance(self.experts, OffloadedExperts):
+            chunk = max(1, self.experts.plan.main // self.spec.model.moe.top_k)
+            if T > chunk:
+                return torch.cat([self._forward(ids[i:i + chunk], start + i) for i in range(0, T, chunk)])
         self.kv.ensure(start + T)
         positions = torch.arange(start, start + T, device=self.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale)
@@ -145,6 +205,7 @@ class Engine:
         self.stats_.prefill_tokens += ids.numel()
         self.stats_.prefill_s += time.perf_counter() - t0
         new: list[int] = []
+        bytes0, stall0 = self.stats_.bytes_h2d, self.stats_.stall_s
         t0 = time.perf_counter()
         while len(new) < max_new_tokens:
             token = sampler(logits[-1])
@@ -156,6 +217,11 @@ class Engine:
             logits = self._forward(torch.tensor([token]), self.length)
             self.stats_.decode_tokens += 1
         self.stats_.decode_s += time.perf_counter() - t0
+        # what the decode phase alone moved and waited for (prefill traffic is a different regime)
+        extra = self.stats_.extra
+        extra["decode_bytes_h2d"] = extra.get("decode_bytes_h2d", 0) + self.stats_.bytes_h2d - bytes0
+        extra["decode_stall_s"] = extra.get("decode_stall_s", 0.0) + self.stats_.stall_s - stall0
+        extra["decode_s"] = self.stats_.decode_s
         return new
 
     def default_stop_ids(self) -> list[int]:
@@ -164,6 +230,8 @@ class Engine:
 
     def reset_stats(self) -> None:
         self.stats_.reset()
+        if isinstance(self.experts, OffloadedExperts):
+            self.experts.reset_counters()
 
 
 def resolve_checkpoint(graph: Graph, graph_dir: Path) -> Path:

@@ -8,6 +8,7 @@ segments in plain Python, because they talk to the expert cache on the host.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,14 @@ class Kernels:
     def _fetch(self, node: Node) -> Kernel:
         layer, k = node.attr("layer"), node.attr("k")
         return lambda ctx, routed: self.experts.fetch(layer, routed[1][:, :k])
+
+    def _predict(self, node: Node) -> Kernel:
+        w, k = self.w[("router", node.attr("layer"))], node.attr("top_k")
+        return lambda ctx, x: torch.topk(F.linear(x.float(), w), k, dim=-1).indices
+
+    def _prefetch(self, node: Node) -> Kernel:
+        layer = node.attr("layer")
+        return lambda ctx, ids: self.experts.prefetch(layer, ids)
 
     def _wait(self, node: Node) -> Kernel:
         return lambda ctx, handle: self.experts.wait(handle)
@@ -195,13 +204,16 @@ def plan_steps(graph: Graph) -> list[list[Node]]:
 
 
 class Executor:
-    def __init__(self, graph: Graph, kernels: Kernels, compile: bool = False):
+    def __init__(self, graph: Graph, kernels: Kernels, compile: bool = False, trace: list | None = None):
         errors = verify(graph)
         if errors:
             more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
             raise GraphError(f"graph fails verification: {errors[0]}{more}", where=graph.name)
         self.graph = graph
         self.compile = compile
+        # measured timeline: (name, op, stream, start_s, end_s, bytes) per node; eager runs only,
+        # since inside a compiled segment nodes have no boundaries to time
+        self.trace = trace if not compile else None
         self.executed: list[str] = []  # node names in the order the last eager forward ran them
         groups = plan_steps(graph)
         last_use: dict[str, int] = {}
@@ -239,14 +251,19 @@ class Executor:
                     var[name] = f"a{len(args)}"
                     args.append(name)
                 ins.append(var[name])
-            body.append(f"    {var[node.name]} = k{i}(ctx, {', '.join(ins)})  # {node.name}")
+            call = f"{var[node.name]} = k{i}(ctx, {', '.join(ins)})  # {node.name}"
+            if self.trace is not None:
+                body += ["    t0 = clock()", f"    {call}",
+                         f"    trace.append(({node.name!r}, {node.op.value!r}, 'compute', t0, clock(), 0))"]
+            else:
+                body.append(f"    {call}")
             if not self.compile:
                 body.append(f"    executed.append({node.name!r})")
         outs = ", ".join(f"{n!r}: {var[n]}" for n in live_out)
         unpack = "".join(f"    {var[a]} = env[{a!r}]\n" for a in args)
         src = f"def segment(ctx, env):\n{unpack}" + "\n".join(body) + f"\n    return {{{outs}}}\n"
         scope: dict[str, Any] = {f"k{i}": k for i, k in enumerate(kernels)}
-        scope["executed"] = self.executed
+        scope.update(executed=self.executed, trace=self.trace, clock=time.perf_counter)
         exec(compile(src, f"<mobile segment {nodes[0].name}..{nodes[-1].name}>", "exec"), scope)
         fn = scope["segment"]
         fn.source = src

@@ -1,72 +1,205 @@
 """Where routed experts live, and how a fetch makes them usable.
 
-Every cache exposes the same three calls, which the graph's fetch, wait and expert nodes use:
-    fetch(layer, ids) -> handle     start moving the experts in `ids` into device slots
-    wait(handle)      -> slot_map   block until they are there; slot_map [E] gives each expert's slot
-    arena(layer)      -> (w13, w2)  the device slot storage the expert kernel reads
+Every expert set exposes the calls that the graph's fetch, wait, prefetch and expert nodes use:
+    fetch(layer, ids)    -> handle     start moving the experts in `ids` into device slots
+    wait(handle)         -> slot_map   block until they are there; slot_map [E] gives each slot
+    prefetch(layer, ids)               a low-priority hint: stage these if the link is idle
+    arena(layer)         -> (w13, w2)  the device slot storage the expert kernel reads
 
-`ResidentExperts` keeps every expert on the device: fetches move nothing and always hit.
-The offloading caches (ondemand, lru, lru-prefetch) implement the same interface.
+An expert is stored packed, [gate rows; up rows] then down, as one contiguous row of the host
+store and of the device arena, so it moves as one copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from mobile.budget import CachePlan
+from mobile.families import tensor_names
+from mobile.slots import SlotTable
 from mobile.spec import Spec
 from mobile.stats import Stats
+from mobile.transfer import DEMAND, PREFETCH, CopyEngine, CopyJob, LinkModel
 from mobile.weights import WeightStore
 
 
-def expert_tensor_names(spec: Spec, layer: int, expert: int) -> tuple[str, str, str]:
-    from mobile.families import tensor_names
+def packed_views(rows: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [S, 3*I*H] -> w13 [S, 2I, H] and w2 [S, H, I], as views (no copy)."""
+    n = rows.shape[1]
+    w13 = rows.as_strided((rows.shape[0], 2 * inter, hidden), (n, hidden, 1), rows.storage_offset())
+    w2 = rows.as_strided((rows.shape[0], hidden, inter), (n, inter, 1), rows.storage_offset() + 2 * inter * hidden)
+    return w13, w2
 
+
+def load_packed_experts(spec: Spec, store: WeightStore, layer: int, dtype: torch.dtype,
+                        pin: bool = False) -> torch.Tensor:
+    """All experts of one layer from the checkpoint, packed: [E, 3*I*H] in host memory."""
+    moe, h = spec.model.moe, spec.model.hidden_size
+    i = moe.intermediate_size
     names = tensor_names(spec.model.family, spec.checkpoint.tensor_names)
-    return tuple(names[k].format(layer=layer, expert=expert)  # type: ignore[return-value]
-                 for k in ("expert_gate", "expert_up", "expert_down"))
+    rows = torch.empty(moe.num_experts, 3 * i * h, dtype=dtype, pin_memory=pin)
+    w13, w2 = packed_views(rows, h, i)
+    for e in range(moe.num_experts):
+        fmt = {"layer": layer, "expert": e}
+        w13[e, :i].copy_(store.get(names["expert_gate"].format(**fmt)))
+        w13[e, i:].copy_(store.get(names["expert_up"].format(**fmt)))
+        w2[e].copy_(store.get(names["expert_down"].format(**fmt)))
+    return rows
 
 
 @dataclass
 class FetchHandle:
     layer: int
-    slot_map: torch.Tensor  # [E] long: slot of each expert (-1: not resident)
+    jobs: list[CopyJob] = field(default_factory=list)
+    slot_map: torch.Tensor | None = None
 
 
 class ResidentExperts:
-    """All experts of every MoE layer on the device, stacked as [E, 2I, H] and [E, H, I]."""
+    """All experts of every MoE layer on the device: fetches move nothing and always hit."""
 
     link = "none"
 
-    def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype,
-                 stats: Stats, progress=None):
-        moe = spec.model.moe
-        self.stats = stats
-        self.num_experts = moe.num_experts
-        self.w13: dict[int, torch.Tensor] = {}
-        self.w2: dict[int, torch.Tensor] = {}
-        h, i = spec.model.hidden_size, moe.intermediate_size
+    def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
+                 progress=None):
+        self.spec, self.stats = spec, stats
+        self.rows: dict[int, torch.Tensor] = {}
         for layer in spec.moe_layers:
-            w13 = torch.empty(moe.num_experts, 2 * i, h, dtype=dtype, device=device)
-            w2 = torch.empty(moe.num_experts, h, i, dtype=dtype, device=device)
-            for e in range(moe.num_experts):
-                gate, up, down = expert_tensor_names(spec, layer, e)
-                w13[e, :i].copy_(store.get(gate))
-                w13[e, i:].copy_(store.get(up))
-                w2[e].copy_(store.get(down))
-            self.w13[layer], self.w2[layer] = w13, w2
+            self.rows[layer] = load_packed_experts(spec, store, layer, dtype).to(device)
             if progress is not None:
                 progress.update(1)
-        self.identity = torch.arange(moe.num_experts, device=device)
+        self.identity = torch.arange(spec.model.moe.num_experts, device=device)
 
     def fetch(self, layer: int, ids: torch.Tensor) -> FetchHandle:
-        # Every lookup is a hit; count unique experts per step, as an offloading cache would.
         self.stats.expert_hits += int(torch.unique(ids).numel())
-        return FetchHandle(layer, self.identity)
+        return FetchHandle(layer, slot_map=self.identity)
 
     def wait(self, handle: FetchHandle) -> torch.Tensor:
+        assert handle.slot_map is not None
         return handle.slot_map
 
+    def prefetch(self, layer: int, ids: torch.Tensor) -> None:
+        return None
+
     def arena(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.w13[layer], self.w2[layer]
+        return packed_views(self.rows[layer], self.spec.model.hidden_size, self.spec.model.moe.intermediate_size)
+
+    def close(self) -> None:
+        return None
+
+
+class OffloadedExperts:
+    """Experts in host memory, a bounded per-layer slot cache on the device, copies on a copy engine.
+
+    policy: ondemand (no reuse), lru (reuse, demand fetch on miss), lru-prefetch (plus staged
+    prefetches of the next layer's predicted experts).
+    """
+
+    def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
+                 plan: CachePlan, link: LinkModel, trace: list | None = None, progress=None):
+        self.spec, self.stats, self.plan, self.device = spec, stats, plan, device
+        self.policy = spec.policy.name
+        self.num_experts = spec.model.moe.num_experts
+        pin = device.type == "cuda"
+        self.link = "real" if link.kind == "real" else "emulated"
+        self.host: dict[int, torch.Tensor] = {}
+        self.rows: dict[int, torch.Tensor] = {}
+        self.tables: dict[int, SlotTable] = {}
+        self.pending: dict[int, dict[int, CopyJob]] = {}  # layer -> slot -> last copy into it
+        self.slot_maps: dict[int, torch.Tensor] = {}
+        numel = 3 * spec.model.hidden_size * spec.model.moe.intermediate_size
+        for layer in spec.moe_layers:
+            self.host[layer] = load_packed_experts(spec, store, layer, dtype, pin=pin)
+            self.rows[layer] = torch.empty(plan.main + plan.staging, numel, dtype=dtype, device=device)
+            self.tables[layer] = SlotTable(plan.main, plan.staging)
+            self.pending[layer] = {}
+            self.slot_maps[layer] = torch.full((self.num_experts,), -1, dtype=torch.long, device=device)
+            if progress is not None:
+                progress.update(1)
+        self.engine = CopyEngine(device, link, trace)
+
+    def _copy(self, layer: int, expert: int, slot: int, priority: int) -> CopyJob:
+        old = self.pending[layer].get(slot)
+        if old is not None and not old.done.is_set():
+            self.engine.retire(old)  # never let a stale copy land after the new one
+        job = self.engine.submit(self.host[layer][expert], self.rows[layer][slot], priority,
+                                 tag=f"L{layer}.e{expert}->s{slot}")
+        self.pending[layer][slot] = job
+        self.stats.bytes_h2d += job.nbytes
+        return job
+
+    def fetch(self, layer: int, ids: torch.Tensor) -> FetchHandle:
+        table = self.tables[layer]
+        table.begin_step()
+        if self.policy == "ondemand":
+            table.forget()
+        handle = FetchHandle(layer)
+        for e in torch.unique(ids).tolist():  # host sync: a fetch is a sync point in the graph
+            slot, hit = table.access(e)
+            if hit:
+                job = self.pending[layer].get(slot)
+                if job is not None and not job.done.is_set():
+                    self.engine.promote(job)  # a prefetch still in flight is now needed: demand priority
+                    handle.jobs.append(job)
+            else:
+                handle.jobs.append(self._copy(layer, e, slot, DEMAND))
+        return handle
+
+    def wait(self, handle: FetchHandle) -> torch.Tensor:
+        stall = sum(job.wait() for job in handle.jobs)
+        self.stats.stall_s += stall
+        slot_map = self.slot_maps[handle.layer]
+        table = self.tables[handle.layer]
+        slot_map.copy_(torch.tensor(table.slot_array(self.num_experts)), non_blocking=True)
+        return slot_map
+
+    def prefetch(self, layer: int, ids: torch.Tensor) -> None:
+        table = self.tables[layer]
+        for e in torch.unique(ids).tolist():
+            slot = table.stage(e)
+            if slot is not None:
+                self._copy(layer, e, slot, PREFETCH)
+
+    def arena(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed_views(self.rows[layer], self.spec.model.hidden_size, self.spec.model.moe.intermediate_size)
+
+    def collect_stats(self) -> None:
+        c = [t.counters for t in self.tables.values()]
+        self.stats.expert_hits = sum(x.hits for x in c)
+        self.stats.expert_misses = sum(x.misses for x in c)
+        self.stats.extra.update(
+            prefetch_issued=sum(x.prefetch_issued for x in c), prefetch_used=sum(x.prefetch_used for x in c),
+            prefetch_wasted=sum(x.prefetch_wasted for x in c),
+            cache_hit_rate_per_layer={layer: round(t.counters.hits / max(1, t.counters.hits + t.counters.misses), 4)
+                                      for layer, t in self.tables.items()})
+
+    def reset_counters(self) -> None:
+        for t in self.tables.values():
+            t.counters = type(t.counters)()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def expert_compute_seconds(rows: torch.Tensor, spec: Spec, device: torch.device, repeats: int = 30) -> float:
+    """Median time to run one expert for one token on this machine (calibrates --link-ratio)."""
+    import time
+
+    from mobile.ops import routed_experts
+
+    h, i = spec.model.hidden_size, spec.model.moe.intermediate_size
+    w13, w2 = packed_views(rows[:1].to(device), h, i)
+    x = torch.randn(1, h, dtype=rows.dtype, device=device)
+    weights, slots = torch.ones(1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device)
+    times = []
+    for n in range(repeats + 5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        routed_experts(x, weights, slots, w13, w2)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if n >= 5:  # warm-up excluded
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

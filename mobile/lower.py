@@ -7,6 +7,7 @@ expert node its slot map. The transfers are explicit so that passes can move the
 
 from __future__ import annotations
 
+from mobile.budget import PREFETCH_POLICIES, cache_plan
 from mobile.ir import Graph, Node, Op
 from mobile.spec import Spec
 
@@ -16,6 +17,9 @@ def lower(spec: Spec) -> Graph:
     nodes: list[Node] = []
     add = nodes.append
 
+    plan = cache_plan(spec)  # raises if the cache budget is below the working set
+    prefetch = spec.policy.name in PREFETCH_POLICIES
+    moe_layers = spec.moe_layers
     add(Node.make("embed", Op.EMBED, ["tokens"]))
     x = "embed"
     for layer in range(m.num_layers):
@@ -25,6 +29,13 @@ def lower(spec: Spec) -> Graph:
         add(Node.make(p + "attn_res", Op.ADD, [x, p + "attn"], layer=layer))
         add(Node.make(p + "ffn_norm", Op.NORM, [p + "attn_res"], layer=layer, weight="ffn_norm"))
         h = p + "ffn_norm"
+        nxt = next((n for n in moe_layers if n > layer), None)
+        if prefetch and nxt is not None and plan is not None and spec.is_moe_layer(layer):
+            # next-layer prediction: layer nxt's router on this layer's hidden state
+            q = f"L{nxt}."
+            add(Node.make(q + "predict", Op.PREDICT, [h], layer=nxt, top_k=m.moe.top_k))
+            add(Node.make(q + "prefetch", Op.PREFETCH, [q + "predict"], layer=nxt, set="predicted",
+                          k=m.moe.top_k, staging=plan.staging))
         if spec.is_moe_layer(layer):
             ffn = _lower_moe(spec, layer, h, add)
         else:

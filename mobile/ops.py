@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from mobile.spec import RopeSpec
 
-# Below this many (token, expert) pairs, experts run by gathering their weights per token (no host
-# sync, graph-capturable). Above it (prefill), each needed expert runs once on all its tokens.
+# On CUDA, below this many (token, expert) pairs, experts run by gathering their weights per token
+# (no host sync, graph-capturable). Otherwise each used slot runs once on all its tokens: on a CPU
+# that is ~7x faster even for one token, since the gather copies every weight it reads.
 GATHER_MAX_PAIRS = 16
 
 
@@ -128,7 +129,7 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, 
     rows then up rows), w2 [S, H, I] -> [T, H].
     """
     T, K = slots.shape
-    if T * K > GATHER_MAX_PAIRS:
+    if not x.is_cuda or T * K > GATHER_MAX_PAIRS:
         return _grouped_experts(x, weights, slots, w13, w2)
     g13 = w13[slots]  # [T, K, 2I, H]
     gate, up = torch.einsum("th,tkih->tki", x, g13).chunk(2, dim=-1)  # [T, K, I] each

@@ -21,9 +21,10 @@ class Stats:
     extra: dict = field(default_factory=dict)
 
     def reset(self) -> None:
-        link = self.link
+        """Zero the counters; keep what describes the setup (link kind and rate)."""
+        link, keep = self.link, {k: v for k, v in self.extra.items() if k.startswith(("link_", "expert_compute"))}
         self.__init__()  # type: ignore[misc]
-        self.link = link
+        self.link, self.extra = link, keep
 
     def as_dict(self) -> dict:
         return {

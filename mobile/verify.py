@@ -15,10 +15,12 @@ REQUIRED_ATTRS: dict[Op, tuple[str, ...]] = {
     Op.ROUTER: ("layer", "top_k", "num_experts"),
     Op.FETCH: ("layer", "k"),
     Op.WAIT: ("layer",),
+    Op.PREDICT: ("layer", "top_k"),
+    Op.PREFETCH: ("layer", "k", "staging"),
     Op.EXPERT: ("layer", "variant"),
 }
 ARITY: dict[Op, int] = {Op.EMBED: 1, Op.NORM: 1, Op.ATTENTION: 1, Op.ADD: 2, Op.MLP: 1, Op.ROUTER: 1,
-                        Op.FETCH: 1, Op.WAIT: 1, Op.COMBINE: 2, Op.LM_HEAD: 1}
+                        Op.FETCH: 1, Op.WAIT: 1, Op.PREDICT: 1, Op.PREFETCH: 1, Op.COMBINE: 2, Op.LM_HEAD: 1}
 
 
 def rule_names_unique(g: Graph) -> list[str]:
@@ -84,6 +86,12 @@ def rule_experts_fetched(g: Graph) -> list[str]:
     return errors
 
 
+def rule_staging_budget(g: Graph) -> list[str]:
+    """A prefetch never puts more experts in flight than its layer has staging slots."""
+    return [f"{n.name}: prefetches {n.attr('k')} experts into {n.attr('staging')} staging slots"
+            for n in g.nodes if n.op is Op.PREFETCH and (n.attr("k") or 0) > (n.attr("staging") or 0)]
+
+
 def rule_streams(g: Graph) -> list[str]:
     errors = []
     for n in g.nodes:
@@ -115,7 +123,7 @@ def rule_segments(g: Graph) -> list[str]:
 
 
 RULES: list[Callable[[Graph], list[str]]] = [rule_names_unique, rule_topological, rule_attrs_and_arity,
-                                              rule_experts_fetched, rule_streams, rule_segments]
+                                              rule_experts_fetched, rule_staging_budget, rule_streams, rule_segments]
 
 
 def verify(g: Graph) -> list[str]:

@@ -127,3 +127,17 @@ def test_help_explains_commands(capsys):
         run_cli("--help")
     out = capsys.readouterr().out
     assert "compile" in out and "run" in out and "import-hf" in out
+
+
+def test_run_sampling_flags_are_seeded(tiny, capsys):
+    t = tiny("olmoe")
+
+    def ids(*extra):
+        capsys.readouterr()
+        assert run_cli("run", "--graph", t.graph, "--prompt-ids", "5,6,7", "--max-new-tokens", "12", "--json",
+                       *extra) == 0
+        return json.loads(capsys.readouterr().out)["ids"]
+
+    sampled = ids("--temperature", "1.5", "--top-p", "0.95", "--seed", "3")
+    assert sampled == ids("--temperature", "1.5", "--top-p", "0.95", "--seed", "3")
+    assert sampled != ids("--greedy") or sampled != ids("--temperature", "1.5", "--seed", "4")

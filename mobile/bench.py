@@ -1,0 +1,63 @@
+"""`mobile bench`: the same prompt decoded under each policy, one after another in one process.
+
+Ratios are to the first policy. On a CPU the host-to-device link is emulated; with --link-ratio
+the emulated bandwidth is calibrated once, then shared by every policy, so all rows see one link.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+import torch
+
+from mobile.emit import atomic_write_text
+from mobile.engine import Engine
+
+
+def run_bench(graph: str, policies: list[str], weights: str | None = None, device: str = "cpu", tokens: int = 32,
+              prompt_len: int = 8, link_gbps: float | None = None, link_ratio: float | None = None, seed: int = 0,
+              json_out: str | None = None, out=sys.stdout) -> list[dict]:
+    rows: list[dict] = []
+    link: dict = {"link_gbps": link_gbps}
+    for policy in policies:
+        engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,
+                             link_gbps=link["link_gbps"], link_ratio=None if link["link_gbps"] else link_ratio)
+        if engine.stats_.link == "emulated" and link["link_gbps"] is None:
+            link = {k: v for k, v in engine.stats.items() if k.startswith(("link_", "expert_compute"))}
+        vocab = engine.spec.model.vocab_size
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(seed))
+        engine.generate(prompt, 4, stop_ids=[])  # warm-up: first-touch costs stay out of the numbers
+        engine.reset_stats()
+        engine.generate(prompt, tokens, stop_ids=[])
+        s = engine.stats
+        engine.close()
+        del engine
+        gc.collect()
+        looked_up = s["expert_hits"] + s["expert_misses"]
+        rows.append({
+            "policy": policy, "link": s["link"], "decode_tokens_per_s": s["decode_tokens_per_s"],
+            "bytes_per_token": s.get("decode_bytes_h2d", 0) / max(1, s["decode_tokens"]),
+            "stall_fraction": s.get("decode_stall_s", 0.0) / max(1e-9, s.get("decode_s", 0.0)),
+            "hit_rate": s["expert_hits"] / looked_up if looked_up else 1.0,
+            "prefetch_accuracy": (s["prefetch_used"] / s["prefetch_issued"]) if s.get("prefetch_issued") else None,
+        })
+        print(f"  {policy}: {s['decode_tokens_per_s']:.2f} tok/s", file=sys.stderr)
+    base = rows[0]["decode_tokens_per_s"] or 1.0
+    for r in rows:
+        r["ratio"] = r["decode_tokens_per_s"] / base
+    emulated = any(r["link"] == "emulated" for r in rows)
+    desc = ", ".join(f"{k}={v}" for k, v in link.items() if v is not None)
+    print(f"\nbench {graph}: {tokens} decode tokens after a {prompt_len}-token prompt, device {device}"
+          + (f"; link EMULATED ({desc})" if emulated else ""), file=out)
+    print(f"{'policy':<14} {'tok/s':>9} {'ratio':>7} {'MiB/token':>10} {'stall':>7} {'hit rate':>9} "
+          f"{'prefetch acc':>13}", file=out)
+    for r in rows:
+        acc = "-" if r["prefetch_accuracy"] is None else f"{r['prefetch_accuracy']:.2f}"
+        print(f"{r['policy']:<14} {r['decode_tokens_per_s']:>9.2f} {r['ratio']:>6.2f}x "
+              f"{r['bytes_per_token'] / 2**20:>10.1f} {r['stall_fraction']:>7.2f} {r['hit_rate']:>9.3f} {acc:>13}",
+              file=out)
+    if json_out:
+        atomic_write_text(json_out, json.dumps({"link": link, "rows": rows}, indent=1))
+    return rows

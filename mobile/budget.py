@@ -1,0 +1,55 @@
+"""Sizing the device expert cache from the spec: slots per layer, staging, and the minimum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mobile.costs import expert_bytes
+from mobile.emit import human_bytes
+from mobile.errors import SpecError
+from mobile.spec import Spec, parse_bytes
+
+OFFLOAD_POLICIES = ("ondemand", "lru", "lru-prefetch")
+PREFETCH_POLICIES = ("lru-prefetch",)
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    main: int  # LRU-managed slots per MoE layer
+    staging: int  # prefetch landing slots per MoE layer
+    expert_bytes: int
+    layers: int
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.main + self.staging) * self.expert_bytes * self.layers
+
+
+def cache_plan(spec: Spec) -> CachePlan | None:
+    """None for `resident` (everything on the device). Raises SpecError below the working set."""
+    policy = spec.policy.name
+    if policy == "resident" or not spec.moe_layers:
+        return None
+    moe, cfg = spec.model.moe, spec.runtime.expert_cache
+    k, e, layers = moe.top_k, moe.num_experts, len(spec.moe_layers)
+    unit = expert_bytes(spec)
+    staging = cfg.staging_slots or (k if policy in PREFETCH_POLICIES else 0)
+    if policy == "ondemand":
+        main, staging = k, 0  # nothing is reused, so K slots hold one use
+    elif cfg.slots_per_layer is not None:
+        main = cfg.slots_per_layer
+    elif cfg.budget is not None:
+        main = parse_bytes(cfg.budget) // (unit * layers) - staging
+    else:
+        main = min(e, 2 * k)  # a small default that still rewards reuse
+    main = min(main, e)
+    if main < k:
+        need = (k + staging) * unit * layers
+        key = "runtime.expert_cache.slots_per_layer" if cfg.slots_per_layer is not None else \
+            "runtime.expert_cache.budget"
+        raise SpecError(
+            f"the expert cache is below the minimum working set: {main} main slots per layer, but one "
+            f"token needs top_k={k} experts per layer plus {staging} staging slots; the minimum is "
+            f"{k + staging} slots per layer = {human_bytes(need)} over {layers} MoE layers "
+            f"({human_bytes(unit)} per expert)", where=spec.source, key=key)
+    return CachePlan(main=main, staging=staging, expert_bytes=unit, layers=layers)

@@ -1,0 +1,60 @@
+"""Random weights at a spec's real shapes, in Hugging Face layout: for benchmarks of the offloading
+runtime at real expert sizes, on machines that cannot hold (or download) the real model.
+Random routers route differently from trained ones: results from these weights say so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from mobile.errors import SpecError
+from mobile.spec import load_spec, spec_from_dict
+from mobile.weights import required_tensors
+
+
+def write_synthetic_checkpoint(spec_path: str | Path, out: str | Path, layers: int | None = None,
+                               seed: int = 0, std: float = 0.02, dtype: str | None = None) -> Path:
+    spec = load_spec(spec_path)
+    if dtype is not None:
+        spec = dataclasses.replace(spec, dtype=dtype)  # type: ignore[arg-type]
+    m = spec.model
+    if layers is not None:
+        if not 1 <= layers <= m.num_layers:
+            raise SpecError(f"expected 1 <= --layers <= {m.num_layers}, got {layers}", key="--layers")
+        dense = [i for i in m.moe.dense_layers if i < layers]
+        model = dataclasses.replace(m, num_layers=layers, moe=dataclasses.replace(m.moe, dense_layers=dense))
+        spec = dataclasses.replace(spec, model=model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    needs = required_tensors(spec)
+    shards: dict[str, list] = {}
+    for t in needs:  # one shard per layer keeps each write small
+        shards.setdefault("other" if t.layer is None else f"layer{t.layer:03d}", []).append(t)
+    weight_map = {}
+    for i, (_, tensors) in enumerate(tqdm(sorted(shards.items()), desc="writing shards", unit="shard")):
+        data = {}
+        for t in tensors:
+            if "norm" in t.key:
+                data[t.name] = torch.ones(t.shape, dtype=torch.bfloat16)
+            else:
+                w = torch.randn(t.shape, generator=gen) * (0.5 if t.key == "router" else std)
+                data[t.name] = w.to(torch.bfloat16)
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(data, out / fname)
+        weight_map.update({n: fname for n in data})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    spec_data = spec.to_dict()
+    spec_data["name"] = f"{spec.name}-synth{'' if layers is None else f'-{layers}l'}"
+    spec_data["checkpoint"]["path"] = "."
+    spec_from_dict(spec_data)  # still valid
+    (out / "spec.yaml").write_text("# random weights at real shapes, written by `mobile synth`\n"
+                                   + yaml.safe_dump(spec_data, sort_keys=False, width=100))
+    return out
