@@ -8,7 +8,6 @@ and {expert}. A spec may override any entry under `checkpoint.tensor_names`.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -227,11 +226,3 @@ def _clean_name(name: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in name).strip("-")
     return cleaned or "model"
 
-
-def expert_param_count(spec_model: Any) -> int:
-    """Parameters of one routed expert (gate, up and down projections)."""
-    return 3 * spec_model.hidden_size * spec_model.moe.intermediate_size
-
-
-def default_little_k(top_k: int) -> int:
-    return math.ceil(top_k / 2)

@@ -86,6 +86,9 @@ class CopyEngine:
     def submit(self, src: torch.Tensor, dst: torch.Tensor, priority: int = DEMAND, tag: str = "") -> CopyJob:
         job = CopyJob(src, dst, priority, tag)
         if self.cuda:
+            # the slot may still be read by compute already queued (the previous token's experts):
+            # the copy starts after it. Fetches follow a host sync, so this rarely delays anything.
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
                 job.dst.copy_(job.src, non_blocking=True)
                 job.event = torch.cuda.Event()
