@@ -9,8 +9,8 @@ from mobile.emit import human_bytes
 from mobile.errors import SpecError
 from mobile.spec import Spec, parse_bytes
 
-OFFLOAD_POLICIES = ("ondemand", "lru", "lru-prefetch")
-PREFETCH_POLICIES = ("lru-prefetch",)
+OFFLOAD_POLICIES = ("ondemand", "lru", "lru-prefetch", "little")
+PREFETCH_POLICIES = ("lru-prefetch", "little")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,9 @@ def cache_plan(spec: Spec) -> CachePlan | None:
     if policy == "resident" or not spec.moe_layers:
         return None
     moe, cfg = spec.model.moe, spec.runtime.expert_cache
-    k, e, layers = moe.top_k, moe.num_experts, len(spec.moe_layers)
+    # the working set is the experts one token uses in one layer
+    k = spec.little_k if policy == "little" else moe.top_k
+    e, layers = moe.num_experts, len(spec.moe_layers)
     unit = expert_bytes(spec)
     staging = cfg.staging_slots or (k if policy in PREFETCH_POLICIES else 0)
     if policy == "ondemand":
@@ -49,7 +51,7 @@ def cache_plan(spec: Spec) -> CachePlan | None:
             "runtime.expert_cache.budget"
         raise SpecError(
             f"the expert cache is below the minimum working set: {main} main slots per layer, but one "
-            f"token needs top_k={k} experts per layer plus {staging} staging slots; the minimum is "
+            f"token needs {k} experts per layer plus {staging} staging slots; the minimum is "
             f"{k + staging} slots per layer = {human_bytes(need)} over {layers} MoE layers "
             f"({human_bytes(unit)} per expert)", where=spec.source, key=key)
     return CachePlan(main=main, staging=staging, expert_bytes=unit, layers=layers)

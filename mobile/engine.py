@@ -32,7 +32,7 @@ from mobile.stats import Stats
 from mobile.transfer import LinkModel
 from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
 
-IMPLEMENTED_POLICIES = ("resident", "ondemand", "lru", "lru-prefetch")
+IMPLEMENTED_POLICIES = ("resident", "ondemand", "lru", "lru-prefetch", "little")
 
 
 class Engine:
@@ -168,6 +168,8 @@ class Engine:
         kv_len = self.kv.capacity if self.executor.compile else start + T
         ctx = StepContext(positions=positions, cos=cos, sin=sin, kv_len=kv_len)
         logits = self.executor.forward(ctx, ids.to(self.device))
+        if self.spec.policy.name == "little":
+            self.stats_.little_tokens += T
         self.length = start + T
         return logits
 

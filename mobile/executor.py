@@ -110,10 +110,12 @@ class Kernels:
             return lambda ctx, x: ops.swiglu(x, gate, up, down)
         k = node.attr("k")
         w13, w2 = self.experts.arena(layer)
+        rescale = node.attr("variant") == "little" and node.attr("little_weights") == "rescale"
 
         def routed(ctx, x, routed, slot_map):
-            weights, ids = routed
-            return ops.routed_experts(x, weights[:, :k], slot_map[ids[:, :k]], w13, w2)
+            weights, ids = routed  # [T, K], sorted by weight
+            w = ops.little_weights(weights, k) if rescale else weights[:, :k]
+            return ops.routed_experts(x, w, slot_map[ids[:, :k]], w13, w2)
 
         return routed
 

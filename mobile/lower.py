@@ -19,6 +19,7 @@ def lower(spec: Spec) -> Graph:
 
     plan = cache_plan(spec)  # raises if the cache budget is below the working set
     prefetch = spec.policy.name in PREFETCH_POLICIES
+    run_k = spec.little_k if spec.policy.name == "little" else m.moe.top_k  # experts each token uses
     moe_layers = spec.moe_layers
     add(Node.make("embed", Op.EMBED, ["tokens"]))
     x = "embed"
@@ -33,9 +34,9 @@ def lower(spec: Spec) -> Graph:
         if prefetch and nxt is not None and plan is not None and spec.is_moe_layer(layer):
             # next-layer prediction: layer nxt's router on this layer's hidden state
             q = f"L{nxt}."
-            add(Node.make(q + "predict", Op.PREDICT, [h], layer=nxt, top_k=m.moe.top_k))
+            add(Node.make(q + "predict", Op.PREDICT, [h], layer=nxt, top_k=run_k))
             add(Node.make(q + "prefetch", Op.PREFETCH, [q + "predict"], layer=nxt, set="predicted",
-                          k=m.moe.top_k, staging=plan.staging))
+                          k=run_k, staging=plan.staging))
         if spec.is_moe_layer(layer):
             ffn = _lower_moe(spec, layer, h, add)
         else:
@@ -49,14 +50,17 @@ def lower(spec: Spec) -> Graph:
 
 
 def _lower_moe(spec: Spec, layer: int, h: str, add) -> str:
+    """The router always ranks the big set (top-K); the little variant uses its first little_k."""
     moe = spec.model.moe
     p = f"L{layer}."
-    k = moe.top_k
-    add(Node.make(p + "router", Op.ROUTER, [h], layer=layer, top_k=k, num_experts=moe.num_experts,
+    little = spec.policy.name == "little"
+    k = spec.little_k if little else moe.top_k
+    variant = {"variant": "little", "little_weights": spec.policy.little_weights} if little else {"variant": "big"}
+    add(Node.make(p + "router", Op.ROUTER, [h], layer=layer, top_k=moe.top_k, num_experts=moe.num_experts,
                   norm_topk_prob=moe.norm_topk_prob, scaling=moe.routed_scaling_factor))
-    add(Node.make(p + "fetch", Op.FETCH, [p + "router"], layer=layer, set="big", k=k))
+    add(Node.make(p + "fetch", Op.FETCH, [p + "router"], layer=layer, set=variant["variant"], k=k))
     add(Node.make(p + "wait", Op.WAIT, [p + "fetch"], layer=layer))
-    add(Node.make(p + "experts", Op.EXPERT, [h, p + "router", p + "wait"], layer=layer, variant="big", k=k))
+    add(Node.make(p + "experts", Op.EXPERT, [h, p + "router", p + "wait"], layer=layer, k=k, **variant))
     if moe.shared_expert.intermediate_size == 0:
         return p + "experts"
     add(Node.make(p + "shared", Op.EXPERT, [h], layer=layer, variant="shared", gate=moe.shared_expert.gate))

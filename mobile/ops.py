@@ -121,6 +121,12 @@ def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int, norm_topk_prob: b
     return weights * scaling, ids
 
 
+def little_weights(weights: torch.Tensor, k: int) -> torch.Tensor:
+    """weights [T, K] sorted descending -> [T, k], rescaled to carry the big set's total weight."""
+    little = weights[:, :k]
+    return little * (weights.sum(dim=-1, keepdim=True) / little.sum(dim=-1, keepdim=True))
+
+
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor,
                    w2: torch.Tensor) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{slots[t, k]}(x[t]).
