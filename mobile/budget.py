@@ -9,8 +9,8 @@ from mobile.emit import human_bytes
 from mobile.errors import SpecError
 from mobile.spec import Spec, parse_bytes
 
-OFFLOAD_POLICIES = ("ondemand", "lru", "lru-prefetch", "little")
-PREFETCH_POLICIES = ("lru-prefetch", "little")
+OFFLOAD_POLICIES = ("ondemand", "lru", "lru-prefetch", "little", "mobile", "layer-mass")
+PREFETCH_POLICIES = ("lru-prefetch", "little", "mobile", "layer-mass")
 
 
 @dataclass(frozen=True)

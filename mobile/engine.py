@@ -32,7 +32,7 @@ from mobile.stats import Stats
 from mobile.transfer import LinkModel
 from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
 
-IMPLEMENTED_POLICIES = ("resident", "ondemand", "lru", "lru-prefetch", "little")
+IMPLEMENTED_POLICIES = ("resident", "ondemand", "lru", "lru-prefetch", "little", "mobile", "layer-mass")
 
 
 class Engine:
@@ -148,7 +148,7 @@ class Engine:
         self.experts.close()
 
     # -- running ------------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, start: int, mode: str | None = None) -> torch.Tensor:
         """Run positions [start, start + T) of the current sequence; returns logits [T, V].
 
         With a bounded expert cache, a forward's experts must fit in the cache at once, so prefill
@@ -158,18 +158,28 @@ class Engine:
         if start + T > self.spec.model.max_position_embeddings:
             raise MobileError(f"sequence of {start + T} tokens exceeds max_position_embeddings="
                               f"{self.spec.model.max_position_embeddings}")
+        if mode is None:
+            # mobile: a prompt (T > 1) runs one pass, big by default; a decoded token runs little,
+            # then the importance gate decides whether it falls back to big
+            mode = "decode" if T == 1 else ("little" if self.spec.policy.prefill == "little" else "big")
         if isinstance(self.experts, OffloadedExperts):
             chunk = max(1, self.experts.plan.main // self.spec.model.moe.top_k)
             if T > chunk:
-                return torch.cat([self._forward(ids[i:i + chunk], start + i) for i in range(0, T, chunk)])
+                return torch.cat([self._forward(ids[i:i + chunk], start + i, mode) for i in range(0, T, chunk)])
         self.kv.ensure(start + T)
         positions = torch.arange(start, start + T, device=self.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale)
         kv_len = self.kv.capacity if self.executor.compile else start + T
         ctx = StepContext(positions=positions, cos=cos, sin=sin, kv_len=kv_len)
-        logits = self.executor.forward(ctx, ids.to(self.device))
-        if self.spec.policy.name == "little":
+        policy = self.spec.policy.name
+        logits = self.executor.forward(ctx, ids.to(self.device), mode=mode)
+        if policy in ("little", "layer-mass") or (policy == "mobile" and mode == "little"):
             self.stats_.little_tokens += T
+        elif self.executor.fell_back is not None:
+            if self.executor.fell_back:
+                self.stats_.fallback_tokens += T
+            else:
+                self.stats_.little_tokens += T
         self.length = start + T
         return logits
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mobile import ops
 from mobile.errors import GraphError
-from mobile.ir import GRAPH_INPUTS, SYNC_OPS, Graph, Node
+from mobile.ir import GRAPH_INPUTS, SYNC_OPS, Graph, Node, Op
 from mobile.kv import KVCache
 from mobile.spec import Spec
 from mobile.verify import verify
@@ -86,16 +86,57 @@ class Kernels:
         return lambda ctx, x: ops.route(x, w, k, norm, scaling)
 
     def _fetch(self, node: Node) -> Kernel:
-        layer, k = node.attr("layer"), node.attr("k")
-        return lambda ctx, routed: self.experts.fetch(layer, routed[1][:, :k])
+        layer, k, choose = node.attr("layer"), node.attr("k"), self._chooser(node)
+
+        def fetch(ctx, routed):
+            weights, ids = routed
+            if choose is None:
+                return self.experts.fetch(layer, ids[:, :k])
+            _, keep = choose(weights)
+            return self.experts.fetch(layer, ids[:, :k] if keep is None else ids[keep])
+
+        return fetch
+
+    def _chooser(self, node: Node):
+        """For little-pass nodes: weights [T, K] -> (weights, keep), as ops.expert_choice."""
+        if node.attr("variant") != "little":
+            return None
+        little_k, tau = node.attr("little_k"), node.attr("layer_tau")
+        rescale = node.attr("little_weights") == "rescale"
+        return lambda weights: ops.expert_choice(weights, little_k, tau, rescale)
+
+    def _importance_gate(self, node: Node) -> Kernel:
+        signal, tau = node.attr("signal"), float(node.attr("tau"))
+
+        def gate(ctx, logits) -> bool:
+            """True: the token is important and falls back to the big pass."""
+            p = torch.softmax(logits[-1].float(), dim=-1)
+            if signal == "entropy":
+                confident = float(-(p * torch.log(p.clamp_min(1e-30))).sum()) <= tau
+            elif signal == "margin":
+                top = torch.topk(p, 2).values
+                confident = float(top[0] - top[1]) >= tau
+            else:
+                confident = float(p.max()) >= tau
+            return not confident
+
+        return gate
+
+    def _fallback(self, node: Node) -> Kernel:
+        return lambda ctx, gate, x: x  # the big pass starts again from the embeddings
+
+    def _select(self, node: Node) -> Kernel:
+        return lambda ctx, little, big: big if big is not None else little
+
+    def _prefetch(self, node: Node) -> Kernel:
+        layer, lo, hi = node.attr("layer"), node.attr("lo"), node.attr("hi")
+        if node.attr("set") == "complement":  # reads the router: the big set minus the little set
+            return lambda ctx, routed: self.experts.prefetch(layer, routed[1][:, lo:hi])
+        return lambda ctx, ids: self.experts.prefetch(layer, ids)
 
     def _predict(self, node: Node) -> Kernel:
         w, k = self.w[("router", node.attr("layer"))], node.attr("top_k")
         return lambda ctx, x: torch.topk(F.linear(x.float(), w), k, dim=-1).indices
-
-    def _prefetch(self, node: Node) -> Kernel:
-        layer = node.attr("layer")
-        return lambda ctx, ids: self.experts.prefetch(layer, ids)
 
     def _wait(self, node: Node) -> Kernel:
         return lambda ctx, handle: self.experts.wait(handle)
@@ -108,14 +149,16 @@ class Kernels:
                 g = self.w[("shared_expert_gate", layer)]
                 return lambda ctx, x: torch.sigmoid(F.linear(x, g)) * ops.swiglu(x, gate, up, down)
             return lambda ctx, x: ops.swiglu(x, gate, up, down)
-        k = node.attr("k")
+        k, choose = node.attr("k"), self._chooser(node)
         w13, w2 = self.experts.arena(layer)
-        rescale = node.attr("variant") == "little" and node.attr("little_weights") == "rescale"
 
         def routed(ctx, x, routed, slot_map):
             weights, ids = routed  # [T, K], sorted by weight
-            w = ops.little_weights(weights, k) if rescale else weights[:, :k]
-            return ops.routed_experts(x, w, slot_map[ids[:, :k]], w13, w2)
+            if choose is None:
+                return ops.routed_experts(x, weights[:, :k], slot_map[ids[:, :k]], w13, w2)
+            w, keep = choose(weights)
+            k_used = w.shape[1]
+            return ops.routed_experts(x, w, slot_map[ids[:, :k_used]], w13, w2, keep)
 
         return routed
 
@@ -271,11 +314,22 @@ class Executor:
         fn.source = src
         return fn
 
-    def forward(self, ctx: StepContext, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, ctx: StepContext, tokens: torch.Tensor, mode: str = "decode") -> torch.Tensor:
+        """Run the graph once. Regions (the `mobile` policy's two passes) follow `mode`:
+        decode: the little pass runs and the importance gate decides whether the fallback runs;
+        big: the little pass is skipped and the fallback (big) pass always runs;
+        little: the little pass runs and never falls back."""
         env: dict[str, Any] = {GRAPH_INPUTS[0]: tokens}
         self.executed.clear()
+        run = {"little": mode != "big", "fallback": mode == "big"}
+        self.fell_back = None
         for step in self.steps:
-            env.update(step.fn(ctx, {k: env[k] for k in step.live_in}))
+            region = step.nodes[0].attr("region")
+            if region is not None and not run[region]:
+                continue
+            env.update(step.fn(ctx, {k: env.get(k) for k in step.live_in}))
+            if step.nodes[0].op is Op.IMPORTANCE_GATE and mode == "decode":
+                self.fell_back = run["fallback"] = bool(env[step.nodes[0].name])
             for v in step.drop_after:
                 env.pop(v, None)
         return env[self.graph.outputs[0]]

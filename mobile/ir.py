@@ -32,12 +32,13 @@ class Op(enum.Enum):
     EXPERT = "expert"  # routed (little | big) or shared experts
     COMBINE = "combine"  # routed + shared expert outputs
     LM_HEAD = "lm_head"  # final norm output -> logits [T, V]
-    FALLBACK = "fallback"  # recompute a position with big experts
+    FALLBACK = "fallback"  # enters the big-pass recompute of a position (runs only if the gate says so)
+    SELECT = "select"  # the fallback's logits where it ran, else the little pass's
     PREDICT = "predict"  # next-layer prediction: layer l+1's router on layer l's hidden state
 
 
 # Ops that cross the host: the executor runs them between compiled segments.
-SYNC_OPS = frozenset({Op.FETCH, Op.PREFETCH, Op.WAIT, Op.IMPORTANCE_GATE, Op.FALLBACK})
+SYNC_OPS = frozenset({Op.FETCH, Op.PREFETCH, Op.WAIT, Op.IMPORTANCE_GATE, Op.FALLBACK, Op.SELECT})
 COPY_OPS = frozenset({Op.FETCH, Op.PREFETCH})
 
 

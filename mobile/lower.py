@@ -3,66 +3,119 @@
 Every routed-expert use is lowered as router -> fetch -> wait -> expert, whatever the policy: the
 fetch moves the routed set into device cache slots (a no-op for `resident`) and the wait hands the
 expert node its slot map. The transfers are explicit so that passes can move them.
+
+The `mobile` policy lowers two passes over the same position:
+
+    little pass (region "little")  -> little logits -> importance_gate -> fallback
+    big pass    (region "fallback", reads the fallback node) -> big logits
+    logits = select(little logits, big logits)
+
+The executor runs the fallback region only when the gate asks for it; its attention writes the
+same KV-cache positions again, so a fallen-back token leaves big-pass KV entries behind.
 """
 
 from __future__ import annotations
 
-from mobile.budget import PREFETCH_POLICIES, cache_plan
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mobile.budget import PREFETCH_POLICIES, CachePlan, cache_plan
 from mobile.ir import Graph, Node, Op
 from mobile.spec import Spec
 
 
+@dataclass(frozen=True)
+class PassPlan:
+    """How one forward pass uses its experts."""
+
+    prefix: str  # node-name prefix: "" for the main pass, "B." for the fallback pass
+    variant: str  # "big" | "little"
+    region: str | None  # None, "little" or "fallback"
+    k: int  # experts per token (upper bound when layer_tau lets a layer go big)
+    layer_tau: float | None = None  # little only where the little set carries >= this share of the mass
+    complement_prefetch: bool = False
+    predict_prefetch: bool = False
+
+
 def lower(spec: Spec) -> Graph:
-    m = spec.model
+    plan = cache_plan(spec)  # raises if the cache budget is below the working set
+    policy, K, k = spec.policy.name, spec.model.moe.top_k, spec.little_k
+    prefetch = policy in PREFETCH_POLICIES and plan is not None
     nodes: list[Node] = []
     add = nodes.append
-
-    plan = cache_plan(spec)  # raises if the cache budget is below the working set
-    prefetch = spec.policy.name in PREFETCH_POLICIES
-    run_k = spec.little_k if spec.policy.name == "little" else m.moe.top_k  # experts each token uses
-    moe_layers = spec.moe_layers
     add(Node.make("embed", Op.EMBED, ["tokens"]))
-    x = "embed"
-    for layer in range(m.num_layers):
-        p = f"L{layer}."
-        add(Node.make(p + "attn_norm", Op.NORM, [x], layer=layer, weight="attn_norm"))
-        add(Node.make(p + "attn", Op.ATTENTION, [p + "attn_norm"], layer=layer, kind=m.attention.kind))
-        add(Node.make(p + "attn_res", Op.ADD, [x, p + "attn"], layer=layer))
-        add(Node.make(p + "ffn_norm", Op.NORM, [p + "attn_res"], layer=layer, weight="ffn_norm"))
-        h = p + "ffn_norm"
-        nxt = next((n for n in moe_layers if n > layer), None)
-        if prefetch and nxt is not None and plan is not None and spec.is_moe_layer(layer):
-            # next-layer prediction: layer nxt's router on this layer's hidden state
-            q = f"L{nxt}."
-            add(Node.make(q + "predict", Op.PREDICT, [h], layer=nxt, top_k=run_k))
-            add(Node.make(q + "prefetch", Op.PREFETCH, [q + "predict"], layer=nxt, set="predicted",
-                          k=run_k, staging=plan.staging))
-        if spec.is_moe_layer(layer):
-            ffn = _lower_moe(spec, layer, h, add)
-        else:
-            add(Node.make(p + "mlp", Op.MLP, [h], layer=layer))
-            ffn = p + "mlp"
-        add(Node.make(p + "out", Op.ADD, [p + "attn_res", ffn], layer=layer))
-        x = p + "out"
-    add(Node.make("final_norm", Op.NORM, [x], weight="final_norm"))
-    add(Node.make("logits", Op.LM_HEAD, ["final_norm"]))
+    if policy == "mobile":
+        little = PassPlan("", "little", "little", K if spec.policy.layer_tau is not None else k,
+                          layer_tau=spec.policy.layer_tau, complement_prefetch=True, predict_prefetch=True)
+        little_logits = _lower_pass(spec, little, "embed", "little_logits", plan, add)
+        add(Node.make("importance_gate", Op.IMPORTANCE_GATE, [little_logits], region="little",
+                      signal=spec.policy.signal, tau=spec.policy.tau))
+        add(Node.make("fallback", Op.FALLBACK, ["importance_gate", "embed"], region="fallback"))
+        big = PassPlan("B.", "big", "fallback", K)
+        big_logits = _lower_pass(spec, big, "fallback", "B.logits", plan, add)
+        add(Node.make("logits", Op.SELECT, [little_logits, big_logits]))
+    elif policy in ("little", "layer-mass"):
+        tau = spec.policy.tau if policy == "layer-mass" else None
+        _lower_pass(spec, PassPlan("", "little", None, K if tau is not None else k, layer_tau=tau,
+                                   predict_prefetch=prefetch), "embed", "logits", plan, add)
+    else:
+        _lower_pass(spec, PassPlan("", "big", None, K, predict_prefetch=prefetch), "embed", "logits", plan, add)
     return Graph(name=spec.name, nodes=tuple(nodes), spec=spec.to_dict(), passes=("lower",))
 
 
-def _lower_moe(spec: Spec, layer: int, h: str, add) -> str:
+def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | None,
+                add: Callable[[Node], None]) -> str:
+    m = spec.model
+    region = {} if pp.region is None else {"region": pp.region}
+    moe_layers = spec.moe_layers
+    for layer in range(m.num_layers):
+        p = f"{pp.prefix}L{layer}."
+
+        def node(name: str, op: Op, inputs: list[str], p: str = p, layer: int = layer, **attrs) -> str:
+            add(Node.make(p + name, op, inputs, layer=layer, **region, **attrs))
+            return p + name
+
+        h_in = x
+        node("attn_norm", Op.NORM, [h_in], weight="attn_norm")
+        node("attn", Op.ATTENTION, [p + "attn_norm"], kind=m.attention.kind)
+        node("attn_res", Op.ADD, [h_in, p + "attn"])
+        h = node("ffn_norm", Op.NORM, [p + "attn_res"], weight="ffn_norm")
+        nxt = next((n for n in moe_layers if n > layer), None)
+        if pp.predict_prefetch and plan is not None and nxt is not None and spec.is_moe_layer(layer):
+            # next-layer prediction: layer nxt's router on this layer's hidden state
+            q = f"{pp.prefix}L{nxt}."
+            k_pred = spec.little_k if pp.variant == "little" else m.moe.top_k
+            add(Node.make(q + "predict", Op.PREDICT, [h], layer=nxt, top_k=k_pred, **region))
+            add(Node.make(q + "prefetch", Op.PREFETCH, [q + "predict"], layer=nxt, set="predicted", k=k_pred,
+                          staging=plan.staging, **region))
+        if spec.is_moe_layer(layer):
+            ffn = _lower_moe(spec, pp, layer, h, plan, node)
+        else:
+            ffn = node("mlp", Op.MLP, [h])
+        x = node("out", Op.ADD, [p + "attn_res", ffn])
+    add(Node.make(pp.prefix + "final_norm", Op.NORM, [x], weight="final_norm", **region))
+    add(Node.make(out, Op.LM_HEAD, [pp.prefix + "final_norm"], **region))
+    return out
+
+
+def _lower_moe(spec: Spec, pp: PassPlan, layer: int, h: str, plan: CachePlan | None, node) -> str:
     """The router always ranks the big set (top-K); the little variant uses its first little_k."""
     moe = spec.model.moe
-    p = f"L{layer}."
-    little = spec.policy.name == "little"
-    k = spec.little_k if little else moe.top_k
-    variant = {"variant": "little", "little_weights": spec.policy.little_weights} if little else {"variant": "big"}
-    add(Node.make(p + "router", Op.ROUTER, [h], layer=layer, top_k=moe.top_k, num_experts=moe.num_experts,
-                  norm_topk_prob=moe.norm_topk_prob, scaling=moe.routed_scaling_factor))
-    add(Node.make(p + "fetch", Op.FETCH, [p + "router"], layer=layer, set=variant["variant"], k=k))
-    add(Node.make(p + "wait", Op.WAIT, [p + "fetch"], layer=layer))
-    add(Node.make(p + "experts", Op.EXPERT, [h, p + "router", p + "wait"], layer=layer, k=k, **variant))
+    K, k = moe.top_k, spec.little_k
+    router = node("router", Op.ROUTER, [h], top_k=K, num_experts=moe.num_experts, norm_topk_prob=moe.norm_topk_prob,
+                  scaling=moe.routed_scaling_factor)
+    use: dict[str, object] = {"k": pp.k}
+    if pp.variant == "little":
+        use.update(little_k=k, little_weights=spec.policy.little_weights)
+        if pp.layer_tau is not None:
+            use["layer_tau"] = pp.layer_tau
+    if pp.complement_prefetch and plan is not None and K > k:
+        # S_K minus S_k is known now; stage it while the link is idle, for a possible fallback
+        node("complement", Op.PREFETCH, [router], set="complement", lo=k, hi=K, k=K - k, staging=plan.staging)
+    fetch = node("fetch", Op.FETCH, [router], set=pp.variant, **use)
+    wait = node("wait", Op.WAIT, [fetch])
+    experts = node("experts", Op.EXPERT, [h, router, wait], variant=pp.variant, **use)
     if moe.shared_expert.intermediate_size == 0:
-        return p + "experts"
-    add(Node.make(p + "shared", Op.EXPERT, [h], layer=layer, variant="shared", gate=moe.shared_expert.gate))
-    add(Node.make(p + "moe", Op.COMBINE, [p + "experts", p + "shared"], layer=layer))
-    return p + "moe"
+        return experts
+    shared = node("shared", Op.EXPERT, [h], variant="shared", gate=moe.shared_expert.gate)
+    return node("moe", Op.COMBINE, [experts, shared])

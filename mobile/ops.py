@@ -127,35 +127,63 @@ def little_weights(weights: torch.Tensor, k: int) -> torch.Tensor:
     return little * (weights.sum(dim=-1, keepdim=True) / little.sum(dim=-1, keepdim=True))
 
 
+def expert_choice(weights: torch.Tensor, little_k: int, layer_tau: float | None,
+                  rescale: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Which of the top-K experts a little-pass token uses at one layer, and with what weights.
+
+    weights [T, K] sorted descending -> (weights [T, K'], keep [T, K'] or None), K' = little_k
+    without a layer rule, else K: a token goes big at this layer when its little set carries less
+    than `layer_tau` of the big set's router mass.
+    """
+    little = little_weights(weights, little_k) if rescale else weights[:, :little_k]
+    if layer_tau is None:
+        return little, None
+    share = weights[:, :little_k].sum(-1) / weights.sum(-1)  # [T]
+    use_little = share >= layer_tau
+    padded = F.pad(little, (0, weights.shape[1] - little_k))
+    cols = torch.arange(weights.shape[1], device=weights.device)
+    keep = (cols[None, :] < little_k) | ~use_little[:, None]
+    return torch.where(use_little[:, None], padded, weights), keep
+
+
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor,
-                   w2: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{slots[t, k]}(x[t]).
+                   w2: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{slots[t, k]}(x[t]) over the pairs that `keep` allows (all if None).
 
     x [T, H], weights [T, K], slots [T, K] (cache slot of each chosen expert), w13 [S, 2I, H] (gate
-    rows then up rows), w2 [S, H, I] -> [T, H].
+    rows then up rows), w2 [S, H, I], keep [T, K] bool -> [T, H].
     """
     T, K = slots.shape
     if not x.is_cuda or T * K > GATHER_MAX_PAIRS:
-        return _grouped_experts(x, weights, slots, w13, w2)
-    g13 = w13[slots]  # [T, K, 2I, H]
+        return _grouped_experts(x, weights, slots, w13, w2, keep)
+    safe = slots.clamp(min=0)  # dropped pairs may have no slot; their output is masked out below
+    g13 = w13[safe]  # [T, K, 2I, H]
     gate, up = torch.einsum("th,tkih->tki", x, g13).chunk(2, dim=-1)  # [T, K, I] each
-    y = torch.einsum("tki,tkhi->tkh", F.silu(gate) * up, w2[slots])  # [T, K, H]
-    return (y * weights[..., None].to(y.dtype)).sum(dim=1)
+    y = torch.einsum("tki,tkhi->tkh", F.silu(gate) * up, w2[safe])  # [T, K, H]
+    y = y * weights[..., None].to(y.dtype)
+    if keep is not None:
+        y = torch.where(keep[..., None], y, 0)
+    return y.sum(dim=1)
 
 
 @torch.compiler.disable  # data-dependent loop with a host sync: compiled code calls it eagerly
 def _grouped_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor,
-                     w2: torch.Tensor) -> torch.Tensor:
+                     w2: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """routed_experts for many tokens: each used slot runs once, on all of its tokens."""
     K = slots.shape[1]
     out = torch.zeros_like(x)
     flat = slots.flatten()
+    if keep is not None:
+        flat = torch.where(keep.flatten(), flat, -1)  # dropped pairs sort first and are skipped
     order = torch.argsort(flat, stable=True)
     used, counts = torch.unique_consecutive(flat[order], return_counts=True)
     tokens = order // K  # token of each (token, k) pair, grouped by slot
     w_sorted = weights.flatten()[order]
     start = 0
-    for slot, count in zip(used.tolist(), counts.tolist(), strict=True):  # host sync: prefill only
+    for slot, count in zip(used.tolist(), counts.tolist(), strict=True):  # host sync
+        if slot < 0:
+            start += count
+            continue
         idx = tokens[start:start + count]
         gate, up = F.linear(x[idx], w13[slot]).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, w2[slot]) * w_sorted[start:start + count, None].to(x.dtype)

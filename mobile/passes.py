@@ -92,14 +92,14 @@ def _why(node: Node) -> str:
 
 def plan_segments(g: Graph) -> Graph:
     """Number the maximal runs of compute between sync points. Each run is one compiled region."""
-    nodes, seg, open_run = [], -1, False
+    nodes, seg, open_run, region = [], -1, False, None
     for n in g.nodes:
         if n.op in SYNC_OPS:
             nodes.append(n.without_attrs("seg"))
             open_run = False
             continue
-        if not open_run:
-            seg, open_run = seg + 1, True
+        if not open_run or n.attr("region") != region:  # a region runs or is skipped as a whole
+            seg, open_run, region = seg + 1, True, n.attr("region")
         nodes.append(n.with_attrs(seg=seg))
     return g.with_nodes(nodes, "plan_segments")
 

@@ -38,6 +38,7 @@ class Stats:
             "stall_s": self.stall_s,
             "little_tokens": self.little_tokens,
             "fallback_tokens": self.fallback_tokens,
+            "fallback_rate": self.fallback_tokens / max(1, self.little_tokens + self.fallback_tokens),
             "link": self.link,
             **self.extra,
         }

@@ -17,10 +17,12 @@ REQUIRED_ATTRS: dict[Op, tuple[str, ...]] = {
     Op.WAIT: ("layer",),
     Op.PREDICT: ("layer", "top_k"),
     Op.PREFETCH: ("layer", "k", "staging"),
+    Op.IMPORTANCE_GATE: ("signal", "tau"),
     Op.EXPERT: ("layer", "variant"),
 }
 ARITY: dict[Op, int] = {Op.EMBED: 1, Op.NORM: 1, Op.ATTENTION: 1, Op.ADD: 2, Op.MLP: 1, Op.ROUTER: 1,
-                        Op.FETCH: 1, Op.WAIT: 1, Op.PREDICT: 1, Op.PREFETCH: 1, Op.COMBINE: 2, Op.LM_HEAD: 1}
+                        Op.FETCH: 1, Op.WAIT: 1, Op.PREDICT: 1, Op.PREFETCH: 1,
+                        Op.IMPORTANCE_GATE: 1, Op.FALLBACK: 2, Op.SELECT: 2, Op.COMBINE: 2, Op.LM_HEAD: 1}
 
 
 def rule_names_unique(g: Graph) -> list[str]:
@@ -92,6 +94,20 @@ def rule_staging_budget(g: Graph) -> list[str]:
             for n in g.nodes if n.op is Op.PREFETCH and (n.attr("k") or 0) > (n.attr("staging") or 0)]
 
 
+def rule_fallback_covers_big_set(g: Graph) -> list[str]:
+    """A fallback recomputes with the big set: its fetches and experts cover all top-K."""
+    errors = []
+    for n in g.nodes:
+        if n.attr("region") == "fallback" and n.op in (Op.FETCH, Op.EXPERT) and n.attr("variant") != "shared":
+            routers = [m for m in g.nodes if m.op is Op.ROUTER and m.attr("layer") == n.attr("layer")]
+            top_k = routers[0].attr("top_k") if routers else None
+            if n.attr("k") != top_k or n.attr("layer_tau") is not None:
+                errors.append(f"{n.name}: the fallback region must use the full top-{top_k}, not k={n.attr('k')}")
+    if any(n.op is Op.FALLBACK for n in g.nodes) and not any(n.op is Op.IMPORTANCE_GATE for n in g.nodes):
+        errors.append("fallback: no importance_gate decides it")
+    return errors
+
+
 def rule_streams(g: Graph) -> list[str]:
     errors = []
     for n in g.nodes:
@@ -123,7 +139,8 @@ def rule_segments(g: Graph) -> list[str]:
 
 
 RULES: list[Callable[[Graph], list[str]]] = [rule_names_unique, rule_topological, rule_attrs_and_arity,
-                                              rule_experts_fetched, rule_staging_budget, rule_streams, rule_segments]
+                                              rule_experts_fetched, rule_staging_budget, rule_fallback_covers_big_set,
+                                              rule_streams, rule_segments]
 
 
 def verify(g: Graph) -> list[str]:

@@ -1,0 +1,134 @@
+"""The `mobile` policy: little pass, importance gate, fallback with KV overwrite, complement prefetch.
+
+Exactness, on tiny checkpoints of two families (Qwen2-MoE has shared experts):
+- tau such that every token falls back == big-expert decoding (lru-prefetch);
+- tau such that none does == the `little` policy;
+- after fallbacks, decoding == a reference that ran big exactly at the fallen-back positions and
+  little elsewhere (so the fallback's KV overwrite is what later tokens see).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mobile
+from mobile.compiler import compile_to_dir
+from mobile.errors import GraphError
+from mobile.ir import Op
+
+PROMPT = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(5))
+FAMILIES = ["qwen2_moe", "olmoe"]
+
+
+def engine_for(t, tmp_path, policy: str, tau: float = 0.5, **extra) -> mobile.Engine:
+    lines = [f"policy:\n  name: {policy}\n  tau: {tau}"] + [f"  {k}: {v}" for k, v in extra.items()]
+    text = t.spec.read_text().replace("policy:\n  name: resident", "\n".join(lines))
+    path = tmp_path / f"{policy}-{tau}-{len(extra)}.yaml"
+    path.write_text(text.replace("path: ckpt", f"path: {t.ckpt}"))
+    out, _ = compile_to_dir(path, tmp_path / path.stem)
+    return mobile.Engine.load(out, weights=t.ckpt, link_gbps=50.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_always_falling_back_equals_big_decoding(tiny, tmp_path, family):
+    t = tiny(family)
+    mob = engine_for(t, tmp_path, "mobile", tau=1.01)  # max prob never reaches 1.01: all important
+    big = mobile.Engine.load(t.graph, policy="lru-prefetch", link_gbps=50.0)
+    assert mob.generate(PROMPT, 16, stop_ids=[]) == big.generate(PROMPT, 16, stop_ids=[])
+    s = mob.stats
+    assert s["fallback_tokens"] == s["decode_tokens"] == 15 and s["little_tokens"] == 0
+    assert s["fallback_rate"] == 1.0
+    mob.close()
+    big.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_never_falling_back_equals_little(tiny, tmp_path, family):
+    t = tiny(family)
+    # every token is confident enough; prefill little too, as the little policy does
+    mob = engine_for(t, tmp_path, "mobile", tau=0.0, prefill="little")
+    little = engine_for(t, tmp_path, "little")
+    assert mob.generate(PROMPT, 16, stop_ids=[]) == little.generate(PROMPT, 16, stop_ids=[])
+    assert mob.stats["fallback_tokens"] == 0 and mob.stats["little_tokens"] == PROMPT.numel() + 15
+    mob.close()
+    little.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fallback_overwrites_kv(tiny, tmp_path, family):
+    t = tiny(family)
+    probe = engine_for(t, tmp_path, "mobile", tau=0.0)
+    # a tau at the median of the little pass's confidence: about half the tokens fall back
+    logits = probe._forward(PROMPT, 0)
+    conf, tok = [], int(logits[-1].argmax())
+    for _ in range(16):
+        logits = probe._forward(torch.tensor([tok]), probe.length)
+        conf.append(float(torch.softmax(logits[-1], -1).max()))
+        tok = int(logits[-1].argmax())
+    tau = sorted(conf)[len(conf) // 2]
+    mob = engine_for(t, tmp_path, "mobile", tau=tau)
+    out, decisions = [], []
+    logits = mob._forward(PROMPT, 0)
+    for _ in range(16):
+        tok = int(logits[-1].argmax())
+        out.append(tok)
+        logits = mob._forward(torch.tensor([tok]), mob.length)
+        decisions.append(mob.executor.fell_back)
+    assert 0 < sum(decisions) < len(decisions)  # a real mix of fallbacks and accepted little tokens
+    ref = engine_for(t, tmp_path, "mobile", tau=tau)
+    ref_out = []
+    logits = ref._forward(PROMPT, 0, mode="big")
+    for fell_back in decisions:
+        tok = int(logits[-1].argmax())
+        ref_out.append(tok)
+        # big exactly where mobile fell back (no little pass, so no KV to overwrite), little elsewhere
+        logits = ref._forward(torch.tensor([tok]), ref.length, mode="big" if fell_back else "little")
+    assert out == ref_out
+
+
+def test_layer_rule_and_layer_mass(tiny, tmp_path):
+    t = tiny("olmoe")
+    big = mobile.Engine.load(t.graph)
+    ref = big.logits(PROMPT)
+    # layer-mass with tau 1.01: no little set ever carries 101% of the mass, so every layer goes big
+    all_big = engine_for(t, tmp_path, "layer-mass", tau=1.01)
+    torch.testing.assert_close(all_big.logits(PROMPT), ref, atol=1e-5, rtol=1e-5)
+    # tau 0: always little == the little policy (raw weights, as olmoe's spec default is rescale)
+    all_little = engine_for(t, tmp_path, "layer-mass", tau=0.0, little_weights="raw")
+    little = engine_for(t, tmp_path, "little", little_weights="raw")
+    torch.testing.assert_close(all_little.logits(PROMPT), little.logits(PROMPT), atol=1e-5, rtol=1e-5)
+    mid = engine_for(t, tmp_path, "layer-mass", tau=0.6)
+    out = mid.logits(PROMPT)
+    assert (out - ref).abs().max() > 1e-4 and (out - little.logits(PROMPT)).abs().max() > 1e-4
+
+
+def test_graph_has_gate_fallback_and_complement_prefetch(tmp_path):
+    out, g = compile_to_dir("specs/olmoe-1b-7b.yaml", tmp_path / "g", policy="mobile")
+    assert len(g.by_op(Op.IMPORTANCE_GATE)) == 1 and len(g.by_op(Op.FALLBACK)) == 1
+    complements = [n for n in g.by_op(Op.PREFETCH) if n.attr("set") == "complement"]
+    assert len(complements) == 16 and all(n.attr("stream") == "copy" for n in complements)
+    assert {n.attr("k") for n in g.by_op(Op.EXPERT) if n.attr("region") == "little"} == {4}
+    assert {n.attr("k") for n in g.by_op(Op.EXPERT) if n.attr("region") == "fallback"} == {8}
+    names = [n.name for n in g.nodes]
+    assert names.index("importance_gate") < names.index("fallback") < names.index("B.L0.attn")
+    text = (out / "schedule.txt").read_text()
+    assert "importance_gate" in text and "L3.complement" in text
+
+
+def test_verifier_rejects_a_fallback_without_the_big_set(tiny, tmp_path):
+    import json
+    import shutil
+
+    t = tiny("olmoe")
+    mob = engine_for(t, tmp_path, "mobile", tau=0.5)
+    src = mob.graph
+    shutil.copytree(tmp_path / "mobile-0.5-0", tmp_path / "edited")
+    data = json.loads((tmp_path / "edited" / "graph.json").read_text())
+    for n in data["nodes"]:
+        if n["name"] == "B.L1.experts":
+            n["attrs"]["k"] = 2
+    (tmp_path / "edited" / "graph.json").write_text(json.dumps(data))
+    with pytest.raises(GraphError, match="B.L1.experts: the fallback region must use the full top-4"):
+        mobile.Engine.load(tmp_path / "edited", weights=t.ckpt)
+    assert src is not None
