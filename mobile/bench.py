@@ -18,12 +18,20 @@ from mobile.engine import Engine
 
 def run_bench(graph: str, policies: list[str], weights: str | None = None, device: str = "cpu", tokens: int = 32,
               prompt_len: int = 8, link_gbps: float | None = None, link_ratio: float | None = None, seed: int = 0,
-              json_out: str | None = None, out=sys.stdout) -> list[dict]:
+              json_out: str | None = None, taus: list[float] | None = None, baseline: str | None = None,
+              out=sys.stdout) -> list[dict]:
     rows: list[dict] = []
     link: dict = {"link_gbps": link_gbps}
-    for policy in policies:
+    runs: list[tuple[str, str, dict]] = []  # (label, policy, policy options)
+    for p in policies:
+        if p in ("mobile", "layer-mass") and taus:
+            runs += [(f"{p} tau={t:g}", p, {"tau": t}) for t in taus]
+        else:
+            runs.append((p, p, {}))
+    for label, policy, options in runs:
         engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,
-                             link_gbps=link["link_gbps"], link_ratio=None if link["link_gbps"] else link_ratio)
+                             policy_options=options, link_gbps=link["link_gbps"],
+                             link_ratio=None if link["link_gbps"] else link_ratio)
         if engine.stats_.link == "emulated" and link["link_gbps"] is None:
             link = {k: v for k, v in engine.stats.items() if k.startswith(("link_", "expert_compute"))}
         vocab = engine.spec.model.vocab_size
@@ -37,27 +45,29 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
         gc.collect()
         looked_up = s["expert_hits"] + s["expert_misses"]
         rows.append({
-            "policy": policy, "link": s["link"], "decode_tokens_per_s": s["decode_tokens_per_s"],
+            "policy": label, "link": s["link"], "fallback_rate": s["fallback_rate"],
+            "decode_tokens_per_s": s["decode_tokens_per_s"],
             "bytes_per_token": s.get("decode_bytes_h2d", 0) / max(1, s["decode_tokens"]),
             "stall_fraction": s.get("decode_stall_s", 0.0) / max(1e-9, s.get("decode_s", 0.0)),
             "hit_rate": s["expert_hits"] / looked_up if looked_up else 1.0,
             "prefetch_accuracy": (s["prefetch_used"] / s["prefetch_issued"]) if s.get("prefetch_issued") else None,
         })
-        print(f"  {policy}: {s['decode_tokens_per_s']:.2f} tok/s", file=sys.stderr)
-    base = rows[0]["decode_tokens_per_s"] or 1.0
+        print(f"  {label}: {s['decode_tokens_per_s']:.2f} tok/s", file=sys.stderr)
+    base_row = next((r for r in rows if r["policy"] == baseline), rows[0])
+    base = base_row["decode_tokens_per_s"] or 1.0
     for r in rows:
         r["ratio"] = r["decode_tokens_per_s"] / base
     emulated = any(r["link"] == "emulated" for r in rows)
     desc = ", ".join(f"{k}={v}" for k, v in link.items() if v is not None)
     print(f"\nbench {graph}: {tokens} decode tokens after a {prompt_len}-token prompt, device {device}"
           + (f"; link EMULATED ({desc})" if emulated else ""), file=out)
-    print(f"{'policy':<14} {'tok/s':>9} {'ratio':>7} {'MiB/token':>10} {'stall':>7} {'hit rate':>9} "
-          f"{'prefetch acc':>13}", file=out)
+    print(f"{'policy':<20} {'tok/s':>9} {'vs ' + base_row['policy']:>16} {'MiB/token':>10} {'stall':>7} "
+          f"{'hit rate':>9} {'prefetch acc':>13} {'fallback':>9}", file=out)
     for r in rows:
         acc = "-" if r["prefetch_accuracy"] is None else f"{r['prefetch_accuracy']:.2f}"
-        print(f"{r['policy']:<14} {r['decode_tokens_per_s']:>9.2f} {r['ratio']:>6.2f}x "
-              f"{r['bytes_per_token'] / 2**20:>10.1f} {r['stall_fraction']:>7.2f} {r['hit_rate']:>9.3f} {acc:>13}",
-              file=out)
+        print(f"{r['policy']:<20} {r['decode_tokens_per_s']:>9.2f} {r['ratio']:>15.2f}x "
+              f"{r['bytes_per_token'] / 2**20:>10.1f} {r['stall_fraction']:>7.2f} {r['hit_rate']:>9.3f} {acc:>13} "
+              f"{r['fallback_rate']:>9.3f}", file=out)
     if json_out:
         atomic_write_text(json_out, json.dumps({"link": link, "rows": rows}, indent=1))
     return rows

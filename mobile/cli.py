@@ -4,6 +4,7 @@
     mobile run --graph DIR --prompt TEXT     generate text with a compiled graph
     mobile import-hf DIR [-o FILE]           write a spec from a Hugging Face config.json
     mobile bench --graph DIR --policies ...  compare policies side by side (tokens/s, bytes, stalls)
+    mobile eval --graph DIR --data FILE      quality of a policy on held-out text, next to big experts
     mobile synth SPEC -o DIR [--layers N]    random weights at a spec's real shapes, for benchmarks
 
 Errors a user can fix print one line, `mobile: error: FILE: KEY: what was expected`, and exit 2;
@@ -117,9 +118,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for p in policies:
         if p not in POLICIES:
             raise MobileError(f"unknown policy {p!r} (choose from {', '.join(POLICIES)})", key="--policies")
+    try:
+        taus = [float(t) for t in args.tau.split(",") if t.strip()] if args.tau else None
+    except ValueError:
+        raise MobileError(f"expected comma-separated numbers, got {args.tau!r}", key="--tau") from None
     run_bench(args.graph, policies, weights=args.weights, device=args.device, tokens=args.tokens,
               prompt_len=args.prompt_len, link_gbps=args.link_gbps, link_ratio=args.link_ratio,
-              seed=args.seed, json_out=args.json)
+              seed=args.seed, json_out=args.json, taus=taus, baseline=args.baseline)
     return 0
 
 
@@ -129,6 +134,51 @@ def cmd_synth(args: argparse.Namespace) -> int:
     out = write_synthetic_checkpoint(args.spec, args.out, layers=args.layers, seed=args.seed, dtype=args.dtype)
     print(f"wrote synthetic checkpoint {out} and its spec {out / 'spec.yaml'}", file=sys.stderr)
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mobile.emit import atomic_write_text, load_graph
+    from mobile.evaluate import KEYS, format_rows, plot_rows, run_eval
+
+    policy = args.policy or load_graph(args.graph).spec.get("policy", {}).get("name", "resident")
+    if policy in ("resident", "ondemand", "lru", "lru-prefetch"):
+        policy = "lru-prefetch"  # all big-expert policies decode alike; the reference row is big
+    base = {"name": policy, "little_k": args.little_k, "layer_tau": args.layer_tau, "signal": args.signal,
+            "little_weights": args.little_weights, "little_select": args.little_select}
+    if args.sweep_tau:
+        try:
+            taus = [float(t) for t in args.sweep_tau.split(",") if t.strip()]
+        except ValueError:
+            raise MobileError(f"expected comma-separated numbers, got {args.sweep_tau!r}", key="--sweep-tau") from None
+        configs = [(f"{policy} tau={t:g}", {**base, "tau": t}) for t in taus]
+    else:
+        configs = [] if policy == "lru-prefetch" else [(policy, {**base, "tau": args.tau})]
+    rows = run_eval(args.graph, args.data, configs, weights=args.weights, window=args.window,
+                    max_tokens=args.max_tokens, device=args.device)
+    if args.json:
+        picked = rows if args.sweep_tau else [rows[-1]]
+        objs = [{k: r[k] for k in KEYS} | {"label": r["label"]} for r in picked]
+        print(json.dumps(objs if args.sweep_tau else objs[0]))
+        return 0
+    print(format_rows(rows))
+    if args.sweep_tau and args.plot:
+        if plot_rows(rows, args.plot):
+            print(f"wrote {args.plot}", file=sys.stderr)
+        else:
+            print("matplotlib is not installed (pip install 'mobile-moe[plot]'); no plot written", file=sys.stderr)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(rows, indent=1))
+    return 0
+
+
+def add_policy_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tau", type=float, help="importance threshold (mobile) or little-mass share (layer-mass)")
+    p.add_argument("--little-k", type=int, help="experts in the little set (default ceil(top_k / 2))")
+    p.add_argument("--layer-tau", type=float, help="mobile: a layer goes big in the little pass when the "
+                   "little set carries less than this share of the big set's router mass")
+    p.add_argument("--signal", choices=["max_prob", "entropy", "margin"], help="importance signal")
+    p.add_argument("--little-weights", choices=["rescale", "raw"], help="little-set weights")
+    p.add_argument("--little-select", choices=["top", "random"], help="random: a random half (a baseline)")
 
 
 def add_link_options(p: argparse.ArgumentParser) -> None:
@@ -213,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
     b.add_argument("--policies", default="ondemand,lru,lru-prefetch,resident",
                    help="comma-separated policies; ratios are to the first (default: %(default)s)")
+    b.add_argument("--tau", help="comma-separated taus: one mobile / layer-mass row each")
+    b.add_argument("--baseline", help="the policy ratios are taken against (default: the first)")
     b.add_argument("--tokens", type=int, default=32, help="decode tokens per policy (default 32)")
     b.add_argument("--prompt-len", type=int, default=8, help="random prompt length (default 8)")
     b.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
@@ -220,6 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the rows as JSON to this file")
     add_link_options(b)
     b.set_defaults(fn=cmd_bench)
+
+    e = sub.add_parser("eval", help="quality of a policy on held-out text (every position a decode step)",
+                       description="Teacher-forced evaluation in which every position is a decode step, so "
+                       "importance decisions, fallbacks and KV contents are those of real decoding. Prints "
+                       "perplexity, next-token accuracy, greedy agreement with big experts, fallback rate "
+                       "and expert bytes per token, next to big-expert decoding of the same text.")
+    e.add_argument("--graph", required=True, help="a folder written by `mobile compile`")
+    e.add_argument("--data", required=True, help="a text file, e.g. demo/data/heldout.txt")
+    e.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
+    e.add_argument("--policy", choices=POLICIES, help="policy to evaluate (default: the graph's)")
+    add_policy_options(e)
+    e.add_argument("--sweep-tau", help="comma-separated taus: one row each (a Pareto table)")
+    e.add_argument("--plot", help="with --sweep-tau: write a PNG of quality against bytes (needs matplotlib)")
+    e.add_argument("--window", type=int, default=256, help="tokens per window; the KV cache restarts at each "
+                   "(default 256)")
+    e.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
+    e.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    e.add_argument("--json", action="store_true", help="print JSON: {ppl, accuracy, agreement, fallback_rate, "
+                   "bytes_per_token} (a list with --sweep-tau)")
+    e.add_argument("--out", help="also write every row as JSON to this file")
+    e.set_defaults(fn=cmd_eval)
 
     y = sub.add_parser("synth", help="write a random checkpoint at a spec's real shapes (for benchmarks)",
                        description="Write random weights in Hugging Face layout with the spec's shapes, "

@@ -38,7 +38,7 @@ IMPLEMENTED_POLICIES = ("resident", "ondemand", "lru", "lru-prefetch", "little",
 class Engine:
     def __init__(self, graph: Graph, spec: Spec, store: WeightStore, device: str = "cpu",
                  compile: bool = False, progress: bool = False, link_gbps: float | None = None,
-                 link_ratio: float | None = None, trace: bool = False):
+                 link_ratio: float | None = None, trace: bool = False, all_resident: bool = False):
         self.graph, self.spec, self.store = graph, spec, store
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[spec.dtype]
@@ -63,7 +63,7 @@ class Engine:
                 dtype = torch.float32 if t.key == "router" else self.dtype
                 weights[key] = store.get(t.name, dtype=dtype, device=self.device)
                 bar.update(1)
-            if plan is None:
+            if plan is None or all_resident:
                 self.experts: ResidentExperts | OffloadedExperts = ResidentExperts(
                     spec, store, self.device, self.dtype, self.stats_, progress=bar)
             else:
@@ -102,8 +102,11 @@ class Engine:
     # -- loading ------------------------------------------------------------------------------
     @classmethod
     def load(cls, graph_dir: str | Path, weights: str | Path | None = None, device: str = "cpu",
-             policy: str | None = None, compile: bool = False, progress: bool = False, **options) -> Engine:
-        """options: link_gbps, link_ratio (emulated link), trace (record a measured timeline)."""
+             policy: str | None = None, compile: bool = False, progress: bool = False,
+             policy_options: dict | None = None, **options) -> Engine:
+        """policy_options: other policy fields to override (tau, little_k, layer_tau, ...).
+        options: link_gbps, link_ratio (emulated link), trace (record a measured timeline),
+        all_resident (keep every expert on the device whatever the policy: for quality evals)."""
         graph_dir = Path(graph_dir)
         graph = load_graph(graph_dir)
         try:
@@ -111,10 +114,13 @@ class Engine:
         except SpecError as e:
             raise SpecError(f"the spec embedded in the graph is invalid: {e.message}", where=e.where,
                             key=e.key and f"spec.{e.key}") from None
+        changes = {k: v for k, v in (policy_options or {}).items() if v is not None}
         if policy is not None and policy != spec.policy.name:
+            changes["name"] = policy
+        if changes:
             # another policy lowers to another graph (prefetch nodes, cache sizes): compile it now,
             # from the spec the graph was built from
-            spec = with_policy(spec, name=policy)
+            spec = with_policy(spec, **changes)
             graph = compile_spec(spec)
         ckpt = Path(weights) if weights is not None else resolve_checkpoint(graph, graph_dir)
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -167,6 +173,8 @@ class Engine:
             if T > chunk:
                 return torch.cat([self._forward(ids[i:i + chunk], start + i, mode) for i in range(0, T, chunk)])
         self.kv.ensure(start + T)
+        if isinstance(self.experts, ResidentExperts):
+            self.experts.step_sets.clear()
         positions = torch.arange(start, start + T, device=self.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale)
         kv_len = self.kv.capacity if self.executor.compile else start + T
@@ -180,6 +188,12 @@ class Engine:
                 self.stats_.fallback_tokens += T
             else:
                 self.stats_.little_tokens += T
+        if isinstance(self.experts, ResidentExperts):
+            # expert bytes this forward's tokens needed, counting each (layer, expert) once per
+            # forward: a fallback reuses what its little pass fetched
+            used = sum(len(v) for v in self.experts.step_sets.values())
+            self.stats_.extra["expert_bytes_used"] = self.stats_.extra.get("expert_bytes_used", 0) + \
+                used * expert_bytes(self.spec)
         self.length = start + T
         return logits
 

@@ -83,6 +83,15 @@ class Kernels:
     def _router(self, node: Node) -> Kernel:
         w = self.w[("router", node.attr("layer"))]
         k, norm, scaling = node.attr("top_k"), bool(node.attr("norm_topk_prob")), float(node.attr("scaling", 1.0))
+        if node.attr("order") == "random":  # the random-halving baseline: shuffle the big set per token
+            gen = torch.Generator(device=w.device).manual_seed(node.attr("layer") or 0)
+
+            def shuffled(ctx, x):
+                weights, ids = ops.route(x, w, k, norm, scaling)
+                perm = torch.argsort(torch.rand(weights.shape, generator=gen, device=w.device), dim=-1)
+                return weights.gather(1, perm), ids.gather(1, perm)
+
+            return shuffled
         return lambda ctx, x: ops.route(x, w, k, norm, scaling)
 
     def _fetch(self, node: Node) -> Kernel:

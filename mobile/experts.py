@@ -70,9 +70,12 @@ class ResidentExperts:
             if progress is not None:
                 progress.update(1)
         self.identity = torch.arange(spec.model.moe.num_experts, device=device)
+        self.step_sets: dict[int, set[int]] = {}  # layer -> experts the current forward used
 
     def fetch(self, layer: int, ids: torch.Tensor) -> FetchHandle:
-        self.stats.expert_hits += int(torch.unique(ids).numel())
+        used = torch.unique(ids).tolist()
+        self.stats.expert_hits += len(used)
+        self.step_sets.setdefault(layer, set()).update(used)
         return FetchHandle(layer, slot_map=self.identity)
 
     def wait(self, handle: FetchHandle) -> torch.Tensor:

@@ -102,8 +102,9 @@ def _lower_moe(spec: Spec, pp: PassPlan, layer: int, h: str, plan: CachePlan | N
     """The router always ranks the big set (top-K); the little variant uses its first little_k."""
     moe = spec.model.moe
     K, k = moe.top_k, spec.little_k
+    order = {"order": "random"} if pp.variant == "little" and spec.policy.little_select == "random" else {}
     router = node("router", Op.ROUTER, [h], top_k=K, num_experts=moe.num_experts, norm_topk_prob=moe.norm_topk_prob,
-                  scaling=moe.routed_scaling_factor)
+                  scaling=moe.routed_scaling_factor, **order)
     use: dict[str, object] = {"k": pp.k}
     if pp.variant == "little":
         use.update(little_k=k, little_weights=spec.policy.little_weights)

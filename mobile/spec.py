@@ -108,6 +108,9 @@ class PolicySpec:
     tau: float = 0.5
     layer_tau: float | None = None
     prefill: Literal["big", "little"] = "big"
+    # top: the little set is the top little_k; random: a random little_k of the top-K (a baseline
+    # that shows what choosing by router weight is worth)
+    little_select: Literal["top", "random"] = "top"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,44 @@
+"""`mobile eval` and `mobile bench` end to end on a tiny checkpoint with a tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+TEXT = "In the beginning God created the heaven and the earth. And the earth was without form.\n" * 4
+
+
+def test_eval_json_keys_and_big_reference(tiny, tmp_path, capsys):
+    t = tiny("olmoe")
+    (tmp_path / "text.txt").write_text(TEXT)
+    capsys.readouterr()
+    assert run_cli("eval", "--graph", t.graph, "--data", tmp_path / "text.txt", "--policy", "mobile", "--tau", "1.01",
+                   "--json", "--window", "64") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"ppl", "accuracy", "agreement", "fallback_rate", "bytes_per_token"} <= set(out)
+    # tau above any probability: every token falls back, so it is big decoding exactly
+    assert out["fallback_rate"] == 1.0 and out["agreement"] == 1.0
+
+
+def test_eval_sweep_table(tiny, tmp_path, capsys):
+    t = tiny("olmoe")
+    (tmp_path / "text.txt").write_text(TEXT)
+    capsys.readouterr()
+    assert run_cli("eval", "--graph", t.graph, "--data", tmp_path / "text.txt", "--policy", "mobile",
+                   "--sweep-tau", "0,1.01", "--window", "64", "--out", tmp_path / "rows.json") == 0
+    text = capsys.readouterr().out
+    assert "mobile tau=0" in text and "mobile tau=1.01" in text and text.splitlines()[1].startswith("big")
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    never, always = rows[1], rows[2]
+    assert never["fallback_rate"] == 0.0 and always["fallback_rate"] == 1.0
+    assert never["bytes_per_token"] < always["bytes_per_token"] == rows[0]["bytes_per_token"]
+
+
+def test_bench_table_with_taus(tiny, capsys):
+    t = tiny("qwen2_moe")
+    capsys.readouterr()
+    assert run_cli("bench", "--graph", t.graph, "--policies", "lru-prefetch,little,mobile", "--tau", "0,1.01",
+                   "--tokens", "6", "--link-gbps", "20") == 0
+    out = capsys.readouterr().out
+    assert "link EMULATED" in out and "mobile tau=0" in out and "mobile tau=1.01" in out and "little" in out
