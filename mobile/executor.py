@@ -140,7 +140,7 @@ class Kernels:
     def _prefetch(self, node: Node) -> Kernel:
         layer, lo, hi = node.attr("layer"), node.attr("lo"), node.attr("hi")
         if node.attr("set") == "complement":  # reads the router: the big set minus the little set
-            return lambda ctx, routed: self.experts.prefetch(layer, routed[1][:, lo:hi])
+            return lambda ctx, routed: self.experts.prefetch(layer, routed[1][:, lo:hi], "complement")
         return lambda ctx, ids: self.experts.prefetch(layer, ids)
 
     def _predict(self, node: Node) -> Kernel:

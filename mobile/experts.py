@@ -82,7 +82,7 @@ class ResidentExperts:
         assert handle.slot_map is not None
         return handle.slot_map
 
-    def prefetch(self, layer: int, ids: torch.Tensor) -> None:
+    def prefetch(self, layer: int, ids: torch.Tensor, kind: str = "predicted") -> None:
         return None
 
     def arena(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,10 +157,10 @@ class OffloadedExperts:
         slot_map.copy_(torch.tensor(table.slot_array(self.num_experts)), non_blocking=True)
         return slot_map
 
-    def prefetch(self, layer: int, ids: torch.Tensor) -> None:
+    def prefetch(self, layer: int, ids: torch.Tensor, kind: str = "predicted") -> None:
         table = self.tables[layer]
         for e in torch.unique(ids).tolist():
-            slot = table.stage(e)
+            slot = table.stage(e, kind)
             if slot is not None:
                 self._copy(layer, e, slot, PREFETCH)
 
@@ -174,6 +174,8 @@ class OffloadedExperts:
         self.stats.extra.update(
             prefetch_issued=sum(x.prefetch_issued for x in c), prefetch_used=sum(x.prefetch_used for x in c),
             prefetch_wasted=sum(x.prefetch_wasted for x in c),
+            complement_prefetch_issued=sum(x.issued_by_kind.get("complement", 0) for x in c),
+            complement_prefetch_used=sum(x.used_by_kind.get("complement", 0) for x in c),
             cache_hit_rate_per_layer={layer: round(t.counters.hits / max(1, t.counters.hits + t.counters.misses), 4)
                                       for layer, t in self.tables.items()})
 

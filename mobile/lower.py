@@ -113,7 +113,7 @@ def _lower_moe(spec: Spec, pp: PassPlan, layer: int, h: str, plan: CachePlan | N
     if pp.complement_prefetch and plan is not None and K > k:
         # S_K minus S_k is known now; stage it while the link is idle, for a possible fallback
         node("complement", Op.PREFETCH, [router], set="complement", lo=k, hi=K, k=K - k, staging=plan.staging)
-    fetch = node("fetch", Op.FETCH, [router], set=pp.variant, **use)
+    fetch = node("fetch", Op.FETCH, [router], set=pp.variant, variant=pp.variant, **use)
     wait = node("wait", Op.WAIT, [fetch])
     experts = node("experts", Op.EXPERT, [h, router, wait], variant=pp.variant, **use)
     if moe.shared_expert.intermediate_size == 0:

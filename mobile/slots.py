@@ -10,7 +10,7 @@ Slots that the current step uses are pinned and are never chosen as victims.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class CacheFull(RuntimeError):
@@ -24,6 +24,8 @@ class SlotCounters:
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_wasted: int = 0
+    issued_by_kind: dict[str, int] = field(default_factory=dict)  # "predicted" | "complement"
+    used_by_kind: dict[str, int] = field(default_factory=dict)
 
 
 class SlotTable:
@@ -37,7 +39,7 @@ class SlotTable:
         self.lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(main))  # oldest first
         self.stage_order: OrderedDict[int, None] = OrderedDict((s, None) for s in self.staging)
         self.pinned: set[int] = set()
-        self.speculative: set[int] = set()  # staged by a prefetch and not used yet
+        self.speculative: dict[int, str] = {}  # slot -> why it was staged (prefetch kind), until used
         self.counters = SlotCounters()
 
     # -- demand path ------------------------------------------------------------------------
@@ -57,8 +59,9 @@ class SlotTable:
         if slot is not None:
             self.counters.hits += 1
             if slot in self.speculative:
-                self.speculative.discard(slot)
+                kind = self.speculative.pop(slot)
                 self.counters.prefetch_used += 1
+                self.counters.used_by_kind[kind] = self.counters.used_by_kind.get(kind, 0) + 1
             if slot in self.staging:
                 try:
                     self._promote(slot)
@@ -77,7 +80,7 @@ class SlotTable:
         return slot, False
 
     # -- prefetch path ----------------------------------------------------------------------
-    def stage(self, expert: int) -> int | None:
+    def stage(self, expert: int, kind: str = "predicted") -> int | None:
         """A prefetch hint. Returns the staging slot to copy into, or None (present, or no room)."""
         if expert in self.slot_of or not self.staging:
             return None
@@ -88,8 +91,9 @@ class SlotTable:
         self._evict(slot)
         self._place(expert, slot)
         self.stage_order.move_to_end(slot)
-        self.speculative.add(slot)
+        self.speculative[slot] = kind
         self.counters.prefetch_issued += 1
+        self.counters.issued_by_kind[kind] = self.counters.issued_by_kind.get(kind, 0) + 1
         return slot
 
     # -- internals --------------------------------------------------------------------------
@@ -107,7 +111,7 @@ class SlotTable:
         if old is None:
             return
         if slot in self.speculative:
-            self.speculative.discard(slot)
+            del self.speculative[slot]
             self.counters.prefetch_wasted += 1
         del self.slot_of[old]
         self.expert_in[slot] = None

@@ -132,3 +132,19 @@ def test_verifier_rejects_a_fallback_without_the_big_set(tiny, tmp_path):
     with pytest.raises(GraphError, match="B.L1.experts: the fallback region must use the full top-4"):
         mobile.Engine.load(tmp_path / "edited", weights=t.ckpt)
     assert src is not None
+
+
+def test_layer_rule_fetches_only_what_it_uses(tiny):
+    """A layer that stays little fetches only the little set (bytes per token below big's)."""
+    t = tiny("olmoe")
+
+    def bytes_used(policy, **options):
+        e = mobile.Engine.load(t.graph, policy=policy, policy_options=options, all_resident=True)
+        for i in range(PROMPT.numel()):
+            e._forward(PROMPT[i:i + 1], i, mode="decode")
+        return e.stats["expert_bytes_used"]
+
+    big, little = bytes_used("lru-prefetch"), bytes_used("little")
+    mids = [bytes_used("layer-mass", tau=tau) for tau in (0.6, 0.75, 0.9)]
+    assert little == big // 2 and all(little <= m <= big for m in mids)
+    assert any(little < m < big for m in mids)  # some layers little, some big
