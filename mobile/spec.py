@@ -102,11 +102,14 @@ class CheckpointSpec:
 @dataclass(frozen=True)
 class PolicySpec:
     name: PolicyName = "resident"
+    # Defaults chosen on the demo model's held-out text (README, "Quality"): rescaled weights beat
+    # raw ones everywhere; the confidence gate plus the per-layer rule gave the best perplexity and
+    # agreement. tau is the gate's threshold for `mobile` and the little-mass share for `layer-mass`.
     little_k: int | None = None  # default ceil(top_k / 2)
     little_weights: Literal["rescale", "raw"] = "rescale"
     signal: Literal["max_prob", "entropy", "margin"] = "max_prob"
-    tau: float = 0.5
-    layer_tau: float | None = None
+    tau: float = 0.3
+    layer_tau: float | None = 0.8
     prefill: Literal["big", "little"] = "big"
     # top: the little set is the top little_k; random: a random little_k of the top-K (a baseline
     # that shows what choosing by router weight is worth)

@@ -32,7 +32,9 @@ def test_eval_sweep_table(tiny, tmp_path, capsys):
     rows = json.loads((tmp_path / "rows.json").read_text())
     never, always = rows[1], rows[2]
     assert never["fallback_rate"] == 0.0 and always["fallback_rate"] == 1.0
-    assert never["bytes_per_token"] < always["bytes_per_token"] == rows[0]["bytes_per_token"]
+    # a fallback token pays for the big set plus whatever its little pass used outside it (past
+    # layer 0 the little pass routes from other hidden states, so S_k need not lie inside S_K)
+    assert never["bytes_per_token"] < rows[0]["bytes_per_token"] <= always["bytes_per_token"]
 
 
 def test_bench_table_with_taus(tiny, capsys):
