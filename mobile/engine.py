@@ -157,8 +157,8 @@ class Engine:
     def _forward(self, ids: torch.Tensor, start: int, mode: str | None = None) -> torch.Tensor:
         """Run positions [start, start + T) of the current sequence; returns logits [T, V].
 
-        With a bounded expert cache, a forward's experts must fit in the cache at once, so prefill
-        runs in chunks of main_slots // top_k tokens (a chunk's experts are loaded once for it).
+        With a bounded expert cache, a layer whose experts for these T tokens exceed the cache runs
+        them in rounds (experts.Rounds): each needed expert is still loaded once per layer.
         """
         T = ids.shape[0]
         if start + T > self.spec.model.max_position_embeddings:
@@ -168,10 +168,6 @@ class Engine:
             # mobile: a prompt (T > 1) runs one pass, big by default; a decoded token runs little,
             # then the importance gate decides whether it falls back to big
             mode = "decode" if T == 1 else ("little" if self.spec.policy.prefill == "little" else "big")
-        if isinstance(self.experts, OffloadedExperts):
-            chunk = max(1, self.experts.plan.main // self.spec.model.moe.top_k)
-            if T > chunk:
-                return torch.cat([self._forward(ids[i:i + chunk], start + i, mode) for i in range(0, T, chunk)])
         self.kv.ensure(start + T)
         if isinstance(self.experts, ResidentExperts):
             self.experts.step_sets.clear()

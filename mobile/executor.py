@@ -164,10 +164,17 @@ class Kernels:
         def routed(ctx, x, routed, slot_map):
             weights, ids = routed  # [T, K], sorted by weight
             if choose is None:
-                return ops.routed_experts(x, weights[:, :k], slot_map[ids[:, :k]], w13, w2)
-            w, keep = choose(weights)
-            k_used = w.shape[1]
-            return ops.routed_experts(x, w, slot_map[ids[:, :k_used]], w13, w2, keep)
+                w, keep = weights[:, :k], None
+            else:
+                w, keep = choose(weights)
+            used = ids[:, :w.shape[1]]
+            if isinstance(slot_map, torch.Tensor):
+                return ops.routed_experts(x, w, slot_map[used], w13, w2, keep)
+            out = torch.zeros_like(x)  # more experts than the cache holds: one round at a time
+            for members, round_map in slot_map:
+                in_round = torch.isin(used, members) if keep is None else torch.isin(used, members) & keep
+                out += ops.routed_experts(x, w, round_map[used], w13, w2, in_round)
+            return out
 
         return routed
 

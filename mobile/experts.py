@@ -54,6 +54,20 @@ class FetchHandle:
     layer: int
     jobs: list[CopyJob] = field(default_factory=list)
     slot_map: torch.Tensor | None = None
+    rounds: list[list[int]] = field(default_factory=list)  # when the set exceeds the cache (prefill)
+
+
+class Rounds:
+    """What a wait yields when one forward needs more experts than a layer's cache holds (a long
+    prefill): the expert node runs once per round, each round's experts loaded once for all tokens."""
+
+    def __init__(self, owner: OffloadedExperts, handle: FetchHandle, first: torch.Tensor):
+        self.owner, self.handle, self.first = owner, handle, first
+
+    def __iter__(self):
+        for r, members in enumerate(self.handle.rounds):
+            slot_map = self.first if r == 0 else self.owner.load_round(self.handle.layer, members)
+            yield torch.tensor(members, device=slot_map.device), slot_map
 
 
 class ResidentExperts:
@@ -78,7 +92,7 @@ class ResidentExperts:
         self.step_sets.setdefault(layer, set()).update(used)
         return FetchHandle(layer, slot_map=self.identity)
 
-    def wait(self, handle: FetchHandle) -> torch.Tensor:
+    def wait(self, handle: FetchHandle) -> torch.Tensor | Rounds:
         assert handle.slot_map is not None
         return handle.slot_map
 
@@ -138,7 +152,16 @@ class OffloadedExperts:
         if self.policy == "ondemand":
             table.forget()
         handle = FetchHandle(layer)
-        for e in torch.unique(ids).tolist():  # host sync: a fetch is a sync point in the graph
+        needed = torch.unique(ids).tolist()  # host sync: a fetch is a sync point in the graph
+        if len(needed) > self.plan.main:
+            handle.rounds = [needed[i:i + self.plan.main] for i in range(0, len(needed), self.plan.main)]
+            needed = handle.rounds[0]
+        self._request(layer, needed, handle)
+        return handle
+
+    def _request(self, layer: int, needed: list[int], handle: FetchHandle) -> None:
+        table = self.tables[layer]
+        for e in needed:
             slot, hit = table.access(e)
             if hit:
                 job = self.pending[layer].get(slot)
@@ -147,15 +170,23 @@ class OffloadedExperts:
                     handle.jobs.append(job)
             else:
                 handle.jobs.append(self._copy(layer, e, slot, DEMAND))
-        return handle
 
-    def wait(self, handle: FetchHandle) -> torch.Tensor:
+    def wait(self, handle: FetchHandle) -> torch.Tensor | Rounds:
         stall = sum(job.wait() for job in handle.jobs)
         self.stats.stall_s += stall
         slot_map = self.slot_maps[handle.layer]
         table = self.tables[handle.layer]
         slot_map.copy_(torch.tensor(table.slot_array(self.num_experts)), non_blocking=True)
-        return slot_map
+        return Rounds(self, handle, slot_map) if handle.rounds else slot_map
+
+    def load_round(self, layer: int, members: list[int]) -> torch.Tensor:
+        """The previous round's experts are done: unpin them, load the next round, wait for it."""
+        self.tables[layer].begin_step()
+        handle = FetchHandle(layer)
+        self._request(layer, members, handle)
+        slot_map = self.wait(handle)
+        assert isinstance(slot_map, torch.Tensor)
+        return slot_map.clone()  # the shared slot-map buffer is rewritten by the next round
 
     def prefetch(self, layer: int, ids: torch.Tensor, kind: str = "predicted") -> None:
         table = self.tables[layer]

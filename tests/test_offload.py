@@ -161,3 +161,18 @@ def test_budget_error_names_the_key(tmp_path):
         expert_cache=spec.runtime.expert_cache.__class__(slots_per_layer=2))})
     with pytest.raises(SpecError, match="runtime.expert_cache.slots_per_layer: the expert cache is below"):
         lower(small)
+
+
+def test_prefill_loads_each_needed_expert_once_per_layer(tiny, tmp_path):
+    """A prompt needing more experts than a layer's cache runs in rounds, not in token chunks."""
+    t = tiny("olmoe")
+    text = t.spec.read_text().replace("runtime:\n", "runtime:\n  expert_cache:\n    slots_per_layer: 4\n")
+    (tmp_path / "s.yaml").write_text(text.replace("path: ckpt", f"path: {t.ckpt}"))
+    assert run_cli("compile", tmp_path / "s.yaml", "-o", tmp_path / "g", "--policy", "lru") == 0
+    engine = mobile.Engine.load(tmp_path / "g", weights=t.ckpt, link_gbps=50.0)
+    ref = mobile.Engine.load(t.graph)
+    torch.testing.assert_close(engine.logits(PROMPT), ref.logits(PROMPT), atol=1e-5, rtol=1e-5)
+    s = engine.stats
+    assert s["expert_misses"] == sum(len(v) for v in ref.experts.step_sets.values())  # once per (layer, expert)
+    assert s["expert_misses"] > 3 * 4  # more than the 4-slot caches of 3 layers could hold at once
+    engine.close()
