@@ -175,7 +175,8 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, help="importance threshold (mobile) or little-mass share (layer-mass)")
     p.add_argument("--little-k", type=int, help="experts in the little set (default ceil(top_k / 2))")
     p.add_argument("--layer-tau", type=float, help="mobile: a layer goes big in the little pass when the "
-                   "little set carries less than this share of the big set's router mass")
+                   "little set carries less than this share of the big set's router mass (default 0.8; 0 turns "
+                   "the rule off)")
     p.add_argument("--signal", choices=["max_prob", "entropy", "margin"], help="importance signal")
     p.add_argument("--little-weights", choices=["rescale", "raw"], help="little-set weights")
     p.add_argument("--little-select", choices=["top", "random"], help="random: a random half (a baseline)")

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from mobile.budget import cache_plan
 from mobile.costs import DTYPE_BYTES, attention_params, expert_bytes
 from mobile.emit import human_bytes, write_graph_dir
 from mobile.ir import Graph
@@ -48,9 +49,11 @@ def memory_plan(g: Graph) -> list[str]:
     non_expert += len(moe_layers) * m.moe.num_experts * h * 4  # float32 routers
     per_expert = expert_bytes(spec)
     all_experts = per_expert * m.moe.num_experts * len(moe_layers)
+    plan = cache_plan(spec)
+    where = "all experts resident on the device" if plan is None else (
+        f"experts stream from host memory into a device cache of {plan.main} + {plan.staging} staging slots "
+        f"per layer = {human_bytes(plan.total_bytes)}")
     return [f"non-expert weights (always on device): {human_bytes(non_expert)}",
             f"routed experts: {len(moe_layers)} layers x {m.moe.num_experts} x {human_bytes(per_expert)} "
             f"= {human_bytes(all_experts)}",
-            f"policy {spec.policy.name}: "
-            + ("all experts resident on the device" if spec.policy.name == "resident"
-               else "experts stream from host memory into the device expert cache")]
+            f"policy {spec.policy.name}: {where}"]
