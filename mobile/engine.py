@@ -32,9 +32,6 @@ from mobile.stats import Stats
 from mobile.transfer import LinkModel
 from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
 
-IMPLEMENTED_POLICIES = ("resident", "ondemand", "lru", "lru-prefetch", "little", "mobile", "layer-mass")
-
-
 class Engine:
     def __init__(self, graph: Graph, spec: Spec, store: WeightStore, device: str = "cpu",
                  compile: bool = False, progress: bool = False, link_gbps: float | None = None,
@@ -43,9 +40,6 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[spec.dtype]
         self.stats_ = Stats()
-        if spec.policy.name not in IMPLEMENTED_POLICIES:
-            raise SpecError(f"policy {spec.policy.name!r} is not implemented yet (implemented: "
-                            f"{', '.join(IMPLEMENTED_POLICIES)})", where=graph.name, key="policy.name")
         r = spec.model.rope
         if r.type not in ("default", "linear", "yarn"):
             raise SpecError(f"rope type {r.type!r} is not supported by the runtime yet "

@@ -3,6 +3,7 @@
 Every expert set exposes the calls that the graph's fetch, wait, prefetch and expert nodes use:
     fetch(layer, ids)    -> handle     start moving the experts in `ids` into device slots
     wait(handle)         -> slot_map   block until they are there; slot_map [E] gives each slot
+                                       (a Rounds object when a prefill needs more than the cache holds)
     prefetch(layer, ids)               a low-priority hint: stage these if the link is idle
     arena(layer)         -> (w13, w2)  the device slot storage the expert kernel reads
 
@@ -109,8 +110,8 @@ class ResidentExperts:
 class OffloadedExperts:
     """Experts in host memory, a bounded per-layer slot cache on the device, copies on a copy engine.
 
-    policy: ondemand (no reuse), lru (reuse, demand fetch on miss), lru-prefetch (plus staged
-    prefetches of the next layer's predicted experts).
+    ondemand keeps nothing between uses; every other policy reuses cached experts (LRU) and takes
+    the prefetches its graph issues (next-layer prediction, complement sets) into staging slots.
     """
 
     def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
