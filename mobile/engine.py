@@ -32,6 +32,7 @@ from mobile.stats import Stats
 from mobile.transfer import LinkModel
 from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
 
+
 class Engine:
     def __init__(self, graph: Graph, spec: Spec, store: WeightStore, device: str = "cpu",
                  compile: bool = False, progress: bool = False, link_gbps: float | None = None,
