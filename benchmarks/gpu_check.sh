@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no network there): check the CUDA paths, then time the policies.
+# Usage (from the repo root): bash benchmarks/gpu_check.sh   -- writes logs under $OUT if set.
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/mobile-gpu}"; mkdir -p "$OUT"
+mobile() { python3 -m mobile.cli "$@"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
+# 1. correctness on CUDA: every policy equals the CPU result (pinned host store, copy stream, events)
+python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.log"
+# 2. the default CPU suite, on this machine's versions (torch 2.11, transformers 5.17)
+python3 -m pytest -q -x 2>&1 | tail -5 | tee "$OUT/pytest.log"
+# 3. real PCIe: synthetic OLMoE-1B-7B layers in bf16, policies side by side (link: real)
+mobile synth specs/olmoe-1b-7b.yaml -o /tmp/synth8 --layers 8 --dtype bfloat16 > /dev/null
+mobile compile /tmp/synth8/spec.yaml -o /tmp/synth8/graph > /dev/null
+mobile bench --graph /tmp/synth8/graph --device cuda --policies ondemand,lru,lru-prefetch,little,resident \
+  --tokens 64 --json "$OUT/bench-olmoe8.json" 2>&1 | tail -8 | tee "$OUT/bench-olmoe8.txt"
+# 4. the demo model: mobile against lru-prefetch on a real link, tight cache
+sed 's/^name: demo/name: demo-tight/; s/^runtime:/runtime:\n  expert_cache:\n    slots_per_layer: 4/; s|path: ../demo/checkpoint|path: '"$PWD"'/demo/checkpoint|' \
+  specs/demo.yaml > /tmp/demo-tight.yaml
+mobile compile /tmp/demo-tight.yaml -o /tmp/demo-tight > /dev/null
+mobile bench --graph /tmp/demo-tight --device cuda --policies lru-prefetch,little,mobile --tau 0.2,0.3 \
+  --tokens 128 --prompt-len 16 2>&1 | tail -7 | tee "$OUT/bench-demo.txt"
