@@ -24,6 +24,13 @@ from mobile.errors import MobileError
 POLICIES = ["resident", "ondemand", "lru", "lru-prefetch", "little", "mobile", "layer-mass"]
 
 
+def parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise MobileError(f"expected comma-separated numbers, got {text!r}", key=flag) from None
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from mobile.compiler import compile_to_dir
 
@@ -118,10 +125,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for p in policies:
         if p not in POLICIES:
             raise MobileError(f"unknown policy {p!r} (choose from {', '.join(POLICIES)})", key="--policies")
-    try:
-        taus = [float(t) for t in args.tau.split(",") if t.strip()] if args.tau else None
-    except ValueError:
-        raise MobileError(f"expected comma-separated numbers, got {args.tau!r}", key="--tau") from None
+    taus = parse_floats(args.tau, "--tau") if args.tau else None
     run_bench(args.graph, policies, weights=args.weights, device=args.device, tokens=args.tokens,
               prompt_len=args.prompt_len, link_gbps=args.link_gbps, link_ratio=args.link_ratio,
               seed=args.seed, json_out=args.json, taus=taus, baseline=args.baseline)
@@ -146,10 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     base = {"name": policy, "little_k": args.little_k, "layer_tau": args.layer_tau, "signal": args.signal,
             "little_weights": args.little_weights, "little_select": args.little_select}
     if args.sweep_tau:
-        try:
-            taus = [float(t) for t in args.sweep_tau.split(",") if t.strip()]
-        except ValueError:
-            raise MobileError(f"expected comma-separated numbers, got {args.sweep_tau!r}", key="--sweep-tau") from None
+        taus = parse_floats(args.sweep_tau, "--sweep-tau")
         configs = [(f"{policy} tau={t:g}", {**base, "tau": t}) for t in taus]
     else:
         configs = [] if policy == "lru-prefetch" else [(policy, {**base, "tau": args.tau})]

@@ -62,12 +62,14 @@ class Engine:
                 self.experts: ResidentExperts | OffloadedExperts = ResidentExperts(
                     spec, store, self.device, self.dtype, self.stats_, progress=bar)
             else:
-                link = LinkModel("real") if self.device.type == "cuda" and link_gbps is None and \
-                    link_ratio is None and spec.runtime.link.kind != "emulated" else \
-                    LinkModel("emulated", latency_s=spec.runtime.link.latency_us * 1e-6)
+                # a CPU has no real link to move experts over; a GPU emulates one only when asked
+                emulate = self.device.type != "cuda" or link_gbps is not None or link_ratio is not None \
+                    or spec.runtime.link.kind == "emulated"
+                link = LinkModel("emulated", latency_s=spec.runtime.link.latency_us * 1e-6) if emulate \
+                    else LinkModel("real")
                 self.experts = OffloadedExperts(spec, store, self.device, self.dtype, self.stats_, plan, link,
                                                 trace=self.trace, progress=bar)
-                if link.kind == "emulated":
+                if emulate:
                     self._set_link_rate(link, link_gbps, link_ratio)
         self.stats_.link = self.experts.link
         self.kv = KVCache(spec, self.device, self.dtype)
@@ -131,8 +133,7 @@ class Engine:
 
     @property
     def stats(self) -> dict:
-        if isinstance(self.experts, OffloadedExperts):
-            self.experts.collect_stats()
+        self.experts.collect_stats()
         return self.stats_.as_dict()
 
     def write_trace(self, path: str | Path) -> None:
@@ -164,27 +165,17 @@ class Engine:
             # then the importance gate decides whether it falls back to big
             mode = "decode" if T == 1 else ("little" if self.spec.policy.prefill == "little" else "big")
         self.kv.ensure(start + T)
-        if isinstance(self.experts, ResidentExperts):
-            self.experts.step_sets.clear()
+        self.experts.begin_forward()
         positions = torch.arange(start, start + T, device=self.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale)
         kv_len = self.kv.capacity if self.executor.compile else start + T
         ctx = StepContext(positions=positions, cos=cos, sin=sin, kv_len=kv_len)
-        policy = self.spec.policy.name
         logits = self.executor.forward(ctx, ids.to(self.device), mode=mode)
-        if policy in ("little", "layer-mass") or (policy == "mobile" and mode == "little"):
+        self.experts.end_forward()
+        if self.executor.fell_back:
+            self.stats_.fallback_tokens += T
+        elif self.executor.ran_little:
             self.stats_.little_tokens += T
-        elif self.executor.fell_back is not None:
-            if self.executor.fell_back:
-                self.stats_.fallback_tokens += T
-            else:
-                self.stats_.little_tokens += T
-        if isinstance(self.experts, ResidentExperts):
-            # expert bytes this forward's tokens needed, counting each (layer, expert) once per
-            # forward: a fallback reuses what its little pass fetched
-            used = sum(len(v) for v in self.experts.step_sets.values())
-            self.stats_.extra["expert_bytes_used"] = self.stats_.extra.get("expert_bytes_used", 0) + \
-                used * expert_bytes(self.spec)
         self.length = start + T
         return logits
 
@@ -247,8 +238,7 @@ class Engine:
 
     def reset_stats(self) -> None:
         self.stats_.reset()
-        if isinstance(self.experts, OffloadedExperts):
-            self.experts.reset_counters()
+        self.experts.reset_counters()
 
 
 def resolve_checkpoint(graph: Graph, graph_dir: Path) -> Path:

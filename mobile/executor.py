@@ -172,7 +172,9 @@ class Kernels:
                 return ops.routed_experts(x, w, slot_map[used], w13, w2, keep)
             out = torch.zeros_like(x)  # more experts than the cache holds: one round at a time
             for members, round_map in slot_map:
-                in_round = torch.isin(used, members) if keep is None else torch.isin(used, members) & keep
+                in_round = torch.isin(used, members)
+                if keep is not None:
+                    in_round &= keep
                 out += ops.routed_experts(x, w, round_map[used], w13, w2, in_round)
             return out
 
@@ -248,6 +250,7 @@ class Step:
     live_in: list[str]
     live_out: list[str]
     drop_after: list[str]  # values no later step reads
+    little: bool  # runs little-variant experts: a token through it used the little set
 
 
 def plan_steps(graph: Graph) -> list[list[Node]]:
@@ -293,7 +296,8 @@ class Executor:
             fn = self._segment_fn(group, [kernels.build(n) for n in group], live_out)
             if compile and group[0].op not in SYNC_OPS:
                 fn = torch.compile(fn, dynamic=True)
-            self.steps.append(Step(group, fn, live_in, live_out, drop))
+            little = any(n.op is Op.EXPERT and n.attr("variant") == "little" for n in group)
+            self.steps.append(Step(group, fn, live_in, live_out, drop, little))
 
     def _segment_fn(self, nodes: list[Node], kernels: list[Kernel], live_out: list[str]):
         """Generate one straight-line Python function per step.
@@ -338,11 +342,13 @@ class Executor:
         env: dict[str, Any] = {GRAPH_INPUTS[0]: tokens}
         self.executed.clear()
         run = {"little": mode != "big", "fallback": mode == "big"}
-        self.fell_back = None
+        self.fell_back: bool | None = None  # set by the importance gate, in decode mode
+        self.ran_little = False
         for step in self.steps:
             region = step.nodes[0].attr("region")
             if region is not None and not run[region]:
                 continue
+            self.ran_little |= step.little
             env.update(step.fn(ctx, {k: env.get(k) for k in step.live_in}))
             if step.nodes[0].op is Op.IMPORTANCE_GATE and mode == "decode":
                 self.fell_back = run["fallback"] = bool(env[step.nodes[0].name])

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mobile.budget import CachePlan
+from mobile.costs import expert_bytes
 from mobile.families import tensor_names
 from mobile.slots import SlotTable
 from mobile.spec import Spec
@@ -85,12 +86,29 @@ class ResidentExperts:
             if progress is not None:
                 progress.update(1)
         self.identity = torch.arange(spec.model.moe.num_experts, device=device)
-        self.step_sets: dict[int, set[int]] = {}  # layer -> experts the current forward used
+        # Counted on the device, so a resident fetch never waits for the host: which experts each
+        # layer used in the current forward, and running totals read back only by collect_stats.
+        self.index = {layer: i for i, layer in enumerate(spec.moe_layers)}
+        self.used = torch.zeros(len(self.index), spec.model.moe.num_experts, dtype=torch.bool, device=device)
+        self.hits = torch.zeros((), dtype=torch.long, device=device)
+        self.used_total = torch.zeros((), dtype=torch.long, device=device)
+
+    @property
+    def step_sets(self) -> dict[int, set[int]]:
+        """layer -> experts the last forward used."""
+        return {layer: set(self.used[i].nonzero().flatten().tolist()) for layer, i in self.index.items()}
+
+    def begin_forward(self) -> None:
+        self.used.zero_()
+
+    def end_forward(self) -> None:
+        # each (layer, expert) once per forward: a fallback reuses what its little pass fetched
+        self.used_total += self.used.sum()
 
     def fetch(self, layer: int, ids: torch.Tensor) -> FetchHandle:
-        used = torch.unique(ids).tolist()
-        self.stats.expert_hits += len(used)
-        self.step_sets.setdefault(layer, set()).update(used)
+        mask = torch.zeros_like(self.used[0]).index_fill_(0, ids.flatten(), True)
+        self.hits += mask.sum()  # every lookup hits; unique experts per fetch, as a cache counts them
+        self.used[self.index[layer]] |= mask
         return FetchHandle(layer, slot_map=self.identity)
 
     def wait(self, handle: FetchHandle) -> torch.Tensor | Rounds:
@@ -102,6 +120,14 @@ class ResidentExperts:
 
     def arena(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return packed_views(self.rows[layer], self.spec.model.hidden_size, self.spec.model.moe.intermediate_size)
+
+    def collect_stats(self) -> None:
+        self.stats.expert_hits = int(self.hits)
+        self.stats.extra["expert_bytes_used"] = int(self.used_total) * expert_bytes(self.spec)
+
+    def reset_counters(self) -> None:
+        self.hits.zero_()
+        self.used_total.zero_()
 
     def close(self) -> None:
         return None
@@ -198,6 +224,12 @@ class OffloadedExperts:
 
     def arena(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return packed_views(self.rows[layer], self.spec.model.hidden_size, self.spec.model.moe.intermediate_size)
+
+    def begin_forward(self) -> None:
+        return None
+
+    def end_forward(self) -> None:
+        return None
 
     def collect_stats(self) -> None:
         c = [t.counters for t in self.tables.values()]

@@ -97,10 +97,10 @@ def rule_staging_budget(g: Graph) -> list[str]:
 def rule_fallback_covers_big_set(g: Graph) -> list[str]:
     """A fallback recomputes with the big set: its fetches and experts cover all top-K."""
     errors = []
+    top_ks = {n.attr("layer"): n.attr("top_k") for n in g.nodes if n.op is Op.ROUTER}
     for n in g.nodes:
         if n.attr("region") == "fallback" and n.op in (Op.FETCH, Op.EXPERT) and n.attr("variant") != "shared":
-            routers = [m for m in g.nodes if m.op is Op.ROUTER and m.attr("layer") == n.attr("layer")]
-            top_k = routers[0].attr("top_k") if routers else None
+            top_k = top_ks.get(n.attr("layer"))
             if n.attr("k") != top_k or n.attr("layer_tau") is not None:
                 errors.append(f"{n.name}: the fallback region must use the full top-{top_k}, not k={n.attr('k')}")
     if any(n.op is Op.FALLBACK for n in g.nodes) and not any(n.op is Op.IMPORTANCE_GATE for n in g.nodes):

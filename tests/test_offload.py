@@ -37,14 +37,18 @@ def test_offloading_never_changes_results(tiny, family, policy):
         engine.close()
 
 
+def minimum_cache_engine(t, tmp_path, policy: str) -> mobile.Engine:
+    """The tiny checkpoint compiled with 4 cache slots per layer: its top_k, the minimum."""
+    text = t.spec.read_text().replace("runtime:\n", "runtime:\n  expert_cache:\n    slots_per_layer: 4\n")
+    (tmp_path / "s.yaml").write_text(text.replace("path: ckpt", f"path: {t.ckpt}"))
+    assert run_cli("compile", tmp_path / "s.yaml", "-o", tmp_path / "g", "--policy", policy) == 0
+    return mobile.Engine.load(tmp_path / "g", weights=t.ckpt, link_gbps=50.0)
+
+
 def test_small_cache_evicts_and_stays_exact(tiny, tmp_path):
     """A cache of top_k slots per layer (the minimum) forces evictions on almost every token."""
     t = tiny("olmoe")
-    text = t.spec.read_text().replace("runtime:\n", "runtime:\n  expert_cache:\n    slots_per_layer: 4\n")
-    (tmp_path / "s.yaml").write_text(text.replace("path: ckpt", f"path: {t.ckpt}"))
-    assert run_cli("compile", tmp_path / "s.yaml", "-o", tmp_path / "g", "--policy", "lru-prefetch") == 0
-    engine = mobile.Engine.load(tmp_path / "g", weights=t.ckpt, link_gbps=50.0)
-    ref = mobile.Engine.load(t.graph)
+    engine, ref = minimum_cache_engine(t, tmp_path, "lru-prefetch"), mobile.Engine.load(t.graph)
     assert engine.experts.plan.main == 4 and engine.experts.plan.staging == 4
     assert engine.generate(PROMPT, 24, stop_ids=[]) == ref.generate(PROMPT, 24, stop_ids=[])
     assert engine.stats["expert_misses"] > 24
@@ -166,11 +170,7 @@ def test_budget_error_names_the_key(tmp_path):
 def test_prefill_loads_each_needed_expert_once_per_layer(tiny, tmp_path):
     """A prompt needing more experts than a layer's cache runs in rounds, not in token chunks."""
     t = tiny("olmoe")
-    text = t.spec.read_text().replace("runtime:\n", "runtime:\n  expert_cache:\n    slots_per_layer: 4\n")
-    (tmp_path / "s.yaml").write_text(text.replace("path: ckpt", f"path: {t.ckpt}"))
-    assert run_cli("compile", tmp_path / "s.yaml", "-o", tmp_path / "g", "--policy", "lru") == 0
-    engine = mobile.Engine.load(tmp_path / "g", weights=t.ckpt, link_gbps=50.0)
-    ref = mobile.Engine.load(t.graph)
+    engine, ref = minimum_cache_engine(t, tmp_path, "lru"), mobile.Engine.load(t.graph)
     torch.testing.assert_close(engine.logits(PROMPT), ref.logits(PROMPT), atol=1e-5, rtol=1e-5)
     s = engine.stats
     assert s["expert_misses"] == sum(len(v) for v in ref.experts.step_sets.values())  # once per (layer, expert)
