@@ -1,5 +1,8 @@
 """`mobile bench`: the same prompt decoded under each policy, one after another in one process.
 
+With --text, the prompt and the decode steps come from a text file, teacher-forced: every policy
+decodes exactly the same tokens, real text rather than a small model's repetitive greedy output.
+
 Ratios are to the first policy. On a CPU the host-to-device link is emulated; with --link-ratio
 the emulated bandwidth is calibrated once, then shared by every policy, so all rows see one link.
 """
@@ -14,31 +17,43 @@ import torch
 
 from mobile.emit import atomic_write_text
 from mobile.engine import Engine
+from mobile.errors import MobileError
+from mobile.evaluate import load_ids
 
 
 def run_bench(graph: str, policies: list[str], weights: str | None = None, device: str = "cpu", tokens: int = 32,
               prompt_len: int = 8, link_gbps: float | None = None, link_ratio: float | None = None, seed: int = 0,
               json_out: str | None = None, taus: list[float] | None = None, baseline: str | None = None,
-              out=sys.stdout) -> list[dict]:
+              text: str | None = None, policy_options: dict | None = None, out=None) -> list[dict]:
+    """policy_options: policy fields for every row (little_k, layer_tau, ...); taus: one row per tau."""
+    out = out or sys.stdout  # looked up per call: the stream may be swapped (tests, redirection)
     rows: list[dict] = []
     link: dict = {"link_gbps": link_gbps}
     runs: list[tuple[str, str, dict]] = []  # (label, policy, policy options)
     for p in policies:
         if p in ("mobile", "layer-mass") and taus:
-            runs += [(f"{p} tau={t:g}", p, {"tau": t}) for t in taus]
+            runs += [(f"{p} tau={t:g}", p, {**(policy_options or {}), "tau": t}) for t in taus]
         else:
-            runs.append((p, p, {}))
+            runs.append((p, p, dict(policy_options or {})))
     for label, policy, options in runs:
         engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,
                              policy_options=options, link_gbps=link["link_gbps"],
                              link_ratio=None if link["link_gbps"] else link_ratio)
         if engine.stats_.link == "emulated" and link["link_gbps"] is None:
             link = {k: v for k, v in engine.stats.items() if k.startswith(("link_", "expert_compute"))}
-        vocab = engine.spec.model.vocab_size
-        prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(seed))
-        engine.generate(prompt, 4, stop_ids=[])  # warm-up: first-touch costs stay out of the numbers
+        forced = None
+        if text:
+            ids = load_ids(engine, text, prompt_len + tokens)
+            if ids.numel() < prompt_len + tokens:
+                raise MobileError(f"the text has {ids.numel()} tokens, fewer than --prompt-len + --tokens = "
+                                  f"{prompt_len + tokens}", where=text)
+            prompt, forced = ids[:prompt_len], ids[prompt_len:].tolist()
+        else:
+            vocab = engine.spec.model.vocab_size
+            prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(seed))
+        engine.generate(prompt, 4, stop_ids=[], forced=forced)  # warm-up: first-touch costs stay out of the numbers
         engine.reset_stats()
-        engine.generate(prompt, tokens, stop_ids=[])
+        engine.generate(prompt, tokens, stop_ids=[], forced=forced)
         s = engine.stats
         engine.close()
         del engine
@@ -48,6 +63,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
             "policy": label, "link": s["link"], "fallback_rate": s["fallback_rate"],
             "decode_tokens_per_s": s["decode_tokens_per_s"],
             "bytes_per_token": s.get("decode_bytes_h2d", 0) / max(1, s["decode_tokens"]),
+            "bytes_vs_big_only": s.get("decode_bytes_vs_big_only"),
             "stall_fraction": s.get("decode_stall_s", 0.0) / max(1e-9, s.get("decode_s", 0.0)),
             "hit_rate": s["expert_hits"] / looked_up if looked_up else 1.0,
             "prefetch_accuracy": (s["prefetch_used"] / s["prefetch_issued"]) if s.get("prefetch_issued") else None,
@@ -59,15 +75,21 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
         r["ratio"] = r["decode_tokens_per_s"] / base
     emulated = any(r["link"] == "emulated" for r in rows)
     desc = ", ".join(f"{k}={v}" for k, v in link.items() if v is not None)
-    print(f"\nbench {graph}: {tokens} decode tokens after a {prompt_len}-token prompt, device {device}"
+    what = (f"{prompt_len}-token prompt and {tokens} teacher-forced decode tokens from {text}" if text
+            else f"{prompt_len}-token random prompt and {tokens} greedy decode tokens")
+    print(f"\nbench {graph}: {what}, device {device}"
           + (f"; link EMULATED ({desc})" if emulated else ""), file=out)
     print(f"{'policy':<20} {'tok/s':>9} {'vs ' + base_row['policy']:>16} {'MiB/token':>10} {'stall':>7} "
-          f"{'hit rate':>9} {'prefetch acc':>13} {'fallback':>9}", file=out)
+          f"{'hit rate':>9} {'prefetch acc':>13} {'fallback':>9} {'bytes vs big-only':>18}", file=out)
     for r in rows:
         acc = "-" if r["prefetch_accuracy"] is None else f"{r['prefetch_accuracy']:.2f}"
+        vs_big = "-" if r["bytes_vs_big_only"] is None else f"{r['bytes_vs_big_only']:.2f}x"
         print(f"{r['policy']:<20} {r['decode_tokens_per_s']:>9.2f} {r['ratio']:>15.2f}x "
               f"{r['bytes_per_token'] / 2**20:>10.1f} {r['stall_fraction']:>7.2f} {r['hit_rate']:>9.3f} {acc:>13} "
-              f"{r['fallback_rate']:>9.3f}", file=out)
+              f"{r['fallback_rate']:>9.3f} {vs_big:>18}", file=out)
+    if any(r["bytes_vs_big_only"] is not None for r in rows):
+        print("bytes vs big-only: decode bytes moved / what big-only demand LRU with the same slots would have "
+              "moved on the same routes in the same run (an estimate: mobile.experts.BigOnlyShadow)", file=out)
     if json_out:
         atomic_write_text(json_out, json.dumps({"link": link, "rows": rows}, indent=1))
     return rows

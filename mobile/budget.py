@@ -35,7 +35,7 @@ def cache_plan(spec: Spec) -> CachePlan | None:
     k = spec.little_k if policy == "little" else moe.top_k
     e, layers = moe.num_experts, len(spec.moe_layers)
     unit = expert_bytes(spec)
-    staging = cfg.staging_slots or (k if policy in PREFETCH_POLICIES else 0)
+    staging = (cfg.staging_slots or k) if policy in PREFETCH_POLICIES else 0  # nothing else stages
     if policy == "ondemand":
         main, staging = k, 0  # nothing is reused, so K slots hold one use
     elif cfg.slots_per_layer is not None:

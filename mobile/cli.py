@@ -34,7 +34,7 @@ def parse_floats(text: str, flag: str) -> list[float]:
 def cmd_compile(args: argparse.Namespace) -> int:
     from mobile.compiler import compile_to_dir
 
-    out, g = compile_to_dir(args.spec, args.out, policy=args.policy)
+    out, g = compile_to_dir(args.spec, args.out, policy=args.policy, policy_options=policy_changes(args))
     from mobile.emit import summarize
 
     s = summarize(g)
@@ -57,6 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.prompt is None and args.prompt_ids is None:
         raise MobileError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3", key="--prompt")
     engine = Engine.load(args.graph, weights=args.weights, device=args.device, policy=args.policy,
+                         policy_options=policy_changes(args),
                          compile=args.compile, progress=not args.json, link_gbps=args.link_gbps,
                          link_ratio=args.link_ratio, trace=args.trace is not None)
     if args.prompt_ids is not None:
@@ -128,7 +129,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     taus = parse_floats(args.tau, "--tau") if args.tau else None
     run_bench(args.graph, policies, weights=args.weights, device=args.device, tokens=args.tokens,
               prompt_len=args.prompt_len, link_gbps=args.link_gbps, link_ratio=args.link_ratio,
-              seed=args.seed, json_out=args.json, taus=taus, baseline=args.baseline)
+              seed=args.seed, json_out=args.json, taus=taus, baseline=args.baseline, text=args.text,
+              policy_options=policy_changes(args))
     return 0
 
 
@@ -147,13 +149,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policy = args.policy or load_graph(args.graph).spec.get("policy", {}).get("name", "resident")
     if policy in ("resident", "ondemand", "lru", "lru-prefetch"):
         policy = "lru-prefetch"  # all big-expert policies decode alike; the reference row is big
-    base = {"name": policy, "little_k": args.little_k, "layer_tau": args.layer_tau, "signal": args.signal,
-            "little_weights": args.little_weights, "little_select": args.little_select}
+    base = {"name": policy, **policy_changes(args)}
     if args.sweep_tau:
         taus = parse_floats(args.sweep_tau, "--sweep-tau")
         configs = [(f"{policy} tau={t:g}", {**base, "tau": t}) for t in taus]
     else:
-        configs = [] if policy == "lru-prefetch" else [(policy, {**base, "tau": args.tau})]
+        configs = [] if policy == "lru-prefetch" else [(policy, base)]
     rows = run_eval(args.graph, args.data, configs, weights=args.weights, window=args.window,
                     max_tokens=args.max_tokens, device=args.device)
     if args.json:
@@ -172,13 +173,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_policy_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tau", type=float, help="importance threshold (mobile) or little-mass share (layer-mass)")
+POLICY_FIELDS = ("tau", "little_k", "layer_tau", "mass_tau", "signal", "little_weights", "little_select", "prefetch")
+
+
+def policy_changes(args: argparse.Namespace) -> dict:
+    """The policy fields given on the command line (a list of taus is the caller's business)."""
+    changes = {k: getattr(args, k, None) for k in POLICY_FIELDS}
+    if not isinstance(changes["tau"], float):
+        changes.pop("tau")
+    return {k: v for k, v in changes.items() if v is not None}
+
+
+def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> None:
+    if tau_list:
+        p.add_argument("--tau", help="comma-separated taus: one mobile / layer-mass row each")
+    else:
+        p.add_argument("--tau", type=float, help="importance threshold (mobile) or little-mass share (layer-mass)")
     p.add_argument("--little-k", type=int, help="experts in the little set (default ceil(top_k / 2))")
     p.add_argument("--layer-tau", type=float, help="mobile: a layer goes big in the little pass when the "
                    "little set carries less than this share of the big set's router mass (default 0.8; 0 turns "
                    "the rule off)")
+    p.add_argument("--mass-tau", type=float, help="mobile: a token also falls back when, at any layer, its "
+                   "little set carries less than this share of the big set's router mass (default: off)")
     p.add_argument("--signal", choices=["max_prob", "entropy", "margin"], help="importance signal")
+    p.add_argument("--prefetch", choices=["both", "predicted", "complement", "none"], help="speculative copies, "
+                   "each only while the link is idle: next-layer prediction, mobile's complement sets, both "
+                   "(default), or none")
     p.add_argument("--little-weights", choices=["rescale", "raw"], help="little-set weights")
     p.add_argument("--little-select", choices=["top", "random"], help="random: a random half (a baseline)")
 
@@ -231,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("spec", help="the model spec (YAML), e.g. specs/demo.yaml")
     c.add_argument("-o", "--out", help="output folder (default: graphs/<spec name>/)")
     c.add_argument("--policy", choices=POLICIES, help="override the spec's policy.name")
+    add_policy_options(c)
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate text with a compiled graph",
@@ -248,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0: off)")
     r.add_argument("--seed", type=int, help="sampling seed (default 0); same seed, same text")
     r.add_argument("--policy", choices=POLICIES, help="override the graph's policy")
+    add_policy_options(r)
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     r.add_argument("--compile", action="store_true", help="run compute segments through torch.compile")
     r.add_argument("--stats", action="store_true", help="print run statistics to stderr")
@@ -265,10 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
     b.add_argument("--policies", default="ondemand,lru,lru-prefetch,resident",
                    help="comma-separated policies; ratios are to the first (default: %(default)s)")
-    b.add_argument("--tau", help="comma-separated taus: one mobile / layer-mass row each")
+    add_policy_options(b, tau_list=True)
     b.add_argument("--baseline", help="the policy ratios are taken against (default: the first)")
     b.add_argument("--tokens", type=int, default=32, help="decode tokens per policy (default 32)")
-    b.add_argument("--prompt-len", type=int, default=8, help="random prompt length (default 8)")
+    b.add_argument("--prompt-len", type=int, default=8, help="prompt length in tokens (default 8)")
+    b.add_argument("--text", metavar="FILE", help="take the prompt and the decode tokens from the start of this "
+                   "text file, teacher-forced, so every policy decodes the same real text (needs the checkpoint's "
+                   "tokenizer); default: a random prompt, then greedy decoding")
     b.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     b.add_argument("--json", help="also write the rows as JSON to this file")

@@ -15,10 +15,14 @@ from mobile.spec import Spec, load_spec, with_policy
 
 
 def compile_to_dir(spec_path: str | Path, out_dir: str | Path | None = None,
-                   policy: str | None = None) -> tuple[Path, Graph]:
+                   policy: str | None = None, policy_options: dict | None = None) -> tuple[Path, Graph]:
+    """policy_options: other policy fields to override (tau, little_k, layer_tau, ...)."""
     spec = load_spec(spec_path)
+    changes = dict(policy_options or {})
     if policy is not None:
-        spec = with_policy(spec, name=policy)
+        changes["name"] = policy
+    if changes:
+        spec = with_policy(spec, **changes)
     out = Path(out_dir) if out_dir is not None else Path("graphs") / spec.name
     spec = _relocate_checkpoint(spec, out)
     graph = compile_spec(spec)

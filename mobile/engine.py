@@ -200,12 +200,18 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int = 32, greedy: bool = True, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, stop_ids=None, on_token=None) -> list[int]:
+                 top_p: float = 1.0, seed: int | None = None, stop_ids=None, on_token=None,
+                 forced=None) -> list[int]:
         """Prefill the prompt, then decode up to max_new_tokens. Returns the new token ids only
-        (a stop token that ends generation is included)."""
+        (a stop token that ends generation is included). forced: teacher-forced decoding, for
+        benchmarks: step i feeds forced[i] instead of a sampled token, so every policy runs the
+        same tokens."""
         ids = self._check_ids(input_ids)
         if max_new_tokens < 0:
             raise MobileError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if forced is not None and len(forced) < max_new_tokens:
+            raise MobileError(f"teacher-forced decoding of {max_new_tokens} tokens needs as many forced tokens, "
+                              f"got {len(forced)}")
         sampler = Sampler(greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)
         stops = set(self.default_stop_ids() if stop_ids is None else stop_ids)
         t0 = time.perf_counter()
@@ -213,10 +219,12 @@ class Engine:
         self.stats_.prefill_tokens += ids.numel()
         self.stats_.prefill_s += time.perf_counter() - t0
         new: list[int] = []
+        extra = self.stats_.extra
         bytes0, stall0 = self.stats_.bytes_h2d, self.stats_.stall_s
+        big_only0 = extra.get("big_only_bytes_h2d", 0)
         t0 = time.perf_counter()
         while len(new) < max_new_tokens:
-            token = sampler(logits[-1])
+            token = int(forced[len(new)]) if forced is not None else sampler(logits[-1])
             new.append(token)
             if on_token is not None:
                 on_token(token)
@@ -226,8 +234,10 @@ class Engine:
             self.stats_.decode_tokens += 1
         self.stats_.decode_s += time.perf_counter() - t0
         # what the decode phase alone moved and waited for (prefill traffic is a different regime)
-        extra = self.stats_.extra
         extra["decode_bytes_h2d"] = extra.get("decode_bytes_h2d", 0) + self.stats_.bytes_h2d - bytes0
+        if "big_only_bytes_h2d" in extra:
+            extra["decode_big_only_bytes_h2d"] = (extra.get("decode_big_only_bytes_h2d", 0)
+                                                  + extra["big_only_bytes_h2d"] - big_only0)
         extra["decode_stall_s"] = extra.get("decode_stall_s", 0.0) + self.stats_.stall_s - stall0
         extra["decode_s"] = self.stats_.decode_s
         return new

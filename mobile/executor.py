@@ -99,6 +99,7 @@ class Kernels:
 
         def fetch(ctx, routed):
             weights, ids = routed
+            self.experts.note_route(layer, ids)
             if choose is None:
                 return self.experts.fetch(layer, ids[:, :k])
             _, keep = choose(weights)
@@ -116,6 +117,16 @@ class Kernels:
 
     def _importance_gate(self, node: Node) -> Kernel:
         signal, tau = node.attr("signal"), float(node.attr("tau"))
+        if signal == "router_mass":
+            little_k = node.attr("little_k")
+
+            def mass_gate(ctx, routed) -> bool:
+                """True: at this layer the little set drops too much of the big set's router mass."""
+                weights = routed[0]  # [T, K], sorted by weight
+                share = weights[:, :little_k].sum(-1) / weights.sum(-1).clamp_min(1e-30)
+                return bool((share < tau).any())
+
+            return mass_gate
 
         def gate(ctx, logits) -> bool:
             """True: the token is important and falls back to the big pass."""
@@ -140,7 +151,7 @@ class Kernels:
     def _prefetch(self, node: Node) -> Kernel:
         layer, lo, hi = node.attr("layer"), node.attr("lo"), node.attr("hi")
         if node.attr("set") == "complement":  # reads the router: the big set minus the little set
-            return lambda ctx, routed: self.experts.prefetch(layer, routed[1][:, lo:hi], "complement")
+            return lambda ctx, routed, fetched: self.experts.prefetch(layer, routed[1][:, lo:hi], "complement")
         return lambda ctx, ids: self.experts.prefetch(layer, ids)
 
     def _predict(self, node: Node) -> Kernel:
@@ -291,7 +302,8 @@ class Executor:
         for si, group in enumerate(groups):
             defined = {n.name for n in group}
             live_in = sorted({i for n in group for i in n.inputs if i not in defined})
-            live_out = [n.name for n in group if last_use.get(n.name, -1) > si]
+            # a gate's decision is read by the executor itself, even where no node reads it
+            live_out = [n.name for n in group if last_use.get(n.name, -1) > si or n.op is Op.IMPORTANCE_GATE]
             drop = [v for v, s in last_use.items() if s == si]
             fn = self._segment_fn(group, [kernels.build(n) for n in group], live_out)
             if compile and group[0].op not in SYNC_OPS:
@@ -336,7 +348,8 @@ class Executor:
 
     def forward(self, ctx: StepContext, tokens: torch.Tensor, mode: str = "decode") -> torch.Tensor:
         """Run the graph once. Regions (the `mobile` policy's two passes) follow `mode`:
-        decode: the little pass runs and the importance gate decides whether the fallback runs;
+        decode: the little pass runs and the importance gates decide whether the fallback runs (a
+        per-layer mass gate that fires ends the little pass there);
         big: the little pass is skipped and the fallback (big) pass always runs;
         little: the little pass runs and never falls back."""
         env: dict[str, Any] = {GRAPH_INPUTS[0]: tokens}
@@ -351,7 +364,9 @@ class Executor:
             self.ran_little |= step.little
             env.update(step.fn(ctx, {k: env.get(k) for k in step.live_in}))
             if step.nodes[0].op is Op.IMPORTANCE_GATE and mode == "decode":
-                self.fell_back = run["fallback"] = bool(env[step.nodes[0].name])
+                self.fell_back = bool(env[step.nodes[0].name])
+                if self.fell_back:  # the rest of the little pass (if any) cannot change the outcome
+                    run["little"], run["fallback"] = False, True
             for v in step.drop_after:
                 env.pop(v, None)
         return env[self.graph.outputs[0]]

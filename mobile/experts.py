@@ -13,6 +13,7 @@ store and of the device arena, so it moves as one copy.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,42 @@ class Rounds:
             yield torch.tensor(members, device=slot_map.device), slot_map
 
 
+class BigOnlyShadow:
+    """What big-only decoding would have moved in the same run, for the bytes-saved stat.
+
+    A bookkeeping-only LRU with the run's slot count per layer (main + staging: the same device
+    memory), fed every forward's big set (the top-K of the last pass that ran each layer) and
+    charging one expert's bytes per miss: demand fetches only, no prefetch. It is an estimate:
+    a real big-only run would see slightly different hidden states after a little pass, so
+    slightly different routes.
+    """
+
+    def __init__(self, layers: list[int], slots: int, expert_bytes: int):
+        self.slots, self.expert_bytes = slots, expert_bytes
+        self.lru: dict[int, OrderedDict[int, None]] = {layer: OrderedDict() for layer in layers}
+        self.routes: dict[int, torch.Tensor] = {}
+
+    def note(self, layer: int, ids: torch.Tensor) -> None:
+        self.routes[layer] = ids  # a fallback's big pass overwrites its little pass's routes
+
+    def commit(self) -> int:
+        """End of a forward: replay its big sets; returns the bytes big-only would have moved."""
+        misses = 0
+        for layer, ids in self.routes.items():
+            lru, needed = self.lru[layer], torch.unique(ids).tolist()
+            for e in needed:  # hits first, as SlotTable.lookup takes them
+                if e in lru:
+                    lru.move_to_end(e)
+            for e in needed:
+                if e not in lru:
+                    misses += 1
+                    lru[e] = None
+                    if len(lru) > self.slots:
+                        lru.popitem(last=False)
+        self.routes.clear()
+        return misses * self.expert_bytes
+
+
 class ResidentExperts:
     """All experts of every MoE layer on the device: fetches move nothing and always hit."""
 
@@ -110,6 +147,9 @@ class ResidentExperts:
         self.hits += mask.sum()  # every lookup hits; unique experts per fetch, as a cache counts them
         self.used[self.index[layer]] |= mask
         return FetchHandle(layer, slot_map=self.identity)
+
+    def note_route(self, layer: int, ids: torch.Tensor) -> None:
+        return None  # nothing moves, so there is nothing to compare with
 
     def wait(self, handle: FetchHandle) -> torch.Tensor | Rounds:
         assert handle.slot_map is not None
@@ -162,6 +202,7 @@ class OffloadedExperts:
             if progress is not None:
                 progress.update(1)
         self.engine = CopyEngine(device, link, trace)
+        self.shadow = BigOnlyShadow(spec.moe_layers, plan.main + plan.staging, expert_bytes(spec))
 
     def _copy(self, layer: int, expert: int, slot: int, priority: int) -> CopyJob:
         old = self.pending[layer].get(slot)
@@ -188,8 +229,7 @@ class OffloadedExperts:
 
     def _request(self, layer: int, needed: list[int], handle: FetchHandle) -> None:
         table = self.tables[layer]
-        for e in needed:
-            slot, hit = table.access(e)
+        for e, slot, hit in table.lookup(needed):
             if hit:
                 job = self.pending[layer].get(slot)
                 if job is not None and not job.done.is_set():
@@ -216,6 +256,10 @@ class OffloadedExperts:
         return slot_map.clone()  # the shared slot-map buffer is rewritten by the next round
 
     def prefetch(self, layer: int, ids: torch.Tensor, kind: str = "predicted") -> None:
+        if not self.engine.idle():
+            # only while the link is idle: speculation must never delay a copy that compute waits for
+            self.stats.extra["prefetch_skipped_busy"] = self.stats.extra.get("prefetch_skipped_busy", 0) + 1
+            return
         table = self.tables[layer]
         for e in torch.unique(ids).tolist():
             slot = table.stage(e, kind)
@@ -225,11 +269,16 @@ class OffloadedExperts:
     def arena(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return packed_views(self.rows[layer], self.spec.model.hidden_size, self.spec.model.moe.intermediate_size)
 
+    def note_route(self, layer: int, ids: torch.Tensor) -> None:
+        """ids [T, K]: the router's big set, whatever this pass uses of it."""
+        self.shadow.note(layer, ids)
+
     def begin_forward(self) -> None:
         return None
 
     def end_forward(self) -> None:
-        return None
+        extra = self.stats.extra
+        extra["big_only_bytes_h2d"] = extra.get("big_only_bytes_h2d", 0) + self.shadow.commit()
 
     def collect_stats(self) -> None:
         c = [t.counters for t in self.tables.values()]

@@ -7,6 +7,7 @@ expert node its slot map. The transfers are explicit so that passes can move the
 The `mobile` policy lowers two passes over the same position:
 
     little pass (region "little")  -> little logits -> importance_gate -> fallback
+        (with policy.mass_tau, also a mass_gate after each router: it can end the little pass early)
     big pass    (region "fallback", reads the fallback node) -> big logits
     logits = select(little logits, big logits)
 
@@ -35,18 +36,22 @@ class PassPlan:
     layer_tau: float | None = None  # little only where the little set carries >= this share of the mass
     complement_prefetch: bool = False
     predict_prefetch: bool = False
+    mass_tau: float | None = None  # a per-layer importance gate on the router's little-set share
 
 
 def lower(spec: Spec) -> Graph:
     plan = cache_plan(spec)  # raises if the cache budget is below the working set
     policy, K, k = spec.policy.name, spec.model.moe.top_k, spec.little_k
     prefetch = policy in PREFETCH_POLICIES and plan is not None
+    predicted = prefetch and spec.policy.prefetch in ("both", "predicted")
+    complement = prefetch and spec.policy.prefetch in ("both", "complement")
     nodes: list[Node] = []
     add = nodes.append
     add(Node.make("embed", Op.EMBED, ["tokens"]))
     if policy == "mobile":
         little = PassPlan("", "little", "little", K if spec.policy.layer_tau is not None else k,
-                          layer_tau=spec.policy.layer_tau, complement_prefetch=True, predict_prefetch=True)
+                          layer_tau=spec.policy.layer_tau, complement_prefetch=complement, predict_prefetch=predicted,
+                          mass_tau=spec.policy.mass_tau)
         little_logits = _lower_pass(spec, little, "embed", "little_logits", plan, add)
         add(Node.make("importance_gate", Op.IMPORTANCE_GATE, [little_logits], region="little",
                       signal=spec.policy.signal, tau=spec.policy.tau))
@@ -57,9 +62,9 @@ def lower(spec: Spec) -> Graph:
     elif policy in ("little", "layer-mass"):
         tau = spec.policy.tau if policy == "layer-mass" else None
         _lower_pass(spec, PassPlan("", "little", None, K if tau is not None else k, layer_tau=tau,
-                                   predict_prefetch=prefetch), "embed", "logits", plan, add)
+                                   predict_prefetch=predicted), "embed", "logits", plan, add)
     else:
-        _lower_pass(spec, PassPlan("", "big", None, K, predict_prefetch=prefetch), "embed", "logits", plan, add)
+        _lower_pass(spec, PassPlan("", "big", None, K, predict_prefetch=predicted), "embed", "logits", plan, add)
     return Graph(name=spec.name, nodes=tuple(nodes), spec=spec.to_dict(), passes=("lower",))
 
 
@@ -84,7 +89,8 @@ def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | No
         if pp.predict_prefetch and plan is not None and nxt is not None and spec.is_moe_layer(layer):
             # next-layer prediction: layer nxt's router on this layer's hidden state
             q = f"{pp.prefix}L{nxt}."
-            k_pred = spec.little_k if pp.variant == "little" else m.moe.top_k
+            # the most probable predictions first; never more than the staging slots can take
+            k_pred = min(spec.little_k if pp.variant == "little" else m.moe.top_k, plan.staging)
             add(Node.make(q + "predict", Op.PREDICT, [h], layer=nxt, top_k=k_pred, **region))
             add(Node.make(q + "prefetch", Op.PREFETCH, [q + "predict"], layer=nxt, set="predicted", k=k_pred,
                           staging=plan.staging, **region))
@@ -105,15 +111,22 @@ def _lower_moe(spec: Spec, pp: PassPlan, layer: int, h: str, plan: CachePlan | N
     order = {"order": "random"} if pp.variant == "little" and spec.policy.little_select == "random" else {}
     router = node("router", Op.ROUTER, [h], top_k=K, num_experts=moe.num_experts, norm_topk_prob=moe.norm_topk_prob,
                   scaling=moe.routed_scaling_factor, **order)
+    if pp.mass_tau is not None and K > k:
+        # known as soon as the router has run: a token found important here skips the rest of
+        # its little pass and goes straight to the big pass
+        node("mass_gate", Op.IMPORTANCE_GATE, [router], signal="router_mass", tau=pp.mass_tau, little_k=k)
     use: dict[str, object] = {"k": pp.k}
     if pp.variant == "little":
         use.update(little_k=k, little_weights=spec.policy.little_weights)
         if pp.layer_tau is not None:
             use["layer_tau"] = pp.layer_tau
-    if pp.complement_prefetch and plan is not None and K > k:
-        # S_K minus S_k is known now; stage it while the link is idle, for a possible fallback
-        node("complement", Op.PREFETCH, [router], set="complement", lo=k, hi=K, k=K - k, staging=plan.staging)
     fetch = node("fetch", Op.FETCH, [router], set=pp.variant, variant=pp.variant, **use)
+    if pp.complement_prefetch and plan is not None and K > k:
+        # S_K minus S_k is known now; stage it at low priority, for a possible fallback. It reads the
+        # fetch too, so it runs after the little set is pinned and can never evict it.
+        hi = min(K, k + plan.staging)  # the complement's best-ranked experts, if staging is small
+        node("complement", Op.PREFETCH, [router, fetch], set="complement", lo=k, hi=hi, k=hi - k,
+             staging=plan.staging)
     wait = node("wait", Op.WAIT, [fetch])
     experts = node("experts", Op.EXPERT, [h, router, wait], variant=pp.variant, **use)
     if moe.shared_expert.intermediate_size == 0:

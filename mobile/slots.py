@@ -1,10 +1,15 @@
 """Slot bookkeeping for one layer of the device expert cache. Pure logic, no tensors.
 
-A layer has `main` slots (LRU-managed, hold the experts in use) and `staging` slots (receive
-low-priority prefetches). A prefetch only ever lands in a staging slot, so speculation never
-evicts a hot expert. When a demand lookup hits a staged expert, the slot is promoted to main and
-the main slot LRU would evict next becomes the staging slot instead: no copy, just a role swap.
-Slots that the current step uses are pinned and are never chosen as victims.
+A layer has `main + staging` slots in one LRU pool. Demand lookups use all of them. Prefetches
+(speculation) are capped: at most `staging` slots hold prefetched experts that no lookup has used
+yet. A prefetched expert enters at the cold end of the LRU order, so speculation that does not pay
+off is the first thing a demand miss evicts, and once the cap is reached a new prefetch replaces the
+oldest unused one instead of evicting more real experts. Slots that the current step uses are
+pinned and are never chosen as victims, by demand or by prefetch.
+
+(An earlier layout reserved `staging` slots for prefetches only. With the link as the bottleneck it
+moved 1.3-2.8x the bytes of plain LRU at equal memory on the demo model, because the reserved slots
+were lost to reuse; see the README's offloading notes.)
 """
 
 from __future__ import annotations
@@ -32,14 +37,12 @@ class SlotTable:
     def __init__(self, main: int, staging: int = 0):
         if main < 1 or staging < 0:
             raise ValueError(f"need main >= 1 and staging >= 0 slots, got {main} and {staging}")
-        self.size = main + staging
+        self.size, self.staging = main + staging, staging
         self.expert_in: list[int | None] = [None] * self.size  # slot -> expert
         self.slot_of: dict[int, int] = {}  # expert -> slot
-        self.staging: set[int] = set(range(main, self.size))
-        self.lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(main))  # oldest first
-        self.stage_order: OrderedDict[int, None] = OrderedDict((s, None) for s in self.staging)
+        self.lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(self.size))  # coldest first
         self.pinned: set[int] = set()
-        self.speculative: dict[int, str] = {}  # slot -> why it was staged (prefetch kind), until used
+        self.speculative: OrderedDict[int, str] = OrderedDict()  # slot -> prefetch kind, oldest first, until used
         self.counters = SlotCounters()
 
     # -- demand path ------------------------------------------------------------------------
@@ -53,6 +56,13 @@ class SlotTable:
             if e is not None and s not in self.pinned:
                 self._evict(s)
 
+    def lookup(self, experts: list[int]) -> list[tuple[int, int, bool]]:
+        """Demand lookups for one step: (expert, slot, hit) each. Hits are taken (and pinned) first,
+        so a miss never evicts an expert this same step is about to use."""
+        present = [e for e in experts if e in self.slot_of]
+        absent = [e for e in experts if e not in self.slot_of]
+        return [(e, *self.access(e)) for e in present + absent]
+
     def access(self, expert: int) -> tuple[int, bool]:
         """A demand lookup. Returns (slot, hit); on a miss the caller must copy the expert in."""
         slot = self.slot_of.get(expert)
@@ -62,13 +72,7 @@ class SlotTable:
                 kind = self.speculative.pop(slot)
                 self.counters.prefetch_used += 1
                 self.counters.used_by_kind[kind] = self.counters.used_by_kind.get(kind, 0) + 1
-            if slot in self.staging:
-                try:
-                    self._promote(slot)
-                except CacheFull:
-                    pass  # every main slot is in use: serve it from staging this time (pinned)
-            if slot in self.lru:
-                self.lru.move_to_end(slot)
+            self.lru.move_to_end(slot)
             self.pinned.add(slot)
             return slot, True
         slot = self._victim(self.lru)  # raises CacheFull before anything is counted or changed
@@ -81,24 +85,27 @@ class SlotTable:
 
     # -- prefetch path ----------------------------------------------------------------------
     def stage(self, expert: int, kind: str = "predicted") -> int | None:
-        """A prefetch hint. Returns the staging slot to copy into, or None (present, or no room)."""
+        """A prefetch hint. Returns the slot to copy into, or None (present, no staging, or no room)."""
         if expert in self.slot_of or not self.staging:
             return None
+        # below the cap, the coldest slot that holds no speculation; at the cap, the oldest speculation
+        order = self.speculative if len(self.speculative) >= self.staging else \
+            [s for s in self.lru if s not in self.speculative]
         try:
-            slot = self._victim(self.stage_order)
+            slot = self._victim(order)
         except CacheFull:
             return None
         self._evict(slot)
         self._place(expert, slot)
-        self.stage_order.move_to_end(slot)
+        self.lru.move_to_end(slot, last=False)  # cold end: unused speculation goes first
         self.speculative[slot] = kind
         self.counters.prefetch_issued += 1
         self.counters.issued_by_kind[kind] = self.counters.issued_by_kind.get(kind, 0) + 1
         return slot
 
     # -- internals --------------------------------------------------------------------------
-    def _victim(self, order: OrderedDict[int, None]) -> int:
-        for slot in order:  # free slots first, then least recently used
+    def _victim(self, order) -> int:
+        for slot in order:  # free slots first, then the coldest
             if self.expert_in[slot] is None and slot not in self.pinned:
                 return slot
         for slot in order:
@@ -119,17 +126,6 @@ class SlotTable:
     def _place(self, expert: int, slot: int) -> None:
         self.expert_in[slot] = expert
         self.slot_of[expert] = slot
-
-    def _promote(self, slot: int) -> None:
-        """Staging slot -> main; the main slot LRU would evict next takes its place in staging."""
-        victim = self._victim(self.lru)
-        self.staging.discard(slot)
-        del self.stage_order[slot]
-        self.lru[slot] = None
-        del self.lru[victim]
-        self.staging.add(victim)
-        self.stage_order[victim] = None
-        self.stage_order.move_to_end(victim, last=False)  # reused first, as LRU would have
 
     def slot_array(self, num_experts: int) -> list[int]:
         """[E] slot of each expert, -1 where absent."""

@@ -110,6 +110,12 @@ class PolicySpec:
     signal: Literal["max_prob", "entropy", "margin"] = "max_prob"
     tau: float = 0.3
     layer_tau: float | None = 0.8
+    # mobile: the gate also calls a token important (and aborts its little pass there) when, at any
+    # MoE layer, the little set carries less than this share of the big set's router mass
+    mass_tau: float | None = None
+    # which speculative copies run (each only while the link is idle): next-layer prediction,
+    # the complement S_K minus S_k for a possible fallback (mobile only), both, or none
+    prefetch: Literal["both", "predicted", "complement", "none"] = "both"
     prefill: Literal["big", "little"] = "big"
     # top: the little set is the top little_k; random: a random little_k of the top-K (a baseline
     # that shows what choosing by router weight is worth)
@@ -350,8 +356,9 @@ def check_consistency(spec: Spec) -> None:
     if p.little_k is not None:
         need(1 <= p.little_k <= max(moe.top_k, 1), "policy.little_k",
              f"expected 1 <= little_k <= top_k={moe.top_k}, got {p.little_k}")
-    need(p.layer_tau is None or 0.0 <= p.layer_tau <= 1.0, "policy.layer_tau",
-         f"expected a number in [0, 1], got {p.layer_tau}")
+    for key in ("layer_tau", "mass_tau"):
+        value = getattr(p, key)
+        need(value is None or 0.0 <= value <= 1.0, f"policy.{key}", f"expected a number in [0, 1], got {value}")
     c = spec.runtime.expert_cache
     if c.budget is not None:
         try:

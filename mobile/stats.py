@@ -27,6 +27,7 @@ class Stats:
         self.link, self.extra = link, keep
 
     def as_dict(self) -> dict:
+        big_only = self.extra.get("decode_big_only_bytes_h2d")
         return {
             "prefill_tokens_per_s": self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0,
             "decode_tokens_per_s": self.decode_tokens / self.decode_s if self.decode_s else 0.0,
@@ -41,4 +42,6 @@ class Stats:
             "fallback_rate": self.fallback_tokens / max(1, self.little_tokens + self.fallback_tokens),
             "link": self.link,
             **self.extra,
+            # decode bytes moved / what big-only decoding would have moved in this run (BigOnlyShadow)
+            "decode_bytes_vs_big_only": self.extra.get("decode_bytes_h2d", 0) / big_only if big_only else None,
         }

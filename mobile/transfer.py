@@ -72,6 +72,8 @@ class CopyEngine:
         self.device, self.link, self.trace = device, link, trace
         self.cuda = device.type == "cuda"
         self.busy_s = 0.0  # link time spent copying
+        self._last: CopyJob | None = None  # CUDA: the newest copy on the stream
+        self._copying = False  # CPU: the worker is inside a copy
         if self.cuda:
             self.stream = torch.cuda.Stream(device)
             return
@@ -94,6 +96,7 @@ class CopyEngine:
                 job.event = torch.cuda.Event()
                 job.event.record(self.stream)
             job.done.set()
+            self._last = job
             return job
         with self._cv:
             heapq.heappush(self._queue, _Queued(priority, next(self._seq), job))
@@ -113,7 +116,7 @@ class CopyEngine:
                 if job.cancelled:
                     job.done.set()
                     continue
-                job.started = True
+                job.started = self._copying = True
             start = time.perf_counter()
             job.dst.copy_(job.src)
             # The emulated link is serial: this copy ends `duration` after it could start.
@@ -127,7 +130,16 @@ class CopyEngine:
             if self.trace is not None:
                 self.trace.append((job.tag, "prefetch" if job.priority == PREFETCH else "fetch", "copy",
                                    job.start_s, job.end_s, job.nbytes))
+            with self._cv:
+                self._copying = False
             job.done.set()
+
+    def idle(self) -> bool:
+        """Nothing queued or in flight: a copy started now delays no other copy."""
+        if self.cuda:
+            return self._last is None or self._last.event is None or self._last.event.query()
+        with self._cv:
+            return not self._queue and not self._copying
 
     def promote(self, job: CopyJob) -> None:
         """A queued prefetch is now needed by compute: give it demand priority."""

@@ -44,3 +44,21 @@ def test_bench_table_with_taus(tiny, capsys):
                    "--tokens", "6", "--link-gbps", "20") == 0
     out = capsys.readouterr().out
     assert "link EMULATED" in out and "mobile tau=0" in out and "mobile tau=1.01" in out and "little" in out
+
+
+def test_bench_teacher_forced_text(tiny, tmp_path, capsys):
+    t = tiny("olmoe")
+    (tmp_path / "text.txt").write_text(TEXT)
+    # 4 slots of 8 per layer: the minimum, so every policy keeps moving experts
+    spec = t.spec.read_text().replace("runtime:\n", "runtime:\n  expert_cache:\n    slots_per_layer: 4\n")
+    (tmp_path / "s.yaml").write_text(spec.replace("path: ckpt", f"path: {t.ckpt}"))
+    assert run_cli("compile", tmp_path / "s.yaml", "-o", tmp_path / "g") == 0
+    capsys.readouterr()
+    assert run_cli("bench", "--graph", tmp_path / "g", "--policies", "lru,little", "--tokens", "6",
+                   "--prompt-len", "12", "--text", tmp_path / "text.txt", "--link-gbps", "20",
+                   "--json", tmp_path / "b.json") == 0
+    out = capsys.readouterr().out
+    assert f"6 teacher-forced decode tokens from {tmp_path / 'text.txt'}" in out and "bytes vs big-only" in out
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    # lru is big-only decoding itself: the estimate of what big-only moves is what it moved
+    assert rows[0]["bytes_vs_big_only"] == 1.0

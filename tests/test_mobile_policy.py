@@ -9,8 +9,11 @@ Exactness, on tiny checkpoints of two families (Qwen2-MoE has shared experts):
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from conftest import run_cli
 
 import mobile
 from mobile.compiler import compile_to_dir
@@ -150,3 +153,40 @@ def test_layer_rule_fetches_only_what_it_uses(tiny):
     mids = [bytes_used("layer-mass", tau=tau) for tau in (0.6, 0.75, 0.9)]
     assert little == big // 2 and all(little <= m <= big for m in mids)
     assert any(little < m < big for m in mids)  # some layers little, some big
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mass_gate_extremes(tiny, tmp_path, family):
+    """mass_tau 1.0: every layer's little set drops some mass, so layer 0's gate sends every token
+    straight to the big pass (== big decoding, and the rest of the little pass never runs);
+    mass_tau 0.0: the gates never fire (== mobile without them)."""
+    t = tiny(family)
+    always = engine_for(t, tmp_path, "mobile", tau=0.0, mass_tau=1.0)
+    big = mobile.Engine.load(t.graph, policy="lru-prefetch", link_gbps=50.0)
+    assert always.generate(PROMPT, 12, stop_ids=[]) == big.generate(PROMPT, 12, stop_ids=[])
+    assert always.stats["fallback_rate"] == 1.0
+    ran = always.executor.executed
+    assert "L0.mass_gate" in ran and "B.L1.attn" in ran and "L1.attn" not in ran and "little_logits" not in ran
+    never = engine_for(t, tmp_path, "mobile", tau=0.3, mass_tau=0.0)
+    plain = engine_for(t, tmp_path, "mobile", tau=0.3)
+    assert any(n.name.endswith("mass_gate") for n in never.graph.nodes)
+    assert not any(n.name.endswith("mass_gate") for n in plain.graph.nodes)
+    assert never.generate(PROMPT, 12, stop_ids=[]) == plain.generate(PROMPT, 12, stop_ids=[])
+    assert never.stats["fallback_tokens"] == plain.stats["fallback_tokens"]
+    for e in (always, big, never, plain):
+        e.close()
+
+
+def test_mobile_options_on_compile_and_run(tiny, tmp_path, capsys):
+    t = tiny("olmoe")
+    assert run_cli("compile", t.spec, "-o", tmp_path / "g", "--policy", "mobile", "--tau", "0.25",
+                   "--little-k", "1", "--mass-tau", "0.5", "--layer-tau", "0") == 0
+    policy = json.loads((tmp_path / "g" / "graph.json").read_text())["spec"]["policy"]
+    assert (policy["name"], policy["tau"], policy["little_k"], policy["mass_tau"], policy["layer_tau"]) == \
+        ("mobile", 0.25, 1, 0.5, 0.0)
+    assert "mass_gate" in (tmp_path / "g" / "schedule.txt").read_text()
+    capsys.readouterr()
+    assert run_cli("run", "--graph", t.graph, "--prompt-ids", "3,4,5", "--max-new-tokens", "4", "--json",
+                   "--policy", "mobile", "--tau", "1.01") == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["fallback_rate"] == 1.0  # --tau reached the engine

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -12,7 +14,9 @@ from hypothesis import strategies as st
 
 import mobile
 from mobile.errors import SpecError
+from mobile.ir import Op
 from mobile.slots import CacheFull, SlotTable
+from mobile.transfer import PREFETCH, CopyEngine, LinkModel
 
 PROMPT = torch.randint(3, 97, (20,), generator=torch.Generator().manual_seed(3))
 OFFLOAD = ["ondemand", "lru", "lru-prefetch"]
@@ -48,10 +52,17 @@ def minimum_cache_engine(t, tmp_path, policy: str) -> mobile.Engine:
 def test_small_cache_evicts_and_stays_exact(tiny, tmp_path):
     """A cache of top_k slots per layer (the minimum) forces evictions on almost every token."""
     t = tiny("olmoe")
-    engine, ref = minimum_cache_engine(t, tmp_path, "lru-prefetch"), mobile.Engine.load(t.graph)
-    assert engine.experts.plan.main == 4 and engine.experts.plan.staging == 4
-    assert engine.generate(PROMPT, 24, stop_ids=[]) == ref.generate(PROMPT, 24, stop_ids=[])
+    ref = mobile.Engine.load(t.graph).generate(PROMPT, 24, stop_ids=[])
+    engine = minimum_cache_engine(t, tmp_path, "lru")
+    assert engine.experts.plan.main == 4 and engine.experts.plan.staging == 0
+    assert engine.generate(PROMPT, 24, stop_ids=[]) == ref
     assert engine.stats["expert_misses"] > 24
+    engine.close()
+    (tmp_path / "p").mkdir()
+    engine = minimum_cache_engine(t, tmp_path / "p", "lru-prefetch")  # 4 + 4 slots: speculation evicts too
+    assert engine.experts.plan.main == 4 and engine.experts.plan.staging == 4
+    assert engine.generate(PROMPT, 24, stop_ids=[]) == ref
+    assert engine.stats["prefetch_wasted"] > 0
     engine.close()
 
 
@@ -112,7 +123,7 @@ def test_slot_table_invariants(main, staging, ops):
             try:
                 slot, _ = table.access(expert)
             except CacheFull:
-                assert len(table.pinned & set(table.lru)) == main  # only when every main slot is in use
+                assert len(table.pinned) == main + staging  # only when every slot is in use
                 continue
             lookups += 1
             assert table.expert_in[slot] == expert
@@ -127,33 +138,52 @@ def test_slot_table_invariants(main, staging, ops):
         residents = [e for e in table.expert_in if e is not None]
         assert len(residents) == len(set(residents)) <= main + staging
         assert all(table.expert_in[s] == e for e, s in table.slot_of.items())
-        assert len(table.lru) == main and len(table.staging) == staging
-        assert set(table.lru).isdisjoint(table.staging)
+        assert len(table.lru) == main + staging and len(table.speculative) <= staging  # speculation is capped
+        assert all(table.expert_in[s] is not None for s in table.speculative)
     c = table.counters
     assert c.hits + c.misses == lookups  # the stats add up
     assert c.prefetch_used + c.prefetch_wasted <= c.prefetch_issued
 
 
-def test_staging_never_evicts_hot_experts():
+def test_speculation_is_capped_and_never_evicts_experts_in_use():
     table = SlotTable(main=2, staging=1)
     table.access(0)
-    table.access(1)
-    table.begin_step()
+    table.access(1)  # both pinned: this step uses them
     for e in range(2, 10):
         table.stage(e)
-    assert {table.expert_in[s] for s in range(2)} == {0, 1}  # the hot main slots are untouched
-    assert table.counters.prefetch_wasted == 7
-
-
-def test_prefetch_hit_promotes_without_copy():
-    table = SlotTable(main=2, staging=1)
-    table.access(0)
-    table.access(1)
+    assert table.slot_of.keys() >= {0, 1} and len(table.speculative) == 1
+    assert table.counters.prefetch_wasted == 7  # each new prefetch replaced the last unused one
     table.begin_step()
-    staged = table.stage(5)
-    slot, hit = table.access(5)
-    assert hit and slot == staged and slot in table.lru and table.counters.prefetch_used == 1
-    assert table.slot_of.get(0) is not None  # the demoted expert is still resident, now in staging
+    table.access(0)  # expert 1 is now cold but resident; a prefetch at the cap still only replaces speculation
+    table.stage(20)
+    assert 1 in table.slot_of and 20 in table.slot_of
+
+
+def test_unused_speculation_is_evicted_first_and_a_hit_needs_no_copy():
+    table = SlotTable(main=3, staging=1)
+    for e in (0, 1, 2, 3):  # all four slots: demand uses the staging share too
+        table.access(e)
+    table.begin_step()
+    staged = table.stage(5)  # evicts the coldest expert (0), lands at the cold end
+    assert 0 not in table.slot_of and table.slot_of[5] == staged
+    table.begin_step()
+    slot, hit = table.access(7)  # a demand miss evicts the unused speculation, not expert 1
+    assert not hit and slot == staged and 1 in table.slot_of and table.counters.prefetch_wasted == 1
+    table.begin_step()
+    staged = table.stage(8)
+    slot, hit = table.access(8)
+    assert hit and slot == staged and table.counters.prefetch_used == 1 and not table.speculative
+    assert next(reversed(table.lru)) == slot  # used speculation becomes the most recently used
+
+
+def test_lookup_takes_hits_before_misses():
+    table = SlotTable(main=2, staging=0)
+    table.access(3)
+    table.access(4)
+    table.begin_step()
+    # 3 is resident but the coldest; a miss for 1, looked up first, would evict it without hits-first
+    result = table.lookup([1, 3])
+    assert {e: hit for e, _, hit in result} == {1: False, 3: True} and 3 in table.slot_of
 
 
 def test_budget_error_names_the_key(tmp_path):
@@ -176,3 +206,47 @@ def test_prefill_loads_each_needed_expert_once_per_layer(tiny, tmp_path):
     assert s["expert_misses"] == sum(len(v) for v in ref.experts.step_sets.values())  # once per (layer, expert)
     assert s["expert_misses"] > 3 * 4  # more than the 4-slot caches of 3 layers could hold at once
     engine.close()
+
+
+def test_big_only_estimate_equals_lru_and_sees_little_savings(tiny, tmp_path):
+    """The bytes-vs-big-only stat replays each token's big set on an LRU of the same slots. Under
+    `lru` (big-only, demand-only, no staging) it must match what really moved, byte for byte; under
+    `little` the run moves less than that estimate."""
+    t = tiny("olmoe")
+    lru = minimum_cache_engine(t, tmp_path, "lru")
+    lru.generate(PROMPT, 24, stop_ids=[])
+    s = lru.stats
+    assert s["decode_bytes_h2d"] > 0 and s["decode_big_only_bytes_h2d"] == s["decode_bytes_h2d"]
+    assert s["decode_bytes_vs_big_only"] == 1.0
+    lru.close()
+    (tmp_path / "little").mkdir()
+    little = minimum_cache_engine(t, tmp_path / "little", "little")
+    little.generate(PROMPT, 24, stop_ids=[])
+    assert little.stats["decode_bytes_vs_big_only"] < 0.8
+    little.close()
+
+
+def test_copy_engine_reports_idle_only_when_nothing_is_queued_or_copying():
+    engine = CopyEngine(torch.device("cpu"), LinkModel("emulated", gbps=1e-4, latency_s=0.0))  # 4 KiB: ~40 ms
+    src, dst = torch.ones(1024), torch.zeros(1024)
+    assert engine.idle()
+    job = engine.submit(src, dst, PREFETCH)
+    assert not engine.idle()
+    job.wait()
+    deadline = time.time() + 5
+    while not engine.idle() and time.time() < deadline:
+        time.sleep(0.001)
+    assert engine.idle() and torch.equal(dst, src)
+    engine.close()
+
+
+@pytest.mark.parametrize("prefetch,sets", [("none", set()), ("predicted", {"predicted"}),
+                                           ("complement", {"complement"}), ("both", {"predicted", "complement"})])
+def test_prefetch_option_selects_the_speculative_copies(prefetch, sets):
+    from mobile.lower import lower
+    from mobile.spec import load_spec, with_policy
+
+    spec = with_policy(load_spec("specs/demo.yaml"), name="mobile", prefetch=prefetch)
+    g = lower(dataclasses.replace(spec, runtime=dataclasses.replace(
+        spec.runtime, expert_cache=dataclasses.replace(spec.runtime.expert_cache, slots_per_layer=8))))
+    assert {n.attr("set") for n in g.nodes if n.op is Op.PREFETCH} == sets
