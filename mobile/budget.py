@@ -15,8 +15,8 @@ PREFETCH_POLICIES = ("lru-prefetch", "little", "mobile", "layer-mass")
 
 @dataclass(frozen=True)
 class CachePlan:
-    main: int  # LRU-managed slots per MoE layer
-    staging: int  # prefetch landing slots per MoE layer
+    main: int  # slots per MoE layer beyond the staging share (one LRU pool holds main + staging)
+    staging: int  # at most this many slots per layer hold prefetched experts not yet used
     expert_bytes: int
     layers: int
 
@@ -43,7 +43,9 @@ def cache_plan(spec: Spec) -> CachePlan | None:
     elif cfg.budget is not None:
         main = parse_bytes(cfg.budget) // (unit * layers) - staging
     else:
-        main = min(e, 2 * k)  # a small default that still rewards reuse
+        # a small default that still rewards reuse, the same memory for every policy, so that
+        # policies compiled from one spec compare at equal memory
+        main = min(e, 3 * moe.top_k) - staging
     main = min(main, e)
     if main < k:
         need = (k + staging) * unit * layers

@@ -55,8 +55,8 @@ def memory_plan(g: Graph) -> list[str]:
     all_experts = per_expert * m.moe.num_experts * len(moe_layers)
     plan = cache_plan(spec)
     where = "all experts resident on the device" if plan is None else (
-        f"experts stream from host memory into a device cache of {plan.main} + {plan.staging} staging slots "
-        f"per layer = {human_bytes(plan.total_bytes)}")
+        f"experts stream from host memory into a device cache of {plan.main + plan.staging} slots per layer "
+        f"(at most {plan.staging} of them prefetched, not yet used) = {human_bytes(plan.total_bytes)}")
     return [f"non-expert weights (always on device): {human_bytes(non_expert)}",
             f"routed experts: {len(moe_layers)} layers x {m.moe.num_experts} x {human_bytes(per_expert)} "
             f"= {human_bytes(all_experts)}",

@@ -99,7 +99,7 @@ class Kernels:
 
         def fetch(ctx, routed):
             weights, ids = routed
-            self.experts.note_route(layer, ids)
+            self.experts.note_route(layer, weights, ids)
             if choose is None:
                 return self.experts.fetch(layer, ids[:, :k])
             _, keep = choose(weights)

@@ -148,7 +148,7 @@ class ResidentExperts:
         self.used[self.index[layer]] |= mask
         return FetchHandle(layer, slot_map=self.identity)
 
-    def note_route(self, layer: int, ids: torch.Tensor) -> None:
+    def note_route(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None:
         return None  # nothing moves, so there is nothing to compare with
 
     def wait(self, handle: FetchHandle) -> torch.Tensor | Rounds:
@@ -177,7 +177,8 @@ class OffloadedExperts:
     """Experts in host memory, a bounded per-layer slot cache on the device, copies on a copy engine.
 
     ondemand keeps nothing between uses; every other policy reuses cached experts (LRU) and takes
-    the prefetches its graph issues (next-layer prediction, complement sets) into staging slots.
+    the prefetches its graph issues (next-layer prediction, complement sets), only while the link is
+    idle, into the same slot pool, where at most `staging` slots hold speculation (mobile.slots).
     """
 
     def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
@@ -269,8 +270,8 @@ class OffloadedExperts:
     def arena(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return packed_views(self.rows[layer], self.spec.model.hidden_size, self.spec.model.moe.intermediate_size)
 
-    def note_route(self, layer: int, ids: torch.Tensor) -> None:
-        """ids [T, K]: the router's big set, whatever this pass uses of it."""
+    def note_route(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None:
+        """weights, ids [T, K]: the router's big set, whatever this pass uses of it."""
         self.shadow.note(layer, ids)
 
     def begin_forward(self) -> None:
