@@ -11,12 +11,15 @@ The `mobile` policy lowers two passes over the same position:
     big pass    (region "fallback", reads the fallback node) -> big logits
     logits = select(little logits, big logits)
 
-The executor runs the fallback region only when the gate asks for it; its attention writes the
-same KV-cache positions again, so a fallen-back token leaves big-pass KV entries behind.
+Everything up to the first MoE layer's router (embedding, dense layers, that layer's attention) is
+the same in both passes, so it is lowered once, outside both regions, and both passes start at that
+layer's experts. The executor runs the fallback region only when the gate asks for it; its attention
+writes the later layers' KV-cache positions again, so a fallen-back token leaves big-pass KV entries.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,12 +55,15 @@ def lower(spec: Spec) -> Graph:
         little = PassPlan("", "little", "little", K if spec.policy.layer_tau is not None else k,
                           layer_tau=spec.policy.layer_tau, complement_prefetch=complement, predict_prefetch=predicted,
                           mass_tau=spec.policy.mass_tau)
-        little_logits = _lower_pass(spec, little, "embed", "little_logits", plan, add)
+        shared = _lower_shared_prefix(spec, "embed", add)
+        little_logits = _lower_pass(spec, little, "embed", "little_logits", plan, add, shared)
         add(Node.make("importance_gate", Op.IMPORTANCE_GATE, [little_logits], region="little",
                       signal=spec.policy.signal, tau=spec.policy.tau))
-        add(Node.make("fallback", Op.FALLBACK, ["importance_gate", "embed"], region="fallback"))
+        # the big pass enters here: the fallback node hands it the shared router output
+        add(Node.make("fallback", Op.FALLBACK, ["importance_gate", shared.router], region="fallback"))
         big = PassPlan("B.", "big", "fallback", K)
-        big_logits = _lower_pass(spec, big, "fallback", "B.logits", plan, add)
+        big_logits = _lower_pass(spec, big, "embed", "B.logits", plan, add,
+                                 dataclasses.replace(shared, router="fallback"))
         add(Node.make("logits", Op.SELECT, [little_logits, big_logits]))
     elif policy in ("little", "layer-mass"):
         tau = spec.policy.tau if policy == "layer-mass" else None
@@ -68,23 +74,68 @@ def lower(spec: Spec) -> Graph:
     return Graph(name=spec.name, nodes=tuple(nodes), spec=spec.to_dict(), passes=("lower",))
 
 
+@dataclass(frozen=True)
+class Entry:
+    """Where a pass starts when a shared prefix ran before it: layer `layer`'s MoE block, given the
+    values of its residual input, its normed hidden state and its router."""
+
+    layer: int
+    attn_res: str
+    h: str
+    router: str
+    shared_expert: str | None  # the layer's shared expert, which reads only h
+
+
+def _lower_shared_prefix(spec: Spec, x: str, add: Callable[[Node], None]) -> Entry:
+    """Dense layers, then the first MoE layer up to its router: identical in the little and big
+    passes, so `mobile` computes them once."""
+    first = spec.moe_layers[0]
+    for layer in range(first + 1):
+        p = f"L{layer}."
+        attn_res, h = _lower_attention(spec, p, layer, x, {}, add)
+        if layer < first:
+            add(Node.make(p + "mlp", Op.MLP, [h], layer=layer))
+            x = add_node(add, p + "out", Op.ADD, [attn_res, p + "mlp"], layer)
+    router = _router(spec, "little", first, h, lambda name, op, inputs, **attrs: add_node(
+        add, f"L{first}.{name}", op, inputs, first, **attrs))
+    shared = None
+    if spec.model.moe.shared_expert.intermediate_size:
+        shared = add_node(add, f"L{first}.shared", Op.EXPERT, [h], first, variant="shared",
+                          gate=spec.model.moe.shared_expert.gate)
+    return Entry(first, attn_res, h, router, shared)
+
+
+def add_node(add: Callable[[Node], None], name: str, op: Op, inputs: list[str], layer: int, **attrs) -> str:
+    add(Node.make(name, op, inputs, layer=layer, **attrs))
+    return name
+
+
+def _lower_attention(spec: Spec, p: str, layer: int, x: str, region: dict, add) -> tuple[str, str]:
+    """attn_norm -> attention -> residual -> ffn_norm; returns (residual, normed hidden state)."""
+    add(Node.make(p + "attn_norm", Op.NORM, [x], layer=layer, weight="attn_norm", **region))
+    add(Node.make(p + "attn", Op.ATTENTION, [p + "attn_norm"], layer=layer, kind=spec.model.attention.kind, **region))
+    add(Node.make(p + "attn_res", Op.ADD, [x, p + "attn"], layer=layer, **region))
+    add(Node.make(p + "ffn_norm", Op.NORM, [p + "attn_res"], layer=layer, weight="ffn_norm", **region))
+    return p + "attn_res", p + "ffn_norm"
+
+
 def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | None,
-                add: Callable[[Node], None]) -> str:
+                add: Callable[[Node], None], entry: Entry | None = None) -> str:
     m = spec.model
     region = {} if pp.region is None else {"region": pp.region}
     moe_layers = spec.moe_layers
-    for layer in range(m.num_layers):
+    for layer in range(entry.layer if entry else 0, m.num_layers):
         p = f"{pp.prefix}L{layer}."
 
         def node(name: str, op: Op, inputs: list[str], p: str = p, layer: int = layer, **attrs) -> str:
             add(Node.make(p + name, op, inputs, layer=layer, **region, **attrs))
             return p + name
 
-        h_in = x
-        node("attn_norm", Op.NORM, [h_in], weight="attn_norm")
-        node("attn", Op.ATTENTION, [p + "attn_norm"], kind=m.attention.kind)
-        node("attn_res", Op.ADD, [h_in, p + "attn"])
-        h = node("ffn_norm", Op.NORM, [p + "attn_res"], weight="ffn_norm")
+        router = shared = None
+        if entry is not None and layer == entry.layer:
+            attn_res, h, router, shared = entry.attn_res, entry.h, entry.router, entry.shared_expert
+        else:
+            attn_res, h = _lower_attention(spec, p, layer, x, region, add)
         nxt = next((n for n in moe_layers if n > layer), None)
         if pp.predict_prefetch and plan is not None and nxt is not None and spec.is_moe_layer(layer):
             # next-layer prediction: layer nxt's router on this layer's hidden state
@@ -95,22 +146,29 @@ def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | No
             add(Node.make(q + "prefetch", Op.PREFETCH, [q + "predict"], layer=nxt, set="predicted", k=k_pred,
                           staging=plan.staging, **region))
         if spec.is_moe_layer(layer):
-            ffn = _lower_moe(spec, pp, layer, h, plan, node)
+            ffn = _lower_moe(spec, pp, layer, h, plan, node, router, shared)
         else:
             ffn = node("mlp", Op.MLP, [h])
-        x = node("out", Op.ADD, [p + "attn_res", ffn])
+        x = node("out", Op.ADD, [attn_res, ffn])
     add(Node.make(pp.prefix + "final_norm", Op.NORM, [x], weight="final_norm", **region))
     add(Node.make(out, Op.LM_HEAD, [pp.prefix + "final_norm"], **region))
     return out
 
 
-def _lower_moe(spec: Spec, pp: PassPlan, layer: int, h: str, plan: CachePlan | None, node) -> str:
+def _router(spec: Spec, variant: str, layer: int, h: str, node) -> str:
     """The router always ranks the big set (top-K); the little variant uses its first little_k."""
     moe = spec.model.moe
+    order = {"order": "random"} if variant == "little" and spec.policy.little_select == "random" else {}
+    return node("router", Op.ROUTER, [h], top_k=moe.top_k, num_experts=moe.num_experts,
+                norm_topk_prob=moe.norm_topk_prob, scaling=moe.routed_scaling_factor, **order)
+
+
+def _lower_moe(spec: Spec, pp: PassPlan, layer: int, h: str, plan: CachePlan | None, node,
+               router: str | None = None, shared: str | None = None) -> str:
+    """router, shared: values computed before this pass (the shared prefix), else new nodes."""
+    moe = spec.model.moe
     K, k = moe.top_k, spec.little_k
-    order = {"order": "random"} if pp.variant == "little" and spec.policy.little_select == "random" else {}
-    router = node("router", Op.ROUTER, [h], top_k=K, num_experts=moe.num_experts, norm_topk_prob=moe.norm_topk_prob,
-                  scaling=moe.routed_scaling_factor, **order)
+    router = router or _router(spec, pp.variant, layer, h, node)
     if pp.mass_tau is not None and K > k:
         # known as soon as the router has run: a token found important here skips the rest of
         # its little pass and goes straight to the big pass
@@ -131,5 +189,5 @@ def _lower_moe(spec: Spec, pp: PassPlan, layer: int, h: str, plan: CachePlan | N
     experts = node("experts", Op.EXPERT, [h, router, wait], variant=pp.variant, **use)
     if moe.shared_expert.intermediate_size == 0:
         return experts
-    shared = node("shared", Op.EXPERT, [h], variant="shared", gate=moe.shared_expert.gate)
+    shared = shared or node("shared", Op.EXPERT, [h], variant="shared", gate=moe.shared_expert.gate)
     return node("moe", Op.COMBINE, [experts, shared])

@@ -108,6 +108,12 @@ def rule_fallback_covers_big_set(g: Graph) -> list[str]:
                 errors.append(f"{n.name}: the fallback region must use the full top-{top_k}, not k={n.attr('k')}")
     if any(n.op is Op.FALLBACK for n in g.nodes) and not any(n.op is Op.IMPORTANCE_GATE for n in g.nodes):
         errors.append("fallback: no importance_gate decides it")
+    # the executor decides at the fallback node whether the region runs: nothing of it may come first
+    entered = False
+    for n in g.nodes:
+        entered |= n.op is Op.FALLBACK
+        if n.attr("region") == "fallback" and not entered:
+            errors.append(f"{n.name}: a fallback-region node placed before the fallback node")
     return errors
 
 

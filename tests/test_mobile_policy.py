@@ -116,7 +116,11 @@ def test_graph_has_gate_fallback_and_complement_prefetch(tmp_path):
     assert {(n.attr("little_k"), n.attr("layer_tau"), n.attr("k")) for n in little} == {(4, 0.8, 8)}
     assert {n.attr("k") for n in g.by_op(Op.EXPERT) if n.attr("region") == "fallback"} == {8}
     names = [n.name for n in g.nodes]
-    assert names.index("importance_gate") < names.index("fallback") < names.index("B.L0.attn")
+    assert names.index("importance_gate") < names.index("fallback") < names.index("B.L0.fetch")
+    # the first layer up to its router is computed once, outside both regions
+    shared = [n for n in g.nodes if n.attr("layer") == 0 and n.attr("region") is None]
+    assert {n.name for n in shared} == {"L0.attn_norm", "L0.attn", "L0.attn_res", "L0.ffn_norm", "L0.router"}
+    assert "B.L0.attn" not in names and "B.L1.attn" in names
     text = (out / "schedule.txt").read_text()
     assert "importance_gate" in text and "L3.complement" in text
 
@@ -190,3 +194,14 @@ def test_mobile_options_on_compile_and_run(tiny, tmp_path, capsys):
                    "--policy", "mobile", "--tau", "1.01") == 0
     stats = json.loads(capsys.readouterr().out)["stats"]
     assert stats["fallback_rate"] == 1.0  # --tau reached the engine
+
+
+def test_verifier_rejects_fallback_work_scheduled_before_the_fallback(tmp_path):
+    from mobile.verify import verify
+
+    _, g = compile_to_dir("specs/demo.yaml", tmp_path / "g", policy="mobile")
+    nodes = list(g.nodes)
+    moved = nodes.pop(next(i for i, n in enumerate(nodes) if n.name == "B.L1.attn_norm"))
+    nodes.insert(next(i for i, n in enumerate(nodes) if n.name == "importance_gate"), moved)
+    errors = verify(g.with_nodes(nodes, "test"))
+    assert any("B.L1.attn_norm: a fallback-region node placed before the fallback node" in e for e in errors)
