@@ -21,13 +21,55 @@ from mobile.errors import MobileError
 from mobile.evaluate import load_ids
 
 
+def measure(engine: Engine, label: str, tokens: int, prompt_len: int, text: str | None, seed: int) -> dict:
+    forced = None
+    if text:
+        ids = load_ids(engine, text, prompt_len + tokens)
+        if ids.numel() < prompt_len + tokens:
+            raise MobileError(f"the text has {ids.numel()} tokens, fewer than --prompt-len + --tokens = "
+                              f"{prompt_len + tokens}", where=text)
+        prompt, forced = ids[:prompt_len], ids[prompt_len:].tolist()
+    else:
+        vocab = engine.spec.model.vocab_size
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(seed))
+    engine.generate(prompt, 4, stop_ids=[], forced=forced)  # warm-up: first-touch costs stay out of the numbers
+    engine.reset_stats()
+    engine.generate(prompt, tokens, stop_ids=[], forced=forced)
+    s = engine.stats
+    looked_up = s["expert_hits"] + s["expert_misses"]
+    print(f"  {label}: {s['decode_tokens_per_s']:.2f} tok/s", file=sys.stderr)
+    return {
+        "policy": label, "link": s["link"], "fallback_rate": s["fallback_rate"],
+        "decode_tokens_per_s": s["decode_tokens_per_s"],
+        "bytes_per_token": s.get("decode_bytes_h2d", 0) / max(1, s["decode_tokens"]),
+        "bytes_vs_big_only": s.get("decode_bytes_vs_big_only"),
+        "stall_fraction": s.get("decode_stall_s", 0.0) / max(1e-9, s.get("decode_s", 0.0)),
+        "hit_rate": s["expert_hits"] / looked_up if looked_up else 1.0,
+        "prefetch_accuracy": (s["prefetch_used"] / s["prefetch_issued"]) if s.get("prefetch_issued") else None,
+    }
+
+
+def median_row(runs: list[dict]) -> dict:
+    """Each numeric field's median over the runs (the lower middle one for an even count)."""
+    row = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = sorted(r[key] for r in runs if r[key] is not None)
+            row[key] = values[(len(values) - 1) // 2]
+    tps = [r["decode_tokens_per_s"] for r in runs]
+    row["runs"], row["tokens_per_s_min"], row["tokens_per_s_max"] = len(runs), min(tps), max(tps)
+    return row
+
+
 def run_bench(graph: str, policies: list[str], weights: str | None = None, device: str = "cpu", tokens: int = 32,
               prompt_len: int = 8, link_gbps: float | None = None, link_ratio: float | None = None, seed: int = 0,
               json_out: str | None = None, taus: list[float] | None = None, baseline: str | None = None,
-              text: str | None = None, policy_options: dict | None = None, out=None) -> list[dict]:
-    """policy_options: policy fields for every row (little_k, layer_tau, ...); taus: one row per tau."""
+              text: str | None = None, policy_options: dict | None = None, repeats: int = 1,
+              out=None) -> list[dict]:
+    """policy_options: policy fields for every row (little_k, layer_tau, ...); taus: one row per tau.
+    repeats: runs per row, round-robin over the rows (so slow drift hits every row alike); each
+    number reported is the median over the runs."""
     out = out or sys.stdout  # looked up per call: the stream may be swapped (tests, redirection)
-    rows: list[dict] = []
     link: dict = {"link_gbps": link_gbps}
     runs: list[tuple[str, str, dict]] = []  # (label, policy, policy options)
     for p in policies:
@@ -35,40 +77,20 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
             runs += [(f"{p} tau={t:g}", p, {**(policy_options or {}), "tau": t}) for t in taus]
         else:
             runs.append((p, p, dict(policy_options or {})))
-    for label, policy, options in runs:
-        engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,
-                             policy_options=options, link_gbps=link["link_gbps"],
-                             link_ratio=None if link["link_gbps"] else link_ratio)
-        if engine.stats_.link == "emulated" and link["link_gbps"] is None:
-            link = {k: v for k, v in engine.stats.items() if k.startswith(("link_", "expert_compute"))}
-        forced = None
-        if text:
-            ids = load_ids(engine, text, prompt_len + tokens)
-            if ids.numel() < prompt_len + tokens:
-                raise MobileError(f"the text has {ids.numel()} tokens, fewer than --prompt-len + --tokens = "
-                                  f"{prompt_len + tokens}", where=text)
-            prompt, forced = ids[:prompt_len], ids[prompt_len:].tolist()
-        else:
-            vocab = engine.spec.model.vocab_size
-            prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(seed))
-        engine.generate(prompt, 4, stop_ids=[], forced=forced)  # warm-up: first-touch costs stay out of the numbers
-        engine.reset_stats()
-        engine.generate(prompt, tokens, stop_ids=[], forced=forced)
-        s = engine.stats
-        engine.close()
-        del engine
-        gc.collect()
-        looked_up = s["expert_hits"] + s["expert_misses"]
-        rows.append({
-            "policy": label, "link": s["link"], "fallback_rate": s["fallback_rate"],
-            "decode_tokens_per_s": s["decode_tokens_per_s"],
-            "bytes_per_token": s.get("decode_bytes_h2d", 0) / max(1, s["decode_tokens"]),
-            "bytes_vs_big_only": s.get("decode_bytes_vs_big_only"),
-            "stall_fraction": s.get("decode_stall_s", 0.0) / max(1e-9, s.get("decode_s", 0.0)),
-            "hit_rate": s["expert_hits"] / looked_up if looked_up else 1.0,
-            "prefetch_accuracy": (s["prefetch_used"] / s["prefetch_issued"]) if s.get("prefetch_issued") else None,
-        })
-        print(f"  {label}: {s['decode_tokens_per_s']:.2f} tok/s", file=sys.stderr)
+    samples: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
+    for _ in range(repeats):
+        for label, policy, options in runs:
+            engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,
+                                 policy_options=options, link_gbps=link["link_gbps"],
+                                 link_ratio=None if link["link_gbps"] else link_ratio)
+            if engine.stats_.link == "emulated" and link["link_gbps"] is None:
+                # calibrated once, by the first row; every later run uses that same link
+                link = {k: v for k, v in engine.stats.items() if k.startswith(("link_", "expert_compute"))}
+            samples[label].append(measure(engine, label, tokens, prompt_len, text, seed))
+            engine.close()
+            del engine
+            gc.collect()
+    rows = [median_row(samples[label]) for label, _, _ in runs]
     base_row = next((r for r in rows if r["policy"] == baseline), rows[0])
     base = base_row["decode_tokens_per_s"] or 1.0
     for r in rows:
@@ -77,6 +99,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     desc = ", ".join(f"{k}={v}" for k, v in link.items() if v is not None)
     what = (f"{prompt_len}-token prompt and {tokens} teacher-forced decode tokens from {text}" if text
             else f"{prompt_len}-token random prompt and {tokens} greedy decode tokens")
+    what += f"; median of {repeats} runs per row, round-robin" if repeats > 1 else ""
     print(f"\nbench {graph}: {what}, device {device}"
           + (f"; link EMULATED ({desc})" if emulated else ""), file=out)
     print(f"{'policy':<20} {'tok/s':>9} {'vs ' + base_row['policy']:>16} {'MiB/token':>10} {'stall':>7} "

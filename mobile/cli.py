@@ -127,10 +127,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if p not in POLICIES:
             raise MobileError(f"unknown policy {p!r} (choose from {', '.join(POLICIES)})", key="--policies")
     taus = parse_floats(args.tau, "--tau") if args.tau else None
+    for flag, value in (("--repeats", args.repeats), ("--tokens", args.tokens)):
+        if value < 1:
+            raise MobileError(f"expected an integer >= 1, got {value}", key=flag)
     run_bench(args.graph, policies, weights=args.weights, device=args.device, tokens=args.tokens,
               prompt_len=args.prompt_len, link_gbps=args.link_gbps, link_ratio=args.link_ratio,
               seed=args.seed, json_out=args.json, taus=taus, baseline=args.baseline, text=args.text,
-              policy_options=policy_changes(args))
+              policy_options=policy_changes(args), repeats=args.repeats)
     return 0
 
 
@@ -295,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "text file, teacher-forced, so every policy decodes the same real text (needs the checkpoint's "
                    "tokenizer); default: a random prompt, then greedy decoding")
     b.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    b.add_argument("--repeats", type=int, default=1, help="runs per row, round-robin; report medians (default 1)")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     b.add_argument("--json", help="also write the rows as JSON to this file")
     add_link_options(b)

@@ -56,9 +56,10 @@ def test_bench_teacher_forced_text(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert run_cli("bench", "--graph", tmp_path / "g", "--policies", "lru,little", "--tokens", "6",
                    "--prompt-len", "12", "--text", tmp_path / "text.txt", "--link-gbps", "20",
-                   "--json", tmp_path / "b.json") == 0
+                   "--json", tmp_path / "b.json", "--repeats", "2") == 0
     out = capsys.readouterr().out
     assert f"6 teacher-forced decode tokens from {tmp_path / 'text.txt'}" in out and "bytes vs big-only" in out
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     # lru is big-only decoding itself: the estimate of what big-only moves is what it moved
-    assert rows[0]["bytes_vs_big_only"] == 1.0
+    assert rows[0]["bytes_vs_big_only"] == 1.0 and all(r["runs"] == 2 for r in rows)
+    assert all(r["tokens_per_s_min"] <= r["decode_tokens_per_s"] <= r["tokens_per_s_max"] for r in rows)
