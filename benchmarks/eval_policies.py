@@ -2,9 +2,11 @@
 
     python benchmarks/eval_policies.py [--max-tokens 10000] [--out eval.json]
 
-Rows: big, little (raw and rescaled weights), random halving, layer-mass, mobile at several taus
-(confidence only), mobile with the per-layer rule (layer_tau), and the rule alone. Every position
-is a decode step (see mobile/evaluate.py). Asserts nothing; prints the table.
+Rows: big, little (raw and rescaled weights), random halving, the per-layer rule alone
+(layer-mass), mobile at three taus with confidence only, with the per-layer rule (layer_tau), and
+with the router-mass gate (mass_tau) as well. Every position is a decode step (see
+mobile/evaluate.py). Asserts nothing; prints the table. `--only a,b` runs the rows whose labels
+contain one of those strings.
 """
 
 from __future__ import annotations
@@ -20,13 +22,19 @@ CONFIGS = [
     ("little raw", {"name": "little", "little_weights": "raw"}),
     ("little rescale", {"name": "little", "little_weights": "rescale"}),
     ("random half raw", {"name": "little", "little_weights": "raw", "little_select": "random"}),
-    ("layer-mass tau=0.8 raw", {"name": "layer-mass", "tau": 0.8, "little_weights": "raw"}),
-    ("mobile tau=0.2 raw", {"name": "mobile", "tau": 0.2, "little_weights": "raw"}),
-    ("mobile tau=0.3 raw", {"name": "mobile", "tau": 0.3, "little_weights": "raw"}),
-    ("mobile tau=0.4 raw", {"name": "mobile", "tau": 0.4, "little_weights": "raw"}),
-    ("mobile tau=0.3 rescale", {"name": "mobile", "tau": 0.3, "little_weights": "rescale"}),
-    ("mobile tau=0.15 lt=0.8 raw", {"name": "mobile", "tau": 0.15, "layer_tau": 0.8, "little_weights": "raw"}),
-    ("mobile tau=0.2 lt=0.8 raw", {"name": "mobile", "tau": 0.2, "layer_tau": 0.8, "little_weights": "raw"}),
+    # the per-layer rule alone: in eval, mobile with tau 0 and layer_tau 0.8 decodes exactly like this
+    ("layer-mass tau=0.8", {"name": "layer-mass", "tau": 0.8}),
+    # confidence only (the rule off)
+    ("mobile tau=0.2 lt=0", {"name": "mobile", "tau": 0.2, "layer_tau": 0.0}),
+    ("mobile tau=0.3 lt=0", {"name": "mobile", "tau": 0.3, "layer_tau": 0.0}),
+    ("mobile tau=0.4 lt=0", {"name": "mobile", "tau": 0.4, "layer_tau": 0.0}),
+    # both signals
+    ("mobile tau=0.3 lt=0.8", {"name": "mobile", "tau": 0.3, "layer_tau": 0.8}),
+    # both, plus the router-mass gate
+    ("mobile tau=0.15 lt=0.8 mt=0.6", {"name": "mobile", "tau": 0.15, "layer_tau": 0.8, "mass_tau": 0.6}),
+    ("mobile tau=0.2 lt=0.8 mt=0.6", {"name": "mobile", "tau": 0.2, "layer_tau": 0.8, "mass_tau": 0.6}),
+    ("mobile tau=0.2 lt=0.8 mt=0.55", {"name": "mobile", "tau": 0.2, "layer_tau": 0.8, "mass_tau": 0.55}),
+    ("mobile tau=0.1 lt=0 mt=0.65", {"name": "mobile", "tau": 0.1, "layer_tau": 0.0, "mass_tau": 0.65}),
 ]
 
 
@@ -36,10 +44,15 @@ def main() -> None:
     p.add_argument("--data", default="demo/data/heldout.txt")
     p.add_argument("--max-tokens", type=int, default=10000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", help="comma-separated label fragments: run only the matching rows")
     p.add_argument("--out")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    rows = run_eval(args.graph, args.data, CONFIGS, max_tokens=args.max_tokens)
+    configs = CONFIGS
+    if args.only:
+        keep = [f.strip() for f in args.only.split(",") if f.strip()]
+        configs = [c for c in CONFIGS if any(f in c[0] for f in keep)]
+    rows = run_eval(args.graph, args.data, configs, max_tokens=args.max_tokens)
     print(f"{args.data}, first {args.max_tokens} tokens, windows of 256, every position a decode step")
     print(format_rows(rows))
     if args.out:

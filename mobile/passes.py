@@ -47,8 +47,9 @@ def assign_streams(g: Graph) -> Graph:
 def schedule(g: Graph) -> Graph:
     """List scheduling over the dependency graph.
 
-    Ready transfers are issued first (as early as their inputs allow), waits last (right before
-    the first node that needs them), and other compute keeps program order. So independent compute
+    Ready importance gates go first (one that fires ends the pass), then ready transfers (as early
+    as their inputs allow), waits last (right before the first node that needs them), and other
+    compute keeps program order. So independent compute
     such as a shared expert slides between a fetch and its wait, where it overlaps the copy.
     A transfer that cannot move earlier gets a `hoist_limit` attr saying which input holds it.
     """
@@ -60,7 +61,8 @@ def schedule(g: Graph) -> Graph:
     order: list[Node] = []
 
     def priority(n: Node) -> tuple[int, int]:
-        rank = 0 if n.op in COPY_OPS else 2 if n.op is Op.WAIT else 1
+        # a gate first: it may end the pass, and then the copies behind it would be wasted
+        rank = -1 if n.op is Op.IMPORTANCE_GATE else 0 if n.op in COPY_OPS else 2 if n.op is Op.WAIT else 1
         return rank, index[n.name]
 
     while ready:
