@@ -15,10 +15,11 @@ python3 -m pytest -q -x 2>&1 | tail -5 | tee "$OUT/pytest.log"
 mobile synth specs/olmoe-1b-7b.yaml -o /tmp/synth8 --layers 8 --dtype bfloat16 > /dev/null
 mobile compile /tmp/synth8/spec.yaml -o /tmp/synth8/graph > /dev/null
 mobile bench --graph /tmp/synth8/graph --device cuda --policies ondemand,lru,lru-prefetch,little,resident \
-  --tokens 64 --json "$OUT/bench-olmoe8.json" 2>&1 | tail -8 | tee "$OUT/bench-olmoe8.txt"
-# 4. the demo model: mobile against lru-prefetch on a real link, tight cache
-sed 's/^name: demo/name: demo-tight/; s/^runtime:/runtime:\n  expert_cache:\n    slots_per_layer: 4/; s|path: ../demo/checkpoint|path: '"$PWD"'/demo/checkpoint|' \
+  --tokens 64 --repeats 3 --json "$OUT/bench-olmoe8.json" 2>&1 | tail -9 | tee "$OUT/bench-olmoe8.txt"
+# 4. the demo model: mobile against the LRU baselines on a real link, equal memory (8 slots of 16 per layer)
+sed 's/^name: demo/name: demo-tight/; s/^runtime:/runtime:\n  expert_cache:\n    budget: 12MiB/; s|path: ../demo/checkpoint|path: '"$PWD"'/demo/checkpoint|' \
   specs/demo.yaml > /tmp/demo-tight.yaml
 mobile compile /tmp/demo-tight.yaml -o /tmp/demo-tight > /dev/null
-mobile bench --graph /tmp/demo-tight --device cuda --policies lru-prefetch,little,mobile --tau 0.2,0.3 \
-  --tokens 128 --prompt-len 16 2>&1 | tail -7 | tee "$OUT/bench-demo.txt"
+mobile bench --graph /tmp/demo-tight --device cuda --policies lru,lru-prefetch,little,mobile --tau 0.2,0.3 \
+  --text demo/data/heldout_kjv.txt --tokens 256 --prompt-len 32 --repeats 3 --baseline lru-prefetch 2>&1 | tail -9 \
+  | tee "$OUT/bench-demo.txt"

@@ -284,8 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="compare policies side by side on one model, in one run",
                        description="Decode the same prompt under each policy, one after another in one "
-                       "process, and print one table: decode tokens/s and its ratio to the first policy, "
-                       "bytes moved per token, stall fraction, cache hit rate, prefetch accuracy.")
+                       "process, and print one table: decode tokens/s and its ratio to the baseline, bytes "
+                       "moved per token, stall fraction, cache hit rate, prefetch accuracy, fallback rate, and "
+                       "bytes against big-only LRU on the same routes. Policy options (--little-k, --prefetch, "
+                       "...) apply to every row; --tau gives mobile and layer-mass one row per value. Every "
+                       "policy compiled from one spec gets the same expert-cache memory.")
     b.add_argument("--graph", required=True, help="a folder written by `mobile compile`")
     b.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
     b.add_argument("--policies", default="ondemand,lru,lru-prefetch,resident",
