@@ -108,7 +108,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
         acc = "-" if r["prefetch_accuracy"] is None else f"{r['prefetch_accuracy']:.2f}"
         vs_big = "-" if r["bytes_vs_big_only"] is None else f"{r['bytes_vs_big_only']:.2f}x"
         print(f"{r['policy']:<20} {r['decode_tokens_per_s']:>9.2f} {r['ratio']:>15.2f}x "
-              f"{r['bytes_per_token'] / 2**20:>10.1f} {r['stall_fraction']:>7.2f} {r['hit_rate']:>9.3f} {acc:>13} "
+              f"{r['bytes_per_token'] / 2**20:>10.2f} {r['stall_fraction']:>7.2f} {r['hit_rate']:>9.3f} {acc:>13} "
               f"{r['fallback_rate']:>9.3f} {vs_big:>18}", file=out)
     if any(r["bytes_vs_big_only"] is not None for r in rows):
         print("bytes vs big-only: decode bytes moved / what big-only demand LRU with the same slots would have "

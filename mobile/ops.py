@@ -166,7 +166,9 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, 
     return y.sum(dim=1)
 
 
-@torch.compiler.disable  # data-dependent loop with a host sync: compiled code calls it eagerly
+# A custom op: its data-dependent loop (with a host sync) is opaque to torch.compile, which then
+# compiles a whole graph segment around it instead of breaking the segment at every expert call.
+@torch.library.custom_op("mobile::grouped_experts", mutates_args=())
 def _grouped_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor,
                      w2: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """routed_experts for many tokens: each used slot runs once, on all of its tokens."""
@@ -190,3 +192,8 @@ def _grouped_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor
         out.index_add_(0, idx, y)
         start += count
     return out
+
+
+@_grouped_experts.register_fake
+def _(x, weights, slots, w13, w2, keep=None):
+    return torch.empty_like(x)
