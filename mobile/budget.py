@@ -45,7 +45,7 @@ def cache_plan(spec: Spec) -> CachePlan | None:
     else:
         # a small default that still rewards reuse, the same memory for every policy, so that
         # policies compiled from one spec compare at equal memory
-        main = min(e, 3 * moe.top_k) - staging
+        main = max(k, min(e, 3 * moe.top_k) - staging)
     main = min(main, e)
     if main < k:
         need = (k + staging) * unit * layers
