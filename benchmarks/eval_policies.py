@@ -35,6 +35,10 @@ CONFIGS = [
     ("mobile tau=0.2 lt=0.8 mt=0.6", {"name": "mobile", "tau": 0.2, "layer_tau": 0.8, "mass_tau": 0.6}),
     ("mobile tau=0.2 lt=0.8 mt=0.55", {"name": "mobile", "tau": 0.2, "layer_tau": 0.8, "mass_tau": 0.55}),
     ("mobile tau=0.1 lt=0 mt=0.65", {"name": "mobile", "tau": 0.1, "layer_tau": 0.0, "mass_tau": 0.65}),
+    ("mobile tau=0.15 lt=0 mt=0.65", {"name": "mobile", "tau": 0.15, "layer_tau": 0.0, "mass_tau": 0.65}),
+    ("mobile tau=0.2 lt=0 mt=0.65", {"name": "mobile", "tau": 0.2, "layer_tau": 0.0, "mass_tau": 0.65}),
+    ("mobile tau=0.15 lt=0 mt=0.6", {"name": "mobile", "tau": 0.15, "layer_tau": 0.0, "mass_tau": 0.6}),
+    ("mobile tau=0.15 lt=0 mt=0.7", {"name": "mobile", "tau": 0.15, "layer_tau": 0.0, "mass_tau": 0.7}),
 ]
 
 

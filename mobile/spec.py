@@ -127,7 +127,7 @@ class ExpertCacheSpec:
     budget: str | None = None  # bytes for the whole expert cache, e.g. "6GiB"
     slots_per_layer: int | None = None
     eviction: Literal["lru"] = "lru"
-    staging_slots: int = 0  # the speculation cap per layer; 0: the policy's working set (k)
+    staging_slots: int = 0  # the speculation cap per layer (unused prefetched experts); 0: 1
 
 
 @dataclass(frozen=True)

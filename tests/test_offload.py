@@ -59,8 +59,8 @@ def test_small_cache_evicts_and_stays_exact(tiny, tmp_path):
     assert engine.stats["expert_misses"] > 24
     engine.close()
     (tmp_path / "p").mkdir()
-    engine = minimum_cache_engine(t, tmp_path / "p", "lru-prefetch")  # 4 + 4 slots: speculation evicts too
-    assert engine.experts.plan.main == 4 and engine.experts.plan.staging == 4
+    engine = minimum_cache_engine(t, tmp_path / "p", "lru-prefetch")  # 4 + 1 slots: speculation evicts too
+    assert engine.experts.plan.main == 4 and engine.experts.plan.staging == 1
     assert engine.generate(PROMPT, 24, stop_ids=[]) == ref
     assert engine.stats["prefetch_wasted"] > 0
     engine.close()

@@ -19,7 +19,7 @@ def rss_bytes() -> int:
 
 @pytest.mark.slow
 def test_2000_tokens_under_lru_prefetch_hold_flat_memory(tmp_path):
-    # 16 experts, top-4, a pool of 4 + 4 slots per layer (the minimum): most experts are out of the cache
+    # 16 experts, top-4, a pool of 4 + 1 slots per layer (the minimum): most experts are out of the cache
     build_tiny("olmoe", tmp_path / "ckpt", max_position_embeddings=4096, num_experts=16)
     assert run_cli("import-hf", tmp_path / "ckpt", "-o", tmp_path / "s.yaml") == 0
     text = (tmp_path / "s.yaml").read_text()
