@@ -75,6 +75,7 @@ class Engine:
         self.kv = KVCache(spec, self.device, self.dtype)
         self.kernels = Kernels(spec, weights, self.kv, self.experts)
         self.executor = Executor(graph, self.kernels, compile=compile, trace=self.trace)
+        warm_up_expert_op(self.device, self.dtype)
         a = spec.model.attention
         rope_dim = a.qk_rope_head_dim if a.kind == "mla" else a.head_dim
         inv_freq, self.rope_scale = rope_inv_freq(r, rope_dim, spec.model.max_position_embeddings)
@@ -249,6 +250,16 @@ class Engine:
     def reset_stats(self) -> None:
         self.stats_.reset()
         self.experts.reset_counters()
+
+
+def warm_up_expert_op(device: torch.device, dtype: torch.dtype) -> None:
+    """The expert op's first call imports torch's compiler stack (about a second): pay it while
+    loading, not inside the first prefill's timing."""
+    from mobile.ops import _grouped_experts
+
+    x = torch.zeros(1, 1, dtype=dtype, device=device)
+    _grouped_experts(x, torch.ones(1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device),
+                     torch.zeros(1, 2, 1, dtype=dtype, device=device), torch.zeros(1, 1, 1, dtype=dtype, device=device))
 
 
 def resolve_checkpoint(graph: Graph, graph_dir: Path) -> Path:
