@@ -30,6 +30,11 @@ CONFIGS = [
     ("mobile tau=0.4 lt=0", {"name": "mobile", "tau": 0.4, "layer_tau": 0.0}),
     # both signals
     ("mobile tau=0.3 lt=0.8", {"name": "mobile", "tau": 0.3, "layer_tau": 0.8}),
+    ("mobile tau=0.25 lt=0.8", {"name": "mobile", "tau": 0.25, "layer_tau": 0.8}),
+    ("mobile tau=0.3 lt=0.75", {"name": "mobile", "tau": 0.3, "layer_tau": 0.75}),
+    ("mobile tau=0.25 lt=0.85", {"name": "mobile", "tau": 0.25, "layer_tau": 0.85}),
+    ("mobile tau=0.25 lt=0.85 raw", {"name": "mobile", "tau": 0.25, "layer_tau": 0.85, "little_weights": "raw"}),
+    ("mobile tau=0.35 lt=0.75", {"name": "mobile", "tau": 0.35, "layer_tau": 0.75}),
     # both, plus the router-mass gate
     ("mobile tau=0.15 lt=0.8 mt=0.6", {"name": "mobile", "tau": 0.15, "layer_tau": 0.8, "mass_tau": 0.6}),
     ("mobile tau=0.2 lt=0.8 mt=0.6", {"name": "mobile", "tau": 0.2, "layer_tau": 0.8, "mass_tau": 0.6}),

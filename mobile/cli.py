@@ -194,7 +194,7 @@ def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> No
         p.add_argument("--tau", type=float, help="importance threshold (mobile) or little-mass share (layer-mass)")
     p.add_argument("--little-k", type=int, help="experts in the little set (default ceil(top_k / 2))")
     p.add_argument("--layer-tau", type=float, help="mobile: a layer goes big in the little pass when the "
-                   "little set carries less than this share of the big set's router mass (default 0.8; 0 turns "
+                   "little set carries less than this share of the big set's router mass (default 0.85; 0 turns "
                    "the rule off)")
     p.add_argument("--mass-tau", type=float, help="mobile: a token also falls back when, at any layer, its "
                    "little set carries less than this share of the big set's router mass (default: off)")

@@ -102,14 +102,15 @@ class CheckpointSpec:
 @dataclass(frozen=True)
 class PolicySpec:
     name: PolicyName = "resident"
-    # Defaults chosen on the demo model's held-out text (README, "Quality"): rescaled weights beat
-    # raw ones everywhere; the confidence gate plus the per-layer rule gave the best perplexity and
-    # agreement. tau is the gate's threshold for `mobile` and the little-mass share for `layer-mass`.
+    # Defaults chosen on the demo model's held-out text (README, "Quality"): the confidence gate
+    # plus the per-layer rule gave the best perplexity and agreement per byte; raw weights matched
+    # or beat rescaled ones there. tau is the gate's threshold for `mobile` and the little-mass share
+    # for `layer-mass`.
     little_k: int | None = None  # default ceil(top_k / 2)
-    little_weights: Literal["rescale", "raw"] = "rescale"
+    little_weights: Literal["rescale", "raw"] = "raw"
     signal: Literal["max_prob", "entropy", "margin"] = "max_prob"
-    tau: float = 0.3
-    layer_tau: float | None = 0.8
+    tau: float = 0.25
+    layer_tau: float | None = 0.85
     # mobile: the gate also calls a token important (and aborts its little pass there) when, at any
     # MoE layer, the little set carries less than this share of the big set's router mass
     mass_tau: float | None = None

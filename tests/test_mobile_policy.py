@@ -97,13 +97,14 @@ def test_layer_rule_and_layer_mass(tiny, tmp_path):
     # layer-mass with tau 1.01: no little set ever carries 101% of the mass, so every layer goes big
     all_big = engine_for(t, tmp_path, "layer-mass", tau=1.01)
     torch.testing.assert_close(all_big.logits(PROMPT), ref, atol=1e-5, rtol=1e-5)
-    # tau 0: always little == the little policy (raw weights, as olmoe's spec default is rescale)
-    all_little = engine_for(t, tmp_path, "layer-mass", tau=0.0, little_weights="raw")
-    little = engine_for(t, tmp_path, "little", little_weights="raw")
+    # tau 0: always little == the little policy
+    all_little = engine_for(t, tmp_path, "layer-mass", tau=0.0)
+    little = engine_for(t, tmp_path, "little")
     torch.testing.assert_close(all_little.logits(PROMPT), little.logits(PROMPT), atol=1e-5, rtol=1e-5)
-    mid = engine_for(t, tmp_path, "layer-mass", tau=0.6)
-    out = mid.logits(PROMPT)
-    assert (out - ref).abs().max() > 1e-4 and (out - little.logits(PROMPT)).abs().max() > 1e-4
+    # in between, some layer-token pairs go big and some stay little: the result equals neither
+    mids = [engine_for(t, tmp_path, "layer-mass", tau=tau).logits(PROMPT) for tau in (0.7, 0.8, 0.9)]
+    assert any((out - ref).abs().max() > 1e-4 and (out - little.logits(PROMPT)).abs().max() > 1e-4
+               for out in mids)
 
 
 def test_graph_has_gate_fallback_and_complement_prefetch(tmp_path):
@@ -113,7 +114,7 @@ def test_graph_has_gate_fallback_and_complement_prefetch(tmp_path):
     assert len(complements) == 16 and all(n.attr("stream") == "copy" for n in complements)
     little = [n for n in g.by_op(Op.EXPERT) if n.attr("region") == "little"]
     # the default per-layer rule may send a layer big inside the little pass: k is the upper bound
-    assert {(n.attr("little_k"), n.attr("layer_tau"), n.attr("k")) for n in little} == {(4, 0.8, 8)}
+    assert {(n.attr("little_k"), n.attr("layer_tau"), n.attr("k")) for n in little} == {(4, 0.85, 8)}
     assert {n.attr("k") for n in g.by_op(Op.EXPERT) if n.attr("region") == "fallback"} == {8}
     names = [n.name for n in g.nodes]
     assert names.index("importance_gate") < names.index("fallback") < names.index("B.L0.fetch")
