@@ -91,9 +91,13 @@ class BigOnlyShadow:
     def note(self, layer: int, ids: torch.Tensor) -> None:
         self.routes[layer] = ids  # a fallback's big pass overwrites its little pass's routes
 
-    def commit(self) -> int:
-        """End of a forward: replay its big sets; returns the bytes big-only would have moved."""
+    def commit(self, tables: dict[int, SlotTable] | None = None) -> int:
+        """End of a forward: replay its big sets; returns the bytes big-only would have moved.
+        tables: after a prompt (which runs big under every policy, in rounds when it needs more
+        experts than a layer holds), start again from the real cache's demand-loaded contents, so
+        that decoding is compared from the same state."""
         misses = 0
+        prompt = any(ids.shape[0] > 1 for ids in self.routes.values())
         for layer, ids in self.routes.items():
             lru, needed = self.lru[layer], torch.unique(ids).tolist()
             for e in needed:  # hits first, as SlotTable.lookup takes them
@@ -106,6 +110,10 @@ class BigOnlyShadow:
                     if len(lru) > self.slots:
                         lru.popitem(last=False)
         self.routes.clear()
+        if prompt and tables is not None:
+            for layer, table in tables.items():
+                held = [table.expert_in[s] for s in table.lru if s not in table.speculative]
+                self.lru[layer] = OrderedDict((e, None) for e in held if e is not None)
         return misses * self.expert_bytes
 
 
@@ -279,7 +287,7 @@ class OffloadedExperts:
 
     def end_forward(self) -> None:
         extra = self.stats.extra
-        extra["big_only_bytes_h2d"] = extra.get("big_only_bytes_h2d", 0) + self.shadow.commit()
+        extra["big_only_bytes_h2d"] = extra.get("big_only_bytes_h2d", 0) + self.shadow.commit(self.tables)
 
     def collect_stats(self) -> None:
         c = [t.counters for t in self.tables.values()]
