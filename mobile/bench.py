@@ -3,7 +3,7 @@
 With --text, the prompt and the decode steps come from a text file, teacher-forced: every policy
 decodes exactly the same tokens, real text rather than a small model's repetitive greedy output.
 
-Ratios are to the first policy. On a CPU the host-to-device link is emulated; with --link-ratio
+Ratios are to --baseline (default: the first policy). On a CPU the host-to-device link is emulated; with --link-ratio
 the emulated bandwidth is calibrated once, then shared by every policy, so all rows see one link.
 """
 
@@ -22,6 +22,7 @@ from mobile.evaluate import load_ids
 
 
 def measure(engine: Engine, label: str, tokens: int, prompt_len: int, text: str | None, seed: int) -> dict:
+    """One run of one row: a warm-up, then the timed decode; returns the row's numbers."""
     forced = None
     if text:
         ids = load_ids(engine, text, prompt_len + tokens)

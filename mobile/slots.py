@@ -8,8 +8,8 @@ oldest unused one instead of evicting more real experts. Slots that the current 
 pinned and are never chosen as victims, by demand or by prefetch.
 
 (An earlier layout reserved `staging` slots for prefetches only. With the link as the bottleneck it
-moved 1.3-2.8x the bytes of plain LRU at equal memory on the demo model, because the reserved slots
-were lost to reuse; see the README's offloading notes.)
+made `lru-prefetch` move 2-3x the bytes of plain LRU at equal memory on the first demo model,
+because the reserved slots were lost to reuse; see the README's offloading notes.)
 """
 
 from __future__ import annotations
