@@ -126,7 +126,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for p in policies:
         if p not in POLICIES:
             raise MobileError(f"unknown policy {p!r} (choose from {', '.join(POLICIES)})", key="--policies")
-    taus = parse_floats(args.tau, "--tau") if args.tau else None
+    taus = parse_floats(args.taus, "--tau") if args.taus else None
     for flag, value in (("--repeats", args.repeats), ("--tokens", args.tokens)):
         if value < 1:
             raise MobileError(f"expected an integer >= 1, got {value}", key=flag)
@@ -180,16 +180,14 @@ POLICY_FIELDS = ("tau", "little_k", "layer_tau", "mass_tau", "signal", "little_w
 
 
 def policy_changes(args: argparse.Namespace) -> dict:
-    """The policy fields given on the command line (a list of taus is the caller's business)."""
+    """The policy fields given on the command line (bench's list of taus is `args.taus`, not here)."""
     changes = {k: getattr(args, k, None) for k in POLICY_FIELDS}
-    if not isinstance(changes["tau"], float):
-        changes.pop("tau")
     return {k: v for k, v in changes.items() if v is not None}
 
 
 def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> None:
     if tau_list:
-        p.add_argument("--tau", help="comma-separated taus: one mobile / layer-mass row each")
+        p.add_argument("--tau", dest="taus", help="comma-separated taus: one mobile / layer-mass row each")
     else:
         p.add_argument("--tau", type=float, help="importance threshold (mobile: falls back below this max "
                        "probability, default 0.25) or little-mass share (layer-mass)")
@@ -205,6 +203,13 @@ def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> No
                    "(default), or none")
     p.add_argument("--little-weights", choices=["rescale", "raw"], help="little-set weights")
     p.add_argument("--little-select", choices=["top", "random"], help="random: a random half (a baseline)")
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """What every command that loads an engine takes: the graph, its weights, the device."""
+    p.add_argument("--graph", required=True, help="a folder written by `mobile compile`")
+    p.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
 
 
 def add_link_options(p: argparse.ArgumentParser) -> None:
@@ -260,8 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="generate text with a compiled graph",
                        description="Load a compiled graph and its weights, and generate from a prompt.")
-    r.add_argument("--graph", required=True, help="a folder written by `mobile compile`")
-    r.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
+    add_engine_options(r)
     src = r.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint folder)")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
@@ -274,7 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="sampling seed (default 0); same seed, same text")
     r.add_argument("--policy", choices=POLICIES, help="override the graph's policy")
     add_policy_options(r)
-    r.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     r.add_argument("--compile", action="store_true", help="run compute segments through torch.compile")
     r.add_argument("--stats", action="store_true", help="print run statistics to stderr")
     r.add_argument("--json", action="store_true", help='print one JSON object {"ids", "text", "stats"}')
@@ -290,8 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "bytes against big-only LRU on the same routes. Policy options (--little-k, --prefetch, "
                        "...) apply to every row; --tau gives mobile and layer-mass one row per value. Every "
                        "policy compiled from one spec gets the same expert-cache memory.")
-    b.add_argument("--graph", required=True, help="a folder written by `mobile compile`")
-    b.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
+    add_engine_options(b)
     b.add_argument("--policies", default="ondemand,lru,lru-prefetch,resident",
                    help="comma-separated policies; ratios are to the first (default: %(default)s)")
     add_policy_options(b, tau_list=True)
@@ -303,7 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokenizer); default: a random prompt, then greedy decoding")
     b.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
     b.add_argument("--repeats", type=int, default=1, help="runs per row, round-robin; report medians (default 1)")
-    b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     b.add_argument("--json", help="also write the rows as JSON to this file")
     add_link_options(b)
     b.set_defaults(fn=cmd_bench)
@@ -313,9 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "importance decisions, fallbacks and KV contents are those of real decoding. Prints "
                        "perplexity, next-token accuracy, greedy agreement with big experts, fallback rate "
                        "and expert bytes per token, next to big-expert decoding of the same text.")
-    e.add_argument("--graph", required=True, help="a folder written by `mobile compile`")
+    add_engine_options(e)
     e.add_argument("--data", required=True, help="a text file, e.g. demo/data/heldout.txt")
-    e.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
     e.add_argument("--policy", choices=POLICIES, help="policy to evaluate (default: the graph's)")
     add_policy_options(e)
     e.add_argument("--sweep-tau", help="comma-separated taus: one row each (a Pareto table)")
@@ -323,7 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=256, help="tokens per window; the KV cache restarts at each "
                    "(default 256)")
     e.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
-    e.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     e.add_argument("--json", action="store_true", help="print JSON: {ppl, accuracy, agreement, fallback_rate, "
                    "bytes_per_token} (a list with --sweep-tau)")
     e.add_argument("--out", help="also write every row as JSON to this file")

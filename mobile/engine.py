@@ -24,7 +24,7 @@ from mobile.executor import Executor, Kernels, StepContext
 from mobile.experts import OffloadedExperts, ResidentExperts, expert_compute_seconds
 from mobile.ir import Graph
 from mobile.kv import KVCache
-from mobile.ops import rope_cos_sin, rope_inv_freq
+from mobile.ops import rope_cos_sin, rope_inv_freq, warm_up_expert_op
 from mobile.passes import compile_spec
 from mobile.sampling import Sampler
 from mobile.spec import Spec, spec_from_dict, with_policy
@@ -220,9 +220,7 @@ class Engine:
         self.stats_.prefill_tokens += ids.numel()
         self.stats_.prefill_s += time.perf_counter() - t0
         new: list[int] = []
-        extra = self.stats_.extra
-        bytes0, stall0 = self.stats_.bytes_h2d, self.stats_.stall_s
-        big_only0 = extra.get("big_only_bytes_h2d", 0)
+        before = self._decode_counters()
         t0 = time.perf_counter()
         while len(new) < max_new_tokens:
             token = int(forced[len(new)]) if forced is not None else sampler(logits[-1])
@@ -234,14 +232,20 @@ class Engine:
             logits = self._forward(torch.tensor([token]), self.length)
             self.stats_.decode_tokens += 1
         self.stats_.decode_s += time.perf_counter() - t0
-        # what the decode phase alone moved and waited for (prefill traffic is a different regime)
-        extra["decode_bytes_h2d"] = extra.get("decode_bytes_h2d", 0) + self.stats_.bytes_h2d - bytes0
-        if "big_only_bytes_h2d" in extra:
-            extra["decode_big_only_bytes_h2d"] = (extra.get("decode_big_only_bytes_h2d", 0)
-                                                  + extra["big_only_bytes_h2d"] - big_only0)
-        extra["decode_stall_s"] = extra.get("decode_stall_s", 0.0) + self.stats_.stall_s - stall0
+        extra = self.stats_.extra
+        for key, value in self._decode_counters().items():
+            extra[key] = extra.get(key, 0) + value - before.get(key, 0)
         extra["decode_s"] = self.stats_.decode_s
         return new
+
+    def _decode_counters(self) -> dict[str, float]:
+        """Running totals whose decode-phase share is reported apart, under these keys (prefill
+        traffic is a different regime)."""
+        s = self.stats_
+        counters = {"decode_bytes_h2d": s.bytes_h2d, "decode_stall_s": s.stall_s}
+        if "big_only_bytes_h2d" in s.extra:  # kept by offloading expert sets only
+            counters["decode_big_only_bytes_h2d"] = s.extra["big_only_bytes_h2d"]
+        return counters
 
     def default_stop_ids(self) -> list[int]:
         eos = read_eos_ids(self.store.dir)
@@ -250,16 +254,6 @@ class Engine:
     def reset_stats(self) -> None:
         self.stats_.reset()
         self.experts.reset_counters()
-
-
-def warm_up_expert_op(device: torch.device, dtype: torch.dtype) -> None:
-    """The expert op's first call imports torch's compiler stack (about a second): pay it while
-    loading, not inside the first prefill's timing."""
-    from mobile.ops import _grouped_experts
-
-    x = torch.zeros(1, 1, dtype=dtype, device=device)
-    _grouped_experts(x, torch.ones(1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device),
-                     torch.zeros(1, 2, 1, dtype=dtype, device=device), torch.zeros(1, 1, 1, dtype=dtype, device=device))
 
 
 def resolve_checkpoint(graph: Graph, graph_dir: Path) -> Path:

@@ -96,10 +96,14 @@ class BigOnlyShadow:
         tables: after a prompt (which runs big under every policy, in rounds when it needs more
         experts than a layer holds), start again from the real cache's demand-loaded contents, so
         that decoding is compared from the same state."""
+        if not self.routes:
+            return 0
         misses = 0
-        prompt = any(ids.shape[0] > 1 for ids in self.routes.values())
-        for layer, ids in self.routes.items():
-            lru, needed = self.lru[layer], torch.unique(ids).tolist()
+        # every layer's routes of one forward have the same shape: one host transfer for all of them
+        routes = dict(zip(self.routes, torch.stack(list(self.routes.values())).tolist(), strict=True))
+        prompt = any(len(rows) > 1 for rows in routes.values())
+        for layer, rows in routes.items():
+            lru, needed = self.lru[layer], sorted({e for row in rows for e in row})
             for e in needed:  # hits first, as SlotTable.lookup takes them
                 if e in lru:
                     lru.move_to_end(e)

@@ -91,32 +91,33 @@ def _lower_shared_prefix(spec: Spec, x: str, add: Callable[[Node], None]) -> Ent
     passes, so `mobile` computes them once."""
     first = spec.moe_layers[0]
     for layer in range(first + 1):
-        p = f"L{layer}."
-        attn_res, h = _lower_attention(spec, p, layer, x, {}, add)
+        node = _node_maker(add, f"L{layer}.", layer, {})
+        attn_res, h = _lower_attention(spec, x, node)
         if layer < first:
-            add(Node.make(p + "mlp", Op.MLP, [h], layer=layer))
-            x = add_node(add, p + "out", Op.ADD, [attn_res, p + "mlp"], layer)
-    router = _router(spec, "little", first, h, lambda name, op, inputs, **attrs: add_node(
-        add, f"L{first}.{name}", op, inputs, first, **attrs))
+            x = node("out", Op.ADD, [attn_res, node("mlp", Op.MLP, [h])])
+    router = _router(spec, "little", h, node)
     shared = None
     if spec.model.moe.shared_expert.intermediate_size:
-        shared = add_node(add, f"L{first}.shared", Op.EXPERT, [h], first, variant="shared",
-                          gate=spec.model.moe.shared_expert.gate)
+        shared = node("shared", Op.EXPERT, [h], variant="shared", gate=spec.model.moe.shared_expert.gate)
     return Entry(first, attn_res, h, router, shared)
 
 
-def add_node(add: Callable[[Node], None], name: str, op: Op, inputs: list[str], layer: int, **attrs) -> str:
-    add(Node.make(name, op, inputs, layer=layer, **attrs))
-    return name
+def _node_maker(add: Callable[[Node], None], prefix: str, layer: int, region: dict) -> Callable[..., str]:
+    """node(name, op, inputs, **attrs) -> the new node's full name, with prefix, layer and region."""
+
+    def node(name: str, op: Op, inputs: list[str], **attrs) -> str:
+        add(Node.make(prefix + name, op, inputs, layer=layer, **region, **attrs))
+        return prefix + name
+
+    return node
 
 
-def _lower_attention(spec: Spec, p: str, layer: int, x: str, region: dict, add) -> tuple[str, str]:
+def _lower_attention(spec: Spec, x: str, node) -> tuple[str, str]:
     """attn_norm -> attention -> residual -> ffn_norm; returns (residual, normed hidden state)."""
-    add(Node.make(p + "attn_norm", Op.NORM, [x], layer=layer, weight="attn_norm", **region))
-    add(Node.make(p + "attn", Op.ATTENTION, [p + "attn_norm"], layer=layer, kind=spec.model.attention.kind, **region))
-    add(Node.make(p + "attn_res", Op.ADD, [x, p + "attn"], layer=layer, **region))
-    add(Node.make(p + "ffn_norm", Op.NORM, [p + "attn_res"], layer=layer, weight="ffn_norm", **region))
-    return p + "attn_res", p + "ffn_norm"
+    attn = node("attn", Op.ATTENTION, [node("attn_norm", Op.NORM, [x], weight="attn_norm")],
+                kind=spec.model.attention.kind)
+    attn_res = node("attn_res", Op.ADD, [x, attn])
+    return attn_res, node("ffn_norm", Op.NORM, [attn_res], weight="ffn_norm")
 
 
 def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | None,
@@ -125,28 +126,22 @@ def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | No
     region = {} if pp.region is None else {"region": pp.region}
     moe_layers = spec.moe_layers
     for layer in range(entry.layer if entry else 0, m.num_layers):
-        p = f"{pp.prefix}L{layer}."
-
-        def node(name: str, op: Op, inputs: list[str], p: str = p, layer: int = layer, **attrs) -> str:
-            add(Node.make(p + name, op, inputs, layer=layer, **region, **attrs))
-            return p + name
-
+        node = _node_maker(add, f"{pp.prefix}L{layer}.", layer, region)
         router = shared = None
         if entry is not None and layer == entry.layer:
             attn_res, h, router, shared = entry.attn_res, entry.h, entry.router, entry.shared_expert
         else:
-            attn_res, h = _lower_attention(spec, p, layer, x, region, add)
+            attn_res, h = _lower_attention(spec, x, node)
         nxt = next((n for n in moe_layers if n > layer), None)
         if pp.predict_prefetch and plan is not None and nxt is not None and spec.is_moe_layer(layer):
             # next-layer prediction: layer nxt's router on this layer's hidden state
-            q = f"{pp.prefix}L{nxt}."
+            ahead = _node_maker(add, f"{pp.prefix}L{nxt}.", nxt, region)
             # the most probable predictions first; never more than the staging slots can take
             k_pred = min(spec.little_k if pp.variant == "little" else m.moe.top_k, plan.staging)
-            add(Node.make(q + "predict", Op.PREDICT, [h], layer=nxt, top_k=k_pred, **region))
-            add(Node.make(q + "prefetch", Op.PREFETCH, [q + "predict"], layer=nxt, set="predicted", k=k_pred,
-                          staging=plan.staging, **region))
+            ahead("prefetch", Op.PREFETCH, [ahead("predict", Op.PREDICT, [h], top_k=k_pred)], set="predicted",
+                  k=k_pred, staging=plan.staging)
         if spec.is_moe_layer(layer):
-            ffn = _lower_moe(spec, pp, layer, h, plan, node, router, shared)
+            ffn = _lower_moe(spec, pp, h, plan, node, router, shared)
         else:
             ffn = node("mlp", Op.MLP, [h])
         x = node("out", Op.ADD, [attn_res, ffn])
@@ -155,7 +150,7 @@ def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | No
     return out
 
 
-def _router(spec: Spec, variant: str, layer: int, h: str, node) -> str:
+def _router(spec: Spec, variant: str, h: str, node) -> str:
     """The router always ranks the big set (top-K); the little variant uses its first little_k."""
     moe = spec.model.moe
     order = {"order": "random"} if variant == "little" and spec.policy.little_select == "random" else {}
@@ -163,12 +158,12 @@ def _router(spec: Spec, variant: str, layer: int, h: str, node) -> str:
                 norm_topk_prob=moe.norm_topk_prob, scaling=moe.routed_scaling_factor, **order)
 
 
-def _lower_moe(spec: Spec, pp: PassPlan, layer: int, h: str, plan: CachePlan | None, node,
+def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node,
                router: str | None = None, shared: str | None = None) -> str:
     """router, shared: values computed before this pass (the shared prefix), else new nodes."""
     moe = spec.model.moe
     K, k = moe.top_k, spec.little_k
-    router = router or _router(spec, pp.variant, layer, h, node)
+    router = router or _router(spec, pp.variant, h, node)
     if pp.mass_tau is not None and K > k:
         # known as soon as the router has run: a token found important here skips the rest of
         # its little pass and goes straight to the big pass

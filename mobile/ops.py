@@ -197,3 +197,11 @@ def _grouped_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor
 @_grouped_experts.register_fake
 def _(x, weights, slots, w13, w2, keep=None):
     return torch.empty_like(x)
+
+
+def warm_up_expert_op(device: torch.device, dtype: torch.dtype) -> None:
+    """The custom op's first call imports torch's compiler stack (about a second): engines pay it
+    while loading, not inside the first prefill's timing."""
+    x = torch.zeros(1, 1, dtype=dtype, device=device)
+    _grouped_experts(x, torch.ones(1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device),
+                     torch.zeros(1, 2, 1, dtype=dtype, device=device), torch.zeros(1, 1, 1, dtype=dtype, device=device))

@@ -29,6 +29,16 @@ class Tiny:
         assert run_cli("import-hf", self.ckpt, "-o", self.spec) == 0
         assert run_cli("compile", self.spec, "-o", self.graph) == 0
 
+    def compile(self, out: Path, *options: str, slots_per_layer: int) -> Path:
+        """This checkpoint's spec with a bounded expert cache, compiled into out/ (extra CLI options
+        such as --policy pass through); returns the graph folder."""
+        text = self.spec.read_text().replace(
+            "runtime:\n", f"runtime:\n  expert_cache:\n    slots_per_layer: {slots_per_layer}\n")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spec.yaml").write_text(text.replace("path: ckpt", f"path: {self.ckpt}"))
+        assert run_cli("compile", out / "spec.yaml", "-o", out / "graph", *options) == 0
+        return out / "graph"
+
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):

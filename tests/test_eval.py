@@ -49,12 +49,9 @@ def test_bench_table_with_taus(tiny, capsys):
 def test_bench_teacher_forced_text(tiny, tmp_path, capsys):
     t = tiny("olmoe")
     (tmp_path / "text.txt").write_text(TEXT)
-    # 4 slots of 8 per layer: the minimum, so every policy keeps moving experts
-    spec = t.spec.read_text().replace("runtime:\n", "runtime:\n  expert_cache:\n    slots_per_layer: 4\n")
-    (tmp_path / "s.yaml").write_text(spec.replace("path: ckpt", f"path: {t.ckpt}"))
-    assert run_cli("compile", tmp_path / "s.yaml", "-o", tmp_path / "g") == 0
+    graph = t.compile(tmp_path, slots_per_layer=4)  # the minimum, so every policy keeps moving experts
     capsys.readouterr()
-    assert run_cli("bench", "--graph", tmp_path / "g", "--policies", "lru,little", "--tokens", "6",
+    assert run_cli("bench", "--graph", graph, "--policies", "lru,little", "--tokens", "6",
                    "--prompt-len", "12", "--text", tmp_path / "text.txt", "--link-gbps", "20",
                    "--json", tmp_path / "b.json", "--repeats", "2") == 0
     out = capsys.readouterr().out

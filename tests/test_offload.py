@@ -43,10 +43,8 @@ def test_offloading_never_changes_results(tiny, family, policy):
 
 def minimum_cache_engine(t, tmp_path, policy: str) -> mobile.Engine:
     """The tiny checkpoint compiled with 4 cache slots per layer: its top_k, the minimum."""
-    text = t.spec.read_text().replace("runtime:\n", "runtime:\n  expert_cache:\n    slots_per_layer: 4\n")
-    (tmp_path / "s.yaml").write_text(text.replace("path: ckpt", f"path: {t.ckpt}"))
-    assert run_cli("compile", tmp_path / "s.yaml", "-o", tmp_path / "g", "--policy", policy) == 0
-    return mobile.Engine.load(tmp_path / "g", weights=t.ckpt, link_gbps=50.0)
+    graph = t.compile(tmp_path / policy, "--policy", policy, slots_per_layer=4)
+    return mobile.Engine.load(graph, weights=t.ckpt, link_gbps=50.0)
 
 
 def test_small_cache_evicts_and_stays_exact(tiny, tmp_path):
@@ -58,8 +56,7 @@ def test_small_cache_evicts_and_stays_exact(tiny, tmp_path):
     assert engine.generate(PROMPT, 24, stop_ids=[]) == ref
     assert engine.stats["expert_misses"] > 24
     engine.close()
-    (tmp_path / "p").mkdir()
-    engine = minimum_cache_engine(t, tmp_path / "p", "lru-prefetch")  # 4 + 1 slots: speculation evicts too
+    engine = minimum_cache_engine(t, tmp_path, "lru-prefetch")  # 4 + 1 slots: speculation evicts too
     assert engine.experts.plan.main == 4 and engine.experts.plan.staging == 1
     assert engine.generate(PROMPT, 24, stop_ids=[]) == ref
     assert engine.stats["prefetch_wasted"] > 0
@@ -219,8 +216,7 @@ def test_big_only_estimate_equals_lru_and_sees_little_savings(tiny, tmp_path):
     assert s["decode_bytes_h2d"] > 0 and s["decode_big_only_bytes_h2d"] == s["decode_bytes_h2d"]
     assert s["decode_bytes_vs_big_only"] == 1.0
     lru.close()
-    (tmp_path / "little").mkdir()
-    little = minimum_cache_engine(t, tmp_path / "little", "little")
+    little = minimum_cache_engine(t, tmp_path, "little")
     little.generate(PROMPT, 24, stop_ids=[])
     assert little.stats["decode_bytes_vs_big_only"] < 0.8
     little.close()
