@@ -3,8 +3,11 @@
     python benchmarks/eval_policies.py [--max-tokens 10000] [--out eval.json]
 
 Rows: big, little (raw and rescaled weights), random halving, the per-layer rule alone
-(layer-mass), mobile at three taus with confidence only, with the per-layer rule (layer_tau), and
-with the router-mass gate (mass_tau) as well. Every position is a decode step (see
+(layer-mass), mobile with confidence only, with the per-layer rule (layer_tau), with the
+router-mass gate (mass_tau) as well, and with the KV refresh (kv_refresh). These count every expert
+a token uses, as if nothing were cached (cached_complement off). Then the "cache:" rows, which run
+with the demo's expert cache and report bytes moved against big-only LRU; there the little pass
+takes the dropped experts already cached (cached_complement). Every position is a decode step (see
 mobile/evaluate.py). Asserts nothing; prints the table. `--only a,b` runs the rows whose labels
 contain one of those strings.
 """
@@ -17,6 +20,7 @@ import json
 import torch
 
 from mobile.evaluate import format_rows, run_eval
+from mobile.spec import CACHE_AWARE_POLICIES
 
 CONFIGS = [
     ("little raw", {"name": "little", "little_weights": "raw"}),
@@ -44,6 +48,32 @@ CONFIGS = [
     ("mobile tau=0.2 lt=0 mt=0.65", {"name": "mobile", "tau": 0.2, "layer_tau": 0.0, "mass_tau": 0.65}),
     ("mobile tau=0.15 lt=0 mt=0.6", {"name": "mobile", "tau": 0.15, "layer_tau": 0.0, "mass_tau": 0.6}),
     ("mobile tau=0.15 lt=0 mt=0.7", {"name": "mobile", "tau": 0.15, "layer_tau": 0.0, "mass_tau": 0.7}),
+    ("mobile tau=0.05 lt=0.85", {"name": "mobile", "tau": 0.05, "layer_tau": 0.85}),
+    ("mobile tau=0.1 lt=0.85", {"name": "mobile", "tau": 0.1, "layer_tau": 0.85}),
+    ("mobile tau=0.05 lt=0.875", {"name": "mobile", "tau": 0.05, "layer_tau": 0.875}),
+    ("mobile tau=0.1 lt=0.875", {"name": "mobile", "tau": 0.1, "layer_tau": 0.875}),
+    ("mobile tau=0.05 lt=0.9", {"name": "mobile", "tau": 0.05, "layer_tau": 0.9}),
+    ("mobile tau=0.1 lt=0.9", {"name": "mobile", "tau": 0.1, "layer_tau": 0.9}),
+    ("mobile tau=0.15 lt=0.85", {"name": "mobile", "tau": 0.15, "layer_tau": 0.85}),
+    # with the device's expert cache (8 of 16 per layer; no speculative copies, so the cache holds
+    # what demand loaded): bytes are what moved, against big-only LRU on the same routes. cached: the
+    # little pass also uses dropped experts that are already in the cache
+    ("cache: lru (big)", {"name": "lru", "offloaded": True}),
+    ("cache: little", {"name": "little", "offloaded": True}),
+    ("cache: mobile tau=0.1 lt=0.85 cached off", {"name": "mobile", "tau": 0.1, "layer_tau": 0.85,
+                                                  "cached_complement": False, "offloaded": True}),
+    ("cache: cached little (layer-mass 0)", {"name": "layer-mass", "tau": 0.0, "cached_complement": True}),
+    ("cache: cached layer-mass 0.6", {"name": "layer-mass", "tau": 0.6, "cached_complement": True}),
+    ("cache: cached layer-mass 0.65", {"name": "layer-mass", "tau": 0.65, "cached_complement": True}),
+    ("cache: cached layer-mass 0.7", {"name": "layer-mass", "tau": 0.7, "cached_complement": True}),
+    ("cache: cached layer-mass 0.8", {"name": "layer-mass", "tau": 0.8, "cached_complement": True}),
+    ("cache: cached tau=0.02 lt=0.7", {"name": "mobile", "tau": 0.02, "layer_tau": 0.7, "cached_complement": True}),
+    ("cache: cached tau=0.05 lt=0.7", {"name": "mobile", "tau": 0.05, "layer_tau": 0.7, "cached_complement": True}),
+    ("cache: cached tau=0.1 lt=0.7", {"name": "mobile", "tau": 0.1, "layer_tau": 0.7, "cached_complement": True}),
+    # both, with each fallback refreshing the KV entries of up to 16 accepted little tokens before it
+    ("mobile tau=0.1 lt=0.85 kv=16", {"name": "mobile", "tau": 0.1, "layer_tau": 0.85, "kv_refresh": 16}),
+    ("mobile tau=0.15 lt=0.85 kv=16", {"name": "mobile", "tau": 0.15, "layer_tau": 0.85, "kv_refresh": 16}),
+    ("mobile tau=0.25 lt=0.85 kv=16", {"name": "mobile", "tau": 0.25, "layer_tau": 0.85, "kv_refresh": 16}),
 ]
 
 
@@ -57,10 +87,11 @@ def main() -> None:
     p.add_argument("--out")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    configs = CONFIGS
+    configs = [(label, options if label.startswith("cache:") or options["name"] not in CACHE_AWARE_POLICIES
+                else {"cached_complement": False, **options}) for label, options in CONFIGS]
     if args.only:
         keep = [f.strip() for f in args.only.split(",") if f.strip()]
-        configs = [c for c in CONFIGS if any(f in c[0] for f in keep)]
+        configs = [c for c in configs if any(f in c[0] for f in keep)]
     rows = run_eval(args.graph, args.data, configs, max_tokens=args.max_tokens)
     print(f"{args.data}, first {args.max_tokens} tokens, windows of 256, every position a decode step")
     print(format_rows(rows))

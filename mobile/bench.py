@@ -66,18 +66,24 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
               prompt_len: int = 8, link_gbps: float | None = None, link_ratio: float | None = None, seed: int = 0,
               json_out: str | None = None, taus: list[float] | None = None, baseline: str | None = None,
               text: str | None = None, policy_options: dict | None = None, repeats: int = 1,
+              kv_refreshes: list[int] | None = None, extra_rows: list[tuple[str, str, dict]] | None = None,
               out=None) -> list[dict]:
-    """policy_options: policy fields for every row (little_k, layer_tau, ...); taus: one row per tau.
+    """policy_options: policy fields for every row (little_k, layer_tau, ...); taus: one row per tau;
+    kv_refreshes: one mobile row per value (per tau); extra_rows: (label, policy, policy options), more
+    rows after the others, with only their own options.
     repeats: runs per row, round-robin over the rows (so slow drift hits every row alike); each
     number reported is the median over the runs."""
     out = out or sys.stdout  # looked up per call: the stream may be swapped (tests, redirection)
     link: dict = {"link_gbps": link_gbps}
     runs: list[tuple[str, str, dict]] = []  # (label, policy, policy options)
     for p in policies:
+        variants: list[tuple[str, dict]] = [("", {})]
         if p in ("mobile", "layer-mass") and taus:
-            runs += [(f"{p} tau={t:g}", p, {**(policy_options or {}), "tau": t}) for t in taus]
-        else:
-            runs.append((p, p, dict(policy_options or {})))
+            variants = [(f" tau={t:g}", {"tau": t}) for t in taus]
+        if p == "mobile" and kv_refreshes:
+            variants = [(f"{label} kv={r}", {**v, "kv_refresh": r}) for label, v in variants for r in kv_refreshes]
+        runs += [(p + label, p, {**(policy_options or {}), **v}) for label, v in variants]
+    runs += extra_rows or []
     samples: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
     for _ in range(repeats):
         for label, policy, options in runs:
@@ -103,12 +109,13 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     what += f"; median of {repeats} runs per row, round-robin" if repeats > 1 else ""
     print(f"\nbench {graph}: {what}, device {device}"
           + (f"; link EMULATED ({desc})" if emulated else ""), file=out)
-    print(f"{'policy':<20} {'tok/s':>9} {'vs ' + base_row['policy']:>16} {'MiB/token':>10} {'stall':>7} "
+    width = max(20, *(len(r["policy"]) for r in rows))
+    print(f"{'policy':<{width}} {'tok/s':>9} {'vs ' + base_row['policy']:>16} {'MiB/token':>10} {'stall':>7} "
           f"{'hit rate':>9} {'prefetch acc':>13} {'fallback':>9} {'bytes vs big-only':>18}", file=out)
     for r in rows:
         acc = "-" if r["prefetch_accuracy"] is None else f"{r['prefetch_accuracy']:.2f}"
         vs_big = "-" if r["bytes_vs_big_only"] is None else f"{r['bytes_vs_big_only']:.2f}x"
-        print(f"{r['policy']:<20} {r['decode_tokens_per_s']:>9.2f} {r['ratio']:>15.2f}x "
+        print(f"{r['policy']:<{width}} {r['decode_tokens_per_s']:>9.2f} {r['ratio']:>15.2f}x "
               f"{r['bytes_per_token'] / 2**20:>10.2f} {r['stall_fraction']:>7.2f} {r['hit_rate']:>9.3f} {acc:>13} "
               f"{r['fallback_rate']:>9.3f} {vs_big:>18}", file=out)
     if any(r["bytes_vs_big_only"] is not None for r in rows):

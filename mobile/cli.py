@@ -126,15 +126,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for p in policies:
         if p not in POLICIES:
             raise MobileError(f"unknown policy {p!r} (choose from {', '.join(POLICIES)})", key="--policies")
+    rows = [parse_row(text) for text in args.row or []]
     taus = parse_floats(args.taus, "--tau") if args.taus else None
+    refreshes = parse_floats(args.kv_refreshes, "--kv-refresh") if args.kv_refreshes else None
+    if refreshes and any(r < 0 or r != int(r) for r in refreshes):
+        raise MobileError(f"expected comma-separated integers >= 0, got {args.kv_refreshes!r}", key="--kv-refresh")
     for flag, value in (("--repeats", args.repeats), ("--tokens", args.tokens)):
         if value < 1:
             raise MobileError(f"expected an integer >= 1, got {value}", key=flag)
     run_bench(args.graph, policies, weights=args.weights, device=args.device, tokens=args.tokens,
               prompt_len=args.prompt_len, link_gbps=args.link_gbps, link_ratio=args.link_ratio,
               seed=args.seed, json_out=args.json, taus=taus, baseline=args.baseline, text=args.text,
+              kv_refreshes=[int(r) for r in refreshes] if refreshes else None, extra_rows=rows,
               policy_options=policy_changes(args), repeats=args.repeats)
     return 0
+
+
+def parse_row(text: str) -> tuple[str, str, dict]:
+    """'mobile tau=0.1 layer_tau=0.7' -> (label, policy, {field: value}), values read as YAML."""
+    import dataclasses
+
+    import yaml
+
+    from mobile.spec import PolicySpec
+
+    words = text.split()
+    if not words or words[0] not in POLICIES:
+        raise MobileError(f"expected a policy ({', '.join(POLICIES)}) then key=value pairs, got {text!r}", key="--row")
+    fields = {f.name for f in dataclasses.fields(PolicySpec)} - {"name"}
+    options = {}
+    for word in words[1:]:
+        key, eq, value = word.partition("=")
+        if not eq or key not in fields:
+            raise MobileError(f"expected key=value with a policy field as key ({', '.join(sorted(fields))}), "
+                              f"got {word!r}", key="--row")
+        options[key] = yaml.safe_load(value)
+    return text, words[0], options
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -162,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     max_tokens=args.max_tokens, device=args.device)
     if args.json:
         picked = rows if args.sweep_tau else [rows[-1]]
-        objs = [{k: r[k] for k in KEYS} | {"label": r["label"]} for r in picked]
+        objs = [{k: r[k] for k in (*KEYS, "bytes_vs_big_only") if k in r} | {"label": r["label"]} for r in picked]
         print(json.dumps(objs if args.sweep_tau else objs[0]))
         return 0
     print(format_rows(rows))
@@ -176,12 +203,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-POLICY_FIELDS = ("tau", "little_k", "layer_tau", "mass_tau", "signal", "little_weights", "little_select", "prefetch")
+POLICY_FIELDS = ("tau", "little_k", "layer_tau", "mass_tau", "signal", "little_weights", "little_select", "prefetch",
+                 "kv_refresh", "cached_complement")
 
 
 def policy_changes(args: argparse.Namespace) -> dict:
-    """The policy fields given on the command line (bench's list of taus is `args.taus`, not here)."""
+    """The policy fields given on the command line (bench's lists of taus and kv refreshes are
+    `args.taus` and `args.kv_refreshes`, not here)."""
     changes = {k: getattr(args, k, None) for k in POLICY_FIELDS}
+    if changes["cached_complement"] is not None:
+        changes["cached_complement"] = changes["cached_complement"] == "on"
     return {k: v for k, v in changes.items() if v is not None}
 
 
@@ -190,17 +221,27 @@ def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> No
         p.add_argument("--tau", dest="taus", help="comma-separated taus: one mobile / layer-mass row each")
     else:
         p.add_argument("--tau", type=float, help="importance threshold (mobile: falls back below this max "
-                       "probability, default 0.25) or little-mass share (layer-mass)")
+                       "probability, default 0.05) or little-mass share (layer-mass)")
     p.add_argument("--little-k", type=int, help="experts in the little set (default ceil(top_k / 2))")
     p.add_argument("--layer-tau", type=float, help="mobile: a layer goes big in the little pass when the "
-                   "little set carries less than this share of the big set's router mass (default 0.85; 0 turns "
+                   "little set carries less than this share of the big set's router mass (default 0.7; 0 turns "
                    "the rule off)")
     p.add_argument("--mass-tau", type=float, help="mobile: a token also falls back when, at any layer, its "
                    "little set carries less than this share of the big set's router mass (default: off)")
+    refresh = ("mobile: a fallback's big pass also recomputes up to N accepted little tokens before it, so their "
+               "KV entries become big ones (default 0: off)")
+    if tau_list:
+        p.add_argument("--kv-refresh", dest="kv_refreshes", metavar="N,...",
+                       help=refresh + "; comma-separated: one mobile row per value (and per tau)")
+    else:
+        p.add_argument("--kv-refresh", type=int, metavar="N", help=refresh)
+    p.add_argument("--cached-complement", choices=["on", "off"], help="mobile and layer-mass: the little pass "
+                   "also uses a token's dropped experts that are already in the device cache (no transfer; default "
+                   "on)")
     p.add_argument("--signal", choices=["max_prob", "entropy", "margin"], help="importance signal")
-    p.add_argument("--prefetch", choices=["both", "predicted", "complement", "none"], help="speculative copies, "
-                   "each only while the link is idle: next-layer prediction, mobile's complement sets, both "
-                   "(default), or none")
+    p.add_argument("--prefetch", choices=["auto", "both", "predicted", "complement", "none"], help="speculative "
+                   "copies, each only while the link is idle: next-layer prediction, mobile's complement sets, both, "
+                   "or none; auto (default): none where the little pass takes what the cache holds, else both")
     p.add_argument("--little-weights", choices=["rescale", "raw"], help="little-set weights")
     p.add_argument("--little-select", choices=["top", "random"], help="random: a random half (a baseline)")
 
@@ -291,12 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "process, and print one table: decode tokens/s and its ratio to the baseline, bytes "
                        "moved per token, stall fraction, cache hit rate, prefetch accuracy, fallback rate, and "
                        "bytes against big-only LRU on the same routes. Policy options (--little-k, --prefetch, "
-                       "...) apply to every row; --tau gives mobile and layer-mass one row per value. Every "
-                       "policy compiled from one spec gets the same expert-cache memory.")
+                       "...) apply to every row; --tau gives mobile and layer-mass one row per value, and "
+                       "--kv-refresh gives mobile one row per value (times the taus). Every policy compiled from one "
+                       "spec gets the same expert-cache memory.")
     add_engine_options(b)
     b.add_argument("--policies", default="ondemand,lru,lru-prefetch,resident",
                    help="comma-separated policies; ratios are to the first (default: %(default)s)")
     add_policy_options(b, tau_list=True)
+    b.add_argument("--row", action="append", metavar="'POLICY KEY=VALUE ...'", help="one more row: a policy and "
+                   "policy fields, e.g. 'mobile tau=0.1 layer_tau=0.7 cached_complement=false' (repeatable; the "
+                   "text is the row's label)")
     b.add_argument("--baseline", help="the policy ratios are taken against (default: the first)")
     b.add_argument("--tokens", type=int, default=32, help="decode tokens per policy (default 32)")
     b.add_argument("--prompt-len", type=int, default=8, help="prompt length in tokens (default 8)")
@@ -313,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Teacher-forced evaluation in which every position is a decode step, so "
                        "importance decisions, fallbacks and KV contents are those of real decoding. Prints "
                        "perplexity, next-token accuracy, greedy agreement with big experts, fallback rate "
-                       "and expert bytes per token, next to big-expert decoding of the same text.")
+                       "and expert bytes per token, next to big-expert decoding of the same text. A policy whose "
+                       "little pass uses the experts already cached (cached_complement, the default for mobile and "
+                       "layer-mass) runs with the graph's expert cache and no speculative copies; its bytes are "
+                       "what moved, against big-only LRU on the same routes.")
     add_engine_options(e)
     e.add_argument("--data", required=True, help="a text file, e.g. demo/data/heldout.txt")
     e.add_argument("--policy", choices=POLICIES, help="policy to evaluate (default: the graph's)")

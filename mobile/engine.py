@@ -82,6 +82,8 @@ class Engine:
         self.inv_freq = inv_freq.to(self.device)
         self._tokenizer = None
         self.length = 0  # positions [0, length) of the current sequence are in the KV cache
+        self.ids = torch.zeros(0, dtype=torch.long)  # their token ids, for the KV refresh
+        self.little_from: int | None = None  # see _forward
 
     def _set_link_rate(self, link: LinkModel, gbps: float | None, ratio: float | None) -> None:
         """Emulated link bandwidth: --link-gbps, else calibrated from --link-ratio, else the spec."""
@@ -106,20 +108,7 @@ class Engine:
         options: link_gbps, link_ratio (emulated link), trace (record a measured timeline),
         all_resident (keep every expert on the device whatever the policy: for quality evals)."""
         graph_dir = Path(graph_dir)
-        graph = load_graph(graph_dir)
-        try:
-            spec = spec_from_dict(graph.spec, source=str(graph_dir / "graph.json"))
-        except SpecError as e:
-            raise SpecError(f"the spec embedded in the graph is invalid: {e.message}", where=e.where,
-                            key=e.key and f"spec.{e.key}") from None
-        changes = {k: v for k, v in (policy_options or {}).items() if v is not None}
-        if policy is not None and policy != spec.policy.name:
-            changes["name"] = policy
-        if changes:
-            # another policy lowers to another graph (prefetch nodes, cache sizes): compile it now,
-            # from the spec the graph was built from
-            spec = with_policy(spec, **changes)
-            graph = compile_spec(spec)
+        graph, spec = resolve_policy(graph_dir, policy, policy_options)
         ckpt = Path(weights) if weights is not None else resolve_checkpoint(graph, graph_dir)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise MobileError(f"device {device!r} requested but CUDA is not available here", key="--device")
@@ -151,11 +140,16 @@ class Engine:
         self.experts.close()
 
     # -- running ------------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, start: int, mode: str | None = None) -> torch.Tensor:
-        """Run positions [start, start + T) of the current sequence; returns logits [T, V].
+    def _forward(self, ids: torch.Tensor, start: int, mode: str | None = None, last_only: bool = False
+                 ) -> torch.Tensor:
+        """Run positions [start, start + T) of the current sequence; returns logits [T, V] ([1, V]
+        with last_only).
 
         With a bounded expert cache, a layer whose experts for these T tokens exceed the cache runs
         them in rounds (experts.Rounds): each needed expert is still loaded once per layer.
+        With policy.kv_refresh, a decoded token that falls back is recomputed together with the
+        accepted little tokens since the last big pass (at most kv_refresh of them), in one batched
+        big pass whose experts load once for the whole block.
         """
         T = ids.shape[0]
         if start + T > self.spec.model.max_position_embeddings:
@@ -165,20 +159,45 @@ class Engine:
             # mobile: a prompt (T > 1) runs one pass, big by default; a decoded token runs little,
             # then the importance gate decides whether it falls back to big
             mode = "decode" if T == 1 else ("little" if self.spec.policy.prefill == "little" else "big")
-        self.kv.ensure(start + T)
+        self.ids = torch.cat((self.ids[:start], ids.cpu()))
+        pending = self.little_from is not None and self.little_from < start  # little KV entries to refresh
+        refresh = self.spec.policy.kv_refresh if mode == "decode" and pending else 0
         self.experts.begin_forward()
+        logits = self._run(ids, start, "gate" if refresh else mode, last_only=last_only)
+        fell_back, ran_little = self.executor.fell_back, self.executor.ran_little
+        refreshed = 0
+        if logits is None:
+            # the token falls back: one big pass over it and the accepted little tokens before it
+            # (at most kv_refresh of them), which overwrites their little KV entries with big ones
+            assert self.little_from is not None
+            first = max(self.little_from, start - refresh)
+            refreshed = start - first
+            logits = self._run(self.ids[first:start + T].to(self.device), first, "big", last_only=True)
+            self.executor.fell_back = True  # as after a decode-mode fallback, for callers that read it
+        self.experts.end_forward(refreshed=refreshed)
+        if fell_back:
+            self.stats_.fallback_tokens += T
+            self.stats_.extra["refreshed_tokens"] = self.stats_.extra.get("refreshed_tokens", 0) + refreshed
+        elif ran_little:
+            self.stats_.little_tokens += T
+        # the first position whose KV entries a little pass wrote since the last big pass
+        accepted_little = ran_little and not fell_back and mode != "little"
+        self.little_from = (self.little_from if self.little_from is not None and self.little_from < start
+                            else start) if accepted_little else None
+        self.length = start + T
+        assert logits is not None
+        return logits
+
+    def _run(self, ids: torch.Tensor, start: int, mode: str, last_only: bool = False) -> torch.Tensor | None:
+        """One executor forward over positions [start, start + len(ids)); None when mode is "gate"
+        and the token falls back. last_only: logits of the last position only."""
+        T = ids.shape[0]
+        self.kv.ensure(start + T)
         positions = torch.arange(start, start + T, device=self.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale)
         kv_len = self.kv.capacity if self.executor.compile else start + T
-        ctx = StepContext(positions=positions, cos=cos, sin=sin, kv_len=kv_len)
-        logits = self.executor.forward(ctx, ids.to(self.device), mode=mode)
-        self.experts.end_forward()
-        if self.executor.fell_back:
-            self.stats_.fallback_tokens += T
-        elif self.executor.ran_little:
-            self.stats_.little_tokens += T
-        self.length = start + T
-        return logits
+        ctx = StepContext(positions=positions, cos=cos, sin=sin, kv_len=kv_len, last_only=last_only)
+        return self.executor.forward(ctx, ids.to(self.device), mode=mode)
 
     def _check_ids(self, input_ids) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, dtype=torch.long)
@@ -216,7 +235,7 @@ class Engine:
         sampler = Sampler(greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)
         stops = set(self.default_stop_ids() if stop_ids is None else stop_ids)
         t0 = time.perf_counter()
-        logits = self._forward(ids, 0)
+        logits = self._forward(ids, 0, last_only=True)
         self.stats_.prefill_tokens += ids.numel()
         self.stats_.prefill_s += time.perf_counter() - t0
         new: list[int] = []
@@ -254,6 +273,26 @@ class Engine:
     def reset_stats(self) -> None:
         self.stats_.reset()
         self.experts.reset_counters()
+
+
+def resolve_policy(graph_dir: Path, policy: str | None = None, policy_options: dict | None = None
+                   ) -> tuple[Graph, Spec]:
+    """A compiled graph and its spec, recompiled when another policy (or policy option) is asked for."""
+    graph = load_graph(graph_dir)
+    try:
+        spec = spec_from_dict(graph.spec, source=str(graph_dir / "graph.json"))
+    except SpecError as e:
+        raise SpecError(f"the spec embedded in the graph is invalid: {e.message}", where=e.where,
+                        key=e.key and f"spec.{e.key}") from None
+    changes = {k: v for k, v in (policy_options or {}).items() if v is not None}
+    if policy is not None and policy != spec.policy.name:
+        changes["name"] = policy
+    if changes:
+        # another policy lowers to another graph (prefetch nodes, cache sizes): compile it now,
+        # from the spec the graph was built from
+        spec = with_policy(spec, **changes)
+        graph = compile_spec(spec)
+    return graph, spec
 
 
 def resolve_checkpoint(graph: Graph, graph_dir: Path) -> Path:

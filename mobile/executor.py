@@ -34,6 +34,7 @@ class StepContext:
     cos: torch.Tensor
     sin: torch.Tensor
     kv_len: int  # attend over cache rows [0, kv_len)
+    last_only: bool = False  # the caller needs only the last position's logits: lm_head skips the rest
 
 
 class Kernels:
@@ -78,7 +79,7 @@ class Kernels:
     def _lm_head(self, node: Node) -> Kernel:
         key = "embed" if self.spec.model.tie_word_embeddings else "lm_head"
         head = self.w[(key, None)]
-        return lambda ctx, x: F.linear(x, head).float()
+        return lambda ctx, x: F.linear(x[-1:] if ctx.last_only else x, head).float()
 
     def _router(self, node: Node) -> Kernel:
         w = self.w[("router", node.attr("layer"))]
@@ -96,6 +97,7 @@ class Kernels:
 
     def _fetch(self, node: Node) -> Kernel:
         layer, k, choose = node.attr("layer"), node.attr("k"), self._chooser(node)
+        cached = bool(node.attr("cached"))
 
         def fetch(ctx, routed):
             weights, ids = routed
@@ -103,6 +105,12 @@ class Kernels:
             if choose is None:
                 return self.experts.fetch(layer, ids[:, :k])
             _, keep = choose(weights)
+            if cached:
+                # dropped experts already on the device come along for free; the fetch pins them,
+                # and the expert node finds exactly these in the fetch's slot map
+                free = self.experts.ready(layer, ids)
+                self.experts.note_free(int((free & ~keep).sum()))
+                keep = keep | free
             return self.experts.fetch(layer, ids[:, :k] if keep is None else ids[keep])
 
         return fetch
@@ -113,6 +121,8 @@ class Kernels:
             return None
         little_k, tau = node.attr("little_k"), node.attr("layer_tau")
         rescale = node.attr("little_weights") == "rescale"
+        if node.attr("cached"):  # always a keep mask over all K: the free experts join it
+            return lambda weights: ops.expert_choice(weights, little_k, tau if tau is not None else 0.0, rescale)
         return lambda weights: ops.expert_choice(weights, little_k, tau, rescale)
 
     def _importance_gate(self, node: Node) -> Kernel:
@@ -169,7 +179,8 @@ class Kernels:
                 g = self.w[("shared_expert_gate", layer)]
                 return lambda ctx, x: torch.sigmoid(F.linear(x, g)) * ops.swiglu(x, gate, up, down)
             return lambda ctx, x: ops.swiglu(x, gate, up, down)
-        k, choose = node.attr("k"), self._chooser(node)
+        k, choose, cached = node.attr("k"), self._chooser(node), bool(node.attr("cached"))
+        rescale = node.attr("little_weights") == "rescale"
         w13, w2 = self.experts.arena(layer)
 
         def routed(ctx, x, routed, slot_map):
@@ -178,6 +189,13 @@ class Kernels:
                 w, keep = weights[:, :k], None
             else:
                 w, keep = choose(weights)
+            if cached and isinstance(slot_map, torch.Tensor):
+                # the slot map holds what the fetch asked for: the chosen experts and the free ones,
+                # which take the router's weights (rescale: the experts used carry the big set's total)
+                keep = keep | (slot_map[ids] >= 0)
+                w = weights.masked_fill(~keep, 0.0)
+                if rescale:
+                    w = w * (weights.sum(-1, keepdim=True) / w.sum(-1, keepdim=True))
             used = ids[:, :w.shape[1]]
             if isinstance(slot_map, torch.Tensor):
                 return ops.routed_experts(x, w, slot_map[used], w13, w2, keep)
@@ -346,12 +364,14 @@ class Executor:
         fn.source = src
         return fn
 
-    def forward(self, ctx: StepContext, tokens: torch.Tensor, mode: str = "decode") -> torch.Tensor:
+    def forward(self, ctx: StepContext, tokens: torch.Tensor, mode: str = "decode") -> torch.Tensor | None:
         """Run the graph once. Regions (the `mobile` policy's two passes) follow `mode`:
         decode: the little pass runs and the importance gates decide whether the fallback runs (a
         per-layer mass gate that fires ends the little pass there);
         big: the little pass is skipped and the fallback (big) pass always runs;
-        little: the little pass runs and never falls back."""
+        little: the little pass runs and never falls back;
+        gate: as decode, but a token that falls back stops there and None is returned: the caller
+        runs the big pass itself (the engine's KV refresh, which recomputes more positions)."""
         env: dict[str, Any] = {GRAPH_INPUTS[0]: tokens}
         self.executed.clear()
         run = {"little": mode != "big", "fallback": mode == "big"}
@@ -363,9 +383,11 @@ class Executor:
                 continue
             self.ran_little |= step.little
             env.update(step.fn(ctx, {k: env.get(k) for k in step.live_in}))
-            if step.nodes[0].op is Op.IMPORTANCE_GATE and mode == "decode":
+            if step.nodes[0].op is Op.IMPORTANCE_GATE and mode in ("decode", "gate"):
                 self.fell_back = bool(env[step.nodes[0].name])
                 if self.fell_back:  # the rest of the little pass (if any) cannot change the outcome
+                    if mode == "gate":
+                        return None
                     run["little"], run["fallback"] = False, True
             for v in step.drop_after:
                 env.pop(v, None)

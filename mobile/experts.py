@@ -58,6 +58,7 @@ class FetchHandle:
     jobs: list[CopyJob] = field(default_factory=list)
     slot_map: torch.Tensor | None = None
     rounds: list[list[int]] = field(default_factory=list)  # when the set exceeds the cache (prefill)
+    experts: list[int] = field(default_factory=list)  # what this fetch asked for (its slot map's members)
 
 
 class Rounds:
@@ -91,16 +92,18 @@ class BigOnlyShadow:
     def note(self, layer: int, ids: torch.Tensor) -> None:
         self.routes[layer] = ids  # a fallback's big pass overwrites its little pass's routes
 
-    def commit(self, tables: dict[int, SlotTable] | None = None) -> int:
+    def commit(self, tables: dict[int, SlotTable] | None = None, refreshed: int = 0) -> int:
         """End of a forward: replay its big sets; returns the bytes big-only would have moved.
         tables: after a prompt (which runs big under every policy, in rounds when it needs more
         experts than a layer holds), start again from the real cache's demand-loaded contents, so
-        that decoding is compared from the same state."""
+        that decoding is compared from the same state. refreshed: the first rows were a KV refresh's
+        recomputed positions, which big-only decoding ran once already; only the rest count."""
         if not self.routes:
             return 0
         misses = 0
         # every layer's routes of one forward have the same shape: one host transfer for all of them
-        routes = dict(zip(self.routes, torch.stack(list(self.routes.values())).tolist(), strict=True))
+        stacked = torch.stack(list(self.routes.values()))[:, refreshed:]
+        routes = dict(zip(self.routes, stacked.tolist(), strict=True))
         prompt = any(len(rows) > 1 for rows in routes.values())
         for layer, rows in routes.items():
             lru, needed = self.lru[layer], sorted({e for row in rows for e in row})
@@ -150,7 +153,7 @@ class ResidentExperts:
     def begin_forward(self) -> None:
         self.used.zero_()
 
-    def end_forward(self) -> None:
+    def end_forward(self, refreshed: int = 0) -> None:
         # each (layer, expert) once per forward: a fallback reuses what its little pass fetched
         self.used_total += self.used.sum()
 
@@ -162,6 +165,13 @@ class ResidentExperts:
 
     def note_route(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None:
         return None  # nothing moves, so there is nothing to compare with
+
+    def ready(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """Which of these experts are on the device with no copy pending: all of them."""
+        return torch.ones_like(ids, dtype=torch.bool)
+
+    def note_free(self, n: int) -> None:
+        return None
 
     def wait(self, handle: FetchHandle) -> torch.Tensor | Rounds:
         assert handle.slot_map is not None
@@ -240,12 +250,28 @@ class OffloadedExperts:
         self._request(layer, needed, handle)
         return handle
 
+    def ready(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """Which of these experts are in the layer's cache with their copies done: using them costs
+        no transfer and no wait. ids [T, K] -> bool [T, K]."""
+        table, pending = self.tables[layer], self.pending[layer]
+        flat = []
+        for e in ids.flatten().tolist():  # host sync: a fetch is a sync point in the graph
+            slot = table.slot_of.get(e)
+            job = None if slot is None else pending.get(slot)
+            flat.append(slot is not None and (job is None or job.finished()))
+        return torch.tensor(flat, device=ids.device).view(ids.shape)
+
+    def note_free(self, n: int) -> None:
+        """n dropped experts that a little pass used because they were already in the cache."""
+        self.stats.extra["free_complement_experts"] = self.stats.extra.get("free_complement_experts", 0) + n
+
     def _request(self, layer: int, needed: list[int], handle: FetchHandle) -> None:
         table = self.tables[layer]
+        handle.experts.extend(needed)
         for e, slot, hit in table.lookup(needed):
             if hit:
                 job = self.pending[layer].get(slot)
-                if job is not None and not job.done.is_set():
+                if job is not None and not job.finished():
                     self.engine.promote(job)  # a prefetch still in flight is now needed: demand priority
                     handle.jobs.append(job)
             else:
@@ -256,7 +282,11 @@ class OffloadedExperts:
         self.stats.stall_s += stall
         slot_map = self.slot_maps[handle.layer]
         table = self.tables[handle.layer]
-        slot_map.copy_(torch.tensor(table.slot_array(self.num_experts)), non_blocking=True)
+        # only this fetch's experts: others in the cache may still be in flight (prefetches)
+        members = [-1] * self.num_experts
+        for e in handle.experts:
+            members[e] = table.slot_of[e]
+        slot_map.copy_(torch.tensor(members), non_blocking=True)
         return Rounds(self, handle, slot_map) if handle.rounds else slot_map
 
     def load_round(self, layer: int, members: list[int]) -> torch.Tensor:
@@ -289,9 +319,10 @@ class OffloadedExperts:
     def begin_forward(self) -> None:
         return None
 
-    def end_forward(self) -> None:
+    def end_forward(self, refreshed: int = 0) -> None:
+        """refreshed: how many positions before the token a KV refresh recomputed in this forward."""
         extra = self.stats.extra
-        extra["big_only_bytes_h2d"] = extra.get("big_only_bytes_h2d", 0) + self.shadow.commit(self.tables)
+        extra["big_only_bytes_h2d"] = extra.get("big_only_bytes_h2d", 0) + self.shadow.commit(self.tables, refreshed)
 
     def collect_stats(self) -> None:
         c = [t.counters for t in self.tables.values()]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from mobile.budget import PREFETCH_POLICIES, CachePlan, cache_plan
 from mobile.ir import Graph, Node, Op
-from mobile.spec import Spec
+from mobile.spec import CACHE_AWARE_POLICIES, Spec
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,18 @@ def lower(spec: Spec) -> Graph:
     plan = cache_plan(spec)  # raises if the cache budget is below the working set
     policy, K, k = spec.policy.name, spec.model.moe.top_k, spec.little_k
     prefetch = policy in PREFETCH_POLICIES and plan is not None
-    predicted = prefetch and spec.policy.prefetch in ("both", "predicted")
-    complement = prefetch and spec.policy.prefetch in ("both", "complement")
+    mode = spec.policy.prefetch
+    if mode == "auto":
+        # measured on the demo model (README): once the little pass takes what the cache holds,
+        # speculative copies cost more link time and cache room than they save
+        mode = "none" if _cache_aware(spec) else "both"
+    predicted = prefetch and mode in ("both", "predicted")
+    complement = prefetch and mode in ("both", "complement")
     nodes: list[Node] = []
     add = nodes.append
     add(Node.make("embed", Op.EMBED, ["tokens"]))
     if policy == "mobile":
-        little = PassPlan("", "little", "little", K if spec.policy.layer_tau is not None else k,
+        little = PassPlan("", "little", "little", K if _may_go_big(spec, spec.policy.layer_tau) else k,
                           layer_tau=spec.policy.layer_tau, complement_prefetch=complement, predict_prefetch=predicted,
                           mass_tau=spec.policy.mass_tau)
         shared = _lower_shared_prefix(spec, "embed", add)
@@ -67,11 +72,20 @@ def lower(spec: Spec) -> Graph:
         add(Node.make("logits", Op.SELECT, [little_logits, big_logits]))
     elif policy in ("little", "layer-mass"):
         tau = spec.policy.tau if policy == "layer-mass" else None
-        _lower_pass(spec, PassPlan("", "little", None, K if tau is not None else k, layer_tau=tau,
+        _lower_pass(spec, PassPlan("", "little", None, K if _may_go_big(spec, tau) else k, layer_tau=tau,
                                    predict_prefetch=predicted), "embed", "logits", plan, add)
     else:
         _lower_pass(spec, PassPlan("", "big", None, K, predict_prefetch=predicted), "embed", "logits", plan, add)
     return Graph(name=spec.name, nodes=tuple(nodes), spec=spec.to_dict(), passes=("lower",))
+
+
+def _may_go_big(spec: Spec, layer_tau: float | None) -> bool:
+    """Whether a little pass may use more than little_k experts of a token at some layer."""
+    return layer_tau is not None or _cache_aware(spec)
+
+
+def _cache_aware(spec: Spec) -> bool:
+    return spec.policy.cached_complement and spec.policy.name in CACHE_AWARE_POLICIES
 
 
 @dataclass(frozen=True)
@@ -173,6 +187,8 @@ def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node,
         use.update(little_k=k, little_weights=spec.policy.little_weights)
         if pp.layer_tau is not None:
             use["layer_tau"] = pp.layer_tau
+        if _cache_aware(spec):
+            use["cached"] = True
     fetch = node("fetch", Op.FETCH, [router], set=pp.variant, variant=pp.variant, **use)
     if pp.complement_prefetch and plan is not None and K > k:
         # S_K minus S_k is known now; stage it at low priority, for a possible fallback. It reads the

@@ -127,9 +127,3 @@ class SlotTable:
         self.expert_in[slot] = expert
         self.slot_of[expert] = slot
 
-    def slot_array(self, num_experts: int) -> list[int]:
-        """[E] slot of each expert, -1 where absent."""
-        out = [-1] * num_experts
-        for e, s in self.slot_of.items():
-            out[e] = s
-        return out

@@ -53,6 +53,13 @@ class CopyJob:
         self.started = False  # set by the worker, under the engine's lock
         self.cancelled = False
 
+    def finished(self) -> bool:
+        """The copy has landed. On CUDA `done` is set once the copy is queued on the copy stream, so
+        the event is what tells."""
+        if self.event is not None:
+            return bool(self.event.query())
+        return self.done.is_set()
+
     def wait(self) -> float:
         """Block until the copy is usable; returns seconds the host spent blocked."""
         if self.event is not None:

@@ -26,7 +26,8 @@ def test_eval_sweep_table(tiny, tmp_path, capsys):
     (tmp_path / "text.txt").write_text(TEXT)
     capsys.readouterr()
     assert run_cli("eval", "--graph", t.graph, "--data", tmp_path / "text.txt", "--policy", "mobile",
-                   "--sweep-tau", "0,1.01", "--window", "64", "--out", tmp_path / "rows.json") == 0
+                   "--sweep-tau", "0,1.01", "--window", "64", "--cached-complement", "off",
+                   "--out", tmp_path / "rows.json") == 0
     text = capsys.readouterr().out
     assert "mobile tau=0" in text and "mobile tau=1.01" in text and text.splitlines()[1].startswith("big")
     rows = json.loads((tmp_path / "rows.json").read_text())
@@ -44,6 +45,20 @@ def test_bench_table_with_taus(tiny, capsys):
                    "--tokens", "6", "--link-gbps", "20") == 0
     out = capsys.readouterr().out
     assert "link EMULATED" in out and "mobile tau=0" in out and "mobile tau=1.01" in out and "little" in out
+
+
+def test_bench_rows_with_their_own_options(tiny, tmp_path, capsys):
+    t = tiny("olmoe")
+    graph = t.compile(tmp_path, slots_per_layer=6)
+    capsys.readouterr()
+    assert run_cli("bench", "--graph", graph, "--policies", "lru", "--tokens", "6", "--link-gbps", "20",
+                   "--row", "mobile tau=1.01 cached_complement=off", "--row", "layer-mass tau=0",
+                   "--json", tmp_path / "b.json") == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["policy"] for r in rows] == ["lru", "mobile tau=1.01 cached_complement=off", "layer-mass tau=0"]
+    assert rows[1]["fallback_rate"] == 1.0  # its own tau, not the spec's
+    assert run_cli("bench", "--graph", graph, "--policies", "lru", "--row", "mobile speed=3") == 2
+    assert "--row: expected key=value" in capsys.readouterr().err
 
 
 def test_bench_teacher_forced_text(tiny, tmp_path, capsys):

@@ -47,3 +47,45 @@ def test_little_graph_fetches_little_sets(tmp_path):
     assert {n.attr("variant") for n in experts} == {"little"} and {n.attr("k") for n in experts} == {4}
     assert {n.attr("k") for n in g.by_op(Op.FETCH)} == {4}
     assert {n.attr("h2d_bytes") for n in g.by_op(Op.FETCH)} == {4 * 3 * 2048 * 1024 * 2}
+
+
+@pytest.mark.parametrize("weights", ["raw", "rescale"])
+def test_cached_complement_with_every_expert_on_the_device_is_big(tiny, tmp_path, weights):
+    """With all experts resident, every dropped expert is free: the little pass is the big model,
+    with the router's own weights (rescaling the whole big set changes nothing)."""
+    t = tiny("olmoe")
+    # layer-mass with tau 0 never calls a layer big: the little set plus whatever is cached
+    compile_dir = t.compile(tmp_path / "cc", "--policy", "layer-mass", "--tau", "0", "--cached-complement", "on",
+                            "--little-weights", weights, slots_per_layer=4)
+    engine = mobile.Engine.load(compile_dir, weights=t.ckpt, all_resident=True)
+    with torch.no_grad():
+        big = t.model(PROMPT[None]).logits[0]
+    assert (engine.logits(PROMPT) - big).abs().max() < 1e-4
+
+
+def test_cached_complement_never_moves_a_dropped_expert(tiny, tmp_path):
+    """Under an offloaded cache the little pass adds only experts already on the device: every
+    copy a decode step's fetch issues is for an expert of some token's little set, and some dropped
+    experts do come along for free."""
+    t = tiny("olmoe")
+    graph = t.compile(tmp_path / "cc", "--policy", "layer-mass", "--tau", "0", "--cached-complement", "on",
+                      slots_per_layer=6)
+    engine = mobile.Engine.load(graph, weights=t.ckpt, link_gbps=50.0)
+    experts, little_k = engine.experts, engine.spec.little_k
+    routes, fetch, violations = {}, experts.fetch, []
+
+    def note_route(layer, weights, ids):
+        routes[layer] = ids
+
+    def checked_fetch(layer, ids):
+        table = experts.tables[layer]
+        copied = [e for e in torch.unique(ids).tolist() if e not in table.slot_of]
+        little = set(routes[layer][:, :little_k].flatten().tolist())
+        violations.extend((layer, e) for e in copied if e not in little)
+        return fetch(layer, ids)
+
+    experts.note_route, experts.fetch = note_route, checked_fetch
+    engine.generate(PROMPT, 24, stop_ids=[])
+    assert not violations
+    assert engine.stats["free_complement_experts"] > 0
+    engine.close()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import mobile
 from mobile.errors import SpecError
+from mobile.experts import BigOnlyShadow
 from mobile.ir import Op
 from mobile.slots import CacheFull, SlotTable
 from mobile.transfer import PREFETCH, CopyEngine, LinkModel
@@ -246,3 +247,19 @@ def test_prefetch_option_selects_the_speculative_copies(prefetch, sets):
     g = lower(dataclasses.replace(spec, runtime=dataclasses.replace(
         spec.runtime, expert_cache=dataclasses.replace(spec.runtime.expert_cache, slots_per_layer=8))))
     assert {n.attr("set") for n in g.nodes if n.op is Op.PREFETCH} == sets
+
+
+def test_big_only_estimate_counts_a_kv_refresh_once():
+    """A KV refresh's big pass routes the recomputed positions again; big-only decoding ran them
+    once already, so the estimate replays only the token's own row, and a refresh (more than one
+    row) is not mistaken for a prompt, which would resync the estimate with the real cache."""
+    shadow = BigOnlyShadow([0], slots=2, expert_bytes=10)
+    shadow.note(0, torch.tensor([[0, 1]]))
+    assert shadow.commit() == 20
+    real = SlotTable(main=2)
+    real.access(7)  # the real cache holds another expert: a resync would show
+    shadow.note(0, torch.tensor([[2, 3], [4, 5], [0, 1]]))  # positions t-2, t-1 refreshed; t is [0, 1]
+    assert shadow.commit(tables={0: real}, refreshed=2) == 0
+    assert list(shadow.lru[0]) == [0, 1]
+    shadow.note(0, torch.tensor([[2, 3], [4, 5]]))  # a prompt: counted whole, then resynced
+    assert shadow.commit(tables={0: real}) == 40 and list(shadow.lru[0]) == [7]
