@@ -67,6 +67,7 @@ CONFIGS = [
     ("cache: cached layer-mass 0.65", {"name": "layer-mass", "tau": 0.65, "cached_complement": True}),
     ("cache: cached layer-mass 0.7", {"name": "layer-mass", "tau": 0.7, "cached_complement": True}),
     ("cache: cached layer-mass 0.8", {"name": "layer-mass", "tau": 0.8, "cached_complement": True}),
+    ("cache: cached tau=0 lt=0.7", {"name": "mobile", "tau": 0.0, "layer_tau": 0.7, "cached_complement": True}),
     ("cache: cached tau=0.02 lt=0.7", {"name": "mobile", "tau": 0.02, "layer_tau": 0.7, "cached_complement": True}),
     ("cache: cached tau=0.05 lt=0.7", {"name": "mobile", "tau": 0.05, "layer_tau": 0.7, "cached_complement": True}),
     ("cache: cached tau=0.1 lt=0.7", {"name": "mobile", "tau": 0.1, "layer_tau": 0.7, "cached_complement": True}),

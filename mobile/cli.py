@@ -221,7 +221,7 @@ def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> No
         p.add_argument("--tau", dest="taus", help="comma-separated taus: one mobile / layer-mass row each")
     else:
         p.add_argument("--tau", type=float, help="importance threshold (mobile: falls back below this max "
-                       "probability, default 0.05) or little-mass share (layer-mass)")
+                       "probability; default 0: off, the per-layer rule decides) or little-mass share (layer-mass)")
     p.add_argument("--little-k", type=int, help="experts in the little set (default ceil(top_k / 2))")
     p.add_argument("--layer-tau", type=float, help="mobile: a layer goes big in the little pass when the "
                    "little set carries less than this share of the big set's router mass (default 0.7; 0 turns "

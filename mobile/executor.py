@@ -107,10 +107,12 @@ class Kernels:
             _, keep = choose(weights)
             if cached:
                 # dropped experts already on the device come along for free; the fetch pins them,
-                # and the expert node finds exactly these in the fetch's slot map
-                free = self.experts.ready(layer, ids)
-                self.experts.note_free(int((free & ~keep).sum()))
-                keep = keep | free
+                # and the expert node finds exactly these in the fetch's slot map. One host copy
+                # of the (small) route, then plain Python: this runs for every token and layer.
+                pairs = list(zip(ids.flatten().tolist(), keep.flatten().tolist(), strict=True))
+                free = self.experts.ready(layer, {e for e, kept in pairs if not kept})
+                self.experts.note_free(sum(1 for e, kept in pairs if not kept and e in free))
+                return self.experts.fetch(layer, [e for e, kept in pairs if kept or e in free])
             return self.experts.fetch(layer, ids[:, :k] if keep is None else ids[keep])
 
         return fetch

@@ -157,7 +157,8 @@ class ResidentExperts:
         # each (layer, expert) once per forward: a fallback reuses what its little pass fetched
         self.used_total += self.used.sum()
 
-    def fetch(self, layer: int, ids: torch.Tensor) -> FetchHandle:
+    def fetch(self, layer: int, ids: torch.Tensor | list[int]) -> FetchHandle:
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.used.device)
         mask = torch.zeros_like(self.used[0]).index_fill_(0, ids.flatten(), True)
         self.hits += mask.sum()  # every lookup hits; unique experts per fetch, as a cache counts them
         self.used[self.index[layer]] |= mask
@@ -166,9 +167,9 @@ class ResidentExperts:
     def note_route(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None:
         return None  # nothing moves, so there is nothing to compare with
 
-    def ready(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+    def ready(self, layer: int, experts: set[int]) -> set[int]:
         """Which of these experts are on the device with no copy pending: all of them."""
-        return torch.ones_like(ids, dtype=torch.bool)
+        return experts
 
     def note_free(self, n: int) -> None:
         return None
@@ -237,29 +238,31 @@ class OffloadedExperts:
         self.stats.bytes_h2d += job.nbytes
         return job
 
-    def fetch(self, layer: int, ids: torch.Tensor) -> FetchHandle:
+    def fetch(self, layer: int, ids: torch.Tensor | list[int]) -> FetchHandle:
         table = self.tables[layer]
         table.begin_step()
         if self.policy == "ondemand":
             table.forget()
         handle = FetchHandle(layer)
-        needed = torch.unique(ids).tolist()  # host sync: a fetch is a sync point in the graph
+        # host sync: a fetch is a sync point in the graph
+        needed = torch.unique(ids).tolist() if isinstance(ids, torch.Tensor) else sorted(set(ids))
         if len(needed) > self.plan.main:
             handle.rounds = [needed[i:i + self.plan.main] for i in range(0, len(needed), self.plan.main)]
             needed = handle.rounds[0]
         self._request(layer, needed, handle)
         return handle
 
-    def ready(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+    def ready(self, layer: int, experts: set[int]) -> set[int]:
         """Which of these experts are in the layer's cache with their copies done: using them costs
-        no transfer and no wait. ids [T, K] -> bool [T, K]."""
+        no transfer and no wait."""
         table, pending = self.tables[layer], self.pending[layer]
-        flat = []
-        for e in ids.flatten().tolist():  # host sync: a fetch is a sync point in the graph
+        out = set()
+        for e in experts:
             slot = table.slot_of.get(e)
             job = None if slot is None else pending.get(slot)
-            flat.append(slot is not None and (job is None or job.finished()))
-        return torch.tensor(flat, device=ids.device).view(ids.shape)
+            if slot is not None and (job is None or job.finished()):
+                out.add(e)
+        return out
 
     def note_free(self, n: int) -> None:
         """n dropped experts that a little pass used because they were already in the cache."""

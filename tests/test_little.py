@@ -79,7 +79,7 @@ def test_cached_complement_never_moves_a_dropped_expert(tiny, tmp_path):
 
     def checked_fetch(layer, ids):
         table = experts.tables[layer]
-        copied = [e for e in torch.unique(ids).tolist() if e not in table.slot_of]
+        copied = [e for e in torch.unique(torch.as_tensor(ids)).tolist() if e not in table.slot_of]
         little = set(routes[layer][:, :little_k].flatten().tolist())
         violations.extend((layer, e) for e in copied if e not in little)
         return fetch(layer, ids)
