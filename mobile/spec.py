@@ -107,7 +107,7 @@ class PolicySpec:
     # Defaults chosen on the demo model's held-out text (README, "Quality" and "Speed"): with the
     # little pass taking the dropped experts that are already cached (cached_complement), the
     # per-layer rule at 0.7 meets the quality targets by itself, and the confidence gate (tau 0.05:
-    # 2-7% fallbacks, each a second pass) bought at most +0.003 agreement for 8-13% of decode
+    # 2-7% fallbacks, each a second pass) bought at most +0.003 agreement for up to 13% of decode
     # speed, so it is off (tau 0) by default. Without cached_complement the best setting measured
     # was tau 0.1, layer_tau 0.85. Raw weights matched or beat rescaled ones. tau is the gate's
     # threshold for `mobile` and the little-mass share for `layer-mass`.
