@@ -82,7 +82,7 @@ class Engine:
         self.inv_freq = inv_freq.to(self.device)
         self._tokenizer = None
         self.length = 0  # positions [0, length) of the current sequence are in the KV cache
-        self.ids = torch.zeros(0, dtype=torch.long)  # their token ids, for the KV refresh
+        self.ids = torch.zeros(0, dtype=torch.long)  # their token ids, kept only for the KV refresh
         self.little_from: int | None = None  # see _forward
 
     def _set_link_rate(self, link: LinkModel, gbps: float | None, ratio: float | None) -> None:
@@ -159,9 +159,11 @@ class Engine:
             # mobile: a prompt (T > 1) runs one pass, big by default; a decoded token runs little,
             # then the importance gate decides whether it falls back to big
             mode = "decode" if T == 1 else ("little" if self.spec.policy.prefill == "little" else "big")
-        self.ids = torch.cat((self.ids[:start], ids.cpu()))
+        kv_refresh = self.spec.policy.kv_refresh
+        if kv_refresh:  # the refresh recomputes earlier positions, so it needs their token ids
+            self.ids = torch.cat((self.ids[:start], ids.cpu()))
         pending = self.little_from is not None and self.little_from < start  # little KV entries to refresh
-        refresh = self.spec.policy.kv_refresh if mode == "decode" and pending else 0
+        refresh = kv_refresh if mode == "decode" and pending else 0
         self.experts.begin_forward()
         logits = self._run(ids, start, "gate" if refresh else mode, last_only=last_only)
         fell_back, ran_little = self.executor.fell_back, self.executor.ran_little
@@ -180,10 +182,12 @@ class Engine:
             self.stats_.extra["refreshed_tokens"] = self.stats_.extra.get("refreshed_tokens", 0) + refreshed
         elif ran_little:
             self.stats_.little_tokens += T
-        # the first position whose KV entries a little pass wrote since the last big pass
-        accepted_little = ran_little and not fell_back and mode != "little"
-        self.little_from = (self.little_from if self.little_from is not None and self.little_from < start
-                            else start) if accepted_little else None
+        # the first position whose KV entries a little pass wrote since the last big pass (only the
+        # refresh reads it)
+        if not (kv_refresh and ran_little and not fell_back and mode != "little"):
+            self.little_from = None
+        elif self.little_from is None or self.little_from >= start:
+            self.little_from = start
         self.length = start + T
         assert logits is not None
         return logits

@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from mobile.engine import Engine, resolve_policy
 from mobile.errors import MobileError
-from mobile.spec import CACHE_AWARE_POLICIES
 
 KEYS = ("ppl", "accuracy", "agreement", "fallback_rate", "bytes_per_token")
 
@@ -96,7 +95,7 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
         options = dict(options)
         offloaded, name = bool(options.pop("offloaded", False)), options.pop("name")
         _, spec = resolve_policy(Path(graph), name, options)
-        offloaded |= spec.policy.cached_complement and spec.policy.name in CACHE_AWARE_POLICIES
+        offloaded |= spec.policy.cache_aware
         if offloaded:
             # the fast emulated link would accept every speculative copy, which a real link does
             # not: without them the cache holds what demand loaded, and the run is deterministic

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from mobile.budget import PREFETCH_POLICIES, CachePlan, cache_plan
 from mobile.ir import Graph, Node, Op
-from mobile.spec import CACHE_AWARE_POLICIES, Spec
+from mobile.spec import Spec
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def lower(spec: Spec) -> Graph:
     if mode == "auto":
         # measured on the demo model (README): once the little pass takes what the cache holds,
         # speculative copies cost more link time and cache room than they save
-        mode = "none" if _cache_aware(spec) else "both"
+        mode = "none" if spec.policy.cache_aware else "both"
     predicted = prefetch and mode in ("both", "predicted")
     complement = prefetch and mode in ("both", "complement")
     nodes: list[Node] = []
@@ -81,11 +81,7 @@ def lower(spec: Spec) -> Graph:
 
 def _may_go_big(spec: Spec, layer_tau: float | None) -> bool:
     """Whether a little pass may use more than little_k experts of a token at some layer."""
-    return layer_tau is not None or _cache_aware(spec)
-
-
-def _cache_aware(spec: Spec) -> bool:
-    return spec.policy.cached_complement and spec.policy.name in CACHE_AWARE_POLICIES
+    return layer_tau is not None or spec.policy.cache_aware
 
 
 @dataclass(frozen=True)
@@ -187,7 +183,7 @@ def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node,
         use.update(little_k=k, little_weights=spec.policy.little_weights)
         if pp.layer_tau is not None:
             use["layer_tau"] = pp.layer_tau
-        if _cache_aware(spec):
+        if spec.policy.cache_aware:
             use["cached"] = True
     fetch = node("fetch", Op.FETCH, [router], set=pp.variant, variant=pp.variant, **use)
     if pp.complement_prefetch and plan is not None and K > k:

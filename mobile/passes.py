@@ -49,8 +49,8 @@ def schedule(g: Graph) -> Graph:
 
     Ready importance gates go first (one that fires ends the pass), then ready transfers (as early
     as their inputs allow), waits last (right before the first node that needs them), and other
-    compute keeps program order. So independent compute
-    such as a shared expert slides between a fetch and its wait, where it overlaps the copy.
+    compute keeps program order. So independent compute such as a shared expert slides between a
+    fetch and its wait, where it overlaps the copy.
     A transfer that cannot move earlier gets a `hoist_limit` attr saying which input holds it.
     """
     index = {n.name: i for i, n in enumerate(g.nodes)}

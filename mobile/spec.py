@@ -131,6 +131,11 @@ class PolicySpec:
     # S_k) that are already in the device cache. They cost no transfer, only compute; quality then
     # depends on the cache. `little` stays the pure top-k/2 bound.
     cached_complement: bool = True
+
+    @property
+    def cache_aware(self) -> bool:
+        """The little pass takes the dropped experts already cached (its results depend on the cache)."""
+        return self.cached_complement and self.name in CACHE_AWARE_POLICIES
     # top: the little set is the top little_k; random: a random little_k of the top-K (a baseline
     # that shows what choosing by router weight is worth)
     little_select: Literal["top", "random"] = "top"

@@ -144,7 +144,7 @@ class CopyEngine:
     def idle(self) -> bool:
         """Nothing queued or in flight: a copy started now delays no other copy."""
         if self.cuda:
-            return self._last is None or self._last.event is None or self._last.event.query()
+            return self._last is None or self._last.finished()
         with self._cv:
             return not self._queue and not self._copying
 
