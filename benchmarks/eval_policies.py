@@ -5,9 +5,10 @@
 Rows: big, little (raw and rescaled weights), random halving, the per-layer rule alone
 (layer-mass), mobile with confidence only, with the per-layer rule (layer_tau), with the
 router-mass gate (mass_tau) as well, and with the KV refresh (kv_refresh). These count every expert
-a token uses, as if nothing were cached (cached_complement off). Then the "cache:" rows, which run
-with the demo's expert cache and report bytes moved against big-only LRU; there the little pass
-takes the dropped experts already cached (cached_complement). Every position is a decode step (see
+a token uses, as if nothing were cached (cached_complement off), and use the switch layer rule.
+Then the "cache:" rows, which run with the demo's expert cache and report bytes moved against
+big-only decoding with the same cache; there the little pass takes the dropped experts already
+cached (cached_complement). Every position is a decode step (see
 mobile/evaluate.py). Asserts nothing; prints the table. `--only a,b` runs the rows whose labels
 contain one of those strings.
 """
@@ -56,21 +57,26 @@ CONFIGS = [
     ("mobile tau=0.1 lt=0.9", {"name": "mobile", "tau": 0.1, "layer_tau": 0.9}),
     ("mobile tau=0.15 lt=0.85", {"name": "mobile", "tau": 0.15, "layer_tau": 0.85}),
     # with the device's expert cache (8 of 16 per layer; no speculative copies, so the cache holds
-    # what demand loaded): bytes are what moved, against big-only LRU on the same routes. cached: the
-    # little pass also uses dropped experts that are already in the cache
+    # what demand loaded): bytes are what moved, against big-only decoding with the same cache (slots
+    # and eviction) on the same routes. cached: the little pass also uses dropped experts that are
+    # already in the cache. Eviction is each policy's default (lru for lru, lfu for the big-little
+    # policies) unless the row names one.
     ("cache: lru (big)", {"name": "lru", "offloaded": True}),
+    ("cache: lru (big) eviction lfu", {"name": "lru", "eviction": "lfu", "offloaded": True}),
     ("cache: little", {"name": "little", "offloaded": True}),
-    ("cache: mobile tau=0.1 lt=0.85 cached off", {"name": "mobile", "tau": 0.1, "layer_tau": 0.85,
-                                                  "cached_complement": False, "offloaded": True}),
-    ("cache: cached little (layer-mass 0)", {"name": "layer-mass", "tau": 0.0, "cached_complement": True}),
-    ("cache: cached layer-mass 0.6", {"name": "layer-mass", "tau": 0.6, "cached_complement": True}),
-    ("cache: cached layer-mass 0.65", {"name": "layer-mass", "tau": 0.65, "cached_complement": True}),
-    ("cache: cached layer-mass 0.7", {"name": "layer-mass", "tau": 0.7, "cached_complement": True}),
-    ("cache: cached layer-mass 0.8", {"name": "layer-mass", "tau": 0.8, "cached_complement": True}),
-    ("cache: cached tau=0 lt=0.7", {"name": "mobile", "tau": 0.0, "layer_tau": 0.7, "cached_complement": True}),
-    ("cache: cached tau=0.02 lt=0.7", {"name": "mobile", "tau": 0.02, "layer_tau": 0.7, "cached_complement": True}),
-    ("cache: cached tau=0.05 lt=0.7", {"name": "mobile", "tau": 0.05, "layer_tau": 0.7, "cached_complement": True}),
-    ("cache: cached tau=0.1 lt=0.7", {"name": "mobile", "tau": 0.1, "layer_tau": 0.7, "cached_complement": True}),
+    ("cache: mobile tau=0.1 lt=0.85 switch cached off", {"name": "mobile", "tau": 0.1, "layer_tau": 0.85,
+                                                         "layer_rule": "switch", "cached_complement": False,
+                                                         "offloaded": True}),
+    ("cache: cached little (layer-mass 0)", {"name": "layer-mass", "tau": 0.0}),
+    ("cache: cached layer-mass 0.7", {"name": "layer-mass", "tau": 0.7}),
+    ("cache: cached tau=0 switch 0.7 lru", {"name": "mobile", "tau": 0.0, "layer_tau": 0.7, "layer_rule": "switch",
+                                            "eviction": "lru"}),
+    ("cache: cached tau=0 switch 0.7", {"name": "mobile", "tau": 0.0, "layer_tau": 0.7, "layer_rule": "switch"}),
+    ("cache: cached tau=0 prefix 0.7", {"name": "mobile", "tau": 0.0, "layer_tau": 0.7, "layer_rule": "prefix"}),
+    ("cache: cached tau=0 prefix 0.75 (default)", {"name": "mobile"}),
+    ("cache: cached tau=0 prefix 0.8", {"name": "mobile", "tau": 0.0, "layer_tau": 0.8, "layer_rule": "prefix"}),
+    ("cache: cached tau=0 prefix 0.85", {"name": "mobile", "tau": 0.0, "layer_tau": 0.85, "layer_rule": "prefix"}),
+    ("cache: cached tau=0.05 prefix 0.75", {"name": "mobile", "tau": 0.05}),
     # both, with each fallback refreshing the KV entries of up to 16 accepted little tokens before it
     ("mobile tau=0.1 lt=0.85 kv=16", {"name": "mobile", "tau": 0.1, "layer_tau": 0.85, "kv_refresh": 16}),
     ("mobile tau=0.15 lt=0.85 kv=16", {"name": "mobile", "tau": 0.15, "layer_tau": 0.85, "kv_refresh": 16}),
@@ -88,8 +94,9 @@ def main() -> None:
     p.add_argument("--out")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # the rows without the cache were measured with the switch layer rule, before prefix existed
     configs = [(label, options if label.startswith("cache:") or options["name"] not in CACHE_AWARE_POLICIES
-                else {"cached_complement": False, **options}) for label, options in CONFIGS]
+                else {"cached_complement": False, "layer_rule": "switch", **options}) for label, options in CONFIGS]
     if args.only:
         keep = [f.strip() for f in args.only.split(",") if f.strip()]
         configs = [c for c in configs if any(f in c[0] for f in keep)]

@@ -21,7 +21,8 @@ mobile bench --graph /tmp/synth8/graph --device cuda --policies ondemand,lru,lru
 mobile compile specs/demo.yaml -o graphs/demo-gpu > /dev/null
 for text in kjv py; do
   mobile bench --graph graphs/demo-gpu --device cuda --policies lru,lru-prefetch,little,mobile \
-    --row "mobile tau=0.05" --row "mobile cached_complement=false tau=0.1 layer_tau=0.85" --row "layer-mass tau=0.7" \
-    --text demo/data/heldout_$text.txt --tokens 256 --prompt-len 32 --repeats 3 --baseline lru-prefetch 2>&1 | tail -10 \
+    --row "lru-prefetch eviction=lfu" --row "mobile eviction=lru" --row "mobile layer_rule=switch layer_tau=0.7" \
+    --row "mobile tau=0.05" --row "mobile cached_complement=false tau=0.1 layer_tau=0.85 layer_rule=switch" \
+    --text demo/data/heldout_$text.txt --tokens 256 --prompt-len 32 --repeats 3 --baseline lru-prefetch 2>&1 | tail -12 \
     | tee "$OUT/bench-demo-$text.txt"
 done

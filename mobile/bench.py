@@ -41,6 +41,7 @@ def measure(engine: Engine, label: str, tokens: int, prompt_len: int, text: str 
     print(f"  {label}: {s['decode_tokens_per_s']:.2f} tok/s", file=sys.stderr)
     return {
         "policy": label, "link": s["link"], "fallback_rate": s["fallback_rate"],
+        "eviction": engine.spec.policy.effective_eviction if s["link"] != "none" else "-",
         "decode_tokens_per_s": s["decode_tokens_per_s"],
         "bytes_per_token": s.get("decode_bytes_h2d", 0) / max(1, s["decode_tokens"]),
         "bytes_vs_big_only": s.get("decode_bytes_vs_big_only"),
@@ -110,17 +111,18 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     print(f"\nbench {graph}: {what}, device {device}"
           + (f"; link EMULATED ({desc})" if emulated else ""), file=out)
     width = max(20, *(len(r["policy"]) for r in rows))
-    print(f"{'policy':<{width}} {'tok/s':>9} {'vs ' + base_row['policy']:>16} {'MiB/token':>10} {'stall':>7} "
-          f"{'hit rate':>9} {'prefetch acc':>13} {'fallback':>9} {'bytes vs big-only':>18}", file=out)
+    print(f"{'policy':<{width}} {'evict':>5} {'tok/s':>9} {'vs ' + base_row['policy']:>16} {'MiB/token':>10} "
+          f"{'stall':>7} {'hit rate':>9} {'prefetch acc':>13} {'fallback':>9} {'bytes vs big-only':>18}", file=out)
     for r in rows:
         acc = "-" if r["prefetch_accuracy"] is None else f"{r['prefetch_accuracy']:.2f}"
         vs_big = "-" if r["bytes_vs_big_only"] is None else f"{r['bytes_vs_big_only']:.2f}x"
-        print(f"{r['policy']:<{width}} {r['decode_tokens_per_s']:>9.2f} {r['ratio']:>15.2f}x "
+        print(f"{r['policy']:<{width}} {r['eviction']:>5} {r['decode_tokens_per_s']:>9.2f} {r['ratio']:>15.2f}x "
               f"{r['bytes_per_token'] / 2**20:>10.2f} {r['stall_fraction']:>7.2f} {r['hit_rate']:>9.3f} {acc:>13} "
               f"{r['fallback_rate']:>9.3f} {vs_big:>18}", file=out)
     if any(r["bytes_vs_big_only"] is not None for r in rows):
-        print("bytes vs big-only: decode bytes moved / what big-only demand LRU with the same slots would have "
-              "moved on the same routes in the same run (an estimate: mobile.experts.BigOnlyShadow)", file=out)
+        print("bytes vs big-only: decode bytes moved / what big-only demand decoding with the same slots and eviction "
+              "would have moved on the same routes in the same run (an estimate: mobile.experts.BigOnlyShadow)",
+              file=out)
     if json_out:
         atomic_write_text(json_out, json.dumps({"link": link, "rows": rows}, indent=1))
     return rows

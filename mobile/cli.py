@@ -204,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 POLICY_FIELDS = ("tau", "little_k", "layer_tau", "mass_tau", "signal", "little_weights", "little_select", "prefetch",
-                 "kv_refresh", "cached_complement")
+                 "kv_refresh", "cached_complement", "eviction", "layer_rule")
 
 
 def policy_changes(args: argparse.Namespace) -> dict:
@@ -223,9 +223,13 @@ def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> No
         p.add_argument("--tau", type=float, help="importance threshold (mobile: falls back below this max "
                        "probability; default 0: off, the per-layer rule decides) or little-mass share (layer-mass)")
     p.add_argument("--little-k", type=int, help="experts in the little set (default ceil(top_k / 2))")
-    p.add_argument("--layer-tau", type=float, help="mobile: a layer goes big in the little pass when the "
-                   "little set carries less than this share of the big set's router mass (default 0.7; 0 turns "
-                   "the rule off)")
+    p.add_argument("--layer-tau", type=float, help="mobile: a layer uses more than the little set in the "
+                   "little pass when the little set carries less than this share of the big set's router mass "
+                   "(default 0.75; 0 turns the rule off)")
+    p.add_argument("--layer-rule", choices=["auto", "switch", "prefix"], help="how the per-layer rule picks a "
+                   "token's experts: switch, the little set or the whole big set; prefix, the fewest top experts (at "
+                   "least little_k) that carry layer_tau of the big set's mass; auto (default): prefix for mobile, "
+                   "switch for layer-mass")
     p.add_argument("--mass-tau", type=float, help="mobile: a token also falls back when, at any layer, its "
                    "little set carries less than this share of the big set's router mass (default: off)")
     refresh = ("mobile: a fallback's big pass also recomputes up to N accepted little tokens before it, so their "
@@ -238,6 +242,9 @@ def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> No
     p.add_argument("--cached-complement", choices=["on", "off"], help="mobile and layer-mass: the little pass "
                    "also uses a token's dropped experts that are already in the device cache (no transfer; default "
                    "on)")
+    p.add_argument("--eviction", choices=["auto", "lru", "lfu"], help="which cached expert a miss evicts: lru, or "
+                   "lfu (fewest recent uses, decayed); auto (default): lru for ondemand, lru and lru-prefetch, lfu for "
+                   "the big-little policies")
     p.add_argument("--signal", choices=["max_prob", "entropy", "margin"], help="importance signal")
     p.add_argument("--prefetch", choices=["auto", "both", "predicted", "complement", "none"], help="speculative "
                    "copies, each only while the link is idle: next-layer prediction, mobile's complement sets, both, "
@@ -331,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decode the same prompt under each policy, one after another in one "
                        "process, and print one table: decode tokens/s and its ratio to the baseline, bytes "
                        "moved per token, stall fraction, cache hit rate, prefetch accuracy, fallback rate, and "
-                       "bytes against big-only LRU on the same routes. Policy options (--little-k, --prefetch, "
-                       "...) apply to every row; --tau gives mobile and layer-mass one row per value, and "
+                       "bytes against big-only decoding on the same routes with the same cache (slots and "
+                       "eviction). Policy options (--little-k, --prefetch, ...) apply to every row; --tau gives "
+                       "mobile and layer-mass one row per value, and "
                        "--kv-refresh gives mobile one row per value (times the taus). Every policy compiled from one "
                        "spec gets the same expert-cache memory.")
     add_engine_options(b)
@@ -361,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and expert bytes per token, next to big-expert decoding of the same text. A policy whose "
                        "little pass uses the experts already cached (cached_complement, the default for mobile and "
                        "layer-mass) runs with the graph's expert cache and no speculative copies; its bytes are "
-                       "what moved, against big-only LRU on the same routes.")
+                       "what moved, against big-only decoding on the same routes with the same cache.")
     add_engine_options(e)
     e.add_argument("--data", required=True, help="a text file, e.g. demo/data/heldout.txt")
     e.add_argument("--policy", choices=POLICIES, help="policy to evaluate (default: the graph's)")

@@ -68,7 +68,8 @@ def evaluate_policy(engine: Engine, chunks: list[torch.Tensor], big_greedy: list
            "fallback_rate": s["fallback_tokens"] / n, "bytes_per_token": s.get("expert_bytes_used", 0) / n,
            "tokens": n}
     if s["link"] != "none":
-        # an expert cache: what moved, against big-only LRU on the same routes with the same slots
+        # an expert cache: what moved, against big-only decoding on the same routes with the same cache
+        # (slots and eviction rule)
         out["bytes_per_token"] = s["bytes_h2d"] / n
         out["bytes_vs_big_only"] = s["bytes_h2d"] / max(1, s.get("big_only_bytes_h2d", 0))
     elif big_bytes_per_token:
@@ -84,7 +85,8 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
     compute, except those whose results depend on the cache's contents (cached_complement, on by
     default for mobile and layer-mass): they run with the graph's expert cache over a fast emulated
     link, with no speculative copies unless the config names `prefetch`, and their bytes are what
-    moved against big-only LRU (also for a config with offloaded: True, to compare with them)."""
+    moved against big-only decoding with the same cache (also for a config with offloaded: True, to
+    compare with them)."""
     big = Engine.load(graph, weights=weights, device=device, policy="resident")
     ids = load_ids(big, data, max_tokens)
     chunks = windows(ids, window)
@@ -107,13 +109,14 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'policy':<28} {'ppl':>8} {'vs big':>7} {'accuracy':>9} {'agreement':>10} {'fallback':>9} "
+    width = max(28, *(len(r["label"]) for r in rows))
+    lines = [f"{'policy':<{width}} {'ppl':>8} {'vs big':>7} {'accuracy':>9} {'agreement':>10} {'fallback':>9} "
              f"{'bytes/tok':>10} {'vs big':>7}"]
     big_ppl = rows[0]["ppl"]
     for r in rows:
-        lines.append(f"{r['label']:<28} {r['ppl']:>8.3f} {r['ppl'] / big_ppl - 1:>+7.1%} {r['accuracy']:>9.4f} "
+        lines.append(f"{r['label']:<{width}} {r['ppl']:>8.3f} {r['ppl'] / big_ppl - 1:>+7.1%} {r['accuracy']:>9.4f} "
                      f"{r['agreement']:>10.4f} {r['fallback_rate']:>9.3f} {r['bytes_per_token'] / 2**10:>8.0f}Ki "
-                     + (f"{r['bytes_vs_big_only']:>6.2f}x big-only LRU (moved)" if "bytes_vs_big_only" in r
+                     + (f"{r['bytes_vs_big_only']:>6.2f}x big-only (moved)" if "bytes_vs_big_only" in r
                         else f"{r.get('bytes_ratio', 1.0):>6.2f}x"))
     return "\n".join(lines)
 

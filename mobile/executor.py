@@ -121,11 +121,11 @@ class Kernels:
         """For little-pass nodes: weights [T, K] -> (weights, keep), as ops.expert_choice."""
         if node.attr("variant") != "little":
             return None
-        little_k, tau = node.attr("little_k"), node.attr("layer_tau")
+        little_k, tau, rule = node.attr("little_k"), node.attr("layer_tau"), node.attr("layer_rule", "switch")
         rescale = node.attr("little_weights") == "rescale"
-        if node.attr("cached"):  # always a keep mask over all K: the free experts join it
-            return lambda weights: ops.expert_choice(weights, little_k, tau if tau is not None else 0.0, rescale)
-        return lambda weights: ops.expert_choice(weights, little_k, tau, rescale)
+        if node.attr("cached") and tau is None:  # always a keep mask over all K: the free experts join it
+            tau = 0.0
+        return lambda weights: ops.expert_choice(weights, little_k, tau, rescale, rule)
 
     def _importance_gate(self, node: Node) -> Kernel:
         signal, tau = node.attr("signal"), float(node.attr("tau"))

@@ -13,7 +13,6 @@ store and of the device arena, so it moves as one copy.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +20,7 @@ import torch
 from mobile.budget import CachePlan
 from mobile.costs import expert_bytes
 from mobile.families import tensor_names
-from mobile.slots import SlotTable
+from mobile.slots import Eviction, SlotTable
 from mobile.spec import Spec
 from mobile.stats import Stats
 from mobile.transfer import DEMAND, PREFETCH, CopyEngine, CopyJob, LinkModel
@@ -77,16 +76,16 @@ class Rounds:
 class BigOnlyShadow:
     """What big-only decoding would have moved in the same run, for the bytes-saved stat.
 
-    A bookkeeping-only LRU with the run's slot count per layer (main + staging: the same device
-    memory), fed every forward's big set (the top-K of the last pass that ran each layer) and
-    charging one expert's bytes per miss: demand fetches only, no prefetch. It is an estimate:
-    a real big-only run would see slightly different hidden states after a little pass, so
-    slightly different routes.
+    A bookkeeping-only slot table per layer with the run's slot count (main + staging: the same
+    device memory) and the run's eviction rule, fed every forward's big set (the top-K of the last
+    pass that ran each layer) and charging one expert's bytes per miss: demand fetches only, no
+    prefetch. It is an estimate: a real big-only run would see slightly different hidden states
+    after a little pass, so slightly different routes.
     """
 
-    def __init__(self, layers: list[int], slots: int, expert_bytes: int):
-        self.slots, self.expert_bytes = slots, expert_bytes
-        self.lru: dict[int, OrderedDict[int, None]] = {layer: OrderedDict() for layer in layers}
+    def __init__(self, layers: list[int], slots: int, expert_bytes: int, eviction: Eviction = "lru"):
+        self.expert_bytes = expert_bytes
+        self.tables = {layer: SlotTable(slots, eviction=eviction) for layer in layers}
         self.routes: dict[int, torch.Tensor] = {}
 
     def note(self, layer: int, ids: torch.Tensor) -> None:
@@ -106,21 +105,14 @@ class BigOnlyShadow:
         routes = dict(zip(self.routes, stacked.tolist(), strict=True))
         prompt = any(len(rows) > 1 for rows in routes.values())
         for layer, rows in routes.items():
-            lru, needed = self.lru[layer], sorted({e for row in rows for e in row})
-            for e in needed:  # hits first, as SlotTable.lookup takes them
-                if e in lru:
-                    lru.move_to_end(e)
-            for e in needed:
-                if e not in lru:
-                    misses += 1
-                    lru[e] = None
-                    if len(lru) > self.slots:
-                        lru.popitem(last=False)
+            table = self.tables[layer]
+            needed = sorted({e for row in rows for e in row})
+            for i in range(0, len(needed), table.size):  # in rounds, as the real cache runs a long prompt
+                table.begin_step()
+                misses += sum(not hit for _, _, hit in table.lookup(needed[i:i + table.size]))
         self.routes.clear()
         if prompt and tables is not None:
-            for layer, table in tables.items():
-                held = [table.expert_in[s] for s in table.lru if s not in table.speculative]
-                self.lru[layer] = OrderedDict((e, None) for e in held if e is not None)
+            self.tables = {layer: table.demand_copy() for layer, table in tables.items()}
         return misses * self.expert_bytes
 
 
@@ -217,16 +209,17 @@ class OffloadedExperts:
         self.pending: dict[int, dict[int, CopyJob]] = {}  # layer -> slot -> last copy into it
         self.slot_maps: dict[int, torch.Tensor] = {}
         numel = 3 * spec.model.hidden_size * spec.model.moe.intermediate_size
+        eviction = spec.policy.effective_eviction
         for layer in spec.moe_layers:
             self.host[layer] = load_packed_experts(spec, store, layer, dtype, pin=pin)
             self.rows[layer] = torch.empty(plan.main + plan.staging, numel, dtype=dtype, device=device)
-            self.tables[layer] = SlotTable(plan.main, plan.staging)
+            self.tables[layer] = SlotTable(plan.main, plan.staging, eviction)
             self.pending[layer] = {}
             self.slot_maps[layer] = torch.full((self.num_experts,), -1, dtype=torch.long, device=device)
             if progress is not None:
                 progress.update(1)
         self.engine = CopyEngine(device, link, trace)
-        self.shadow = BigOnlyShadow(spec.moe_layers, plan.main + plan.staging, expert_bytes(spec))
+        self.shadow = BigOnlyShadow(spec.moe_layers, plan.main + plan.staging, expert_bytes(spec), eviction)
 
     def _copy(self, layer: int, expert: int, slot: int, priority: int) -> CopyJob:
         old = self.pending[layer].get(slot)
@@ -292,6 +285,7 @@ class OffloadedExperts:
         slot_map.copy_(torch.tensor(members), non_blocking=True)
         return Rounds(self, handle, slot_map) if handle.rounds else slot_map
 
+    @torch.compiler.disable  # host work (copies, the slot table): a compiled expert segment calls it eagerly
     def load_round(self, layer: int, members: list[int]) -> torch.Tensor:
         """The previous round's experts are done: unpin them, load the next round, wait for it."""
         self.tables[layer].begin_step()

@@ -182,7 +182,7 @@ def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node,
     if pp.variant == "little":
         use.update(little_k=k, little_weights=spec.policy.little_weights)
         if pp.layer_tau is not None:
-            use["layer_tau"] = pp.layer_tau
+            use.update(layer_tau=pp.layer_tau, layer_rule=spec.policy.effective_layer_rule)
         if spec.policy.cache_aware:
             use["cached"] = True
     fetch = node("fetch", Op.FETCH, [router], set=pp.variant, variant=pp.variant, **use)

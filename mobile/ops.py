@@ -127,23 +127,31 @@ def little_weights(weights: torch.Tensor, k: int) -> torch.Tensor:
     return little * (weights.sum(dim=-1, keepdim=True) / little.sum(dim=-1, keepdim=True))
 
 
-def expert_choice(weights: torch.Tensor, little_k: int, layer_tau: float | None,
-                  rescale: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def expert_choice(weights: torch.Tensor, little_k: int, layer_tau: float | None, rescale: bool,
+                  rule: str = "switch") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Which of the top-K experts a little-pass token uses at one layer, and with what weights.
 
-    weights [T, K] sorted descending -> (weights [T, K'], keep [T, K'] or None), K' = little_k
-    without a layer rule, else K: a token goes big at this layer when its little set carries less
-    than `layer_tau` of the big set's router mass.
+    weights [T, K] sorted descending -> (weights [T, K'], keep [T, K'] or None). Without a layer
+    rule (layer_tau None): the top little_k, K' = little_k. With one, K' = K and each token keeps
+    - switch: its little set when that carries at least `layer_tau` of the big set's router mass,
+      else the whole big set;
+    - prefix: the fewest top experts, at least little_k, that carry at least `layer_tau` of it.
+    rescale: the kept experts carry the big set's total weight; else the router's own weights.
     """
-    little = little_weights(weights, little_k) if rescale else weights[:, :little_k]
     if layer_tau is None:
-        return little, None
-    share = weights[:, :little_k].sum(-1) / weights.sum(-1)  # [T]
-    use_little = share >= layer_tau
-    padded = F.pad(little, (0, weights.shape[1] - little_k))
-    cols = torch.arange(weights.shape[1], device=weights.device)
-    keep = (cols[None, :] < little_k) | ~use_little[:, None]
-    return torch.where(use_little[:, None], padded, weights), keep
+        little = weights[:, :little_k]
+        return (little_weights(weights, little_k) if rescale else little), None
+    K = weights.shape[1]
+    share = weights.cumsum(-1) / weights.sum(-1, keepdim=True)  # [T, K]: mass of the top 1..K
+    if rule == "prefix":
+        n = ((share < layer_tau).sum(-1, keepdim=True) + 1).clamp(little_k, K)  # first n reaching tau
+    else:
+        n = torch.where(share[:, little_k - 1:little_k] >= layer_tau, little_k, K)
+    keep = torch.arange(K, device=weights.device)[None, :] < n  # [T, K]
+    kept = weights.masked_fill(~keep, 0.0)
+    if rescale:
+        kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
+    return kept, keep
 
 
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor,

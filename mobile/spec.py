@@ -24,6 +24,7 @@ Family = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"]
 DType = Literal["float32", "bfloat16", "float16"]
 # the policies whose little pass takes dropped experts that are already cached (cached_complement)
 CACHE_AWARE_POLICIES = ("mobile", "layer-mass")
+LRU_POLICIES = ("ondemand", "lru", "lru-prefetch")  # their eviction rule is part of what they are
 PolicyName = Literal["resident", "ondemand", "lru", "lru-prefetch", "little", "mobile", "layer-mass"]
 
 
@@ -106,16 +107,21 @@ class PolicySpec:
     name: PolicyName = "resident"
     # Defaults chosen on the demo model's held-out text (README, "Quality" and "Speed"): with the
     # little pass taking the dropped experts that are already cached (cached_complement), the
-    # per-layer rule at 0.7 meets the quality targets by itself, and the confidence gate (tau 0.05:
-    # 2-7% fallbacks, each a second pass) bought at most +0.003 agreement for up to 13% of decode
-    # speed, so it is off (tau 0) by default. Without cached_complement the best setting measured
+    # per-layer rule (prefix, 0.75) meets the quality targets by itself, and the confidence gate
+    # (tau 0.05: 2-7% fallbacks, each a second pass) bought at most +0.003 agreement for up to 13%
+    # of decode speed, so it is off (tau 0) by default. Without cached_complement the best setting measured
     # was tau 0.1, layer_tau 0.85. Raw weights matched or beat rescaled ones. tau is the gate's
     # threshold for `mobile` and the little-mass share for `layer-mass`.
     little_k: int | None = None  # default ceil(top_k / 2)
     little_weights: Literal["rescale", "raw"] = "raw"
     signal: Literal["max_prob", "entropy", "margin"] = "max_prob"
     tau: float = 0.0
-    layer_tau: float | None = 0.7
+    layer_tau: float | None = 0.75
+    # how the per-layer rule picks a token's experts (mobile.ops.expert_choice): switch, the little
+    # set or the whole big set; prefix, the fewest top experts (at least little_k) that carry
+    # layer_tau of the big set's mass. auto: prefix for mobile, where it measured 6-8% fewer bytes
+    # at the same quality (README); switch for layer-mass, as DESIGN.md defines that policy
+    layer_rule: Literal["auto", "switch", "prefix"] = "auto"
     # mobile: the gate also calls a token important (and aborts its little pass there) when, at any
     # MoE layer, the little set carries less than this share of the big set's router mass
     mass_tau: float | None = None
@@ -131,21 +137,36 @@ class PolicySpec:
     # S_k) that are already in the device cache. They cost no transfer, only compute; quality then
     # depends on the cache. `little` stays the pure top-k/2 bound.
     cached_complement: bool = True
+    # which cached expert a miss evicts (mobile.slots): lru, or lfu (fewest recent uses, decayed).
+    # auto: lru for the baselines named after it (ondemand, lru, lru-prefetch), lfu for the
+    # big-little policies, where it measured fewer misses and faster decoding (README, "Eviction")
+    eviction: Literal["auto", "lru", "lfu"] = "auto"
+    # top: the little set is the top little_k; random: a random little_k of the top-K (a baseline
+    # that shows what choosing by router weight is worth)
+    little_select: Literal["top", "random"] = "top"
 
     @property
     def cache_aware(self) -> bool:
         """The little pass takes the dropped experts already cached (its results depend on the cache)."""
         return self.cached_complement and self.name in CACHE_AWARE_POLICIES
-    # top: the little set is the top little_k; random: a random little_k of the top-K (a baseline
-    # that shows what choosing by router weight is worth)
-    little_select: Literal["top", "random"] = "top"
+
+    @property
+    def effective_eviction(self) -> Literal["lru", "lfu"]:
+        if self.eviction != "auto":
+            return self.eviction
+        return "lru" if self.name in LRU_POLICIES else "lfu"
+
+    @property
+    def effective_layer_rule(self) -> Literal["switch", "prefix"]:
+        if self.layer_rule != "auto":
+            return self.layer_rule
+        return "prefix" if self.name == "mobile" else "switch"
 
 
 @dataclass(frozen=True)
 class ExpertCacheSpec:
     budget: str | None = None  # bytes for the whole expert cache, e.g. "6GiB"
     slots_per_layer: int | None = None
-    eviction: Literal["lru"] = "lru"
     staging_slots: int = 0  # the speculation cap per layer (unused prefetched experts); 0: 1
 
 
@@ -259,6 +280,10 @@ def _kind(value: Any) -> str:
             dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
+# keys of older specs (and of graphs compiled from them) that now live elsewhere
+MOVED_KEYS = {"runtime.expert_cache.eviction": "policy.eviction (auto, lru or lfu; auto picks by policy)"}
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -267,6 +292,9 @@ def _build(cls: type, data: dict, path: str, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     unknown = [k for k in data if k not in fields]
+    for key in (_join(path, str(k)) for k in unknown):
+        if key in MOVED_KEYS:
+            raise SpecError(f"this key moved to {MOVED_KEYS[key]}", where=where, key=key)
     if unknown:
         raise SpecError(f"unknown key (expected one of: {', '.join(fields)})",
                         where=where, key=_join(path, str(unknown[0])))

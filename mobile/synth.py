@@ -19,6 +19,20 @@ from mobile.spec import load_spec, spec_from_dict
 from mobile.weights import required_tensors
 
 
+def changed_fields(obj) -> dict:
+    """A spec dataclass's fields that differ from its defaults, nested sections likewise."""
+    default = type(obj)()
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            if sub := changed_fields(value):
+                out[f.name] = sub
+        elif value != getattr(default, f.name):
+            out[f.name] = dataclasses.asdict(obj)[f.name]  # plain YAML types
+    return out
+
+
 def write_synthetic_checkpoint(spec_path: str | Path, out: str | Path, layers: int | None = None,
                                seed: int = 0, std: float = 0.02, dtype: str | None = None) -> Path:
     spec = load_spec(spec_path)
@@ -54,6 +68,8 @@ def write_synthetic_checkpoint(spec_path: str | Path, out: str | Path, layers: i
     spec_data = spec.to_dict()
     spec_data["name"] = f"{spec.name}-synth{'' if layers is None else f'-{layers}l'}"
     spec_data["checkpoint"]["path"] = "."
+    # only what the source spec changed: a written-out default would pin today's defaults forever
+    spec_data["policy"], spec_data["runtime"] = changed_fields(spec.policy), changed_fields(spec.runtime)
     spec_from_dict(spec_data)  # still valid
     (out / "spec.yaml").write_text("# random weights at real shapes, written by `mobile synth`\n"
                                    + yaml.safe_dump(spec_data, sort_keys=False, width=100))

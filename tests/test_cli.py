@@ -141,3 +141,23 @@ def test_run_sampling_flags_are_seeded(tiny, capsys):
     sampled = ids("--temperature", "1.5", "--top-p", "0.95", "--seed", "3")
     assert sampled == ids("--temperature", "1.5", "--top-p", "0.95", "--seed", "3")
     assert sampled != ids("--greedy") or sampled != ids("--temperature", "1.5", "--seed", "4")
+
+
+def test_synth_writes_a_runnable_checkpoint_that_keeps_policy_defaults_open(tmp_path, capsys):
+    """`mobile synth` writes random weights at a spec's shapes and a spec for them. The spec keeps
+    only the policy and runtime settings its source changed, so later defaults still apply."""
+    import yaml
+
+    src = tmp_path / "src.yaml"
+    spec = yaml.safe_load(open("specs/olmoe-1b-7b.yaml"))
+    spec["model"].update(hidden_size=32, vocab_size=64, intermediate_size=32)
+    spec["model"]["moe"].update(intermediate_size=16)
+    spec["model"]["attention"].update(num_heads=2, num_kv_heads=2, head_dim=16)
+    spec["policy"] = {"name": "lru", "tau": 0.3}
+    src.write_text(yaml.safe_dump(spec))
+    assert run_cli("synth", src, "-o", tmp_path / "synth", "--layers", "2") == 0
+    written = yaml.safe_load((tmp_path / "synth" / "spec.yaml").read_text())
+    assert written["policy"] == {"name": "lru", "tau": 0.3} and written["model"]["num_layers"] == 2
+    assert run_cli("compile", tmp_path / "synth" / "spec.yaml", "-o", tmp_path / "graph") == 0
+    assert run_cli("run", "--graph", tmp_path / "graph", "--prompt-ids", "1,2,3", "--max-new-tokens", "2",
+                   "--json") == 0

@@ -115,6 +115,45 @@ def test_layer_rule_and_layer_mass(tiny, tmp_path):
                for out in mids)
 
 
+def test_prefix_rule_keeps_the_fewest_top_experts_that_reach_the_mass():
+    from mobile.ops import expert_choice
+
+    weights = torch.tensor([[0.4, 0.15, 0.15, 0.1],   # shares of the total: 0.5, 0.69, 0.88, 1
+                            [0.7, 0.05, 0.03, 0.02],  # 0.875 after one: at least little_k = 2 anyway
+                            [0.3, 0.3, 0.3, 0.1]])    # 0.3, 0.6, 0.9, 1
+    w, keep = expert_choice(weights, 2, 0.7, rescale=False, rule="prefix")
+    assert keep.tolist() == [[True, True, True, False], [True, True, False, False], [True, True, True, False]]
+    assert torch.equal(w, weights * keep)
+    _, keep = expert_choice(weights, 2, 0.7, rescale=False, rule="switch")  # little set or all four
+    assert keep.tolist() == [[True] * 4, [True, True, False, False], [True] * 4]
+    w, keep = expert_choice(weights, 2, 0.7, rescale=True, rule="prefix")
+    torch.testing.assert_close(w.sum(-1), weights.sum(-1))  # the kept experts carry the big set's total
+    _, keep = expert_choice(weights, 2, 1.0, rescale=False, rule="prefix")
+    assert keep.all()  # a share that never quite reaches 1.0 in float32 still stops at K
+
+
+def test_prefix_rule_extremes_and_bytes(tiny, tmp_path):
+    """layer_rule prefix: tau above 1 == big, tau 0 == little; in between it never uses more
+    experts than the switch rule at the same tau, and somewhere fewer."""
+    t = tiny("olmoe")
+    ref = mobile.Engine.load(t.graph).logits(PROMPT)
+    all_big = engine_for(t, tmp_path, "layer-mass", tau=1.01, layer_rule="prefix")
+    torch.testing.assert_close(all_big.logits(PROMPT), ref, atol=1e-5, rtol=1e-5)
+    little = engine_for(t, tmp_path, "little").logits(PROMPT)
+    all_little = engine_for(t, tmp_path, "layer-mass", tau=0.0, layer_rule="prefix")
+    torch.testing.assert_close(all_little.logits(PROMPT), little, atol=1e-5, rtol=1e-5)
+
+    def bytes_used(rule, tau):
+        e = mobile.Engine.load(t.graph, policy="layer-mass", all_resident=True,
+                               policy_options={"tau": tau, "layer_rule": rule, "cached_complement": False})
+        for i in range(PROMPT.numel()):
+            e._forward(PROMPT[i:i + 1], i, mode="decode")
+        return e.stats["expert_bytes_used"]
+
+    pairs = [(bytes_used("prefix", tau), bytes_used("switch", tau)) for tau in (0.6, 0.75, 0.9)]
+    assert all(p <= s for p, s in pairs) and any(p < s for p, s in pairs)
+
+
 def test_graph_has_gate_fallback_and_complement_prefetch(tmp_path):
     # complement prefetches are off by default with cached_complement (auto): ask for them
     out, g = compile_to_dir("specs/olmoe-1b-7b.yaml", tmp_path / "g", policy="mobile",
@@ -124,7 +163,8 @@ def test_graph_has_gate_fallback_and_complement_prefetch(tmp_path):
     assert len(complements) == 16 and all(n.attr("stream") == "copy" for n in complements)
     little = [n for n in g.by_op(Op.EXPERT) if n.attr("region") == "little"]
     # the default per-layer rule may send a layer big inside the little pass: k is the upper bound
-    assert {(n.attr("little_k"), n.attr("layer_tau"), n.attr("k")) for n in little} == {(4, 0.7, 8)}
+    assert {(n.attr("little_k"), n.attr("layer_tau"), n.attr("layer_rule"), n.attr("k")) for n in little} == \
+        {(4, 0.75, "prefix", 8)}
     assert {n.attr("k") for n in g.by_op(Op.EXPERT) if n.attr("region") == "fallback"} == {8}
     names = [n.name for n in g.nodes]
     assert names.index("importance_gate") < names.index("fallback") < names.index("B.L0.fetch")

@@ -109,9 +109,9 @@ ops = st.lists(st.tuples(st.sampled_from(["step", "access", "stage"]), st.intege
 
 
 @settings(max_examples=200, deadline=None)
-@given(main=st.integers(1, 6), staging=st.integers(0, 4), ops=ops)
-def test_slot_table_invariants(main, staging, ops):
-    table = SlotTable(main, staging)
+@given(main=st.integers(1, 6), staging=st.integers(0, 4), ops=ops, eviction=st.sampled_from(["lru", "lfu"]))
+def test_slot_table_invariants(main, staging, ops, eviction):
+    table = SlotTable(main, staging, eviction)
     lookups = 0
     for op, expert in ops:
         if op == "step":
@@ -172,6 +172,48 @@ def test_unused_speculation_is_evicted_first_and_a_hit_needs_no_copy():
     slot, hit = table.access(8)
     assert hit and slot == staged and table.counters.prefetch_used == 1 and not table.speculative
     assert next(reversed(table.lru)) == slot  # used speculation becomes the most recently used
+
+
+def test_lfu_keeps_the_often_used_expert_that_lru_would_evict():
+    def run(eviction):
+        table = SlotTable(main=2, eviction=eviction)
+        for e in (0, 0, 0, 1):  # expert 0 used three times, then 1
+            table.begin_step()
+            table.access(e)
+        table.begin_step()
+        table.access(2)  # a miss: lru evicts 0 (least recent), lfu evicts 1 (fewest uses)
+        return table.residents()
+
+    assert sorted(run("lru")) == [1, 2] and sorted(run("lfu")) == [0, 2]
+
+
+def test_lfu_uses_decay_ties_go_to_the_least_recent_and_history_survives_eviction():
+    from mobile.slots import LFU_DECAY
+
+    table = SlotTable(main=2, eviction="lfu")
+    table.begin_step()
+    table.access(0)
+    for _ in range(40):  # a use 40 steps ago weighs LFU_DECAY**40 now
+        table.begin_step()
+    assert table.score(0) == pytest.approx(LFU_DECAY ** 40)
+    table.access(1)
+    table.begin_step()
+    table.access(2)  # 0 (old use) has the lower score: evicted although 1 is also a single use
+    assert sorted(table.residents()) == [1, 2]
+    table.begin_step()
+    table.access(3)  # 1 and 2: one use each, 1 is older so decayed more; evicted
+    assert sorted(table.residents()) == [2, 3] and table.score(0) > 0  # 0's history is kept
+
+
+def test_demand_copy_drops_speculation_and_keeps_the_history():
+    table = SlotTable(main=2, staging=1, eviction="lfu")
+    table.access(0)
+    table.access(1)
+    table.begin_step()
+    table.stage(5)
+    copy = table.demand_copy()
+    assert sorted(copy.residents()) == [0, 1] and copy.staging == 0 and copy.size == 3
+    assert copy.score(0) == table.score(0) and copy.eviction == "lfu"
 
 
 def test_lookup_takes_hits_before_misses():
@@ -260,6 +302,20 @@ def test_big_only_estimate_counts_a_kv_refresh_once():
     real.access(7)  # the real cache holds another expert: a resync would show
     shadow.note(0, torch.tensor([[2, 3], [4, 5], [0, 1]]))  # positions t-2, t-1 refreshed; t is [0, 1]
     assert shadow.commit(tables={0: real}, refreshed=2) == 0
-    assert list(shadow.lru[0]) == [0, 1]
+    assert shadow.tables[0].residents() == [0, 1]
     shadow.note(0, torch.tensor([[2, 3], [4, 5]]))  # a prompt: counted whole, then resynced
-    assert shadow.commit(tables={0: real}) == 40 and list(shadow.lru[0]) == [7]
+    assert shadow.commit(tables={0: real}) == 40 and shadow.tables[0].residents() == [7]
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_an_offloaded_prefill_in_rounds(tiny, tmp_path):
+    """A compiled expert segment whose prompt needs more experts than the cache holds calls the
+    cache's host code (load_round) eagerly; the result equals eager's."""
+    t = tiny("olmoe")
+    graph = t.compile(tmp_path / "mobile", "--policy", "mobile", slots_per_layer=4)
+    eager = mobile.Engine.load(graph, weights=t.ckpt, link_gbps=50.0)
+    compiled = mobile.Engine.load(graph, weights=t.ckpt, link_gbps=50.0, compile=True)
+    assert compiled.generate(PROMPT, 6, stop_ids=[]) == eager.generate(PROMPT, 6, stop_ids=[])
+    assert compiled.stats["expert_misses"] > 3 * 4  # the prompt ran in rounds
+    eager.close()
+    compiled.close()

@@ -43,6 +43,12 @@ def test_unknown_key(tmp_path):
     assert e.key == "model.moe.topk" and "unknown key (expected one of: num_experts, top_k" in e.message
 
 
+def test_moved_key_says_where_it_went(tmp_path):
+    e = error_of(write_variant(tmp_path, lambda d: d.setdefault("runtime", {}).setdefault("expert_cache", {})
+                               .update(eviction="lru")))
+    assert e.key == "runtime.expert_cache.eviction" and "moved to policy.eviction" in e.message
+
+
 def test_wrong_type(tmp_path):
     e = error_of(write_variant(tmp_path, lambda d: d["model"]["moe"].update(top_k="four")))
     assert e.key == "model.moe.top_k" and e.message == "expected an integer, got a string 'four'"
