@@ -209,7 +209,7 @@ class OffloadedExperts:
         self.pending: dict[int, dict[int, CopyJob]] = {}  # layer -> slot -> last copy into it
         self.slot_maps: dict[int, torch.Tensor] = {}
         numel = 3 * spec.model.hidden_size * spec.model.moe.intermediate_size
-        eviction = spec.policy.effective_eviction
+        self.eviction = eviction = spec.policy.effective_eviction
         for layer in spec.moe_layers:
             self.host[layer] = load_packed_experts(spec, store, layer, dtype, pin=pin)
             self.rows[layer] = torch.empty(plan.main + plan.staging, numel, dtype=dtype, device=device)
@@ -326,7 +326,7 @@ class OffloadedExperts:
         self.stats.expert_hits = sum(x.hits for x in c)
         self.stats.expert_misses = sum(x.misses for x in c)
         self.stats.extra.update(
-            prefetch_issued=sum(x.prefetch_issued for x in c), prefetch_used=sum(x.prefetch_used for x in c),
+            eviction=self.eviction, prefetch_issued=sum(x.prefetch_issued for x in c), prefetch_used=sum(x.prefetch_used for x in c),
             prefetch_wasted=sum(x.prefetch_wasted for x in c),
             complement_prefetch_issued=sum(x.issued_by_kind.get("complement", 0) for x in c),
             complement_prefetch_used=sum(x.used_by_kind.get("complement", 0) for x in c),
