@@ -425,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mobile: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`mobile compile ... | head`): stop quietly, as shell tools do;
+        # stdout now points nowhere, so the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

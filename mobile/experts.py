@@ -326,7 +326,8 @@ class OffloadedExperts:
         self.stats.expert_hits = sum(x.hits for x in c)
         self.stats.expert_misses = sum(x.misses for x in c)
         self.stats.extra.update(
-            eviction=self.eviction, prefetch_issued=sum(x.prefetch_issued for x in c), prefetch_used=sum(x.prefetch_used for x in c),
+            eviction=self.eviction, prefetch_issued=sum(x.prefetch_issued for x in c),
+            prefetch_used=sum(x.prefetch_used for x in c),
             prefetch_wasted=sum(x.prefetch_wasted for x in c),
             complement_prefetch_issued=sum(x.issued_by_kind.get("complement", 0) for x in c),
             complement_prefetch_used=sum(x.used_by_kind.get("complement", 0) for x in c),

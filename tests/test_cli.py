@@ -161,3 +161,14 @@ def test_synth_writes_a_runnable_checkpoint_that_keeps_policy_defaults_open(tmp_
     assert run_cli("compile", tmp_path / "synth" / "spec.yaml", "-o", tmp_path / "graph") == 0
     assert run_cli("run", "--graph", tmp_path / "graph", "--prompt-ids", "1,2,3", "--max-new-tokens", "2",
                    "--json") == 0
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`mobile compile ... | head -1` stops without a traceback, as shell tools do."""
+    import subprocess
+    import sys
+
+    cmd = f"{sys.executable} -m mobile.cli compile specs/demo.yaml -o {tmp_path / 'g'} | head -1"
+    out = subprocess.run(["bash", "-c", "set -o pipefail; " + cmd], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("compiled demo:") and "Traceback" not in out.stderr
+    assert out.returncode in (0, 141), out.stderr
