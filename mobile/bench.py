@@ -68,7 +68,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
               json_out: str | None = None, taus: list[float] | None = None, baseline: str | None = None,
               text: str | None = None, policy_options: dict | None = None, repeats: int = 1,
               kv_refreshes: list[int] | None = None, extra_rows: list[tuple[str, str, dict]] | None = None,
-              out=None) -> list[dict]:
+              compile: bool = False, out=None) -> list[dict]:
     """policy_options: policy fields for every row (little_k, layer_tau, ...); taus: one row per tau;
     kv_refreshes: one mobile row per value (per tau); extra_rows: (label, policy, policy options), more
     rows after the others, with only their own options.
@@ -89,7 +89,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     for _ in range(repeats):
         for label, policy, options in runs:
             engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,
-                                 policy_options=options, link_gbps=link["link_gbps"],
+                                 policy_options=options, compile=compile, link_gbps=link["link_gbps"],
                                  link_ratio=None if link["link_gbps"] else link_ratio)
             if engine.stats_.link == "emulated" and link["link_gbps"] is None:
                 # calibrated once, by the first row; every later run uses that same link
@@ -108,6 +108,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     what = (f"{prompt_len}-token prompt and {tokens} teacher-forced decode tokens from {text}" if text
             else f"{prompt_len}-token random prompt and {tokens} greedy decode tokens")
     what += f"; median of {repeats} runs per row, round-robin" if repeats > 1 else ""
+    what += "; compute segments compiled (torch.compile)" if compile else ""
     print(f"\nbench {graph}: {what}, device {device}"
           + (f"; link EMULATED ({desc})" if emulated else ""), file=out)
     width = max(20, *(len(r["policy"]) for r in rows))

@@ -138,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               prompt_len=args.prompt_len, link_gbps=args.link_gbps, link_ratio=args.link_ratio,
               seed=args.seed, json_out=args.json, taus=taus, baseline=args.baseline, text=args.text,
               kv_refreshes=[int(r) for r in refreshes] if refreshes else None, extra_rows=rows,
-              policy_options=policy_changes(args), repeats=args.repeats)
+              policy_options=policy_changes(args), repeats=args.repeats, compile=args.compile)
     return 0
 
 
@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
     b.add_argument("--repeats", type=int, default=1, help="runs per row, round-robin; report medians (default 1)")
     b.add_argument("--json", help="also write the rows as JSON to this file")
+    b.add_argument("--compile", action="store_true", help="run compute segments through torch.compile (each "
+                   "row's warm-up compiles them)")
     add_link_options(b)
     b.set_defaults(fn=cmd_bench)
 

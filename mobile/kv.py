@@ -40,11 +40,18 @@ class KVCache:
         if length <= self.capacity:
             return
         cap = min(max(-(-length // GROW) * GROW, GROW), max(self.max_positions, length))
-        for layer in self.layers:
-            k = torch.zeros((cap, *self.k_shape), device=self.device, dtype=self.dtype)
-            v = torch.zeros((cap, *self.v_shape), device=self.device, dtype=self.dtype)
-            if self.capacity:
-                k[: self.capacity].copy_(layer.k)
-                v[: self.capacity].copy_(layer.v)
-            layer.k, layer.v = k, v
+        # always ordinary tensors, also when growing inside inference mode (decoding): an inference
+        # tensor has other dispatch keys, and a compiled segment that reads the cache would recompile
+        with torch.inference_mode(False):
+            for layer in self.layers:
+                k = torch.zeros((cap, *self.k_shape), device=self.device, dtype=self.dtype)
+                v = torch.zeros((cap, *self.v_shape), device=self.device, dtype=self.dtype)
+                if self.capacity:
+                    k[: self.capacity].copy_(layer.k)
+                    v[: self.capacity].copy_(layer.v)
+                # its length grows with the sequence: compiled code must not specialize on it (each
+                # growth would be a recompile, and past the recompile limit torch falls back to eager)
+                torch._dynamo.maybe_mark_dynamic(k, 0)
+                torch._dynamo.maybe_mark_dynamic(v, 0)
+                layer.k, layer.v = k, v
         self.capacity = cap

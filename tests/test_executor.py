@@ -91,3 +91,17 @@ def test_torch_compile_matches_eager(tiny):
     compiled = mobile.Engine.load(t.graph, compile=True)
     torch.testing.assert_close(compiled.logits(PROMPT), eager.logits(PROMPT), atol=1e-5, rtol=1e-5)
     assert compiled.generate(PROMPT, 6, stop_ids=[]) == eager.generate(PROMPT, 6, stop_ids=[])
+
+
+def test_torch_compile_does_not_recompile_as_the_kv_cache_grows(tiny):
+    """Once the prompt (T > 1) and decode (T = 1) graphs exist, decoding past the KV cache's first
+    capacity (256 positions: the buffers are reallocated, inside inference mode) and a second
+    generate compile nothing new. Before, each growth recompiled every segment, and past torch's
+    recompile limit the segments fell back to eager."""
+    t = tiny("qwen2_moe")
+    compiled = mobile.Engine.load(t.graph, compile=True)
+    compiled.generate(PROMPT, 4, stop_ids=[])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = compiled.generate(PROMPT, 300, stop_ids=[])
+        compiled.generate(PROMPT[:5], 4, stop_ids=[])
+    assert compiled.kv.capacity > 256 and len(out) == 300
