@@ -26,7 +26,8 @@ import math
 import torch
 
 from mobile.engine import Engine
-from mobile.slots import SlotTable
+from mobile.ops import expert_choice
+from mobile.slots import LFU_DECAY, SlotTable
 
 
 def record_routes(graph: str, text: str, offset: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,25 +47,19 @@ def record_routes(graph: str, text: str, offset: int, tokens: int) -> tuple[torc
 
 
 def requests(weights: torch.Tensor, ids: torch.Tensor, rule: str, tau: float) -> list[list[int]]:
-    """One layer's experts asked for, per token. weights, ids [T, K], sorted by weight."""
+    """One layer's experts asked for, per token. weights, ids [T, K], sorted by weight. switch and
+    prefix are mobile's own rule (mobile.ops.expert_choice)."""
     K = ids.shape[1]
     little = math.ceil(K / 2)
-    share = (weights.cumsum(-1) / weights.sum(-1, keepdim=True)).tolist()
-    out = []
-    for row, shares in zip(ids.tolist(), share, strict=True):
-        if rule == "big":
-            n = K
-        elif rule == "little":
-            n = little
-        elif rule == "switch":
-            n = little if shares[little - 1] >= tau else K
-        else:  # prefix
-            n = next((j + 1 for j in range(little - 1, K) if shares[j] >= tau), K)
-        out.append(row[:n])
-    return out
+    if rule in ("big", "little"):
+        n = K if rule == "big" else little
+        return [row[:n] for row in ids.tolist()]
+    _, keep = expert_choice(weights, little, tau, rescale=False, rule=rule)
+    return [[e for e, kept in zip(row, kept_row, strict=True) if kept]
+            for row, kept_row in zip(ids.tolist(), keep.tolist(), strict=True)]
 
 
-def replay(stream: list[list[int]], slots: int, eviction: str, decay: float = 0.98) -> int:
+def replay(stream: list[list[int]], slots: int, eviction: str, decay: float = LFU_DECAY) -> int:
     table = SlotTable(slots, eviction=eviction, decay=decay)
     for experts in stream:
         table.begin_step()

@@ -41,7 +41,7 @@ def measure(engine: Engine, label: str, tokens: int, prompt_len: int, text: str 
     print(f"  {label}: {s['decode_tokens_per_s']:.2f} tok/s", file=sys.stderr)
     return {
         "policy": label, "link": s["link"], "fallback_rate": s["fallback_rate"],
-        "eviction": engine.spec.policy.effective_eviction if s["link"] != "none" else "-",
+        "eviction": s.get("eviction", "-"),  # offloading runs only
         "decode_tokens_per_s": s["decode_tokens_per_s"],
         "bytes_per_token": s.get("decode_bytes_h2d", 0) / max(1, s["decode_tokens"]),
         "bytes_vs_big_only": s.get("decode_bytes_vs_big_only"),

@@ -187,17 +187,15 @@ class Kernels:
 
         def routed(ctx, x, routed, slot_map):
             weights, ids = routed  # [T, K], sorted by weight
-            if choose is None:
+            if cached and isinstance(slot_map, torch.Tensor):
+                # the slot map holds exactly what the fetch asked for, the chosen experts and the
+                # free ones: it is the keep mask, and the free experts take the router's weights
+                keep = slot_map[ids] >= 0
+                w = ops.kept_weights(weights, keep, rescale)
+            elif choose is None:
                 w, keep = weights[:, :k], None
             else:
                 w, keep = choose(weights)
-            if cached and isinstance(slot_map, torch.Tensor):
-                # the slot map holds what the fetch asked for: the chosen experts and the free ones,
-                # which take the router's weights (rescale: the experts used carry the big set's total)
-                keep = keep | (slot_map[ids] >= 0)
-                w = weights.masked_fill(~keep, 0.0)
-                if rescale:
-                    w = w * (weights.sum(-1, keepdim=True) / w.sum(-1, keepdim=True))
             used = ids[:, :w.shape[1]]
             if isinstance(slot_map, torch.Tensor):
                 return ops.routed_experts(x, w, slot_map[used], w13, w2, keep)

@@ -148,10 +148,16 @@ def expert_choice(weights: torch.Tensor, little_k: int, layer_tau: float | None,
     else:
         n = torch.where(share[:, little_k - 1:little_k] >= layer_tau, little_k, K)
     keep = torch.arange(K, device=weights.device)[None, :] < n  # [T, K]
+    return kept_weights(weights, keep, rescale), keep
+
+
+def kept_weights(weights: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """weights [T, K] with the pairs that `keep` drops zeroed; rescale: the kept ones then carry the
+    big set's total weight, else the router's own weights."""
     kept = weights.masked_fill(~keep, 0.0)
     if rescale:
         kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
-    return kept, keep
+    return kept
 
 
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor,

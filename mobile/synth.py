@@ -21,7 +21,7 @@ from mobile.weights import required_tensors
 
 def changed_fields(obj) -> dict:
     """A spec dataclass's fields that differ from its defaults, nested sections likewise."""
-    default = type(obj)()
+    default, plain = type(obj)(), dataclasses.asdict(obj)  # plain: YAML types (lists, not tuples)
     out = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -29,7 +29,7 @@ def changed_fields(obj) -> dict:
             if sub := changed_fields(value):
                 out[f.name] = sub
         elif value != getattr(default, f.name):
-            out[f.name] = dataclasses.asdict(obj)[f.name]  # plain YAML types
+            out[f.name] = plain[f.name]
     return out
 
 
