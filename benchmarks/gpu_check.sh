@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (no network there): check the CUDA paths, then time the policies.
+# One call on a lent GPU machine (no network there): check the CUDA paths, then time the kernels and the policies.
 # Usage (from the repo root): bash benchmarks/gpu_check.sh   -- writes logs under $OUT if set.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/mobile-gpu}"; mkdir -p "$OUT"
+# run from the checkout without installing: the wheel maps kernels/ to mobile.kernels, a link does it here
+[ -e mobile/kernels ] || ln -s ../kernels mobile/kernels
 mobile() { python3 -m mobile.cli "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
-# 1. correctness on CUDA: every policy equals the CPU result (pinned host store, copy stream, events)
-python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.log"
-# 2. the default CPU suite, on this machine's versions (torch 2.11, transformers 5.17)
+# 1. correctness on CUDA: the Triton kernels eager, compiled and under CUDA-graph replay against the
+#    reference; every policy equals the CPU result (pinned host store, copy stream, events)
+python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/pytest-gpu.log"
+# 2. the Triton op against the native paths at OLMoE-1B-7B and Qwen3-30B-A3B layer shapes:
+#    us per layer at T = 1, 8, 512 and the HBM GB/s reached (decides DECODE_MAX_PAIRS and the prompt path)
+python3 benchmarks/moe_kernels.py 2>&1 | tee "$OUT/moe-kernels.txt"
+# 3. the default CPU suite, on this machine's versions (torch 2.11, transformers 5.17)
 python3 -m pytest -q -x 2>&1 | tail -5 | tee "$OUT/pytest.log"
-# 3. real PCIe: synthetic OLMoE-1B-7B layers in bf16, policies side by side (link: real)
+# 4. real PCIe: synthetic OLMoE-1B-7B layers in bf16, policies side by side (link: real)
 mobile synth specs/olmoe-1b-7b.yaml -o /tmp/synth8 --layers 8 --dtype bfloat16 > /dev/null
 mobile compile /tmp/synth8/spec.yaml -o /tmp/synth8/graph > /dev/null
 mobile bench --graph /tmp/synth8/graph --device cuda --policies ondemand,lru,lru-prefetch,little,resident \
   --tokens 64 --repeats 3 --json "$OUT/bench-olmoe8.json" 2>&1 | tail -9 | tee "$OUT/bench-olmoe8.txt"
-# 4. the demo model as its spec runs it (8 of 16 experts per layer cached, the same memory for every
+# 5. the demo model as its spec runs it (8 of 16 experts per layer cached, the same memory for every
 #    policy): mobile against the LRU baselines on a real link
 mobile compile specs/demo.yaml -o graphs/demo-gpu > /dev/null
 for text in kjv py; do

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from mobile import policy as registry
 from mobile.emit import atomic_write_text
 from mobile.engine import Engine
 from mobile.errors import MobileError
@@ -79,9 +80,9 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     runs: list[tuple[str, str, dict]] = []  # (label, policy, policy options)
     for p in policies:
         variants: list[tuple[str, dict]] = [("", {})]
-        if p in ("mobile", "layer-mass") and taus:
+        if registry.get(p).can_tune_tau and taus:
             variants = [(f" tau={t:g}", {"tau": t}) for t in taus]
-        if p == "mobile" and kv_refreshes:
+        if registry.get(p).fallback and kv_refreshes:
             variants = [(f"{label} kv={r}", {**v, "kv_refresh": r}) for label, v in variants for r in kv_refreshes]
         runs += [(p + label, p, {**(policy_options or {}), **v}) for label, v in variants]
     runs += extra_rows or []

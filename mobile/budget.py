@@ -9,9 +9,6 @@ from mobile.emit import human_bytes
 from mobile.errors import SpecError
 from mobile.spec import Spec, parse_bytes
 
-OFFLOAD_POLICIES = ("ondemand", "lru", "lru-prefetch", "little", "mobile", "layer-mass")
-PREFETCH_POLICIES = ("lru-prefetch", "little", "mobile", "layer-mass")
-
 
 @dataclass(frozen=True)
 class CachePlan:
@@ -27,19 +24,19 @@ class CachePlan:
 
 def cache_plan(spec: Spec) -> CachePlan | None:
     """None for `resident` (everything on the device). Raises SpecError below the working set."""
-    policy = spec.policy.name
-    if policy == "resident" or not spec.moe_layers:
+    policy = spec.policy.traits
+    if not policy.offloads or not spec.moe_layers:
         return None
     moe, cfg = spec.model.moe, spec.runtime.expert_cache
     # the working set is the experts one token uses in one layer
-    k = spec.little_k if policy == "little" else moe.top_k
+    k = spec.little_k if policy.only_little else moe.top_k
     e, layers = moe.num_experts, len(spec.moe_layers)
     unit = expert_bytes(spec)
     # One unused prefetch per layer by default: with the link as the bottleneck, every wrong guess
     # costs a copy that demand needed (measured: a cap of k made lru-prefetch 16% slower than lru on
     # the demo model, a cap of 1 only 3%; see the README). `staging_slots` raises it.
-    staging = (cfg.staging_slots or 1) if policy in PREFETCH_POLICIES else 0  # nothing else stages
-    if policy == "ondemand":
+    staging = (cfg.staging_slots or 1) if policy.prefetch else 0  # nothing else stages
+    if not policy.reuses_cache:
         main, staging = k, 0  # nothing is reused, so K slots hold one use
     elif cfg.slots_per_layer is not None:
         main = cfg.slots_per_layer

@@ -19,9 +19,10 @@ import os
 import sys
 from pathlib import Path
 
+from mobile import policy as policies
 from mobile.errors import MobileError
 
-POLICIES = ["resident", "ondemand", "lru", "lru-prefetch", "little", "mobile", "layer-mass"]
+POLICIES = list(policies.NAMES)
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
@@ -42,6 +43,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"compiled {g.name}: {len(g.nodes)} nodes, {segments} compute segments -> {out}/")
     print(f"  planned decode step on {g.spec['runtime']['plan']['device']}: {s['step_us']:.1f} us "
           f"(compute {s['compute_us']:.1f}, copy {s['copy_us']:.1f}, stall {s['stall_us']:.1f})")
+    if any(n.attr("prompt_only") for n in g.nodes):
+        print("  no importance gate can fire (tau 0): removed; the big pass runs for prompts only")
     from mobile.compiler import memory_plan
 
     for line in memory_plan(g):
@@ -176,15 +179,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mobile.emit import atomic_write_text, load_graph
     from mobile.evaluate import KEYS, format_rows, plot_rows, run_eval
 
-    policy = args.policy or load_graph(args.graph).spec.get("policy", {}).get("name", "resident")
-    if policy in ("resident", "ondemand", "lru", "lru-prefetch"):
-        policy = "lru-prefetch"  # all big-expert policies decode alike; the reference row is big
+    policy = args.policy or load_graph(args.graph).spec.get("policy", {}).get("name", policies.REFERENCE)
     base = {"name": policy, **policy_changes(args)}
     if args.sweep_tau:
+        if not policies.get(policy).can_tune_tau:
+            tuned = ", ".join(n for n, p in policies.POLICIES.items() if p.can_tune_tau)
+            raise MobileError(f"policy {policy} has no tau to sweep (one of {tuned} has)", key="--sweep-tau")
         taus = parse_floats(args.sweep_tau, "--sweep-tau")
         configs = [(f"{policy} tau={t:g}", {**base, "tau": t}) for t in taus]
     else:
-        configs = [] if policy == "lru-prefetch" else [(policy, base)]
+        # a policy that decodes exactly as big experts do is the reference row itself
+        configs = [] if policies.eval_mode(policy, True) == "reference" else [(policy, base)]
     rows = run_eval(args.graph, args.data, configs, weights=args.weights, window=args.window,
                     max_tokens=args.max_tokens, device=args.device)
     if args.json:
@@ -245,10 +250,13 @@ def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> No
     p.add_argument("--eviction", choices=["auto", "lru", "lfu"], help="which cached expert a miss evicts: lru, or "
                    "lfu (fewest recent uses, decayed); auto (default): lru for ondemand, lru and lru-prefetch, lfu for "
                    "the big-little policies")
-    p.add_argument("--signal", choices=["max_prob", "entropy", "margin"], help="importance signal")
+    p.add_argument("--signal", choices=["max_prob", "entropy", "margin"], help="mobile: the confidence the gate "
+                   "reads, each in [0, 1]: the top probability, its margin over the second, or one minus the "
+                   "normalized entropy (default max_prob); a token below --tau falls back")
     p.add_argument("--prefetch", choices=["auto", "both", "predicted", "complement", "none"], help="speculative "
-                   "copies, each only while the link is idle: next-layer prediction, mobile's complement sets, both, "
-                   "or none; auto (default): none where the little pass takes what the cache holds, else both")
+                   "copies, each on the link once the demand copies issued with it have landed: next-layer "
+                   "prediction, mobile's complement sets, both, or none; auto (default): none where the little pass "
+                   "takes what the cache holds, else both")
     p.add_argument("--little-weights", choices=["rescale", "raw"], help="little-set weights")
     p.add_argument("--little-select", choices=["top", "random"], help="random: a random half (a baseline)")
 

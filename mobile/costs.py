@@ -54,7 +54,7 @@ def node_cost(spec: Spec, node: Node) -> tuple[float, int, int]:
         p = 3 * h * m.moe.intermediate_size
         return 2.0 * p * k, p * dt * k, 0
     if op is Op.FETCH or op is Op.PREFETCH:
-        moved = 0 if spec.policy.name == "resident" else (node.attr("k") or 0) * expert_bytes(spec)
+        moved = (node.attr("k") or 0) * expert_bytes(spec) if spec.policy.traits.offloads else 0
         return 0.0, 0, moved
     if op is Op.LM_HEAD:
         p = h * m.vocab_size

@@ -36,23 +36,31 @@ def human_bytes(n: int) -> str:
 
 
 def summarize(g: Graph) -> dict[str, float]:
-    busy = {"compute": 0.0, "copy": 0.0}
-    stall = 0.0
-    last_end = 0.0
+    """The planned timeline's totals: busy time per stream, the time both streams are busy at once
+    (overlap), and the time compute waits with nothing to do (stall)."""
+    spans: dict[str, list[tuple[float, float]]] = {"compute": [], "copy": []}
     for n in g.nodes:
         start, end = n.attr("start_us"), n.attr("end_us")
-        if start is None:
-            continue
-        busy[n.attr("stream", "compute")] += end - start
-        last_end = max(last_end, end)
-    compute_end = 0.0
-    for n in g.nodes:
-        if n.attr("stream", "compute") == "compute" and n.attr("start_us") is not None:
-            stall += max(0.0, n.attr("start_us") - compute_end)
-            compute_end = n.attr("end_us")
-    overlap = busy["compute"] + busy["copy"] - last_end + stall
-    return {"step_us": last_end, "compute_us": busy["compute"], "copy_us": busy["copy"],
-            "stall_us": stall, "overlap_us": max(0.0, overlap)}
+        if start is not None and end > start:
+            spans[n.attr("stream", "compute")].append((start, end))
+    busy = {stream: _union(s) for stream, s in spans.items()}
+    last_end = max((e for s in busy.values() for _, e in s), default=0.0)
+    compute_busy = sum(e - s for s, e in busy["compute"])
+    stall = (max((e for _, e in busy["compute"]), default=0.0)) - compute_busy  # gaps inside compute's span
+    overlap = sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in busy["compute"] for s2, e2 in busy["copy"])
+    return {"step_us": last_end, "compute_us": compute_busy, "copy_us": sum(e - s for s, e in busy["copy"]),
+            "stall_us": max(0.0, stall), "overlap_us": overlap}
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Disjoint, sorted intervals covering the same time as `spans`."""
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
 
 
 def render_schedule(g: Graph) -> str:
@@ -76,7 +84,9 @@ def render_schedule(g: Graph) -> str:
         seg = n.attr("seg")
         op = n.op.value + (f"[{n.attr('variant')}]" if n.op is Op.EXPERT else "")
         start, end = n.attr("start_us"), n.attr("end_us")
-        note = n.attr("hoist_limit") or ""
+        note = "; ".join(x for x in ("prompt only" if n.attr("prompt_only") else "",
+                                     f"hoisted over {n.attr('hoisted')} nodes" if n.attr("hoisted") else "",
+                                     n.attr("hoist_limit") or "") if x)
         line = (
             f"{step:>4} {n.attr('stream', '-'):<7} {'-' if seg is None else seg:>3} {op:<15} {n.name:<16} "
             f"{','.join(n.inputs):<36} {human_bytes(n.attr('bytes', 0)):>9} "
@@ -104,7 +114,7 @@ def render_trace(g: Graph) -> str:
               "ts_us": n.attr("start_us", 0.0), "dur_us": n.attr("end_us", 0.0) - n.attr("start_us", 0.0),
               "args": {"step": i, "inputs": list(n.inputs), "bytes": n.attr("bytes", 0),
                        "h2d_bytes": n.attr("h2d_bytes", 0)}}
-             for i, n in enumerate(g.nodes)]
+             for i, n in enumerate(g.nodes) if n.attr("start_us") is not None]
     return json.dumps(trace_events(spans, f"{g.name} (planned)"), indent=0)
 
 

@@ -16,15 +16,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mobile import moe
 from mobile.budget import cache_plan
 from mobile.costs import expert_bytes
 from mobile.emit import atomic_write_text, load_graph, trace_events
 from mobile.errors import CheckpointError, MobileError, SpecError
 from mobile.executor import Executor, Kernels, StepContext
 from mobile.experts import OffloadedExperts, ResidentExperts, expert_compute_seconds
+from mobile.hostio import HostReader
 from mobile.ir import Graph
 from mobile.kv import KVCache
-from mobile.ops import rope_cos_sin, rope_inv_freq, warm_up_expert_op
+from mobile.ops import rope_inv_freq, rope_tables
 from mobile.passes import compile_spec
 from mobile.sampling import Sampler
 from mobile.spec import Spec, spec_from_dict, with_policy
@@ -36,7 +38,8 @@ from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
 class Engine:
     def __init__(self, graph: Graph, spec: Spec, store: WeightStore, device: str = "cpu",
                  compile: bool = False, progress: bool = False, link_gbps: float | None = None,
-                 link_ratio: float | None = None, trace: bool = False, all_resident: bool = False):
+                 link_ratio: float | None = None, trace: bool = False, all_resident: bool = False,
+                 track_use: bool = False):
         self.graph, self.spec, self.store = graph, spec, store
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[spec.dtype]
@@ -46,6 +49,7 @@ class Engine:
             raise SpecError(f"rope type {r.type!r} is not supported by the runtime yet "
                             "(supported: default, linear, yarn)", where=graph.name, key="model.rope.type")
         self.trace: list | None = [] if trace else None
+        self.reader = HostReader(self.device)  # every read of a device value goes through it, counted
         self.t0 = time.perf_counter()
         needs = check_checkpoint(spec, store)
         dense = {(k, layer): t for (k, layer, expert), t in needs.items() if expert is None}
@@ -60,7 +64,8 @@ class Engine:
                 bar.update(1)
             if plan is None or all_resident:
                 self.experts: ResidentExperts | OffloadedExperts = ResidentExperts(
-                    spec, store, self.device, self.dtype, self.stats_, progress=bar)
+                    spec, store, self.device, self.dtype, self.stats_, self.reader, progress=bar,
+                    track_use=track_use or all_resident)
             else:
                 # a CPU has no real link to move experts over; a GPU emulates one only when asked
                 emulate = self.device.type != "cuda" or link_gbps is not None or link_ratio is not None \
@@ -68,18 +73,20 @@ class Engine:
                 link = LinkModel("emulated", latency_s=spec.runtime.link.latency_us * 1e-6) if emulate \
                     else LinkModel("real")
                 self.experts = OffloadedExperts(spec, store, self.device, self.dtype, self.stats_, plan, link,
-                                                trace=self.trace, progress=bar)
+                                                self.reader, trace=self.trace, progress=bar)
                 if emulate:
                     self._set_link_rate(link, link_gbps, link_ratio)
         self.stats_.link = self.experts.link
         self.kv = KVCache(spec, self.device, self.dtype)
         self.kernels = Kernels(spec, weights, self.kv, self.experts)
-        self.executor = Executor(graph, self.kernels, compile=compile, trace=self.trace)
-        warm_up_expert_op(self.device, self.dtype)
+        self.executor = Executor(graph, self.kernels, self.reader, compile=compile, trace=self.trace)
+        moe.warm_up(self.device, self.dtype)
         a = spec.model.attention
         rope_dim = a.qk_rope_head_dim if a.kind == "mla" else a.head_dim
+        self.rope_interleaved = a.kind == "mla" or r.interleaved  # DeepSeek's MLA rotates adjacent pairs
         inv_freq, self.rope_scale = rope_inv_freq(r, rope_dim, spec.model.max_position_embeddings)
         self.inv_freq = inv_freq.to(self.device)
+        self.tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # positions, cos, sin
         self._tokenizer = None
         self.length = 0  # positions [0, length) of the current sequence are in the KV cache
         self.ids = torch.zeros(0, dtype=torch.long)  # their token ids, kept only for the KV refresh
@@ -106,7 +113,8 @@ class Engine:
              policy_options: dict | None = None, **options) -> Engine:
         """policy_options: other policy fields to override (tau, little_k, layer_tau, ...).
         options: link_gbps, link_ratio (emulated link), trace (record a measured timeline),
-        all_resident (keep every expert on the device whatever the policy: for quality evals)."""
+        all_resident (keep every expert on the device whatever the policy: for quality evals),
+        track_use (count the experts each forward uses, also with every expert resident: for evals)."""
         graph_dir = Path(graph_dir)
         graph, spec = resolve_policy(graph_dir, policy, policy_options)
         ckpt = Path(weights) if weights is not None else resolve_checkpoint(graph, graph_dir)
@@ -197,10 +205,18 @@ class Engine:
         and the token falls back. last_only: logits of the last position only."""
         T = ids.shape[0]
         self.kv.ensure(start + T)
-        positions = torch.arange(start, start + T, device=self.device)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale)
+        if self.tables is None or self.tables[0].numel() < self.kv.capacity:
+            # positions and their rope tables for the whole KV capacity, made once: a forward slices them
+            with torch.inference_mode(False):  # ordinary tensors, as the KV cache's (see mobile.kv)
+                every = torch.arange(self.kv.capacity, device=self.device)
+                self.tables = (every, *rope_tables(every, self.inv_freq, self.rope_scale, self.rope_interleaved))
+                for t in self.tables:  # they grow with the KV cache: compiled code must not specialize on it
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+        positions, cos, sin = (t[start:start + T] for t in self.tables)
         kv_len = self.kv.capacity if self.executor.compile else start + T
-        ctx = StepContext(positions=positions, cos=cos, sin=sin, kv_len=kv_len, last_only=last_only)
+        ctx = StepContext(positions=positions, cos=cos, sin=sin, kv_len=kv_len, last_only=last_only,
+                          # compiled code always masks: one graph for every position
+                          all_visible=T == 1 and kv_len == start + 1 and not self.executor.compile)
         return self.executor.forward(ctx, ids.to(self.device), mode=mode)
 
     def _check_ids(self, input_ids) -> torch.Tensor:
@@ -220,7 +236,7 @@ class Engine:
         out = self._forward(ids, 0)
         self.stats_.prefill_tokens += ids.numel()
         self.stats_.prefill_s += time.perf_counter() - t0
-        return out.float().cpu()
+        return self.reader.tensor(out).float()
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int = 32, greedy: bool = True, temperature: float = 1.0,
@@ -238,34 +254,44 @@ class Engine:
                               f"got {len(forced)}")
         sampler = Sampler(greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)
         stops = set(self.default_stop_ids() if stop_ids is None else stop_ids)
+
+        def choose(logits: torch.Tensor, i: int) -> int:
+            return int(forced[i]) if forced is not None else sampler(logits[-1], self.reader)
+
         t0 = time.perf_counter()
-        logits = self._forward(ids, 0, last_only=True)
+        token = choose(self._forward(ids, 0, last_only=True), 0)  # the prompt's next token
         self.stats_.prefill_tokens += ids.numel()
         self.stats_.prefill_s += time.perf_counter() - t0
         new: list[int] = []
+        self.experts.settle()  # the prompt's statistics are complete before decoding is counted
         before = self._decode_counters()
         t0 = time.perf_counter()
-        while len(new) < max_new_tokens:
-            token = int(forced[len(new)]) if forced is not None else sampler(logits[-1])
+        while max_new_tokens:
             new.append(token)
             if on_token is not None:
                 on_token(token)
-            if token in stops or len(new) == max_new_tokens:
+            if token in stops or len(new) >= max_new_tokens:
                 break
-            logits = self._forward(torch.tensor([token]), self.length)
+            token = choose(self._forward(torch.tensor([token]), self.length), len(new))
             self.stats_.decode_tokens += 1
         self.stats_.decode_s += time.perf_counter() - t0
+        self.experts.settle()  # bookkeeping that decoding left for later (outside the timed loop)
         extra = self.stats_.extra
         for key, value in self._decode_counters().items():
             extra[key] = extra.get(key, 0) + value - before.get(key, 0)
         extra["decode_s"] = self.stats_.decode_s
+        # host reads of device values per decoded token: one per MoE layer and the sampled token,
+        # more when a gate can fire or a prompt-sized step runs in rounds (mobile.hostio)
+        decoded = self.stats_.decode_tokens
+        extra["host_syncs_per_token"] = extra["decode_host_syncs"] / decoded if decoded else None
         return new
 
     def _decode_counters(self) -> dict[str, float]:
         """Running totals whose decode-phase share is reported apart, under these keys (prefill
         traffic is a different regime)."""
         s = self.stats_
-        counters = {"decode_bytes_h2d": s.bytes_h2d, "decode_stall_s": s.stall_s}
+        counters = {"decode_bytes_h2d": s.bytes_h2d, "decode_stall_s": s.stall_s,
+                    "decode_host_syncs": self.reader.reads}
         if "big_only_bytes_h2d" in s.extra:  # kept by offloading expert sets only
             counters["decode_big_only_bytes_h2d"] = s.extra["big_only_bytes_h2d"]
         return counters

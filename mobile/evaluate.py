@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mobile import policy as policies
 from mobile.engine import Engine, resolve_policy
 from mobile.errors import MobileError
 
@@ -55,7 +56,7 @@ def evaluate_policy(engine: Engine, chunks: list[torch.Tensor], big_greedy: list
     with tqdm(total=total, desc=desc, unit="tok", leave=False, disable=None) as bar:
         for chunk, ref in zip(chunks, big_greedy, strict=True):
             for t in range(chunk.numel() - 1):
-                logits = engine._forward(chunk[t:t + 1], t, mode="decode")[-1].float()
+                logits = engine.reader.tensor(engine._forward(chunk[t:t + 1], t, mode="decode")[-1]).float()
                 target = int(chunk[t + 1])
                 nll -= float(F.log_softmax(logits, -1)[target])
                 guess = int(logits.argmax())
@@ -87,7 +88,7 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
     link, with no speculative copies unless the config names `prefetch`, and their bytes are what
     moved against big-only decoding with the same cache (also for a config with offloaded: True, to
     compare with them)."""
-    big = Engine.load(graph, weights=weights, device=device, policy="resident")
+    big = Engine.load(graph, weights=weights, device=device, policy=policies.REFERENCE, track_use=True)
     ids = load_ids(big, data, max_tokens)
     chunks = windows(ids, window)
     greedy = big_reference(big, chunks)
@@ -97,13 +98,13 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
         options = dict(options)
         offloaded, name = bool(options.pop("offloaded", False)), options.pop("name")
         _, spec = resolve_policy(Path(graph), name, options)
-        offloaded |= spec.policy.cache_aware
+        offloaded |= policies.eval_mode(name, spec.policy.cached_complement) == "cache"
         if offloaded:
             # the fast emulated link would accept every speculative copy, which a real link does
             # not: without them the cache holds what demand loaded, and the run is deterministic
             options.setdefault("prefetch", "none")
         engine = Engine.load(graph, weights=weights, device=device, policy=name, policy_options=options,
-                             all_resident=not offloaded, link_gbps=1e4 if offloaded else None)
+                             all_resident=not offloaded, track_use=True, link_gbps=1e4 if offloaded else None)
         rows.append({"label": label, **evaluate_policy(engine, chunks, greedy, base["bytes_per_token"], desc=label)})
     return rows
 

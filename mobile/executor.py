@@ -1,9 +1,11 @@
 """The executor: runs a scheduled graph, node by node, in the order graph.json gives.
 
-Each node becomes a kernel, a closure over its weights: kernel(ctx, *input values) -> value.
+Each compute node becomes a kernel, a closure over its weights: kernel(ctx, *input values) -> value.
 Consecutive nodes of one segment (the `seg` attr, set by the plan_segments pass) run as one
-function, which `--compile` hands to torch.compile. Sync nodes (fetch, wait, ...) run between
-segments in plain Python, because they talk to the expert cache on the host.
+function, which `--compile` hands to torch.compile. Sync nodes (fetch, wait, prefetch, gates) run
+between segments in plain Python, because they talk to the expert cache on the host. A run of
+adjacent sync nodes is one sync step, and the device values its nodes need on the host are read
+in one copy (mobile.hostio): a MoE layer's fetch and the prefetches that go with it cost one read.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mobile import ops
+from mobile import moe, ops
 from mobile.errors import GraphError
+from mobile.hostio import HostReader
 from mobile.ir import GRAPH_INPUTS, SYNC_OPS, Graph, Node, Op
 from mobile.kv import KVCache
 from mobile.spec import Spec
@@ -26,22 +29,58 @@ from mobile.verify import verify
 Kernel = Callable[..., Any]
 
 
+def fuse_qkv(weights: dict[tuple[str, int | None], torch.Tensor]) -> dict[tuple[str, int | None], torch.Tensor]:
+    """q, k and v projections of each GQA layer as one matrix (and one bias): one matmul instead of
+    three. Replaces them in `weights`, so nothing is held twice."""
+    for (_, layer) in [k for k in weights if k[0] == "k_proj"]:  # MLA layers have none
+        parts = [weights.pop((p, layer)) for p in ("q_proj", "k_proj", "v_proj")]
+        weights[("qkv_proj", layer)] = torch.cat(parts)
+        biases = [weights.pop((p, layer), None) for p in ("q_bias", "k_bias", "v_bias")]
+        if all(b is not None for b in biases):
+            weights[("qkv_bias", layer)] = torch.cat(biases)  # type: ignore[arg-type]
+    return weights
+
+
+@dataclass(frozen=True)
+class SyncKernel:
+    """A node the host runs between compute segments.
+    read(ctx, *inputs) -> the device tensors it needs on the host (one copy for its whole step);
+    act(ctx, values, *inputs) -> its value, given those tensors' values as lists of ints."""
+
+    act: Callable[..., Any]
+    read: Callable[..., list[torch.Tensor]] | None = None
+
+
+def expert_rule(node: Node) -> tuple[str, int, float, bool, bool]:
+    """A routed expert or fetch node's keep rule, as the expert op takes it: (rule, n, tau, rescale,
+    cached). Big: the top k. Little: the top little_k, or the per-layer rule at layer_tau; cached:
+    the dropped experts already on the device run too (mobile.moe)."""
+    if node.attr("variant") != "little":
+        return "top", int(node.attr("k")), 0.0, False, False
+    rescale, cached = node.attr("little_weights") == "rescale", bool(node.attr("cached"))
+    tau = node.attr("layer_tau")
+    if tau is None:
+        return "top", int(node.attr("little_k")), 0.0, rescale, cached
+    return node.attr("layer_rule", "switch"), int(node.attr("little_k")), float(tau), rescale, cached
+
+
 @dataclass
 class StepContext:
-    """Per-forward values every kernel may read. positions [T]; cos/sin [T, rope_dim/2]."""
+    """Per-forward values every kernel may read. positions [T]; cos, sin [T, 1, rope_dim] (ops.rope_tables)."""
 
     positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     kv_len: int  # attend over cache rows [0, kv_len)
     last_only: bool = False  # the caller needs only the last position's logits: lm_head skips the rest
+    all_visible: bool = False  # one token attending over exactly the rows before it: no mask needed
 
 
 class Kernels:
     """Builds the kernel of each node from the model's weights, KV cache and expert cache."""
 
     def __init__(self, spec: Spec, weights: dict[tuple[str, int | None], torch.Tensor], kv: KVCache, experts):
-        self.spec, self.w, self.kv, self.experts = spec, weights, kv, experts
+        self.spec, self.w, self.kv, self.experts = spec, fuse_qkv(weights), kv, experts
         a = spec.model.attention
         if a.kind == "mla":
             scale = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5
@@ -52,7 +91,8 @@ class Kernels:
             scale = a.head_dim ** -0.5
         self.attn_scale = scale
 
-    def build(self, node: Node) -> Kernel:
+    def build(self, node: Node) -> Any:
+        """The node's kernel: a function for a compute node, a SyncKernel for a sync node."""
         builder = getattr(self, f"_{node.op.value}", None)
         if builder is None:
             raise GraphError(f"op {node.op.value!r} is not executable by this runtime yet", key=node.name)
@@ -95,83 +135,61 @@ class Kernels:
             return shuffled
         return lambda ctx, x: ops.route(x, w, k, norm, scaling)
 
-    def _fetch(self, node: Node) -> Kernel:
-        layer, k, choose = node.attr("layer"), node.attr("k"), self._chooser(node)
-        cached = bool(node.attr("cached"))
+    # -- sync nodes -------------------------------------------------------------------------------
+    def _fetch(self, node: Node) -> SyncKernel:
+        layer = node.attr("layer")
+        rule, n, tau, _, cached = expert_rule(node)
+        experts = self.experts
 
-        def fetch(ctx, routed):
+        def read(ctx, routed):
             weights, ids = routed
-            self.experts.note_route(layer, weights, ids)
-            if choose is None:
-                return self.experts.fetch(layer, ids[:, :k])
-            _, keep = choose(weights)
-            if cached:
-                # dropped experts already on the device come along for free; the fetch pins them,
-                # and the expert node finds exactly these in the fetch's slot map. One host copy
-                # of the (small) route, then plain Python: this runs for every token and layer.
-                pairs = list(zip(ids.flatten().tolist(), keep.flatten().tolist(), strict=True))
-                free = self.experts.ready(layer, {e for e, kept in pairs if not kept})
-                self.experts.note_free(sum(1 for e, kept in pairs if not kept and e in free))
-                return self.experts.fetch(layer, [e for e, kept in pairs if kept or e in free])
-            return self.experts.fetch(layer, ids[:, :k] if keep is None else ids[keep])
+            status = moe.fetch_status(weights, ids, experts.slot_map(layer), rule, n, tau, cached)
+            return [status, ids] if experts.tracks_routes else [status]
 
-        return fetch
+        def act(ctx, values, routed):
+            if experts.tracks_routes:
+                experts.note_route(layer, values[1], routed[1].shape[1])
+            return experts.fetch(layer, values[0])
 
-    def _chooser(self, node: Node):
-        """For little-pass nodes: weights [T, K] -> (weights, keep), as ops.expert_choice."""
-        if node.attr("variant") != "little":
-            return None
-        little_k, tau, rule = node.attr("little_k"), node.attr("layer_tau"), node.attr("layer_rule", "switch")
-        rescale = node.attr("little_weights") == "rescale"
-        if node.attr("cached") and tau is None:  # always a keep mask over all K: the free experts join it
-            tau = 0.0
-        return lambda weights: ops.expert_choice(weights, little_k, tau, rescale, rule)
+        return SyncKernel(act, read)
 
-    def _importance_gate(self, node: Node) -> Kernel:
+    def _prefetch(self, node: Node) -> SyncKernel:
+        layer, lo, hi, kind = node.attr("layer"), node.attr("lo"), node.attr("hi"), node.attr("set")
+        if kind == "complement":  # reads the router: the big set minus the little set
+            return SyncKernel(lambda ctx, values, routed, fetched: self.experts.prefetch(layer, values[0], kind),
+                              lambda ctx, routed, fetched: [routed[1][:, lo:hi]])
+        return SyncKernel(lambda ctx, values, ids: self.experts.prefetch(layer, values[0], kind),
+                          lambda ctx, ids: [ids])
+
+    def _wait(self, node: Node) -> SyncKernel:
+        return SyncKernel(lambda ctx, values, handle: self.experts.wait(handle))
+
+    def _importance_gate(self, node: Node) -> SyncKernel:
+        """True: the token is important and falls back to the big pass."""
         signal, tau = node.attr("signal"), float(node.attr("tau"))
         if signal == "router_mass":
             little_k = node.attr("little_k")
 
-            def mass_gate(ctx, routed) -> bool:
-                """True: at this layer the little set drops too much of the big set's router mass."""
+            def read(ctx, routed):  # at this layer the little set drops too much of the big set's mass
                 weights = routed[0]  # [T, K], sorted by weight
                 share = weights[:, :little_k].sum(-1) / weights.sum(-1).clamp_min(1e-30)
-                return bool((share < tau).any())
+                return [(share < tau).any()]
+        else:
+            def read(ctx, logits):  # the little pass is not confident about the next token
+                return [ops.confidence(logits[-1], signal) < tau]
 
-            return mass_gate
+        return SyncKernel(lambda ctx, values, _: bool(values[0][0]), read)
 
-        def gate(ctx, logits) -> bool:
-            """True: the token is important and falls back to the big pass."""
-            p = torch.softmax(logits[-1].float(), dim=-1)
-            if signal == "entropy":
-                confident = float(-(p * torch.log(p.clamp_min(1e-30))).sum()) <= tau
-            elif signal == "margin":
-                top = torch.topk(p, 2).values
-                confident = float(top[0] - top[1]) >= tau
-            else:
-                confident = float(p.max()) >= tau
-            return not confident
-
-        return gate
-
+    # -- compute nodes ----------------------------------------------------------------------------
     def _fallback(self, node: Node) -> Kernel:
-        return lambda ctx, gate, x: x  # the big pass starts again from the embeddings
+        return lambda ctx, gate, router: router  # the big pass starts at the shared router
 
     def _select(self, node: Node) -> Kernel:
         return lambda ctx, little, big: big if big is not None else little
 
-    def _prefetch(self, node: Node) -> Kernel:
-        layer, lo, hi = node.attr("layer"), node.attr("lo"), node.attr("hi")
-        if node.attr("set") == "complement":  # reads the router: the big set minus the little set
-            return lambda ctx, routed, fetched: self.experts.prefetch(layer, routed[1][:, lo:hi], "complement")
-        return lambda ctx, ids: self.experts.prefetch(layer, ids)
-
     def _predict(self, node: Node) -> Kernel:
         w, k = self.w[("router", node.attr("layer"))], node.attr("top_k")
         return lambda ctx, x: torch.topk(F.linear(x.float(), w), k, dim=-1).indices
-
-    def _wait(self, node: Node) -> Kernel:
-        return lambda ctx, handle: self.experts.wait(handle)
 
     def _expert(self, node: Node) -> Kernel:
         layer = node.attr("layer")
@@ -181,30 +199,25 @@ class Kernels:
                 g = self.w[("shared_expert_gate", layer)]
                 return lambda ctx, x: torch.sigmoid(F.linear(x, g)) * ops.swiglu(x, gate, up, down)
             return lambda ctx, x: ops.swiglu(x, gate, up, down)
-        k, choose, cached = node.attr("k"), self._chooser(node), bool(node.attr("cached"))
-        rescale = node.attr("little_weights") == "rescale"
-        w13, w2 = self.experts.arena(layer)
+        rule, n, tau, rescale, cached = expert_rule(node)
+        arena = self.experts.arena(layer)
+        op = torch.ops.mobile.moe_experts
+        resident_map = self.experts.slot_map(layer)  # used when the graph has no wait (nothing moves)
+        track = getattr(self.experts, "track_use", False)
 
-        def routed(ctx, x, routed, slot_map):
+        def routed(ctx, x, routed, slot_map=None):
             weights, ids = routed  # [T, K], sorted by weight
-            if cached and isinstance(slot_map, torch.Tensor):
-                # the slot map holds exactly what the fetch asked for, the chosen experts and the
-                # free ones: it is the keep mask, and the free experts take the router's weights
-                keep = slot_map[ids] >= 0
-                w = ops.kept_weights(weights, keep, rescale)
-            elif choose is None:
-                w, keep = weights[:, :k], None
-            else:
-                w, keep = choose(weights)
-            used = ids[:, :w.shape[1]]
+            if slot_map is None:
+                slot_map = resident_map
+                if track:  # eval only: which experts this node ran
+                    self.experts.note_use(layer, moe.pairs(weights, ids, slot_map, rule, n, tau, rescale, cached)[1])
             if isinstance(slot_map, torch.Tensor):
-                return ops.routed_experts(x, w, slot_map[used], w13, w2, keep)
-            out = torch.zeros_like(x)  # more experts than the cache holds: one round at a time
-            for members, round_map in slot_map:
-                in_round = torch.isin(used, members)
-                if keep is not None:
-                    in_round &= keep
-                out += ops.routed_experts(x, w, round_map[used], w13, w2, in_round)
+                return op(x, weights, ids, slot_map, arena, rule, n, tau, rescale, cached)
+            # more experts than the cache holds (a long prompt): one round at a time, each on a map
+            # of its own experts only, so no pair runs twice; the rule alone decides, as in a big pass
+            out = torch.zeros_like(x)
+            for round_map in slot_map:
+                out += op(x, weights, ids, round_map, arena, rule, n, tau, rescale, False)
             return out
 
         return routed
@@ -214,27 +227,26 @@ class Kernels:
         if node.attr("kind") == "mla":
             return self._mla(layer)
         a, eps = self.spec.model.attention, self.spec.model.norm_eps
-        keys = ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm")
-        w: dict[str, Any] = {k: self.w.get((k, layer)) for k in keys}
+        w: dict[str, Any] = {k: self.w.get((k, layer)) for k in ("qkv_proj", "qkv_bias", "o_proj", "q_norm", "k_norm")}
         cache = self.kv.layers[layer]
         n, n_kv, d = a.num_heads, a.num_kv_heads, a.head_dim
         interleaved, scale, clip = self.spec.model.rope.interleaved, self.attn_scale, a.clip_qkv
 
         def attention(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
             T = x.shape[0]
-            q, k, v = (F.linear(x, w[p + "_proj"], w[p + "_bias"]) for p in "qkv")
+            q, k, v = F.linear(x, w["qkv_proj"], w["qkv_bias"]).split([n * d, n_kv * d, n_kv * d], dim=-1)
             if a.qk_norm == "full":  # OLMoE: over all heads at once
                 q, k = ops.rms_norm(q, w["q_norm"], eps), ops.rms_norm(k, w["k_norm"], eps)
             if clip is not None:
                 q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
-            q, k, v = q.view(T, n, d), k.view(T, n_kv, d), v.view(T, n_kv, d)
+            q, k, v = q.reshape(T, n, d), k.reshape(T, n_kv, d), v.reshape(T, n_kv, d)
             if a.qk_norm == "per_head":  # Qwen3: over head_dim
                 q, k = ops.rms_norm(q, w["q_norm"], eps), ops.rms_norm(k, w["k_norm"], eps)
-            q = ops.apply_rope(q, ctx.cos, ctx.sin, interleaved)
-            k = ops.apply_rope(k, ctx.cos, ctx.sin, interleaved)
+            q, k = ops.apply_rope(torch.cat((q, k), dim=1), ctx.cos, ctx.sin, interleaved).split([n, n_kv], dim=1)
             cache.k.index_copy_(0, ctx.positions, k)
             cache.v.index_copy_(0, ctx.positions, v)
-            out = ops.causal_attention(q, cache.k[: ctx.kv_len], cache.v[: ctx.kv_len], ctx.positions, scale)
+            out = ops.causal_attention(q, cache.k[: ctx.kv_len], cache.v[: ctx.kv_len], ctx.positions, scale,
+                                       ctx.all_visible)
             return F.linear(out, w["o_proj"])
 
         return attention
@@ -272,42 +284,65 @@ class Kernels:
 
 @dataclass
 class Step:
-    """One unit the executor runs: a segment of compute nodes, or a single sync node."""
+    """One unit the executor runs: a segment of compute nodes (fn), or a run of sync nodes (sync)."""
 
     nodes: list[Node]
-    fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]]
+    fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None
+    sync: list[SyncKernel] | None
     live_in: list[str]
-    live_out: list[str]
     drop_after: list[str]  # values no later step reads
     little: bool  # runs little-variant experts: a token through it used the little set
 
+    @property
+    def region(self) -> str | None:
+        return self.nodes[0].attr("region")
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile as mobile uses it: every setting in one place.
+
+    dynamic: the token count and the KV-cache length vary. No duck shapes: a dimension that merely
+    happens to equal another today (the KV capacity and a weight's storage, both 256) must not be
+    tied to it, or the next growth of the cache recompiles."""
+    from torch.fx.experimental import _config as fx_config
+
+    fx_config.use_duck_shape = False
+    return torch.compile(fn, dynamic=True)
+
 
 def plan_steps(graph: Graph) -> list[list[Node]]:
-    """Group the node list into steps by the `seg` attrs; sync nodes are steps of their own."""
+    """Group the node list into steps: runs of one segment (the `seg` attrs), and runs of adjacent
+    sync nodes of one region."""
     steps: list[list[Node]] = []
-    current = object()
     for n in graph.nodes:
-        seg = n.attr("seg")
-        if n.op in SYNC_OPS or seg is None or seg != current:
-            steps.append([n])
-            current = None if n.op in SYNC_OPS or seg is None else seg
-        else:
-            steps[-1].append(n)
+        if steps:
+            last = steps[-1][-1]
+            if n.op in SYNC_OPS:
+                joins = last.op in SYNC_OPS and last.attr("region") == n.attr("region")
+            else:
+                joins = last.op not in SYNC_OPS and n.attr("seg") is not None and n.attr("seg") == last.attr("seg")
+            if joins:
+                steps[-1].append(n)
+                continue
+        steps.append([n])
     return steps
 
 
 class Executor:
-    def __init__(self, graph: Graph, kernels: Kernels, compile: bool = False, trace: list | None = None):
+    def __init__(self, graph: Graph, kernels: Kernels, reader: HostReader, compile: bool = False,
+                 trace: list | None = None):
         errors = verify(graph)
         if errors:
             more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
             raise GraphError(f"graph fails verification: {errors[0]}{more}", where=graph.name)
-        self.graph = graph
+        self.graph, self.reader = graph, reader
         self.compile = compile
         # measured timeline: (name, op, stream, start_s, end_s, bytes) per node; eager runs only,
         # since inside a compiled segment nodes have no boundaries to time
         self.trace = trace if not compile else None
         self.executed: list[str] = []  # node names in the order the last eager forward ran them
+        self.fell_back: bool | None = None  # decode and gate modes: whether a gate sent the token to the big pass
+        self.ran_little = False  # the last forward ran little-variant experts
         groups = plan_steps(graph)
         last_use: dict[str, int] = {}
         for si, group in enumerate(groups):
@@ -320,17 +355,19 @@ class Executor:
         for si, group in enumerate(groups):
             defined = {n.name for n in group}
             live_in = sorted({i for n in group for i in n.inputs if i not in defined})
-            # a gate's decision is read by the executor itself, even where no node reads it
-            live_out = [n.name for n in group if last_use.get(n.name, -1) > si or n.op is Op.IMPORTANCE_GATE]
             drop = [v for v, s in last_use.items() if s == si]
-            fn = self._segment_fn(group, [kernels.build(n) for n in group], live_out)
-            if compile and group[0].op not in SYNC_OPS:
-                fn = torch.compile(fn, dynamic=True)
             little = any(n.op is Op.EXPERT and n.attr("variant") == "little" for n in group)
-            self.steps.append(Step(group, fn, live_in, live_out, drop, little))
+            if group[0].op in SYNC_OPS:
+                self.steps.append(Step(group, None, [kernels.build(n) for n in group], live_in, drop, little))
+                continue
+            live_out = [n.name for n in group if last_use.get(n.name, -1) > si]
+            fn = self._segment_fn(group, [kernels.build(n) for n in group], live_out)
+            if compile:
+                fn = compiled(fn)
+            self.steps.append(Step(group, fn, None, live_in, drop, little))
 
     def _segment_fn(self, nodes: list[Node], kernels: list[Kernel], live_out: list[str]):
-        """Generate one straight-line Python function per step.
+        """Generate one straight-line Python function per compute segment.
 
         Straight-line code (no loop over nodes, no dict shuffling) is what dynamo traces best, and a
         separate code object per segment gives each its own compile cache instead of piling
@@ -352,8 +389,8 @@ class Executor:
                          f"    trace.append(({node.name!r}, {node.op.value!r}, 'compute', t0, clock(), 0))"]
             else:
                 body.append(f"    {call}")
-            if not self.compile:
-                body.append(f"    executed.append({node.name!r})")
+        if not self.compile:
+            body.append(f"    executed.extend({[n.name for n in nodes]!r})")
         outs = ", ".join(f"{n!r}: {var[n]}" for n in live_out)
         unpack = "".join(f"    {var[a]} = env[{a!r}]\n" for a in args)
         src = f"def segment(ctx, env):\n{unpack}" + "\n".join(body) + f"\n    return {{{outs}}}\n"
@@ -364,31 +401,57 @@ class Executor:
         fn.source = src
         return fn
 
+    def _sync(self, step: Step, ctx: StepContext, env: dict[str, Any], run: dict[str, bool], mode: str) -> bool:
+        """Run one sync step: read what its nodes need from the device in one copy, then act on it
+        node by node. Returns True when a gate fired and mode is "gate" (the caller stops)."""
+        assert step.sync is not None
+        # reads take device values, which only compute makes, so all of them come from earlier
+        # steps; acts run in order and see what the step's earlier nodes made (a fetch's handle)
+        wanted = [k.read(ctx, *(env.get(i) for i in n.inputs)) if k.read is not None else []
+                  for n, k in zip(step.nodes, step.sync, strict=True)]
+        values = self.reader.ints([t for ts in wanted for t in ts])
+        start = 0
+        for node, kernel, ts in zip(step.nodes, step.sync, wanted, strict=True):
+            mine, start = values[start:start + len(ts)], start + len(ts)
+            region = node.attr("region")
+            if region is not None and not run[region]:
+                continue  # a gate earlier in this step ended the little pass
+            t0 = time.perf_counter()
+            env[node.name] = kernel.act(ctx, mine, *(env.get(i) for i in node.inputs))
+            if self.trace is not None:
+                self.trace.append((node.name, node.op.value, "compute", t0, time.perf_counter(), 0))
+            self.executed.append(node.name)
+            if node.op is Op.IMPORTANCE_GATE and mode in ("decode", "gate") and env[node.name]:
+                self.fell_back = True  # the rest of the little pass cannot change the outcome
+                if mode == "gate":
+                    return True
+                run["little"], run["big"] = False, True
+        return False
+
     def forward(self, ctx: StepContext, tokens: torch.Tensor, mode: str = "decode") -> torch.Tensor | None:
         """Run the graph once. Regions (the `mobile` policy's two passes) follow `mode`:
-        decode: the little pass runs and the importance gates decide whether the fallback runs (a
+        decode: the little pass runs and the importance gates decide whether the big pass runs (a
         per-layer mass gate that fires ends the little pass there);
-        big: the little pass is skipped and the fallback (big) pass always runs;
+        big: the little pass is skipped and the big pass always runs;
         little: the little pass runs and never falls back;
         gate: as decode, but a token that falls back stops there and None is returned: the caller
         runs the big pass itself (the engine's KV refresh, which recomputes more positions)."""
         env: dict[str, Any] = {GRAPH_INPUTS[0]: tokens}
         self.executed.clear()
-        run = {"little": mode != "big", "fallback": mode == "big"}
-        self.fell_back: bool | None = None  # set by the importance gate, in decode mode
+        run = {"little": mode != "big", "big": mode == "big"}
+        self.fell_back = False if mode in ("decode", "gate") else None
         self.ran_little = False
         for step in self.steps:
-            region = step.nodes[0].attr("region")
+            region = step.region
             if region is not None and not run[region]:
                 continue
             self.ran_little |= step.little
-            env.update(step.fn(ctx, {k: env.get(k) for k in step.live_in}))
-            if step.nodes[0].op is Op.IMPORTANCE_GATE and mode in ("decode", "gate"):
-                self.fell_back = bool(env[step.nodes[0].name])
-                if self.fell_back:  # the rest of the little pass (if any) cannot change the outcome
-                    if mode == "gate":
-                        return None
-                    run["little"], run["fallback"] = False, True
+            if step.sync is not None:
+                if self._sync(step, ctx, env, run, mode):
+                    return None
+            else:
+                assert step.fn is not None
+                env.update(step.fn(ctx, {k: env.get(k) for k in step.live_in}))
             for v in step.drop_after:
                 env.pop(v, None)
         return env[self.graph.outputs[0]]

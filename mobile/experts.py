@@ -1,14 +1,23 @@
 """Where routed experts live, and how a fetch makes them usable.
 
-Every expert set exposes the calls that the graph's fetch, wait, prefetch and expert nodes use:
-    fetch(layer, ids)    -> handle     start moving the experts in `ids` into device slots
-    wait(handle)         -> slot_map   block until they are there; slot_map [E] gives each slot
-                                       (a Rounds object when a prefill needs more than the cache holds)
-    prefetch(layer, ids)               a low-priority hint: stage these if the link is idle
-    arena(layer)         -> (w13, w2)  the device slot storage the expert kernel reads
+An expert set is what the graph's fetch, wait, prefetch and expert nodes talk to:
+    slot_map(layer)          -> [E] device tensor: each usable expert's slot in the arena, else -1
+    fetch(layer, entries)    -> handle    entries: mobile.moe.fetch_status, as the host read it
+    wait(handle)             -> slot map  the fetched experts are usable now (a Rounds object when a
+                                          prompt needs more experts than the layer's cache holds)
+    prefetch(layer, ids)                  a low-priority hint: stage these experts (mobile.slots)
+    arena(layer)             -> [S, 3*H*I] the device slot storage the expert op reads
+    note_route(layer, ids, K)             the router's big set (flat, K per token), for the big-only estimate
 
-An expert is stored packed, [gate rows; up rows] then down, as one contiguous row of the host
-store and of the device arena, so it moves as one copy.
+The slot map lives on the device. The cache manager keeps its own record of it on the host (pinned
+on CUDA): an expert enters when a wait has covered its copy, and leaves the moment its slot is given
+to another. A changed record reaches the device as one copy of the [E] map before anything reads it
+(`slot_map`). So a speculative copy counts only once a demand fetch has waited for it, however early
+it landed, and the experts a cache-aware little pass takes for free never depend on timing: the
+same ids give the same tokens on every run.
+
+An expert is stored packed and input-major (mobile.moe.arena_views: gate_up [H, 2I], then down
+[I, H]) as one contiguous row of the host store and of the device arena, so it moves as one copy.
 """
 
 from __future__ import annotations
@@ -20,34 +29,30 @@ import torch
 from mobile.budget import CachePlan
 from mobile.costs import expert_bytes
 from mobile.families import tensor_names
+from mobile.moe import arena_views, decode_status
 from mobile.slots import Eviction, SlotTable
 from mobile.spec import Spec
 from mobile.stats import Stats
 from mobile.transfer import DEMAND, PREFETCH, CopyEngine, CopyJob, LinkModel
 from mobile.weights import WeightStore
 
-
-def packed_views(rows: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows [S, 3*I*H] -> w13 [S, 2I, H] and w2 [S, H, I], as views (no copy)."""
-    n = rows.shape[1]
-    w13 = rows.as_strided((rows.shape[0], 2 * inter, hidden), (n, hidden, 1), rows.storage_offset())
-    w2 = rows.as_strided((rows.shape[0], hidden, inter), (n, inter, 1), rows.storage_offset() + 2 * inter * hidden)
-    return w13, w2
+SHADOW_BATCH = 64  # forwards the big-only estimate buffers before it replays them
 
 
 def load_packed_experts(spec: Spec, store: WeightStore, layer: int, dtype: torch.dtype,
                         pin: bool = False) -> torch.Tensor:
-    """All experts of one layer from the checkpoint, packed: [E, 3*I*H] in host memory."""
+    """All experts of one layer from the checkpoint, packed: [E, 3*H*I] in host memory."""
     moe, h = spec.model.moe, spec.model.hidden_size
     i = moe.intermediate_size
     names = tensor_names(spec.model.family, spec.checkpoint.tensor_names)
     rows = torch.empty(moe.num_experts, 3 * i * h, dtype=dtype, pin_memory=pin)
-    w13, w2 = packed_views(rows, h, i)
+    gate_up, down = arena_views(rows, h)
     for e in range(moe.num_experts):
         fmt = {"layer": layer, "expert": e}
-        w13[e, :i].copy_(store.get(names["expert_gate"].format(**fmt)))
-        w13[e, i:].copy_(store.get(names["expert_up"].format(**fmt)))
-        w2[e].copy_(store.get(names["expert_down"].format(**fmt)))
+        # checkpoints store [out, in] (applied as W x); the arena stores [in, out] (applied as x @ W)
+        gate_up[e, :, :i].copy_(store.get(names["expert_gate"].format(**fmt)).T)
+        gate_up[e, :, i:].copy_(store.get(names["expert_up"].format(**fmt)).T)
+        down[e].copy_(store.get(names["expert_down"].format(**fmt)).T)
     return rows
 
 
@@ -55,22 +60,23 @@ def load_packed_experts(spec: Spec, store: WeightStore, layer: int, dtype: torch
 class FetchHandle:
     layer: int
     jobs: list[CopyJob] = field(default_factory=list)
-    slot_map: torch.Tensor | None = None
-    rounds: list[list[int]] = field(default_factory=list)  # when the set exceeds the cache (prefill)
-    experts: list[int] = field(default_factory=list)  # what this fetch asked for (its slot map's members)
+    placed: list[tuple[int, int]] = field(default_factory=list)  # (expert, slot) usable once waited for
+    rounds: list[list[int]] = field(default_factory=list)  # when the set exceeds the cache (a prompt)
 
 
 class Rounds:
     """What a wait yields when one forward needs more experts than a layer's cache holds (a long
-    prefill): the expert node runs once per round, each round's experts loaded once for all tokens."""
+    prompt): the expert node runs once per round, on a slot map of that round's experts only, each
+    round's experts loaded once for all tokens."""
 
-    def __init__(self, owner: OffloadedExperts, handle: FetchHandle, first: torch.Tensor):
-        self.owner, self.handle, self.first = owner, handle, first
+    def __init__(self, owner: OffloadedExperts, handle: FetchHandle):
+        self.owner, self.handle = owner, handle
 
     def __iter__(self):
         for r, members in enumerate(self.handle.rounds):
-            slot_map = self.first if r == 0 else self.owner.load_round(self.handle.layer, members)
-            yield torch.tensor(members, device=slot_map.device), slot_map
+            if r:
+                self.owner.load_round(self.handle.layer, members)
+            yield self.owner.round_map(self.handle.layer, members)
 
 
 class BigOnlyShadow:
@@ -81,107 +87,128 @@ class BigOnlyShadow:
     pass that ran each layer) and charging one expert's bytes per miss: demand fetches only, no
     prefetch. It is an estimate: a real big-only run would see slightly different hidden states
     after a little pass, so slightly different routes.
+
+    The routes come with each layer's one host read; decoded tokens are replayed in batches of
+    SHADOW_BATCH forwards (and whenever the stats are read), not one by one on the decode path.
     """
 
     def __init__(self, layers: list[int], slots: int, expert_bytes: int, eviction: Eviction = "lru"):
         self.expert_bytes = expert_bytes
-        self.tables = {layer: SlotTable(slots, eviction=eviction) for layer in layers}
-        self.routes: dict[int, torch.Tensor] = {}
+        self.tables = {layer: SlotTable(slots, eviction=eviction, record_evictions=False) for layer in layers}
+        self.routes: dict[int, tuple[list[int], int]] = {}  # this forward's: layer -> (ids [T*K], K)
+        self.pending: list[tuple[dict[int, tuple[list[int], int]], int]] = []  # forwards not replayed yet
+        self.bytes = 0  # what big-only decoding would have moved, replayed so far
 
-    def note(self, layer: int, ids: torch.Tensor) -> None:
-        self.routes[layer] = ids  # a fallback's big pass overwrites its little pass's routes
+    def note(self, layer: int, ids: list[int], k: int) -> None:
+        self.routes[layer] = (ids, k)  # a fallback's big pass overwrites its little pass's routes
 
-    def commit(self, tables: dict[int, SlotTable] | None = None, refreshed: int = 0) -> int:
-        """End of a forward: replay its big sets; returns the bytes big-only would have moved.
-        tables: after a prompt (which runs big under every policy, in rounds when it needs more
-        experts than a layer holds), start again from the real cache's demand-loaded contents, so
-        that decoding is compared from the same state. refreshed: the first rows were a KV refresh's
-        recomputed positions, which big-only decoding ran once already; only the rest count."""
+    def end_forward(self, tables: dict[int, SlotTable] | None = None, refreshed: int = 0) -> None:
+        """tables: the real cache. After a prompt (which runs big under every policy, in rounds when
+        it needs more experts than a layer holds), the estimate starts again from the real cache's
+        demand-loaded contents, so that decoding is compared from the same state. refreshed: the
+        first rows were a KV refresh's recomputed positions, which big-only decoding ran once
+        already; only the rest count."""
         if not self.routes:
-            return 0
-        misses = 0
-        # every layer's routes of one forward have the same shape: one host transfer for all of them
-        stacked = torch.stack(list(self.routes.values()))[:, refreshed:]
-        routes = dict(zip(self.routes, stacked.tolist(), strict=True))
-        prompt = any(len(rows) > 1 for rows in routes.values())
-        for layer, rows in routes.items():
-            table = self.tables[layer]
-            needed = sorted({e for row in rows for e in row})
-            for i in range(0, len(needed), table.size):  # in rounds, as the real cache runs a long prompt
-                table.begin_step()
-                misses += sum(not hit for _, _, hit in table.lookup(needed[i:i + table.size]))
-        self.routes.clear()
+            return
+        routes, self.routes = self.routes, {}
+        prompt = any(len(ids) > (1 + refreshed) * k for ids, k in routes.values())
+        self.pending.append((routes, refreshed))
+        if prompt or len(self.pending) >= SHADOW_BATCH:
+            self.flush()
         if prompt and tables is not None:
             self.tables = {layer: table.demand_copy() for layer, table in tables.items()}
-        return misses * self.expert_bytes
+
+    def flush(self) -> int:
+        """Replay the pending forwards; returns the estimate so far."""
+        misses = 0
+        for routes, refreshed in self.pending:
+            for layer, (ids, k) in routes.items():
+                table = self.tables[layer]
+                needed = sorted(set(ids[refreshed * k:]))
+                for i in range(0, len(needed), table.size):  # in rounds, as the real cache runs a long prompt
+                    table.begin_step()
+                    misses += sum(not hit for _, _, hit in table.lookup(needed[i:i + table.size]))
+        self.pending.clear()
+        self.bytes += misses * self.expert_bytes
+        return self.bytes
 
 
 class ResidentExperts:
-    """All experts of every MoE layer on the device: fetches move nothing and always hit."""
+    """All experts of every MoE layer on the device: nothing moves, every lookup hits.
+
+    A resident graph has no fetch nodes. A graph of another policy may still run on it (`mobile
+    eval` does, where offloading would not change the result); its fetches then only count."""
 
     link = "none"
+    tracks_routes = False  # nothing moves, so no big-only estimate
 
     def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
-                 progress=None):
-        self.spec, self.stats = spec, stats
+                 reader, progress=None, track_use: bool = False):
+        self.spec, self.stats, self.reader = spec, stats, reader
         self.rows: dict[int, torch.Tensor] = {}
         for layer in spec.moe_layers:
             self.rows[layer] = load_packed_experts(spec, store, layer, dtype).to(device)
             if progress is not None:
                 progress.update(1)
-        self.identity = torch.arange(spec.model.moe.num_experts, device=device)
-        # Counted on the device, so a resident fetch never waits for the host: which experts each
-        # layer used in the current forward, and running totals read back only by collect_stats.
+        self.num_experts = spec.model.moe.num_experts
+        self.identity = torch.arange(self.num_experts, device=device)
+        # which experts each layer used in the current forward, counted on the device for graphs
+        # without fetches (only when asked: the resident hot path does no bookkeeping)
+        self.track_use = track_use
         self.index = {layer: i for i, layer in enumerate(spec.moe_layers)}
-        self.used = torch.zeros(len(self.index), spec.model.moe.num_experts, dtype=torch.bool, device=device)
-        self.hits = torch.zeros((), dtype=torch.long, device=device)
+        self.used = torch.zeros(len(self.index), self.num_experts, dtype=torch.bool, device=device)
         self.used_total = torch.zeros((), dtype=torch.long, device=device)
+        self.hits = 0
 
-    @property
-    def step_sets(self) -> dict[int, set[int]]:
-        """layer -> experts the last forward used."""
-        return {layer: set(self.used[i].nonzero().flatten().tolist()) for layer, i in self.index.items()}
+    def slot_map(self, layer: int) -> torch.Tensor:
+        return self.identity
+
+    def note_use(self, layer: int, slots: torch.Tensor) -> None:
+        """slots [T, K], -1 where dropped: the experts one routed expert node ran (track_use only)."""
+        # shifted by one, so that the dropped pairs (-1) land in a column of their own
+        used = torch.zeros(self.num_experts + 1, dtype=torch.bool, device=slots.device)
+        self.used[self.index[layer]] |= used.index_fill_(0, (slots + 1).flatten(), True)[1:]
+
+    def fetch(self, layer: int, entries: list[int]) -> FetchHandle:
+        cached, missing, _ = decode_status(entries, self.num_experts)
+        needed = cached + missing
+        self.hits += len(needed)
+        if needed:
+            self.used[self.index[layer], needed] = True
+        return FetchHandle(layer)
+
+    def note_route(self, layer: int, ids: list[int], k: int) -> None:
+        return None  # nothing moves, so there is nothing to compare with
+
+    def wait(self, handle: FetchHandle) -> torch.Tensor:
+        return self.identity
+
+    def prefetch(self, layer: int, ids: list[int], kind: str = "predicted") -> None:
+        return None
+
+    def arena(self, layer: int) -> torch.Tensor:
+        return self.rows[layer]
 
     def begin_forward(self) -> None:
-        self.used.zero_()
+        if self.track_use:
+            self.used.zero_()
 
     def end_forward(self, refreshed: int = 0) -> None:
         # each (layer, expert) once per forward: a fallback reuses what its little pass fetched
-        self.used_total += self.used.sum()
+        if self.track_use:
+            self.used_total += self.used.sum()
 
-    def fetch(self, layer: int, ids: torch.Tensor | list[int]) -> FetchHandle:
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.used.device)
-        mask = torch.zeros_like(self.used[0]).index_fill_(0, ids.flatten(), True)
-        self.hits += mask.sum()  # every lookup hits; unique experts per fetch, as a cache counts them
-        self.used[self.index[layer]] |= mask
-        return FetchHandle(layer, slot_map=self.identity)
-
-    def note_route(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None:
-        return None  # nothing moves, so there is nothing to compare with
-
-    def ready(self, layer: int, experts: set[int]) -> set[int]:
-        """Which of these experts are on the device with no copy pending: all of them."""
-        return experts
-
-    def note_free(self, n: int) -> None:
+    def settle(self) -> None:
         return None
-
-    def wait(self, handle: FetchHandle) -> torch.Tensor | Rounds:
-        assert handle.slot_map is not None
-        return handle.slot_map
-
-    def prefetch(self, layer: int, ids: torch.Tensor, kind: str = "predicted") -> None:
-        return None
-
-    def arena(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return packed_views(self.rows[layer], self.spec.model.hidden_size, self.spec.model.moe.intermediate_size)
 
     def collect_stats(self) -> None:
-        self.stats.expert_hits = int(self.hits)
-        self.stats.extra["expert_bytes_used"] = int(self.used_total) * expert_bytes(self.spec)
+        self.stats.expert_hits = self.hits
+        if self.track_use:
+            (used,), = self.reader.ints([self.used_total])
+            self.stats.extra["expert_bytes_used"] = used * expert_bytes(self.spec)
 
     def reset_counters(self) -> None:
-        self.hits.zero_()
+        self.hits = 0
         self.used_total.zero_()
 
     def close(self) -> None:
@@ -191,35 +218,106 @@ class ResidentExperts:
 class OffloadedExperts:
     """Experts in host memory, a bounded per-layer slot cache on the device, copies on a copy engine.
 
-    ondemand keeps nothing between uses; every other policy reuses cached experts (LRU) and takes
-    the prefetches its graph issues (next-layer prediction, complement sets), only while the link is
-    idle, into the same slot pool, where at most `staging` slots hold speculation (mobile.slots).
+    ondemand keeps nothing between uses; every other policy reuses cached experts and takes the
+    prefetches its graph issues (next-layer prediction, complement sets) into the same slot pool,
+    where at most `staging` slots hold speculation (mobile.slots). A prefetch goes on the link at
+    the next wait, once the demand copies issued with it have landed: it never delays a copy that
+    compute is about to wait for, and whether it is staged depends on the graph, never on timing.
     """
 
+    tracks_routes = True  # the fetch's host read carries the router's big set, for the shadow
+
     def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
-                 plan: CachePlan, link: LinkModel, trace: list | None = None, progress=None):
-        self.spec, self.stats, self.plan, self.device = spec, stats, plan, device
-        self.policy = spec.policy.name
-        self.num_experts = spec.model.moe.num_experts
+                 plan: CachePlan, link: LinkModel, reader, trace: list | None = None, progress=None):
+        self.spec, self.stats, self.plan, self.device, self.reader = spec, stats, plan, device, reader
+        self.reuses = spec.policy.traits.reuses_cache
+        self.num_experts = E = spec.model.moe.num_experts
         pin = device.type == "cuda"
         self.link = "real" if link.kind == "real" else "emulated"
         self.host: dict[int, torch.Tensor] = {}
         self.rows: dict[int, torch.Tensor] = {}
         self.tables: dict[int, SlotTable] = {}
-        self.pending: dict[int, dict[int, CopyJob]] = {}  # layer -> slot -> last copy into it
-        self.slot_maps: dict[int, torch.Tensor] = {}
+        self.pending: dict[int, dict[int, CopyJob]] = {}  # layer -> slot -> its copy, until a wait covers it
+        self.usable: dict[int, torch.Tensor] = {}  # layer -> the host record of the slot map [E]
+        self.record: dict[int, list[int]] = {}  # the same, as Python ints: compared without touching tensors
+        self.maps: dict[int, torch.Tensor] = {}  # layer -> the device slot map [E]
+        self.dirty: set[int] = set()  # layers whose host record changed since the last copy
         numel = 3 * spec.model.hidden_size * spec.model.moe.intermediate_size
         self.eviction = eviction = spec.policy.effective_eviction
         for layer in spec.moe_layers:
             self.host[layer] = load_packed_experts(spec, store, layer, dtype, pin=pin)
-            self.rows[layer] = torch.empty(plan.main + plan.staging, numel, dtype=dtype, device=device)
+            # zeros, not empty: the expert op may compute a pair against any slot and mask it after,
+            # which must never meet a NaN in a slot no copy has filled yet
+            self.rows[layer] = torch.zeros(plan.main + plan.staging, numel, dtype=dtype, device=device)
             self.tables[layer] = SlotTable(plan.main, plan.staging, eviction)
             self.pending[layer] = {}
-            self.slot_maps[layer] = torch.full((self.num_experts,), -1, dtype=torch.long, device=device)
+            self.usable[layer] = torch.full((E,), -1, dtype=torch.long, pin_memory=pin)
+            self.record[layer] = [-1] * E
+            self.maps[layer] = torch.full((E,), -1, dtype=torch.long, device=device)
             if progress is not None:
                 progress.update(1)
         self.engine = CopyEngine(device, link, trace)
         self.shadow = BigOnlyShadow(spec.moe_layers, plan.main + plan.staging, expert_bytes(spec), eviction)
+        self.deferred: list[tuple[int, list[int], str]] = []  # prefetches waiting for the next wait
+
+    # -- the slot map ---------------------------------------------------------------------------
+    def slot_map(self, layer: int) -> torch.Tensor:
+        """The device slot map, with every change of the host record copied over first."""
+        if layer in self.dirty:
+            # one copy of E entries; on CUDA from pinned memory, queued on the compute stream
+            # before whatever reads the map. The record is next written after this layer's next
+            # host read, which waits for that stream, so the copy has long landed by then.
+            self.maps[layer].copy_(self.usable[layer], non_blocking=True)
+            self.dirty.discard(layer)
+        return self.maps[layer]
+
+    def _set_usable(self, layer: int, expert: int, slot: int) -> None:
+        record = self.record[layer]
+        if record[expert] != slot:
+            record[expert] = slot
+            self.usable[layer][expert] = slot
+            self.dirty.add(layer)
+
+    def _forget_evicted(self, layer: int) -> None:
+        for e in self.tables[layer].take_evicted():
+            self._set_usable(layer, e, -1)
+
+    def round_map(self, layer: int, members: list[int]) -> torch.Tensor:
+        """A slot map of `members` only (one round of a prompt too large for the cache)."""
+        table = self.tables[layer]
+        m = torch.full((self.num_experts,), -1, dtype=torch.long)
+        m[members] = torch.tensor([table.slot_of[e] for e in members])
+        return m.to(self.device)
+
+    # -- fetch, wait, prefetch ------------------------------------------------------------------
+    def fetch(self, layer: int, entries: list[int]) -> FetchHandle:
+        table = self.tables[layer]
+        table.begin_step()
+        if not self.reuses:
+            table.forget()
+        cached, missing, free = decode_status(entries, self.num_experts)
+        if free:
+            self.stats.extra["free_complement_experts"] = self.stats.extra.get("free_complement_experts", 0) + free
+        needed = sorted(cached + missing)
+        handle = FetchHandle(layer)
+        if len(needed) > self.plan.main:
+            handle.rounds = [needed[i:i + self.plan.main] for i in range(0, len(needed), self.plan.main)]
+            needed = handle.rounds[0]
+        self._request(layer, needed, handle)
+        return handle
+
+    def _request(self, layer: int, needed: list[int], handle: FetchHandle) -> None:
+        table = self.tables[layer]
+        for e, slot, hit in table.lookup(needed):
+            if hit:
+                job = self.pending[layer].get(slot)
+                if job is not None:  # a prefetch no wait has covered yet: this one will
+                    self.engine.promote(job)  # still queued? it is needed now: demand priority
+                    handle.jobs.append(job)
+            else:
+                handle.jobs.append(self._copy(layer, e, slot, DEMAND))
+            handle.placed.append((e, slot))
+        self._forget_evicted(layer)
 
     def _copy(self, layer: int, expert: int, slot: int, priority: int) -> CopyJob:
         old = self.pending[layer].get(slot)
@@ -231,97 +329,60 @@ class OffloadedExperts:
         self.stats.bytes_h2d += job.nbytes
         return job
 
-    def fetch(self, layer: int, ids: torch.Tensor | list[int]) -> FetchHandle:
-        table = self.tables[layer]
-        table.begin_step()
-        if self.policy == "ondemand":
-            table.forget()
-        handle = FetchHandle(layer)
-        # host sync: a fetch is a sync point in the graph
-        needed = torch.unique(ids).tolist() if isinstance(ids, torch.Tensor) else sorted(set(ids))
-        if len(needed) > self.plan.main:
-            handle.rounds = [needed[i:i + self.plan.main] for i in range(0, len(needed), self.plan.main)]
-            needed = handle.rounds[0]
-        self._request(layer, needed, handle)
-        return handle
-
-    def ready(self, layer: int, experts: set[int]) -> set[int]:
-        """Which of these experts are in the layer's cache with their copies done: using them costs
-        no transfer and no wait."""
-        table, pending = self.tables[layer], self.pending[layer]
-        out = set()
-        for e in experts:
-            slot = table.slot_of.get(e)
-            job = None if slot is None else pending.get(slot)
-            if slot is not None and (job is None or job.finished()):
-                out.add(e)
-        return out
-
-    def note_free(self, n: int) -> None:
-        """n dropped experts that a little pass used because they were already in the cache."""
-        self.stats.extra["free_complement_experts"] = self.stats.extra.get("free_complement_experts", 0) + n
-
-    def _request(self, layer: int, needed: list[int], handle: FetchHandle) -> None:
-        table = self.tables[layer]
-        handle.experts.extend(needed)
-        for e, slot, hit in table.lookup(needed):
-            if hit:
-                job = self.pending[layer].get(slot)
-                if job is not None and not job.finished():
-                    self.engine.promote(job)  # a prefetch still in flight is now needed: demand priority
-                    handle.jobs.append(job)
-            else:
-                handle.jobs.append(self._copy(layer, e, slot, DEMAND))
-
     def wait(self, handle: FetchHandle) -> torch.Tensor | Rounds:
-        stall = sum(job.wait() for job in handle.jobs)
-        self.stats.stall_s += stall
-        slot_map = self.slot_maps[handle.layer]
-        table = self.tables[handle.layer]
-        # only this fetch's experts: others in the cache may still be in flight (prefetches)
-        members = [-1] * self.num_experts
-        for e in handle.experts:
-            members[e] = table.slot_of[e]
-        slot_map.copy_(torch.tensor(members), non_blocking=True)
-        return Rounds(self, handle, slot_map) if handle.rounds else slot_map
+        self.stats.stall_s += sum(job.wait() for job in handle.jobs)
+        pending = self.pending[handle.layer]
+        for e, slot in handle.placed:  # covered by this wait: usable from now on
+            self._set_usable(handle.layer, e, slot)
+            pending.pop(slot, None)
+        self._issue_deferred()  # the demand copies have landed: the link is free for speculation
+        return Rounds(self, handle) if handle.rounds else self.slot_map(handle.layer)
 
     @torch.compiler.disable  # host work (copies, the slot table): a compiled expert segment calls it eagerly
-    def load_round(self, layer: int, members: list[int]) -> torch.Tensor:
+    def load_round(self, layer: int, members: list[int]) -> None:
         """The previous round's experts are done: unpin them, load the next round, wait for it."""
         self.tables[layer].begin_step()
         handle = FetchHandle(layer)
         self._request(layer, members, handle)
-        slot_map = self.wait(handle)
-        assert isinstance(slot_map, torch.Tensor)
-        return slot_map.clone()  # the shared slot-map buffer is rewritten by the next round
+        self.wait(handle)
 
-    def prefetch(self, layer: int, ids: torch.Tensor, kind: str = "predicted") -> None:
-        if not self.engine.idle():
-            # only while the link is idle: speculation must never delay a copy that compute waits for
-            self.stats.extra["prefetch_skipped_busy"] = self.stats.extra.get("prefetch_skipped_busy", 0) + 1
-            return
-        table = self.tables[layer]
-        for e in torch.unique(ids).tolist():
-            slot = table.stage(e, kind)
-            if slot is not None:
-                self._copy(layer, e, slot, PREFETCH)
+    def prefetch(self, layer: int, ids: list[int], kind: str = "predicted") -> None:
+        """Stage these experts of `layer`, at the next wait (see the class docstring)."""
+        self.deferred.append((layer, ids, kind))
 
-    def arena(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return packed_views(self.rows[layer], self.spec.model.hidden_size, self.spec.model.moe.intermediate_size)
+    def _issue_deferred(self) -> None:
+        for layer, ids, kind in self.deferred:
+            table = self.tables[layer]
+            for e in sorted(set(ids)):
+                # never evicts an expert the current step uses: those are pinned until the next fetch
+                slot = table.stage(e, kind)
+                if slot is not None:
+                    self._copy(layer, e, slot, PREFETCH)
+            self._forget_evicted(layer)
+        self.deferred.clear()
 
-    def note_route(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> None:
-        """weights, ids [T, K]: the router's big set, whatever this pass uses of it."""
-        self.shadow.note(layer, ids)
+    def arena(self, layer: int) -> torch.Tensor:
+        return self.rows[layer]
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def note_route(self, layer: int, ids: list[int], k: int) -> None:
+        """ids [T*K], K per token: the router's big set, whatever this pass uses of it."""
+        self.shadow.note(layer, ids, k)
 
     def begin_forward(self) -> None:
         return None
 
     def end_forward(self, refreshed: int = 0) -> None:
         """refreshed: how many positions before the token a KV refresh recomputed in this forward."""
-        extra = self.stats.extra
-        extra["big_only_bytes_h2d"] = extra.get("big_only_bytes_h2d", 0) + self.shadow.commit(self.tables, refreshed)
+        self.deferred.clear()  # a prefetch no wait followed (its pass ended at a gate) is stale now
+        self.shadow.end_forward(self.tables, refreshed)
+
+    def settle(self) -> None:
+        """Bring the statistics up to date (the big-only estimate replays its pending forwards)."""
+        self.stats.extra["big_only_bytes_h2d"] = self.shadow.flush()
 
     def collect_stats(self) -> None:
+        self.settle()
         c = [t.counters for t in self.tables.values()]
         self.stats.expert_hits = sum(x.hits for x in c)
         self.stats.expert_misses = sum(x.misses for x in c)
@@ -335,6 +396,8 @@ class OffloadedExperts:
                                       for layer, t in self.tables.items()})
 
     def reset_counters(self) -> None:
+        self.settle()
+        self.shadow.bytes = 0
         for t in self.tables.values():
             t.counters = type(t.counters)()
 
@@ -346,18 +409,16 @@ def expert_compute_seconds(rows: torch.Tensor, spec: Spec, device: torch.device,
     """Median time to run one expert for one token on this machine (calibrates --link-ratio)."""
     import time
 
-    from mobile.ops import routed_experts
-
-    h, i = spec.model.hidden_size, spec.model.moe.intermediate_size
-    w13, w2 = packed_views(rows[:1].to(device), h, i)
-    x = torch.randn(1, h, dtype=rows.dtype, device=device)
-    weights, slots = torch.ones(1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device)
+    x = torch.randn(1, spec.model.hidden_size, dtype=rows.dtype, device=device)
+    arena = rows[:1].to(device)
+    weights, ids = torch.ones(1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device)
+    slot_map = torch.zeros(1, dtype=torch.long, device=device)
     times = []
     for n in range(repeats + 5):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        routed_experts(x, weights, slots, w13, w2)
+        torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, "top", 1, 0.0, False, False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if n >= 5:  # warm-up excluded

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mobile import policy as policies
 from mobile.errors import SpecError
 
 _LAYER = "model.layers.{layer}"
@@ -217,7 +218,7 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         "model": model,
         "dtype": dtype,
         "checkpoint": {"path": checkpoint_path, "tensor_names": TENSOR_NAMES[family]},
-        "policy": {"name": "resident"},
+        "policy": {"name": policies.DEFAULT},
         "runtime": {"device": "cpu"},
     }
 

@@ -37,8 +37,9 @@ class Op(enum.Enum):
     PREDICT = "predict"  # next-layer prediction: layer l+1's router on layer l's hidden state
 
 
-# Ops that cross the host: the executor runs them between compiled segments.
-SYNC_OPS = frozenset({Op.FETCH, Op.PREFETCH, Op.WAIT, Op.IMPORTANCE_GATE, Op.FALLBACK, Op.SELECT})
+# Ops that cross the host: the executor runs them between compiled segments. Their reads of device
+# values take only what compute made (fallback and select, which pass values on, are compute).
+SYNC_OPS = frozenset({Op.FETCH, Op.PREFETCH, Op.WAIT, Op.IMPORTANCE_GATE})
 COPY_OPS = frozenset({Op.FETCH, Op.PREFETCH})
 
 

@@ -1,20 +1,27 @@
-"""Lowering: Spec -> Graph, one decoder layer at a time.
+"""Lowering: Spec -> Graph, one decoder layer at a time, in the naive order.
 
-Every routed-expert use is lowered as router -> fetch -> wait -> expert, whatever the policy: the
-fetch moves the routed set into device cache slots (a no-op for `resident`) and the wait hands the
-expert node its slot map. The transfers are explicit so that passes can move them.
+Every routed-expert use is lowered as router -> fetch -> wait -> expert (for a policy that keeps
+every expert on the device, `resident`, just router -> expert): the fetch moves the set the
+policy's rule asks for into device cache slots and the wait hands the expert node its slot map.
+Each fetch, prefetch and wait sits right before its use; moving them earlier, where they overlap
+compute, is the scheduler's job (mobile.passes.schedule), not lowering's.
 
 The `mobile` policy lowers two passes over the same position:
 
     little pass (region "little")  -> little logits -> importance_gate -> fallback
         (with policy.mass_tau, also a mass_gate after each router: it can end the little pass early)
-    big pass    (region "fallback", reads the fallback node) -> big logits
+    big pass    (region "big", reads the fallback node) -> big logits
     logits = select(little logits, big logits)
+
+The big pass also runs a prompt (`policy.prefill: big`). When no gate can fire (tau 0, no mass
+gate), the fold_dead_gates pass removes the gate and the fallback node, and the big pass is then
+entered only by a prompt.
 
 Everything up to the first MoE layer's router (embedding, dense layers, that layer's attention) is
 the same in both passes, so it is lowered once, outside both regions, and both passes start at that
-layer's experts. The executor runs the fallback region only when the gate asks for it; its attention
-writes the later layers' KV-cache positions again, so a fallen-back token leaves big-pass KV entries.
+layer's experts. The executor runs the big region only when a gate asks for it (or for a prompt);
+its attention writes the later layers' KV-cache positions again, so a fallen-back token leaves
+big-pass KV entries.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mobile.budget import PREFETCH_POLICIES, CachePlan, cache_plan
+from mobile.budget import CachePlan, cache_plan
 from mobile.ir import Graph, Node, Op
 from mobile.spec import Spec
 
@@ -34,7 +41,7 @@ class PassPlan:
 
     prefix: str  # node-name prefix: "" for the main pass, "B." for the fallback pass
     variant: str  # "big" | "little"
-    region: str | None  # None, "little" or "fallback"
+    region: str | None  # None, "little" or "big"
     k: int  # experts per token (upper bound when layer_tau lets a layer go big)
     layer_tau: float | None = None  # little only where the little set carries >= this share of the mass
     complement_prefetch: bool = False
@@ -44,19 +51,20 @@ class PassPlan:
 
 def lower(spec: Spec) -> Graph:
     plan = cache_plan(spec)  # raises if the cache budget is below the working set
-    policy, K, k = spec.policy.name, spec.model.moe.top_k, spec.little_k
-    prefetch = policy in PREFETCH_POLICIES and plan is not None
+    policy, K, k = spec.policy.traits, spec.model.moe.top_k, spec.little_k
     mode = spec.policy.prefetch
     if mode == "auto":
         # measured on the demo model (README): once the little pass takes what the cache holds,
         # speculative copies cost more link time and cache room than they save
         mode = "none" if spec.policy.cache_aware else "both"
-    predicted = prefetch and mode in ("both", "predicted")
-    complement = prefetch and mode in ("both", "complement")
+    predicted = plan is not None and "predicted" in policy.prefetch and mode in ("both", "predicted")
+    complement = plan is not None and "complement" in policy.prefetch and mode in ("both", "complement")
     nodes: list[Node] = []
     add = nodes.append
     add(Node.make("embed", Op.EMBED, ["tokens"]))
-    if policy == "mobile":
+    if policy.decode_pass == "big":
+        _lower_pass(spec, PassPlan("", "big", None, K, predict_prefetch=predicted), "embed", "logits", plan, add)
+    elif policy.fallback:
         little = PassPlan("", "little", "little", K if _may_go_big(spec, spec.policy.layer_tau) else k,
                           layer_tau=spec.policy.layer_tau, complement_prefetch=complement, predict_prefetch=predicted,
                           mass_tau=spec.policy.mass_tau)
@@ -65,17 +73,15 @@ def lower(spec: Spec) -> Graph:
         add(Node.make("importance_gate", Op.IMPORTANCE_GATE, [little_logits], region="little",
                       signal=spec.policy.signal, tau=spec.policy.tau))
         # the big pass enters here: the fallback node hands it the shared router output
-        add(Node.make("fallback", Op.FALLBACK, ["importance_gate", shared.router], region="fallback"))
-        big = PassPlan("B.", "big", "fallback", K)
+        add(Node.make("fallback", Op.FALLBACK, ["importance_gate", shared.router], region="big"))
+        big = PassPlan("B.", "big", "big", K)
         big_logits = _lower_pass(spec, big, "embed", "B.logits", plan, add,
                                  dataclasses.replace(shared, router="fallback"))
         add(Node.make("logits", Op.SELECT, [little_logits, big_logits]))
-    elif policy in ("little", "layer-mass"):
-        tau = spec.policy.tau if policy == "layer-mass" else None
+    else:
+        tau = spec.policy.tau if policy.tau_is == "layer_mass" else None
         _lower_pass(spec, PassPlan("", "little", None, K if _may_go_big(spec, tau) else k, layer_tau=tau,
                                    predict_prefetch=predicted), "embed", "logits", plan, add)
-    else:
-        _lower_pass(spec, PassPlan("", "big", None, K, predict_prefetch=predicted), "embed", "logits", plan, add)
     return Graph(name=spec.name, nodes=tuple(nodes), spec=spec.to_dict(), passes=("lower",))
 
 
@@ -134,7 +140,7 @@ def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | No
                 add: Callable[[Node], None], entry: Entry | None = None) -> str:
     m = spec.model
     region = {} if pp.region is None else {"region": pp.region}
-    moe_layers = spec.moe_layers
+    ahead: str | None = None  # the previous MoE layer's hidden state, for next-layer prediction
     for layer in range(entry.layer if entry else 0, m.num_layers):
         node = _node_maker(add, f"{pp.prefix}L{layer}.", layer, region)
         router = shared = None
@@ -142,16 +148,10 @@ def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | No
             attn_res, h, router, shared = entry.attn_res, entry.h, entry.router, entry.shared_expert
         else:
             attn_res, h = _lower_attention(spec, x, node)
-        nxt = next((n for n in moe_layers if n > layer), None)
-        if pp.predict_prefetch and plan is not None and nxt is not None and spec.is_moe_layer(layer):
-            # next-layer prediction: layer nxt's router on this layer's hidden state
-            ahead = _node_maker(add, f"{pp.prefix}L{nxt}.", nxt, region)
-            # the most probable predictions first; never more than the staging slots can take
-            k_pred = min(spec.little_k if pp.variant == "little" else m.moe.top_k, plan.staging)
-            ahead("prefetch", Op.PREFETCH, [ahead("predict", Op.PREDICT, [h], top_k=k_pred)], set="predicted",
-                  k=k_pred, staging=plan.staging)
         if spec.is_moe_layer(layer):
-            ffn = _lower_moe(spec, pp, h, plan, node, router, shared)
+            predict = ahead if pp.predict_prefetch and plan is not None else None
+            ffn = _lower_moe(spec, pp, h, plan, node, router, shared, predict_from=predict)
+            ahead = h
         else:
             ffn = node("mlp", Op.MLP, [h])
         x = node("out", Op.ADD, [attn_res, ffn])
@@ -168,9 +168,11 @@ def _router(spec: Spec, variant: str, h: str, node) -> str:
                 norm_topk_prob=moe.norm_topk_prob, scaling=moe.routed_scaling_factor, **order)
 
 
-def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node,
-               router: str | None = None, shared: str | None = None) -> str:
-    """router, shared: values computed before this pass (the shared prefix), else new nodes."""
+def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node, router: str | None = None,
+               shared: str | None = None, predict_from: str | None = None) -> str:
+    """router, shared: values computed before this pass (the shared prefix), else new nodes.
+    predict_from: the previous MoE layer's hidden state; its prediction of this layer's experts is
+    prefetched (next-layer prediction)."""
     moe = spec.model.moe
     K, k = moe.top_k, spec.little_k
     router = router or _router(spec, pp.variant, h, node)
@@ -185,16 +187,23 @@ def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node,
             use.update(layer_tau=pp.layer_tau, layer_rule=spec.policy.effective_layer_rule)
         if spec.policy.cache_aware:
             use["cached"] = True
-    fetch = node("fetch", Op.FETCH, [router], set=pp.variant, variant=pp.variant, **use)
+    if predict_from is not None and plan is not None:
+        # the most probable predictions first; never more than the staging slots can take
+        k_pred = min(k if pp.variant == "little" else K, plan.staging)
+        node("prefetch", Op.PREFETCH, [node("predict", Op.PREDICT, [predict_from], top_k=k_pred)], set="predicted",
+             k=k_pred, staging=plan.staging)
+    if plan is None:  # every expert is on the device: nothing to fetch or wait for
+        experts = node("experts", Op.EXPERT, [h, router], variant=pp.variant, **use)
+    else:
+        fetch = node("fetch", Op.FETCH, [router], set=pp.variant, variant=pp.variant, **use)
+        experts = node("experts", Op.EXPERT, [h, router, node("wait", Op.WAIT, [fetch])], variant=pp.variant, **use)
+    if moe.shared_expert.intermediate_size:
+        shared = shared or node("shared", Op.EXPERT, [h], variant="shared", gate=moe.shared_expert.gate)
+        experts = node("moe", Op.COMBINE, [experts, shared])
     if pp.complement_prefetch and plan is not None and K > k:
-        # S_K minus S_k is known now; stage it at low priority, for a possible fallback. It reads the
-        # fetch too, so it runs after the little set is pinned and can never evict it.
+        # S_K minus S_k is known once the router has run; stage it at low priority, for a possible
+        # fallback. It reads the fetch too, so it runs after the little set is pinned and can never evict it.
         hi = min(K, k + plan.staging)  # the complement's best-ranked experts, if staging is small
         node("complement", Op.PREFETCH, [router, fetch], set="complement", lo=k, hi=hi, k=hi - k,
              staging=plan.staging)
-    wait = node("wait", Op.WAIT, [fetch])
-    experts = node("experts", Op.EXPERT, [h, router, wait], variant=pp.variant, **use)
-    if moe.shared_expert.intermediate_size == 0:
-        return experts
-    shared = shared or node("shared", Op.EXPERT, [h], variant="shared", gate=moe.shared_expert.gate)
-    return node("moe", Op.COMBINE, [experts, shared])
+    return experts

@@ -14,17 +14,14 @@ import torch.nn.functional as F
 
 from mobile.spec import RopeSpec
 
-# On CUDA, below this many (token, expert) pairs, experts run by gathering their weights per token
-# (no host sync, graph-capturable). Otherwise each used slot runs once on all its tokens: on a CPU
-# that is ~7x faster even for one token, since the gather copies every weight it reads.
-GATHER_MAX_PAIRS = 16
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
+    """RMSNorm as transformers computes it: in float32, cast back, then scaled by the weight."""
+    if x.dtype == torch.float32:  # torch's fused op: one call instead of six, the same float32 math
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    return weight * x32.to(x.dtype)
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -68,41 +65,50 @@ def rope_inv_freq(rope: RopeSpec, dim: int, max_position_embeddings: int) -> tup
     raise NotImplementedError(rope.type)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [T] -> cos, sin [T, D/2] in float32."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    return freqs.cos() * scale, freqs.sin() * scale
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, interleaved: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] -> (cos, signed sin), each [T, 1, D] in float32, in the layout apply_rope uses:
+    halves (Llama: cos and sin repeated, sin negated on the first half) or adjacent pairs
+    (DeepSeek's complex form: each repeated twice, sin negated on the even element). Computed once
+    per forward and shared by every layer."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos, sin = freqs.cos() * scale, freqs.sin() * scale
+    if interleaved:
+        c, s = cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+    else:
+        c, s = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+    return c[:, None, :], s[:, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x [T, n, D]; cos/sin [T, D/2]. Halves layout (Llama) or adjacent pairs (DeepSeek's complex form)."""
+    """x [T, n, D]; cos, sin [T, 1, D] from rope_tables. Each rotated pair (a, b) becomes
+    (a cos - b sin, b cos + a sin): x * cos plus x with each pair swapped times the signed sin."""
     dtype = x.dtype
     x = x.float()
-    c, s = cos[:, None, :], sin[:, None, :]
     if interleaved:
-        a, b = x[..., 0::2], x[..., 1::2]
-        return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(dtype)
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((a * c - b * s, b * c + a * s), dim=-1).to(dtype)
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    else:
+        a, b = x.chunk(2, dim=-1)
+        swapped = torch.cat((b, a), dim=-1)
+    return (x * cos + swapped * sin).to(dtype)
 
 
 # -- attention --------------------------------------------------------------------------------
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, all_visible: bool = False) -> torch.Tensor:
     """q [T, n, D], k [L, n_kv, D], v [L, n_kv, Dv], positions [T] -> [T, n * Dv].
 
     Key j is visible to query t iff j <= positions[t]; this also hides cache rows not yet written.
+    all_visible: the caller knows every key is visible to every query (one decoded token attending
+    over exactly the rows before it), so no mask is built.
     """
-    n, n_kv = q.shape[1], k.shape[1]
-    if n != n_kv:
-        k = k.repeat_interleave(n // n_kv, dim=1)
-        v = v.repeat_interleave(n // n_kv, dim=1)
-    mask = torch.arange(k.shape[0], device=q.device)[None, :] <= positions[:, None]  # [T, L]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask, scale=scale)  # [n, T, Dv]
-    return out.transpose(0, 1).reshape(q.shape[0], -1)
+    mask = None if all_visible else torch.arange(k.shape[0], device=q.device)[None, :] <= positions[:, None]
+    # a batch of one: with 4-D inputs torch picks its fused (flash) CPU kernel, with 3-D its math one
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1).reshape(q.shape[0], -1)  # [1, n, T, Dv] -> [T, n * Dv]
 
 
 # -- MoE --------------------------------------------------------------------------------------
@@ -118,7 +124,7 @@ def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int, norm_topk_prob: b
     weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights * scaling, ids
+    return (weights * scaling if scaling != 1 else weights), ids
 
 
 def little_weights(weights: torch.Tensor, k: int) -> torch.Tensor:
@@ -132,23 +138,29 @@ def expert_choice(weights: torch.Tensor, little_k: int, layer_tau: float | None,
     """Which of the top-K experts a little-pass token uses at one layer, and with what weights.
 
     weights [T, K] sorted descending -> (weights [T, K'], keep [T, K'] or None). Without a layer
-    rule (layer_tau None): the top little_k, K' = little_k. With one, K' = K and each token keeps
-    - switch: its little set when that carries at least `layer_tau` of the big set's router mass,
-      else the whole big set;
-    - prefix: the fewest top experts, at least little_k, that carry at least `layer_tau` of it.
-    rescale: the kept experts carry the big set's total weight; else the router's own weights.
+    rule (layer_tau None): the top little_k, K' = little_k. With one, K' = K and `keep` is
+    rule_keep's. rescale: the kept experts carry the big set's total weight; else the router's own.
     """
     if layer_tau is None:
         little = weights[:, :little_k]
         return (little_weights(weights, little_k) if rescale else little), None
+    keep = rule_keep(weights, little_k, layer_tau, rule)
+    return kept_weights(weights, keep, rescale), keep
+
+
+def rule_keep(weights: torch.Tensor, little_k: int, layer_tau: float, rule: str) -> torch.Tensor:
+    """The per-layer rule: weights [T, K] sorted descending -> keep [T, K] bool. Each token keeps
+    - switch: its little set (the top little_k) when that carries at least `layer_tau` of the big
+      set's router mass, else the whole big set;
+    - prefix: the fewest top experts, at least little_k, that carry at least `layer_tau` of it.
+    """
     K = weights.shape[1]
     share = weights.cumsum(-1) / weights.sum(-1, keepdim=True)  # [T, K]: mass of the top 1..K
     if rule == "prefix":
         n = ((share < layer_tau).sum(-1, keepdim=True) + 1).clamp(little_k, K)  # first n reaching tau
     else:
         n = torch.where(share[:, little_k - 1:little_k] >= layer_tau, little_k, K)
-    keep = torch.arange(K, device=weights.device)[None, :] < n  # [T, K]
-    return kept_weights(weights, keep, rescale), keep
+    return torch.arange(K, device=weights.device)[None, :] < n  # [T, K]
 
 
 def kept_weights(weights: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
@@ -160,62 +172,14 @@ def kept_weights(weights: torch.Tensor, keep: torch.Tensor, rescale: bool) -> to
     return kept
 
 
-def routed_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor,
-                   w2: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{slots[t, k]}(x[t]) over the pairs that `keep` allows (all if None).
-
-    x [T, H], weights [T, K], slots [T, K] (cache slot of each chosen expert), w13 [S, 2I, H] (gate
-    rows then up rows), w2 [S, H, I], keep [T, K] bool -> [T, H].
-    """
-    T, K = slots.shape
-    if not x.is_cuda or T * K > GATHER_MAX_PAIRS:
-        return _grouped_experts(x, weights, slots, w13, w2, keep)
-    safe = slots.clamp(min=0)  # dropped pairs may have no slot; their output is masked out below
-    g13 = w13[safe]  # [T, K, 2I, H]
-    gate, up = torch.einsum("th,tkih->tki", x, g13).chunk(2, dim=-1)  # [T, K, I] each
-    y = torch.einsum("tki,tkhi->tkh", F.silu(gate) * up, w2[safe])  # [T, K, H]
-    y = y * weights[..., None].to(y.dtype)
-    if keep is not None:
-        y = torch.where(keep[..., None], y, 0)
-    return y.sum(dim=1)
-
-
-# A custom op: its data-dependent loop (with a host sync) is opaque to torch.compile, which then
-# compiles a whole graph segment around it instead of breaking the segment at every expert call.
-@torch.library.custom_op("mobile::grouped_experts", mutates_args=())
-def _grouped_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor,
-                     w2: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """routed_experts for many tokens: each used slot runs once, on all of its tokens."""
-    K = slots.shape[1]
-    out = torch.zeros_like(x)
-    flat = slots.flatten()
-    if keep is not None:
-        flat = torch.where(keep.flatten(), flat, -1)  # dropped pairs sort first and are skipped
-    order = torch.argsort(flat, stable=True)
-    used, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    tokens = order // K  # token of each (token, k) pair, grouped by slot
-    w_sorted = weights.flatten()[order]
-    start = 0
-    for slot, count in zip(used.tolist(), counts.tolist(), strict=True):  # host sync
-        if slot < 0:
-            start += count
-            continue
-        idx = tokens[start:start + count]
-        gate, up = F.linear(x[idx], w13[slot]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[slot]) * w_sorted[start:start + count, None].to(x.dtype)
-        out.index_add_(0, idx, y)
-        start += count
-    return out
-
-
-@_grouped_experts.register_fake
-def _(x, weights, slots, w13, w2, keep=None):
-    return torch.empty_like(x)
-
-
-def warm_up_expert_op(device: torch.device, dtype: torch.dtype) -> None:
-    """The custom op's first call imports torch's compiler stack (about a second): engines pay it
-    while loading, not inside the first prefill's timing."""
-    x = torch.zeros(1, 1, dtype=dtype, device=device)
-    _grouped_experts(x, torch.ones(1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device),
-                     torch.zeros(1, 2, 1, dtype=dtype, device=device), torch.zeros(1, 1, 1, dtype=dtype, device=device))
+def confidence(logits: torch.Tensor, signal: str) -> torch.Tensor:
+    """How sure a next-token distribution is, in [0, 1] (an importance gate fires below its tau):
+    max_prob, the top probability; margin, the top probability minus the second; entropy, one minus
+    the entropy over its maximum, log(V). logits [V] -> a 0-dim float32 tensor."""
+    p = torch.softmax(logits.float(), dim=-1)
+    if signal == "entropy":
+        return 1 - (-(p * torch.log(p.clamp_min(1e-30))).sum()) / math.log(p.numel())
+    if signal == "margin":
+        top = torch.topk(p, 2).values
+        return top[0] - top[1]
+    return p.max()

@@ -1,6 +1,6 @@
 """The pass pipeline: named Graph -> Graph functions, run in one list, verified after each one.
 
-    lower -> assign_streams -> schedule -> plan_segments -> plan_timeline
+    lower -> fold_dead_gates -> assign_streams -> schedule -> plan_segments -> plan_timeline
 
 A verification failure names the pass that broke the graph and the passes before it.
 With MOBILE_DEBUG=1 a text dump of the graph is written after every pass.
@@ -8,8 +8,10 @@ With MOBILE_DEBUG=1 a text dump of the graph is written after every pass.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from functools import lru_cache
 
 from mobile import debug
@@ -38,6 +40,33 @@ def spec_of(g: Graph) -> Spec:
     return _spec_of(json.dumps(g.spec, sort_keys=True))
 
 
+def fold_dead_gates(g: Graph) -> Graph:
+    """Remove the importance gates that can never fire, and the fallback entry if none is left.
+
+    Every gate signal is a confidence or a mass share in [0, 1] and fires below its tau, so a gate
+    with tau <= 0 never fires. What stays of the big region is then entered only by a prompt
+    (prefill: big): its nodes get a `prompt_only` attr, and the planned decode step leaves them out."""
+    dead = {n.name for n in g.nodes if n.op is Op.IMPORTANCE_GATE and float(n.attr("tau")) <= 0}
+    if not dead:
+        return g.with_nodes(g.nodes, "fold_dead_gates")
+    live = [n for n in g.nodes if n.op is Op.IMPORTANCE_GATE and n.name not in dead]
+    rename: dict[str, str] = {}
+    nodes = []
+    for n in g.nodes:
+        if n.name in dead:
+            continue
+        if n.op is Op.FALLBACK:
+            gate, router = n.inputs
+            if not live:
+                rename[n.name] = router  # the big pass reads the router directly
+                continue
+            if gate in dead:  # still entered by the mass gates: order it after the little pass's logits
+                n = replace(n, inputs=(g.node(gate).inputs[0], router))
+        n = replace(n, inputs=tuple(rename.get(i, i) for i in n.inputs))
+        nodes.append(n.with_attrs(prompt_only=True) if not live and n.attr("region") == "big" else n)
+    return g.with_nodes(nodes, "fold_dead_gates")
+
+
 def assign_streams(g: Graph) -> Graph:
     """Transfers go on the copy stream, everything else on the compute stream."""
     nodes = [n.with_attrs(stream="copy" if n.op in COPY_OPS else "compute") for n in g.nodes]
@@ -45,25 +74,44 @@ def assign_streams(g: Graph) -> Graph:
 
 
 def schedule(g: Graph) -> Graph:
-    """List scheduling over the dependency graph.
+    """List scheduling over the dependency graph; lowering's order is the tie-break.
 
-    Ready importance gates go first (one that fires ends the pass), then ready transfers (as early
-    as their inputs allow), waits last (right before the first node that needs them), and other
-    compute keeps program order. So independent compute such as a shared expert slides between a
-    fetch and its wait, where it overlaps the copy.
-    A transfer that cannot move earlier gets a `hoist_limit` attr saying which input holds it.
+    Ready nodes go in this order of preference:
+    1. importance gates: one that fires ends the pass, and the copies behind it would be wasted;
+    2. compute that a transfer reads (routers, next-layer predictions), so that the transfers of
+       one layer are ready together and the host reads their inputs in one copy;
+    3. transfers, demand fetches before prefetches, as early as their inputs allow;
+    4. other compute, in program order (a shared expert slides between a fetch and its wait, where
+       it overlaps the copy);
+    5. waits, right before the first node that needs them.
+    The big region (a prompt's or a fallback's pass) is kept after the rest. A node that moves ahead
+    gets a `hoisted` attr: how many nodes that lowering put before it it now precedes. A transfer
+    that cannot move earlier gets a `hoist_limit` attr saying which input holds it.
     """
     index = {n.name: i for i, n in enumerate(g.nodes)}
     deps = {n.name: [i for i in n.inputs if i in index] for n in g.nodes}
     users = g.users()
+    feeds_copy = {n.name for n in g.nodes if n.op not in SYNC_OPS
+                  and any(g.node(u).op in COPY_OPS for u in users.get(n.name, []))}
     waiting = {n.name: len(deps[n.name]) for n in g.nodes}
     ready = [n for n in g.nodes if waiting[n.name] == 0]
     order: list[Node] = []
+    done: list[int] = []  # the lowered indexes of the nodes scheduled so far, sorted
 
-    def priority(n: Node) -> tuple[int, int]:
-        # a gate first: it may end the pass, and then the copies behind it would be wasted
-        rank = -1 if n.op is Op.IMPORTANCE_GATE else 0 if n.op in COPY_OPS else 2 if n.op is Op.WAIT else 1
-        return rank, index[n.name]
+    def priority(n: Node) -> tuple[int, int, int]:
+        if n.op is Op.IMPORTANCE_GATE:
+            rank = 0
+        elif n.name in feeds_copy:
+            rank = 1
+        elif n.op is Op.FETCH:
+            rank = 2
+        elif n.op is Op.PREFETCH:
+            rank = 3
+        elif n.op is Op.WAIT:
+            rank = 5
+        else:
+            rank = 4
+        return int(n.attr("region") == "big"), rank, index[n.name]
 
     while ready:
         ready.sort(key=priority)
@@ -73,6 +121,10 @@ def schedule(g: Graph) -> Graph:
             reason = f"needs {holder} ({_why(g.node(holder))})"
             node = node.with_attrs(hoist_limit=reason)
             log.debug("cannot hoist %s above %s: %s", node.name, holder, reason)
+        jumped = index[node.name] - bisect.bisect(done, index[node.name])  # earlier in lowering, later now
+        if jumped > 0:
+            node = node.with_attrs(hoisted=jumped)
+        bisect.insort(done, index[node.name])
         order.append(node)
         for u in users.get(node.name, []):
             waiting[u] -= 1
@@ -113,6 +165,9 @@ def plan_timeline(g: Graph) -> Graph:
     free = {"compute": 0.0, "copy": 0.0}
     nodes = []
     for n in g.nodes:
+        if n.attr("prompt_only"):  # not part of a decode step
+            nodes.append(n)
+            continue
         flops, dev_bytes, h2d = node_cost(spec, n)
         stream = n.attr("stream", "compute")
         start = max([free[stream], *(end.get(i, 0.0) for i in n.inputs)])
@@ -125,6 +180,7 @@ def plan_timeline(g: Graph) -> Graph:
 
 
 PIPELINE: list[tuple[str, Pass]] = [
+    ("fold_dead_gates", fold_dead_gates),
     ("assign_streams", assign_streams),
     ("schedule", schedule),
     ("plan_segments", plan_segments),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mobile.errors import MobileError
+from mobile.hostio import HostReader
 
 
 class Sampler:
@@ -17,11 +18,11 @@ class Sampler:
         self.greedy, self.temperature, self.top_p = greedy, temperature, top_p
         self.generator = torch.Generator().manual_seed(seed if seed is not None else 0)
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits [V] -> token id."""
+    def __call__(self, logits: torch.Tensor, reader: HostReader) -> int:
+        """logits [V] -> token id, with one read of the device through `reader`."""
         if self.greedy:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+            return reader.ints([torch.argmax(logits)])[0][0]
+        probs = torch.softmax(reader.tensor(logits).float() / self.temperature, dim=-1)
         if self.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             # keep the smallest prefix whose mass reaches top_p (always at least one token)

@@ -46,7 +46,8 @@ class SlotCounters:
 
 
 class SlotTable:
-    def __init__(self, main: int, staging: int = 0, eviction: Eviction = "lru", decay: float = LFU_DECAY):
+    def __init__(self, main: int, staging: int = 0, eviction: Eviction = "lru", decay: float = LFU_DECAY,
+                 record_evictions: bool = True):
         if main < 1 or staging < 0:
             raise ValueError(f"need main >= 1 and staging >= 0 slots, got {main} and {staging}")
         if eviction not in ("lru", "lfu"):
@@ -60,6 +61,8 @@ class SlotTable:
         self.counters = SlotCounters()
         self.clock = 0  # steps of this layer so far
         self.uses: dict[int, tuple[float, int]] = {}  # lfu: expert -> (decayed use count, clock when last set)
+        self.record_evictions = record_evictions
+        self.evicted: list[int] = []  # experts whose slots were given away since take_evicted()
 
     # -- demand path ------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -127,6 +130,11 @@ class SlotTable:
         count, when = self.uses.get(expert, (0.0, self.clock))
         return count * self.decay ** (self.clock - when)
 
+    def take_evicted(self) -> list[int]:
+        """The experts evicted since the last call (the device slot map must forget them)."""
+        out, self.evicted = self.evicted, []
+        return out
+
     def residents(self) -> list[int]:
         """The experts held, coldest (least recently used) first."""
         return [e for e in (self.expert_in[s] for s in self.lru) if e is not None]
@@ -134,7 +142,7 @@ class SlotTable:
     def demand_copy(self) -> SlotTable:
         """A copy that holds only what demand loaded, in one pool of all the slots, with the same
         eviction and history: where the big-only estimate (mobile.experts.BigOnlyShadow) restarts."""
-        copy = SlotTable(self.size, 0, self.eviction, self.decay)
+        copy = SlotTable(self.size, 0, self.eviction, self.decay, record_evictions=False)
         copy.lru = OrderedDict(self.lru)
         for e in self.residents():
             if self.slot_of[e] not in self.speculative:
@@ -173,6 +181,8 @@ class SlotTable:
             self.counters.prefetch_wasted += 1
         del self.slot_of[old]
         self.expert_in[slot] = None
+        if self.record_evictions:
+            self.evicted.append(old)
 
     def _place(self, expert: int, slot: int) -> None:
         self.expert_in[slot] = expert

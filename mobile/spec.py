@@ -18,14 +18,12 @@ from typing import Any, Literal
 
 import yaml
 
+from mobile import policy as policies
 from mobile.errors import SpecError
 
 Family = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"]
 DType = Literal["float32", "bfloat16", "float16"]
-# the policies whose little pass takes dropped experts that are already cached (cached_complement)
-CACHE_AWARE_POLICIES = ("mobile", "layer-mass")
-LRU_POLICIES = ("ondemand", "lru", "lru-prefetch")  # their eviction rule is part of what they are
-PolicyName = Literal["resident", "ondemand", "lru", "lru-prefetch", "little", "mobile", "layer-mass"]
+PolicyName = Literal[policies.NAMES]  # type: ignore[valid-type]  # the registry's names (mobile.policy)
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,7 @@ class CheckpointSpec:
 
 @dataclass(frozen=True)
 class PolicySpec:
-    name: PolicyName = "resident"
+    name: PolicyName = policies.DEFAULT
     # Defaults chosen on the demo model's held-out text (README, "Quality" and "Speed"): with the
     # little pass taking the dropped experts that are already cached (cached_complement), the
     # per-layer rule (prefix, 0.75) meets the quality targets by itself, and the confidence gate
@@ -114,6 +112,9 @@ class PolicySpec:
     # threshold for `mobile` and the little-mass share for `layer-mass`.
     little_k: int | None = None  # default ceil(top_k / 2)
     little_weights: Literal["rescale", "raw"] = "raw"
+    # the confidence the gate reads, each in [0, 1] (mobile.ops.confidence): the top probability, the
+    # top probability minus the second, or one minus the normalized entropy; a token is important
+    # when it is below tau, so tau 0 never falls back, whatever the signal
     signal: Literal["max_prob", "entropy", "margin"] = "max_prob"
     tau: float = 0.0
     layer_tau: float | None = 0.75
@@ -125,9 +126,10 @@ class PolicySpec:
     # mobile: the gate also calls a token important (and aborts its little pass there) when, at any
     # MoE layer, the little set carries less than this share of the big set's router mass
     mass_tau: float | None = None
-    # which speculative copies run (each only while the link is idle): next-layer prediction,
-    # the complement S_K minus S_k for a possible fallback (mobile only), both, or none. auto: none
-    # for a little pass that takes what the cache holds (cached_complement), else both
+    # which speculative copies run (each once the demand copies issued with it have landed):
+    # next-layer prediction, the complement S_K minus S_k for a possible fallback (mobile only),
+    # both, or none. auto: none for a little pass that takes what the cache holds
+    # (cached_complement), else both
     prefetch: Literal["auto", "both", "predicted", "complement", "none"] = "auto"
     prefill: Literal["big", "little"] = "big"
     # mobile: a fallback's big pass also recomputes up to this many accepted little tokens just
@@ -146,21 +148,29 @@ class PolicySpec:
     little_select: Literal["top", "random"] = "top"
 
     @property
+    def traits(self) -> policies.Policy:
+        return policies.get(self.name)
+
+    @property
     def cache_aware(self) -> bool:
         """The little pass takes the dropped experts already cached (its results depend on the cache)."""
-        return self.cached_complement and self.name in CACHE_AWARE_POLICIES
+        return self.cached_complement and self.traits.cache_aware
 
     @property
     def effective_eviction(self) -> Literal["lru", "lfu"]:
-        if self.eviction != "auto":
-            return self.eviction
-        return "lru" if self.name in LRU_POLICIES else "lfu"
+        return self.traits.eviction if self.eviction == "auto" else self.eviction
 
     @property
     def effective_layer_rule(self) -> Literal["switch", "prefix"]:
         if self.layer_rule != "auto":
             return self.layer_rule
-        return "prefix" if self.name == "mobile" else "switch"
+        return self.traits.layer_rule or "switch"
+
+    @property
+    def can_fall_back(self) -> bool:
+        """A decoded token may be recomputed with big experts: the confidence gate can fire (every
+        signal is a confidence in [0, 1], so tau 0 never fires) or the router-mass gate is on."""
+        return self.traits.fallback and (self.tau > 0 or self.mass_tau is not None)
 
 
 @dataclass(frozen=True)

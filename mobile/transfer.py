@@ -53,13 +53,6 @@ class CopyJob:
         self.started = False  # set by the worker, under the engine's lock
         self.cancelled = False
 
-    def finished(self) -> bool:
-        """The copy has landed. On CUDA `done` is set once the copy is queued on the copy stream, so
-        the event is what tells."""
-        if self.event is not None:
-            return bool(self.event.query())
-        return self.done.is_set()
-
     def wait(self) -> float:
         """Block until the copy is usable; returns seconds the host spent blocked."""
         if self.event is not None:
@@ -79,8 +72,6 @@ class CopyEngine:
         self.device, self.link, self.trace = device, link, trace
         self.cuda = device.type == "cuda"
         self.busy_s = 0.0  # link time spent copying
-        self._last: CopyJob | None = None  # CUDA: the newest copy on the stream
-        self._copying = False  # CPU: the worker is inside a copy
         if self.cuda:
             self.stream = torch.cuda.Stream(device)
             return
@@ -103,7 +94,6 @@ class CopyEngine:
                 job.event = torch.cuda.Event()
                 job.event.record(self.stream)
             job.done.set()
-            self._last = job
             return job
         with self._cv:
             heapq.heappush(self._queue, _Queued(priority, next(self._seq), job))
@@ -123,7 +113,7 @@ class CopyEngine:
                 if job.cancelled:
                     job.done.set()
                     continue
-                job.started = self._copying = True
+                job.started = True
             start = time.perf_counter()
             job.dst.copy_(job.src)
             # The emulated link is serial: this copy ends `duration` after it could start.
@@ -137,16 +127,7 @@ class CopyEngine:
             if self.trace is not None:
                 self.trace.append((job.tag, "prefetch" if job.priority == PREFETCH else "fetch", "copy",
                                    job.start_s, job.end_s, job.nbytes))
-            with self._cv:
-                self._copying = False
             job.done.set()
-
-    def idle(self) -> bool:
-        """Nothing queued or in flight: a copy started now delays no other copy."""
-        if self.cuda:
-            return self._last is None or self._last.finished()
-        with self._cv:
-            return not self._queue and not self._copying
 
     def promote(self, job: CopyJob) -> None:
         """A queued prefetch is now needed by compute: give it demand priority."""

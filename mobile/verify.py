@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mobile import policy as policies
 from mobile.ir import COPY_OPS, GRAPH_INPUTS, SYNC_OPS, Graph, Op
 
 REQUIRED_ATTRS: dict[Op, tuple[str, ...]] = {
@@ -66,15 +67,22 @@ def rule_attrs_and_arity(g: Graph) -> list[str]:
 
 
 def rule_experts_fetched(g: Graph) -> list[str]:
-    """Every routed expert node reads its weights through a wait on a fetch of the same layer."""
+    """Every routed expert node of a policy that offloads reads its weights through a wait on a
+    fetch of the same layer; under one that keeps every expert on the device, none does."""
     nodes = {n.name: n for n in g.nodes}
+    name = g.spec.get("policy", {}).get("name", policies.REFERENCE)
+    offloads = policies.get(name).offloads if name in policies.POLICIES else True
     errors = []
     for n in g.nodes:
         if n.op is Op.EXPERT and n.attr("variant") != "shared":
             waits = [nodes[i] for i in n.inputs if i in nodes and nodes[i].op is Op.WAIT]
             if not waits:
-                errors.append(f"{n.name}: routed expert computed without waiting for a fetch of its weights")
+                if offloads:
+                    errors.append(f"{n.name}: routed expert computed without waiting for a fetch of its weights")
                 continue
+            if not offloads:
+                errors.append(f"{n.name}: policy {name} keeps every expert on the device, yet this expert waits "
+                              "for a fetch")
             for w in waits:
                 fetch = nodes.get(w.inputs[0]) if w.inputs else None
                 if fetch is None or fetch.op is not Op.FETCH:
@@ -98,22 +106,23 @@ def rule_staging_budget(g: Graph) -> list[str]:
 
 
 def rule_fallback_covers_big_set(g: Graph) -> list[str]:
-    """A fallback recomputes with the big set: its fetches and experts cover all top-K."""
+    """The big region recomputes with the big set: its fetches and experts cover all top-K."""
     errors = []
     top_ks = {n.attr("layer"): n.attr("top_k") for n in g.nodes if n.op is Op.ROUTER}
     for n in g.nodes:
-        if n.attr("region") == "fallback" and n.op in (Op.FETCH, Op.EXPERT) and n.attr("variant") != "shared":
+        if n.attr("region") == "big" and n.op in (Op.FETCH, Op.EXPERT) and n.attr("variant") != "shared":
             top_k = top_ks.get(n.attr("layer"))
             if n.attr("k") != top_k or n.attr("layer_tau") is not None:
-                errors.append(f"{n.name}: the fallback region must use the full top-{top_k}, not k={n.attr('k')}")
+                errors.append(f"{n.name}: the big region must use the full top-{top_k}, not k={n.attr('k')}")
     if any(n.op is Op.FALLBACK for n in g.nodes) and not any(n.op is Op.IMPORTANCE_GATE for n in g.nodes):
         errors.append("fallback: no importance_gate decides it")
     # the executor decides at the fallback node whether the region runs: nothing of it may come first
-    entered = False
-    for n in g.nodes:
-        entered |= n.op is Op.FALLBACK
-        if n.attr("region") == "fallback" and not entered:
-            errors.append(f"{n.name}: a fallback-region node placed before the fallback node")
+    if any(n.op is Op.FALLBACK for n in g.nodes):
+        entered = False
+        for n in g.nodes:
+            entered |= n.op is Op.FALLBACK
+            if n.attr("region") == "big" and not entered:
+                errors.append(f"{n.name}: a big-region node placed before the fallback node")
     return errors
 
 

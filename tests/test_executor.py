@@ -26,9 +26,15 @@ def names(nodes):
     return [n["name"] for n in nodes]
 
 
+def offloaded(t, tmp_path):
+    """The tiny checkpoint under `lru`: its graph has fetches and waits (a resident one has none)."""
+    return t.compile(tmp_path / "lru", "--policy", "lru", slots_per_layer=8)
+
+
 def test_executes_nodes_in_graph_order(tiny, tmp_path):
     t = tiny("qwen2_moe")
-    base = mobile.Engine.load(t.graph)
+    graph = offloaded(t, tmp_path)
+    base = mobile.Engine.load(graph, weights=t.ckpt)
     ref = base.logits(PROMPT)
     assert base.executor.executed == [n.name for n in base.graph.nodes]
 
@@ -36,7 +42,7 @@ def test_executes_nodes_in_graph_order(tiny, tmp_path):
         i, j = names(nodes).index("L0.shared"), names(nodes).index("L0.wait")
         nodes[i], nodes[j] = nodes[j], nodes[i]
 
-    g = edit_graph(t.graph, tmp_path / "swapped", swap)
+    g = edit_graph(graph, tmp_path / "swapped", swap)
     engine = mobile.Engine.load(g, weights=t.ckpt)
     out = engine.logits(PROMPT)
     order = engine.executor.executed
@@ -47,7 +53,7 @@ def test_executes_nodes_in_graph_order(tiny, tmp_path):
 
 def test_dropping_a_node_fails_verification(tiny, tmp_path):
     t = tiny("olmoe")
-    g = edit_graph(t.graph, tmp_path / "dropped", lambda nodes: nodes.pop(names(nodes).index("L1.wait")))
+    g = edit_graph(offloaded(t, tmp_path), tmp_path / "dropped", lambda nodes: nodes.pop(names(nodes).index("L1.wait")))
     with pytest.raises(GraphError, match="L1.experts: input L1.wait is not produced by any node"):
         mobile.Engine.load(g, weights=t.ckpt)
 
@@ -59,7 +65,7 @@ def test_reordering_dependent_nodes_fails_verification(tiny, tmp_path):
         i, j = names(nodes).index("L0.router"), names(nodes).index("L0.fetch")
         nodes[i], nodes[j] = nodes[j], nodes[i]
 
-    g = edit_graph(t.graph, tmp_path / "bad-order", swap)
+    g = edit_graph(offloaded(t, tmp_path), tmp_path / "bad-order", swap)
     with pytest.raises(GraphError, match="L0.fetch: input L0.router is used before it is computed"):
         mobile.Engine.load(g, weights=t.ckpt)
 

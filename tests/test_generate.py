@@ -7,6 +7,7 @@ import torch
 
 import mobile
 from mobile.errors import MobileError
+from mobile.hostio import HostReader
 from mobile.sampling import Sampler
 
 PROMPT = torch.arange(5, 17)
@@ -22,9 +23,10 @@ def test_seeded_sampling_is_reproducible(tiny):
 
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    sampler = Sampler(greedy=False, top_p=0.7, seed=0)
-    assert {sampler(logits) for _ in range(200)} == {0, 1}
-    assert Sampler(greedy=True)(logits) == 0
+    sampler, reader = Sampler(greedy=False, top_p=0.7, seed=0), HostReader(torch.device("cpu"))
+    assert {sampler(logits, reader) for _ in range(200)} == {0, 1}
+    assert Sampler(greedy=True)(logits, reader) == 0
+    assert reader.reads == 201  # each choice is one read of the device
     with pytest.raises(MobileError, match="temperature must be > 0"):
         Sampler(greedy=False, temperature=0)
 

@@ -8,19 +8,24 @@ import pytest
 
 from mobile import passes
 from mobile.compiler import compile_to_dir
-from mobile.emit import load_graph, write_graph_dir
+from mobile.emit import load_graph, summarize, write_graph_dir
 from mobile.errors import GraphError
 from mobile.ir import Graph, Node, Op
 from mobile.lower import lower
-from mobile.spec import load_spec
+from mobile.spec import load_spec, with_policy
 from mobile.verify import verify
 
 SPECS = ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b"]
 
 
+def offloaded(name: str, policy: str = "lru"):
+    """A published spec under an offloading policy (they all ship as `resident`, which has no fetches)."""
+    return with_policy(load_spec(f"specs/{name}.yaml"), name=policy)
+
+
 @pytest.fixture(scope="module")
 def qwen_graph():
-    return passes.compile_spec(load_spec("specs/qwen1.5-moe-a2.7b.yaml"))
+    return passes.compile_spec(offloaded("qwen1.5-moe-a2.7b"))
 
 
 def test_node_is_immutable_and_round_trips():
@@ -33,7 +38,7 @@ def test_node_is_immutable_and_round_trips():
 
 @pytest.mark.parametrize("name", SPECS)
 def test_published_specs_compile_without_weights(tmp_path, name):
-    out, g = compile_to_dir(f"specs/{name}.yaml", tmp_path / name)
+    out, g = compile_to_dir(f"specs/{name}.yaml", tmp_path / name, policy="lru-prefetch")
     assert sorted(p.name for p in out.iterdir()) == sorted(["graph.json", "schedule.txt", "schedule.trace.json",
                                                             "graph.dot"])
     assert verify(load_graph(out)) == []
@@ -51,7 +56,7 @@ def test_lowering_structure(qwen_graph):
     assert len(g.by_op(Op.ROUTER)) == len(spec.moe_layers) == 24
     assert len(g.by_op(Op.FETCH)) == len(g.by_op(Op.WAIT)) == 24
     assert {n.attr("variant") for n in g.by_op(Op.EXPERT)} == {"big", "shared"}
-    assert g.passes == ("lower", "assign_streams", "schedule", "plan_segments", "plan_timeline")
+    assert g.passes == ("lower", "fold_dead_gates", "assign_streams", "schedule", "plan_segments", "plan_timeline")
     ds = passes.compile_spec(load_spec("specs/deepseek-v2-lite.yaml"))
     assert [n.attr("layer") for n in ds.by_op(Op.MLP)] == [0]  # first_k_dense_replace = 1
 
@@ -79,18 +84,19 @@ def test_segments_are_runs_between_sync_points(qwen_graph):
 
 
 def test_verifier_names_the_broken_pass():
-    spec = load_spec("specs/olmoe-1b-7b.yaml")
+    spec = offloaded("olmoe-1b-7b")
 
     def drop_waits(g: Graph) -> Graph:
         return g.with_nodes([n for n in g.nodes if n.op is not Op.WAIT], "drop_waits")
 
-    pipeline = [*passes.PIPELINE[:2], ("drop_waits", drop_waits), *passes.PIPELINE[2:]]
-    with pytest.raises(GraphError, match=r"pass 'drop_waits' \(after lower, assign_streams, schedule\)"):
+    pipeline = [*passes.PIPELINE[:3], ("drop_waits", drop_waits), *passes.PIPELINE[3:]]
+    with pytest.raises(GraphError, match=r"pass 'drop_waits' \(after lower, fold_dead_gates, assign_streams, "
+                                         r"schedule\)"):
         passes.run_pipeline(lower(spec), pipeline)
 
 
 def test_verifier_rules():
-    g = lower(load_spec("specs/olmoe-1b-7b.yaml"))
+    g = lower(offloaded("olmoe-1b-7b"))
     assert verify(g) == []
     # an expert whose fetch is for another layer
     bad = [n if n.name != "L1.experts" else Node.make(n.name, n.op, [n.inputs[0], n.inputs[1], "L0.wait"],
@@ -134,5 +140,50 @@ def test_debug_dumps_after_every_pass(tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILE_DEBUG_DIR", str(tmp_path))
     passes.compile_spec(load_spec("specs/olmoe-1b-7b.yaml"))
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["olmoe-1b-7b.01.lower.txt", "olmoe-1b-7b.02.assign_streams.txt", "olmoe-1b-7b.03.schedule.txt",
-                     "olmoe-1b-7b.04.plan_segments.txt", "olmoe-1b-7b.05.plan_timeline.txt"]
+    assert names == ["olmoe-1b-7b.01.lower.txt", "olmoe-1b-7b.02.fold_dead_gates.txt",
+                     "olmoe-1b-7b.03.assign_streams.txt", "olmoe-1b-7b.04.schedule.txt",
+                     "olmoe-1b-7b.05.plan_segments.txt", "olmoe-1b-7b.06.plan_timeline.txt"]
+
+
+def test_lowering_is_naive_and_the_scheduler_hoists():
+    """Lowering puts each transfer right before its use; the scheduler moves the next layer's
+    prefetch into this layer's sync step (one host read for both) and the shared expert between
+    fetch and wait, where it overlaps the copy."""
+    spec = offloaded("qwen1.5-moe-a2.7b", "lru-prefetch")
+    lowered = [n.name for n in lower(spec).nodes]
+    g = passes.compile_spec(spec)
+    scheduled = [n.name for n in g.nodes]
+    assert lowered != scheduled and sorted(lowered) == sorted(scheduled)
+    # lowered: L4's prediction sits in layer 4, right before its fetch; the shared expert after the experts
+    assert lowered.index("L3.experts") < lowered.index("L4.predict") < lowered.index("L4.prefetch") < \
+        lowered.index("L4.fetch")
+    assert lowered.index("L3.experts") < lowered.index("L3.shared")
+    # scheduled: L4's prefetch is issued with L3's fetch, and the shared expert runs during the copy
+    assert scheduled.index("L3.fetch") + 1 == scheduled.index("L4.prefetch") < scheduled.index("L3.wait")
+    assert scheduled.index("L3.fetch") < scheduled.index("L3.shared") < scheduled.index("L3.wait")
+    assert g.node("L4.prefetch").attr("hoisted") > 0 and g.node("L3.shared").attr("hoisted") > 0
+
+
+def test_debug_dumps_show_what_the_scheduler_moved(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOBILE_DEBUG", "1")
+    monkeypatch.setenv("MOBILE_DEBUG_DIR", str(tmp_path))
+    passes.compile_spec(offloaded("olmoe-1b-7b", "lru-prefetch"))
+    before = (tmp_path / "olmoe-1b-7b.01.lower.txt").read_text()
+    after = (tmp_path / "olmoe-1b-7b.04.schedule.txt").read_text()
+    row = next(line for line in after.splitlines() if " L5.prefetch " in line)
+    assert "hoisted" in row and "hoisted" not in before
+    assert before.index(" L5.prefetch ") > before.index(" L4.wait ")  # lowering: after layer 4's wait
+    assert after.index(" L5.prefetch ") < after.index(" L4.wait ")  # scheduled: before it
+
+
+def test_summary_counts_only_time_both_streams_are_busy():
+    def node(name, stream, start, end):
+        return Node.make(name, Op.FETCH if stream == "copy" else Op.ADD, [], stream=stream, start_us=start,
+                         end_us=end)
+
+    serial = Graph("g", (node("a", "compute", 0, 10), node("f", "copy", 10, 30), node("b", "compute", 30, 40)))
+    s = summarize(serial)
+    assert (s["overlap_us"], s["stall_us"], s["step_us"], s["copy_us"]) == (0, 20, 40, 20)
+    overlapped = Graph("g", (node("a", "compute", 0, 10), node("f", "copy", 5, 25), node("b", "compute", 25, 35)))
+    s = summarize(overlapped)
+    assert (s["overlap_us"], s["stall_us"]) == (5, 15)

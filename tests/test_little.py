@@ -9,6 +9,7 @@ from tiny import build_tiny
 import mobile
 from mobile.compiler import compile_to_dir
 from mobile.ir import Op
+from mobile.moe import decode_status
 
 PROMPT = torch.randint(3, 97, (20,), generator=torch.Generator().manual_seed(4))
 
@@ -74,15 +75,16 @@ def test_cached_complement_never_moves_a_dropped_expert(tiny, tmp_path):
     experts, little_k = engine.experts, engine.spec.little_k
     routes, fetch, violations = {}, experts.fetch, []
 
-    def note_route(layer, weights, ids):
-        routes[layer] = ids
+    def note_route(layer, ids, k):
+        routes[layer] = [ids[i:i + k] for i in range(0, len(ids), k)]
 
-    def checked_fetch(layer, ids):
+    def checked_fetch(layer, entries):
         table = experts.tables[layer]
-        copied = [e for e in torch.unique(torch.as_tensor(ids)).tolist() if e not in table.slot_of]
-        little = set(routes[layer][:, :little_k].flatten().tolist())
+        cached, missing, _ = decode_status(entries, experts.num_experts)
+        copied = [e for e in cached + missing if e not in table.slot_of]
+        little = {e for row in routes[layer] for e in row[:little_k]}
         violations.extend((layer, e) for e in copied if e not in little)
-        return fetch(layer, ids)
+        return fetch(layer, entries)
 
     experts.note_route, experts.fetch = note_route, checked_fetch
     engine.generate(PROMPT, 24, stop_ids=[])

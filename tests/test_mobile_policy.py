@@ -16,9 +16,13 @@ import torch
 from conftest import run_cli
 
 import mobile
+from mobile import passes
 from mobile.compiler import compile_to_dir
 from mobile.errors import GraphError
 from mobile.ir import Op
+from mobile.lower import lower
+from mobile.ops import confidence
+from mobile.spec import load_spec, with_policy
 
 PROMPT = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(5))
 FAMILIES = ["qwen2_moe", "olmoe"]
@@ -155,9 +159,10 @@ def test_prefix_rule_extremes_and_bytes(tiny, tmp_path):
 
 
 def test_graph_has_gate_fallback_and_complement_prefetch(tmp_path):
-    # complement prefetches are off by default with cached_complement (auto): ask for them
+    # complement prefetches are off by default with cached_complement (auto): ask for them; and a
+    # gate that can fire (tau 0, the default, never does: see the next test)
     out, g = compile_to_dir("specs/olmoe-1b-7b.yaml", tmp_path / "g", policy="mobile",
-                            policy_options={"prefetch": "both"})
+                            policy_options={"prefetch": "both", "tau": 0.05})
     assert len(g.by_op(Op.IMPORTANCE_GATE)) == 1 and len(g.by_op(Op.FALLBACK)) == 1
     complements = [n for n in g.by_op(Op.PREFETCH) if n.attr("set") == "complement"]
     assert len(complements) == 16 and all(n.attr("stream") == "copy" for n in complements)
@@ -165,7 +170,7 @@ def test_graph_has_gate_fallback_and_complement_prefetch(tmp_path):
     # the default per-layer rule may send a layer big inside the little pass: k is the upper bound
     assert {(n.attr("little_k"), n.attr("layer_tau"), n.attr("layer_rule"), n.attr("k")) for n in little} == \
         {(4, 0.75, "prefix", 8)}
-    assert {n.attr("k") for n in g.by_op(Op.EXPERT) if n.attr("region") == "fallback"} == {8}
+    assert {n.attr("k") for n in g.by_op(Op.EXPERT) if n.attr("region") == "big"} == {8}
     names = [n.name for n in g.nodes]
     assert names.index("importance_gate") < names.index("fallback") < names.index("B.L0.fetch")
     # the first layer up to its router is computed once, outside both regions
@@ -174,6 +179,37 @@ def test_graph_has_gate_fallback_and_complement_prefetch(tmp_path):
     assert "B.L0.attn" not in names and "B.L1.attn" in names
     text = (out / "schedule.txt").read_text()
     assert "importance_gate" in text and "L3.complement" in text
+
+
+@pytest.mark.parametrize("signal", ["max_prob", "entropy", "margin"])
+def test_a_gate_that_cannot_fire_is_folded_away(tmp_path, signal):
+    """tau 0 (the default): every signal is a confidence in [0, 1] and none is below 0, so the
+    fold_dead_gates pass removes the gate and the fallback entry. The big pass stays, entered only
+    by a prompt, and the planned decode step leaves it out."""
+    out, g = compile_to_dir("specs/demo.yaml", tmp_path / "g", policy_options={"signal": signal})
+    assert not g.by_op(Op.IMPORTANCE_GATE) and not g.by_op(Op.FALLBACK)
+    big = [n for n in g.nodes if n.attr("region") == "big"]
+    assert big and all(n.attr("prompt_only") and n.attr("start_us") is None for n in big)
+    assert "B.L0.fetch" in (out / "schedule.txt").read_text() and "prompt only" in (out / "schedule.txt").read_text()
+    live = passes.compile_spec(with_policy(load_spec("specs/demo.yaml"), signal=signal, tau=0.05))
+    assert len(live.by_op(Op.IMPORTANCE_GATE)) == len(live.by_op(Op.FALLBACK)) == 1
+
+
+def test_confidence_signals_lie_in_zero_one():
+    """Before, --signal entropy compared the raw entropy with tau, so tau 0 fell back on every token."""
+    peaked, flat = torch.tensor([30.0, 0.0, 0.0, 0.0]), torch.zeros(4)
+    for signal in ("max_prob", "entropy", "margin"):
+        hi, lo = float(confidence(peaked, signal)), float(confidence(flat, signal))
+        assert 0 <= lo < hi <= 1 and hi > 0.99
+    assert float(confidence(flat, "entropy")) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_entropy_signal_at_the_default_tau_never_falls_back(tiny, tmp_path):
+    t = tiny("olmoe")
+    mob = engine_for(t, tmp_path, "mobile", tau=0.0, signal="entropy")
+    mob.generate(PROMPT, 8, stop_ids=[])
+    assert mob.stats["fallback_tokens"] == 0 and mob.stats["little_tokens"] == 7
+    mob.close()
 
 
 def test_verifier_rejects_a_fallback_without_the_big_set(tiny, tmp_path):
@@ -189,7 +225,7 @@ def test_verifier_rejects_a_fallback_without_the_big_set(tiny, tmp_path):
         if n["name"] == "B.L1.experts":
             n["attrs"]["k"] = 2
     (tmp_path / "edited" / "graph.json").write_text(json.dumps(data))
-    with pytest.raises(GraphError, match="B.L1.experts: the fallback region must use the full top-4"):
+    with pytest.raises(GraphError, match="B.L1.experts: the big region must use the full top-4"):
         mobile.Engine.load(tmp_path / "edited", weights=t.ckpt)
     assert src is not None
 
@@ -225,8 +261,9 @@ def test_mass_gate_extremes(tiny, tmp_path, family):
     assert "L0.mass_gate" in ran and "B.L1.attn" in ran and "L1.attn" not in ran and "little_logits" not in ran
     never = engine_for(t, tmp_path, "mobile", tau=0.3, mass_tau=0.0)
     plain = engine_for(t, tmp_path, "mobile", tau=0.3)
-    assert any(n.name.endswith("mass_gate") for n in never.graph.nodes)
-    assert not any(n.name.endswith("mass_gate") for n in plain.graph.nodes)
+    # a mass gate at 0 can never fire: lowered, then folded away, so both run the same graph
+    assert any(n.name.endswith("mass_gate") for n in lower(never.spec).nodes)
+    assert not any(n.name.endswith("mass_gate") for n in never.graph.nodes)
     assert never.generate(PROMPT, 12, stop_ids=[]) == plain.generate(PROMPT, 12, stop_ids=[])
     assert never.stats["fallback_tokens"] == plain.stats["fallback_tokens"]
     for e in (always, big, never, plain):
@@ -251,12 +288,12 @@ def test_mobile_options_on_compile_and_run(tiny, tmp_path, capsys):
 def test_verifier_rejects_fallback_work_scheduled_before_the_fallback(tmp_path):
     from mobile.verify import verify
 
-    _, g = compile_to_dir("specs/demo.yaml", tmp_path / "g", policy="mobile")
+    _, g = compile_to_dir("specs/demo.yaml", tmp_path / "g", policy="mobile", policy_options={"tau": 0.05})
     nodes = list(g.nodes)
     moved = nodes.pop(next(i for i, n in enumerate(nodes) if n.name == "B.L1.attn_norm"))
     nodes.insert(next(i for i, n in enumerate(nodes) if n.name == "importance_gate"), moved)
     errors = verify(g.with_nodes(nodes, "test"))
-    assert any("B.L1.attn_norm: a fallback-region node placed before the fallback node" in e for e in errors)
+    assert any("B.L1.attn_norm: a big-region node placed before the fallback node" in e for e in errors)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

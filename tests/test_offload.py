@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import pytest
 import torch
@@ -13,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mobile
+from mobile.costs import expert_bytes
 from mobile.errors import SpecError
 from mobile.experts import BigOnlyShadow
 from mobile.ir import Op
 from mobile.slots import CacheFull, SlotTable
-from mobile.transfer import PREFETCH, CopyEngine, LinkModel
 
 PROMPT = torch.randint(3, 97, (20,), generator=torch.Generator().manual_seed(3))
 OFFLOAD = ["ondemand", "lru", "lru-prefetch"]
@@ -240,10 +239,11 @@ def test_budget_error_names_the_key(tmp_path):
 def test_prefill_loads_each_needed_expert_once_per_layer(tiny, tmp_path):
     """A prompt needing more experts than a layer's cache runs in rounds, not in token chunks."""
     t = tiny("olmoe")
-    engine, ref = minimum_cache_engine(t, tmp_path, "lru"), mobile.Engine.load(t.graph)
+    engine, ref = minimum_cache_engine(t, tmp_path, "lru"), mobile.Engine.load(t.graph, track_use=True)
     torch.testing.assert_close(engine.logits(PROMPT), ref.logits(PROMPT), atol=1e-5, rtol=1e-5)
     s = engine.stats
-    assert s["expert_misses"] == sum(len(v) for v in ref.experts.step_sets.values())  # once per (layer, expert)
+    used = ref.stats["expert_bytes_used"] // expert_bytes(ref.spec)  # the (layer, expert) pairs the prompt uses
+    assert s["expert_misses"] == used  # each loaded once
     assert s["expert_misses"] > 3 * 4  # more than the 4-slot caches of 3 layers could hold at once
     engine.close()
 
@@ -265,20 +265,6 @@ def test_big_only_estimate_equals_lru_and_sees_little_savings(tiny, tmp_path):
     little.close()
 
 
-def test_copy_engine_reports_idle_only_when_nothing_is_queued_or_copying():
-    engine = CopyEngine(torch.device("cpu"), LinkModel("emulated", gbps=1e-4, latency_s=0.0))  # 4 KiB: ~40 ms
-    src, dst = torch.ones(1024), torch.zeros(1024)
-    assert engine.idle()
-    job = engine.submit(src, dst, PREFETCH)
-    assert not engine.idle()
-    job.wait()
-    deadline = time.time() + 5
-    while not engine.idle() and time.time() < deadline:
-        time.sleep(0.001)
-    assert engine.idle() and torch.equal(dst, src)
-    engine.close()
-
-
 @pytest.mark.parametrize("prefetch,sets", [("none", set()), ("predicted", {"predicted"}),
                                            ("complement", {"complement"}), ("both", {"predicted", "complement"})])
 def test_prefetch_option_selects_the_speculative_copies(prefetch, sets):
@@ -294,17 +280,20 @@ def test_prefetch_option_selects_the_speculative_copies(prefetch, sets):
 def test_big_only_estimate_counts_a_kv_refresh_once():
     """A KV refresh's big pass routes the recomputed positions again; big-only decoding ran them
     once already, so the estimate replays only the token's own row, and a refresh (more than one
-    row) is not mistaken for a prompt, which would resync the estimate with the real cache."""
+    row) is not mistaken for a prompt, which would resync the estimate with the real cache. Decoded
+    tokens are replayed in batches, when the stats are settled."""
     shadow = BigOnlyShadow([0], slots=2, expert_bytes=10)
-    shadow.note(0, torch.tensor([[0, 1]]))
-    assert shadow.commit() == 20
+    shadow.note(0, [0, 1], 2)
+    shadow.end_forward()
+    assert shadow.bytes == 0 and shadow.flush() == 20  # replayed only when asked
     real = SlotTable(main=2)
     real.access(7)  # the real cache holds another expert: a resync would show
-    shadow.note(0, torch.tensor([[2, 3], [4, 5], [0, 1]]))  # positions t-2, t-1 refreshed; t is [0, 1]
-    assert shadow.commit(tables={0: real}, refreshed=2) == 0
-    assert shadow.tables[0].residents() == [0, 1]
-    shadow.note(0, torch.tensor([[2, 3], [4, 5]]))  # a prompt: counted whole, then resynced
-    assert shadow.commit(tables={0: real}) == 40 and shadow.tables[0].residents() == [7]
+    shadow.note(0, [2, 3, 4, 5, 0, 1], 2)  # positions t-2, t-1 refreshed; t is [0, 1]
+    shadow.end_forward(tables={0: real}, refreshed=2)
+    assert shadow.flush() == 20 and shadow.tables[0].residents() == [0, 1]
+    shadow.note(0, [2, 3, 4, 5], 2)  # a prompt: replayed at once, whole, then resynced
+    shadow.end_forward(tables={0: real})
+    assert shadow.bytes == 60 and shadow.tables[0].residents() == [7]
 
 
 @pytest.mark.slow

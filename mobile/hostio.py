@@ -1,0 +1,54 @@
+"""Reads of device values by the host. Every one in the runtime goes through a HostReader, which
+counts them.
+
+On a GPU each read is a synchronisation: the host waits until the device has finished everything
+queued before it, and no CUDA graph can span it. mobile's decode path needs one read per MoE layer
+(mobile.moe.fetch_status: which of the needed experts are missing, with the riders of the same
+sync step, such as next-layer predictions) and one for the sampled token: the stats key
+`host_syncs_per_token`. On the CPU the same reads cost nothing, but they are counted all the same,
+so the count means there what it means on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class HostReader:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reads = 0
+        self._pinned: torch.Tensor | None = None  # CUDA: the landing buffer, grown as needed
+
+    def ints(self, tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+        """One read of several small integer (or bool) tensors, flattened: their values, in order."""
+        if not tensors:
+            return []
+        self.reads += 1
+        flat = [t.reshape(-1).to(torch.int32) for t in tensors]
+        values = self._land(torch.cat(flat) if len(flat) > 1 else flat[0]).tolist()
+        out, start = [], 0
+        for t in flat:
+            out.append(values[start:start + t.numel()])
+            start += t.numel()
+        return out
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """One read of a whole tensor (the logits a sampler or an evaluation needs)."""
+        self.reads += 1
+        return self._land(t).clone() if t.is_cuda else t  # the landing buffer is reused by the next read
+
+    def _land(self, t: torch.Tensor) -> torch.Tensor:
+        """t on the host. CUDA: one copy into the preallocated pinned buffer (a view of it), then
+        wait for it."""
+        if not t.is_cuda:
+            return t
+        n = t.numel() * t.element_size()
+        if self._pinned is None or self._pinned.numel() < n:
+            self._pinned = torch.empty(max(n, 4096), dtype=torch.uint8, pin_memory=True)
+        out = self._pinned[:n].view(t.dtype).view(t.shape)
+        out.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()
+        return out

@@ -1,0 +1,191 @@
+"""The routed-expert op and its kernels against the plain-torch reference (mobile.moe.reference).
+
+Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (conftest.py sets it), on the CPU.
+Shapes are odd on purpose: H and I are not multiples of the block size, and the cases cover
+T = 1, 3, 17, 64; K = 1, 2, 8; E = 8 and 60; absent experts (slot -1) and experts the keep rule
+drops. The GPU variants run the same checks eager, compiled and replayed from a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mobile import moe
+from mobile.ops import expert_choice
+
+triton = pytest.importorskip("triton")
+from mobile.kernels import moe as kernels  # noqa: E402
+
+H, INTER, BLOCK = 40, 24, 16  # neither a multiple of BLOCK
+# (T, K, E, dtype); every value of T, K and E and every dtype appears
+CASES = [(1, 1, 8, torch.float32), (1, 8, 60, torch.bfloat16), (3, 2, 8, torch.float16), (3, 8, 60, torch.float32),
+         (17, 2, 60, torch.bfloat16), (17, 8, 8, torch.float32), (64, 1, 60, torch.float16), (64, 2, 8, torch.float32),
+         (64, 8, 60, torch.bfloat16)]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the output's largest entry
+
+
+def layer(T: int, K: int, E: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    """A routed-expert layer: x, sorted route (weights, ids), an arena with fewer slots than experts
+    and a slot map in which about a quarter of the routed experts are absent."""
+    g = torch.Generator().manual_seed(seed)
+    S = max(2, (3 * E) // 4)
+    arena = (torch.randn(S, 3 * H * INTER, generator=g) / H ** 0.5).to(dtype)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    probs = torch.rand(T, E, generator=g).softmax(-1)
+    weights, ids = torch.topk(probs, K, dim=-1)
+    slot_map = torch.full((E,), -1, dtype=torch.long)
+    present = torch.randperm(E, generator=g)[:S]
+    slot_map[present] = torch.randperm(S, generator=g)
+    top = ids[0, 0]
+    if slot_map[top] < 0:  # the first token's top expert is on the device: something always runs
+        slot_map[top], slot_map[present[0]] = slot_map[present[0]].clone(), -1
+    to = dict(device=device)
+    return x.to(**to), weights.to(**to), ids.to(**to), slot_map.to(**to), arena.to(**to)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = ref.float().abs().max().clamp_min(1e-6)
+    err = float((out.float() - ref.float()).abs().max() / scale)
+    assert err <= TOL[dtype], f"relative error {err:.2e} above {TOL[dtype]:.0e} ({dtype})"
+
+
+def slots_of(weights, ids, slot_map, rule="prefix", cached=True):
+    """The pairs the op runs (its own rule), so the kernels see absent and dropped experts."""
+    return moe.pairs(weights, ids, slot_map, rule, max(1, ids.shape[1] // 2), 0.6, False, cached)
+
+
+def kernel_cases():
+    """Every case for both variants; the decode variant at 512 pairs takes the interpreter a while
+    (one program per pair and block), so that one is a slow test."""
+    for variant in ("decode", "grouped"):
+        for T, K, E, dtype in CASES:
+            slow = variant == "decode" and T * K > 150
+            yield pytest.param(T, K, E, dtype, variant, marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("T,K,E,dtype,variant", kernel_cases())
+def test_triton_kernels_match_the_reference(T, K, E, dtype, variant):
+    x, weights, ids, slot_map, arena = layer(T, K, E, dtype)
+    w, slots = slots_of(weights, ids, slot_map)
+    assert (slots >= 0).any() and ((slots < 0).any() or T * K < 4)  # some run; absent or dropped ones too
+    out = kernels.experts(x, w, slots, arena, variant=variant, block=BLOCK)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close(out, moe.reference(x, w, slots, arena), dtype)
+
+
+@pytest.mark.parametrize("T,K,E,dtype", CASES)
+def test_native_paths_match_the_reference(T, K, E, dtype):
+    x, weights, ids, slot_map, arena = layer(T, K, E, dtype)
+    w, slots = slots_of(weights, ids, slot_map)
+    ref = moe.reference(x, w, slots, arena)
+    assert_close(moe.native(x, w, slots, arena), ref, dtype)
+    assert_close(moe._gathered(x, w, slots, arena), ref, dtype)
+    if T == 1:
+        assert_close(moe._bagged(x, w, slots, arena), ref, dtype)
+    assert_close(moe._grouped(x, w, slots, arena), ref, dtype)
+
+
+def test_native_path_at_an_odd_hidden_size():
+    """H = 33: no 2I-wide table of the arena exists, and grouped_mm wants aligned strides; the
+    gathered path takes over."""
+    g = torch.Generator().manual_seed(1)
+    arena = torch.randn(6, 3 * 33 * 17, generator=g)
+    x, w = torch.randn(3, 33, generator=g), torch.rand(3, 2, generator=g)
+    slots = torch.tensor([[0, -1], [5, 2], [-1, -1]])
+    torch.testing.assert_close(moe.native(x, w, slots, arena), moe.reference(x, w, slots, arena))
+    out = kernels.experts(x, w, slots, arena, variant="decode", block=BLOCK)
+    torch.testing.assert_close(out, moe.reference(x, w, slots, arena), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule,cached", [("top", False), ("switch", False), ("prefix", False), ("prefix", True),
+                                         ("top", True)])
+def test_the_op_decides_which_experts_run(rule, cached):
+    """The op's keep rule against one written token by token from ops.expert_choice: little set,
+    switch or prefix rule, plus (cached) every other routed expert the slot map holds."""
+    T, K, E = 9, 4, 16
+    x, weights, ids, slot_map, arena = layer(T, K, E, torch.float32, seed=2)
+    slot_map[ids[:, :2].flatten()] = torch.arange(2 * T) % arena.shape[0]  # what the rule asks for is present
+    out = torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, rule, 2, 0.7, False, cached)
+    _, keep = expert_choice(weights, 2, None if rule == "top" else 0.7, False, "switch" if rule == "top" else rule)
+    keep = torch.arange(K)[None, :] < 2 if keep is None else keep
+    if cached:
+        keep = keep | (slot_map[ids] >= 0)
+    slots = torch.where(keep, slot_map[ids], -1)
+    torch.testing.assert_close(out, moe.reference(x, weights.masked_fill(~keep, 0), slots, arena))
+
+
+def test_align_places_every_pair_once_in_blocks_of_one_slot():
+    g = torch.Generator().manual_seed(3)
+    slots = torch.randint(-1, 7, (33, 4), generator=g)
+    pairs, block_slot = kernels.align(slots, 7, 16)
+    P = slots.numel()
+    placed = pairs[pairs < P]
+    assert sorted(placed.tolist()) == sorted((slots.flatten() >= 0).nonzero().flatten().tolist())
+    for b, s in enumerate(block_slot.tolist()):
+        members = pairs[b * 16:(b + 1) * 16]
+        members = members[members < P]
+        if s < 0:
+            assert members.numel() == 0
+        else:
+            assert (slots.flatten()[members.long()] == s).all()
+
+
+def test_fetch_status_is_what_the_op_runs():
+    """The host learns from fetch_status exactly the experts the op will read: those it must fetch
+    (chosen, absent), and those already there (chosen, or taken for free)."""
+    x, weights, ids, slot_map, arena = layer(5, 4, 16, torch.float32, seed=4)
+    status = moe.fetch_status(weights, ids, slot_map, "prefix", 2, 0.7, True)
+    cached, missing, free = moe.decode_status(status.tolist(), 16)
+    chosen = moe.chosen(weights, "prefix", 2, 0.7)
+    assert set(missing) == {int(e) for e in ids[chosen] if slot_map[e] < 0}
+    present = slot_map[ids] >= 0
+    assert set(cached) == {int(e) for e in ids[present]} and free == len(set(cached) - set(ids[chosen].tolist()))
+
+
+# -- on a GPU: eager, compiled and CUDA-graph replay, one numerics helper for the three ---------------
+
+def run_moe_test(T: int, K: int, E: int, dtype: torch.dtype, mode: str) -> None:
+    x, weights, ids, slot_map, arena = layer(T, K, E, dtype, device="cuda")
+    op = torch.ops.mobile.moe_experts
+    args = ("prefix", max(1, K // 2), 0.6, False, True)
+    w, slots = moe.pairs(weights, ids, slot_map, *args[:3], False, True)
+    ref = moe.reference(x, w, slots, arena)
+    if mode == "eager":
+        out = op(x, weights, ids, slot_map, arena, *args)
+    elif mode == "compiled":
+        out = torch.compile(lambda *a: op(*a, *args), fullgraph=True)(x, weights, ids, slot_map, arena)
+    else:  # captured once, replayed on new inputs copied into the captured buffers
+        static = [t.clone() for t in (x, weights, ids, slot_map, arena)]
+        op(*static, *args)  # warm-up: Triton compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = op(*static, *args)
+        for dst, src in zip(static, (x, weights, ids, slot_map, arena), strict=True):
+            dst.copy_(src)
+        graph.replay()
+        out = captured
+    torch.cuda.synchronize()
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled", "cudagraph"])
+@pytest.mark.parametrize("T,K,E,dtype", CASES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_op(T, K, E, dtype, mode):
+    run_moe_test(T, K, E, dtype, mode)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_torch_compile_traces_the_op_without_a_graph_break(T):
+    """fullgraph: a graph break would raise. One token: the op's torch ops are traced and fused; a
+    prompt: the grouped path is an opaque op with a fake."""
+    x, weights, ids, slot_map, arena = layer(T, 4, 16, torch.float32, seed=5)
+    slot_map[ids.flatten()] = torch.arange(ids.numel()) % arena.shape[0]
+
+    def f(x, weights, ids, slot_map):
+        return torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, "prefix", 2, 0.7, False, True)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x, weights, ids, slot_map), f(x, weights, ids, slot_map))
