@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mobile.moe import sort_by_slot
+
 DECODE_MAX_PAIRS = 64  # up to this many (token, expert) pairs the decode variant runs, beyond it the grouped one
 # Triton's CPU interpreter computes bf16 tl.dot wrongly (a 16x16 product is off by 1e10): there the
 # grouped kernels take their bf16 tiles to float32 first. On a GPU the tiles stay bf16.
@@ -146,18 +148,15 @@ def align(slots: torch.Tensor, num_slots: int, block_m: int) -> tuple[torch.Tens
 
     B is an upper bound, so every shape is static and nothing is read on the host."""
     P, S = slots.numel(), num_slots
-    flat = slots.flatten()
-    key = torch.where(flat >= 0, flat, S).long()  # dropped pairs: bucket S, sorted last, placed nowhere
-    # not bincount: on CUDA it reads the input's max on the host to size its output
-    counts = torch.zeros(S + 1, dtype=torch.long, device=slots.device).scatter_add_(0, key, torch.ones_like(key))[:S]
+    order, counts = sort_by_slot(slots, S)
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
-    order = torch.argsort(key, stable=True)
-    sk = key[order].clamp(max=S - 1)
+    slot = slots.flatten()[order].long()  # slot of each sorted pair; dropped ones (-1) last
+    sk = slot.clamp(0, S - 1)
     rank = torch.arange(P, device=slots.device) - (counts.cumsum(0) - counts)[sk]  # place within its slot
     blocks = triton.cdiv(P, block_m) + min(S, P)
     dump = blocks * block_m  # one extra entry, cut off below, where dropped pairs land
-    dest = torch.where(key[order] < S, ends[sk] - padded[sk] + rank, dump)
+    dest = torch.where(slot >= 0, ends[sk] - padded[sk] + rank, dump)
     sorted_pairs = torch.full((dump + 1,), P, dtype=torch.int32, device=slots.device)
     sorted_pairs.scatter_(0, dest, order.to(torch.int32))
     starts = torch.arange(blocks, device=slots.device) * block_m

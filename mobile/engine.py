@@ -73,7 +73,7 @@ class Engine:
                 link = LinkModel("emulated", latency_s=spec.runtime.link.latency_us * 1e-6) if emulate \
                     else LinkModel("real")
                 self.experts = OffloadedExperts(spec, store, self.device, self.dtype, self.stats_, plan, link,
-                                                self.reader, trace=self.trace, progress=bar)
+                                                trace=self.trace, progress=bar)
                 if emulate:
                     self._set_link_rate(link, link_gbps, link_ratio)
         self.stats_.link = self.experts.link

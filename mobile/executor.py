@@ -203,7 +203,7 @@ class Kernels:
         arena = self.experts.arena(layer)
         op = torch.ops.mobile.moe_experts
         resident_map = self.experts.slot_map(layer)  # used when the graph has no wait (nothing moves)
-        track = getattr(self.experts, "track_use", False)
+        track = self.experts.track_use
 
         def routed(ctx, x, routed, slot_map=None):
             weights, ids = routed  # [T, K], sorted by weight

@@ -226,10 +226,11 @@ class OffloadedExperts:
     """
 
     tracks_routes = True  # the fetch's host read carries the router's big set, for the shadow
+    track_use = False  # its fetches count what each forward uses (ResidentExperts needs asking)
 
     def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
-                 plan: CachePlan, link: LinkModel, reader, trace: list | None = None, progress=None):
-        self.spec, self.stats, self.plan, self.device, self.reader = spec, stats, plan, device, reader
+                 plan: CachePlan, link: LinkModel, trace: list | None = None, progress=None):
+        self.spec, self.stats, self.plan, self.device = spec, stats, plan, device
         self.reuses = spec.policy.traits.reuses_cache
         self.num_experts = E = spec.model.moe.num_experts
         pin = device.type == "cuda"

@@ -187,7 +187,8 @@ def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node, r
             use.update(layer_tau=pp.layer_tau, layer_rule=spec.policy.effective_layer_rule)
         if spec.policy.cache_aware:
             use["cached"] = True
-    if predict_from is not None and plan is not None:
+    if predict_from is not None:
+        assert plan is not None  # _lower_pass predicts only with a cache
         # the most probable predictions first; never more than the staging slots can take
         k_pred = min(k if pp.variant == "little" else K, plan.staging)
         node("prefetch", Op.PREFETCH, [node("predict", Op.PREDICT, [predict_from], top_k=k_pred)], set="predicted",

@@ -192,35 +192,42 @@ def _bag_rows(arena: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Ten
     slot -1 (a dropped pair). Slot s's gate_up rows start at row s*3H/2 of the arena seen as a
     2I-wide table, its down rows at s*3I + 2I of it seen H-wide; row H of the first and row 0 of
     the second are other data, so they serve as the padding rows the bag sums skip."""
-    S = arena.shape[0]
-    inter = arena.shape[1] // (3 * hidden)
+    S, inter, device = arena.shape[0], arena.shape[1] // (3 * hidden), arena.device
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        slot = torch.arange(-1, S, device=device)[:, None]
+        rows13 = torch.where(slot >= 0, slot * (3 * hidden // 2) + torch.arange(hidden, device=device), hidden)
+        rows2 = torch.where(slot >= 0, slot * (3 * inter) + torch.arange(2 * inter, 3 * inter, device=device), 0)
+        return rows13, rows2
+
+    return _cached(("rows", S, hidden, inter, device), make)
+
+
+def _arange(start: int, end: int, device: torch.device, step: int = 1) -> torch.Tensor:
+    return _cached(("arange", start, end, step, device), lambda: torch.arange(start, end, step, device=device))
+
+
+_CACHE: dict[tuple, object] = {}
+
+
+def _cached(key: tuple, make):
+    """Index tensors eager decoding asks for on every call, made once; compiled code makes its own
+    (a tensor made outside the trace would be a constant of it)."""
     if torch.compiler.is_compiling():
-        return _bag_rows_of(S, hidden, inter, arena.device)
-    key = (S, hidden, inter, arena.device)
-    if key not in _BAG_ROWS:
-        _BAG_ROWS[key] = _bag_rows_of(S, hidden, inter, arena.device)
-    return _BAG_ROWS[key]
+        return make()
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
 
 
-def _bag_rows_of(S: int, hidden: int, inter: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    slot = torch.arange(-1, S, device=device)[:, None]
-    rows13 = torch.where(slot >= 0, slot * (3 * hidden // 2) + torch.arange(hidden, device=device), hidden)
-    rows2 = torch.where(slot >= 0, slot * (3 * inter) + torch.arange(2 * inter, 3 * inter, device=device), 0)
-    return rows13, rows2
-
-
-_BAG_ROWS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-_ARANGES: dict[tuple, torch.Tensor] = {}
-
-
-def _arange(start, end, device: torch.device, step=1) -> torch.Tensor:
-    """A cached arange: eager decoding asks for the same few on every call (compiled code makes its own)."""
-    if torch.compiler.is_compiling():
-        return torch.arange(start, end, step, device=device)
-    key = (start, end, step, device)
-    if key not in _ARANGES:
-        _ARANGES[key] = torch.arange(start, end, step, device=device)
-    return _ARANGES[key]
+def sort_by_slot(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """slots [T, K], -1 where dropped -> (the pairs in slot order, dropped ones last [T*K]; pairs per
+    slot [S]). No bincount: on CUDA it reads its input's max on the host to size its output."""
+    flat = slots.flatten().long()
+    key = torch.where(flat >= 0, flat, num_slots)
+    counts = torch.zeros(num_slots + 1, dtype=torch.long, device=slots.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return torch.argsort(key, stable=True), counts[:num_slots]
 
 
 def _grouped_mm_ok(x: torch.Tensor, arena: torch.Tensor) -> bool:
@@ -230,25 +237,22 @@ def _grouped_mm_ok(x: torch.Tensor, arena: torch.Tensor) -> bool:
     return arena.is_contiguous() and x.shape[1] % row == 0 and inter % row == 0
 
 
-# opaque to torch.compile: the group sizes are data (bincount), and grouped_mm's fake is 16-bit only
+# opaque to torch.compile: the group sizes are data, and grouped_mm's fake is 16-bit only
 @torch.library.custom_op("mobile::grouped_experts", mutates_args=(), device_types="cpu")
 def _grouped(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena: torch.Tensor) -> torch.Tensor:
     """Pairs sorted by slot, each slot's rows one group of torch's grouped_mm over the whole arena,
     so each expert's weights are read once for all of its tokens. (On the CPU grouped_mm visits
     every group, used or not: fine for a prompt, not for one token.)"""
-    T, K = slots.shape
+    K = slots.shape[1]
     gate_up, down = arena_views(arena, x.shape[1])
-    S = arena.shape[0]
-    flat = slots.flatten()
-    valid = flat >= 0
-    key = torch.where(valid, flat, S)  # dropped pairs sort last, past every group
-    order = torch.argsort(key, stable=True)
-    ends = torch.bincount(key, minlength=S + 1)[:S].cumsum(0).to(torch.int32)  # [S] group ends
+    order, counts = sort_by_slot(slots, arena.shape[0])
+    ends = counts.cumsum(0).to(torch.int32)  # [S] group ends; dropped pairs lie past the last one
     tok = order // K  # [P]: the token of each pair, grouped by slot
     gate, up = F.grouped_mm(x[tok], gate_up, offs=ends).chunk(2, dim=-1)  # [P, I] each
     y = F.grouped_mm(F.silu(gate) * up, down, offs=ends)  # [P, H]
     # rows past the last group are left unwritten by grouped_mm: select, never multiply, them away
-    y = torch.where(valid[order, None], y * weights.flatten()[order, None].to(y.dtype), 0)
+    valid = slots.flatten()[order] >= 0
+    y = torch.where(valid[:, None], y * weights.flatten()[order, None].to(y.dtype), 0)
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 

@@ -89,10 +89,11 @@ def schedule(g: Graph) -> Graph:
     that cannot move earlier gets a `hoist_limit` attr saying which input holds it.
     """
     index = {n.name: i for i, n in enumerate(g.nodes)}
+    by_name = {n.name: n for n in g.nodes}
     deps = {n.name: [i for i in n.inputs if i in index] for n in g.nodes}
     users = g.users()
     feeds_copy = {n.name for n in g.nodes if n.op not in SYNC_OPS
-                  and any(g.node(u).op in COPY_OPS for u in users.get(n.name, []))}
+                  and any(by_name[u].op in COPY_OPS for u in users.get(n.name, []))}
     waiting = {n.name: len(deps[n.name]) for n in g.nodes}
     ready = [n for n in g.nodes if waiting[n.name] == 0]
     order: list[Node] = []
@@ -118,7 +119,7 @@ def schedule(g: Graph) -> Graph:
         node = ready.pop(0)
         if node.op in COPY_OPS and deps[node.name]:
             holder = max(deps[node.name], key=lambda d: index[d])
-            reason = f"needs {holder} ({_why(g.node(holder))})"
+            reason = f"needs {holder} ({_why(by_name[holder])})"
             node = node.with_attrs(hoist_limit=reason)
             log.debug("cannot hoist %s above %s: %s", node.name, holder, reason)
         jumped = index[node.name] - bisect.bisect(done, index[node.name])  # earlier in lowering, later now
@@ -129,7 +130,7 @@ def schedule(g: Graph) -> Graph:
         for u in users.get(node.name, []):
             waiting[u] -= 1
             if waiting[u] == 0:
-                ready.append(g.node(u))
+                ready.append(by_name[u])
     if len(order) != len(g.nodes):
         stuck = sorted(n for n, c in waiting.items() if c > 0)
         raise GraphError(f"cycle detected among {stuck[:5]}", where=g.name)
