@@ -20,8 +20,8 @@ import json
 
 import torch
 
+from mobile import policy as policies
 from mobile.evaluate import format_rows, run_eval
-from mobile.spec import CACHE_AWARE_POLICIES
 
 CONFIGS = [
     ("little raw", {"name": "little", "little_weights": "raw"}),
@@ -95,7 +95,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     # the rows without the cache were measured with the switch layer rule, before prefix existed
-    configs = [(label, options if label.startswith("cache:") or options["name"] not in CACHE_AWARE_POLICIES
+    configs = [(label, options if label.startswith("cache:") or not policies.get(options["name"]).cache_aware
                 else {"cached_complement": False, "layer_rule": "switch", **options}) for label, options in CONFIGS]
     if args.only:
         keep = [f.strip() for f in args.only.split(",") if f.strip()]

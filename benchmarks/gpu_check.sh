@@ -10,11 +10,13 @@ mobile() { python3 -m mobile.cli "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
 # 1. correctness on CUDA: the Triton kernels eager, compiled and under CUDA-graph replay against the
-#    reference; every policy equals the CPU result (pinned host store, copy stream, events)
+#    reference, and over packed int8 / int4 experts (bf16 / fp16 tl.dot tiles, which the CPU
+#    interpreter never runs); every policy equals the CPU result (pinned host store, copy stream, events)
 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/pytest-gpu.log"
 # 2. the Triton op against the native paths at OLMoE-1B-7B and Qwen3-30B-A3B layer shapes:
-#    us per layer at T = 1, 8, 512 and the HBM GB/s reached (decides DECODE_MAX_PAIRS and the prompt path)
-python3 benchmarks/moe_kernels.py 2>&1 | tee "$OUT/moe-kernels.txt"
+#    us per layer at T = 1, 8, 512 and the HBM GB/s reached (decides DECODE_MAX_PAIRS and the prompt path),
+#    bf16 rows, then int8 and int4 (group 64) rows with their ratio to bf16
+python3 benchmarks/moe_kernels.py --dtype bfloat16 --formats int8,int4 --group 64 2>&1 | tee "$OUT/moe-kernels.txt"
 # 3. the default CPU suite, on this machine's versions (torch 2.11, transformers 5.17)
 python3 -m pytest -q -x 2>&1 | tail -5 | tee "$OUT/pytest.log"
 # 4. real PCIe: synthetic OLMoE-1B-7B layers in bf16, policies side by side (link: real)
@@ -22,6 +24,12 @@ mobile synth specs/olmoe-1b-7b.yaml -o /tmp/synth8 --layers 8 --dtype bfloat16 >
 mobile compile /tmp/synth8/spec.yaml -o /tmp/synth8/graph > /dev/null
 mobile bench --graph /tmp/synth8/graph --device cuda --policies ondemand,lru,lru-prefetch,little,resident \
   --tokens 64 --repeats 3 --json "$OUT/bench-olmoe8.json" 2>&1 | tail -9 | tee "$OUT/bench-olmoe8.txt"
+# 4b. the same layers at equal cache bytes (a budget of 12 bf16 experts per layer), bf16 against int8 and int4
+python3 -c "import yaml; p='/tmp/synth8/spec.yaml'; d=yaml.safe_load(open(p)); d['runtime']=dict(d.get('runtime') or {}, expert_cache={'budget': '1210MB'}); yaml.safe_dump(d, open(p, 'w'), sort_keys=False)"
+mobile compile /tmp/synth8/spec.yaml -o /tmp/synth8/graph-budget > /dev/null
+mobile bench --graph /tmp/synth8/graph-budget --device cuda --policies lru-prefetch,mobile --expert-format native,int8,int4 \
+  --tokens 64 --repeats 3 --baseline "lru-prefetch native" --json "$OUT/bench-olmoe8-formats.json" 2>&1 | tail -9 \
+  | tee "$OUT/bench-olmoe8-formats.txt"
 # 5. the demo model as its spec runs it (8 of 16 experts per layer cached, the same memory for every
 #    policy): mobile against the LRU baselines on a real link
 mobile compile specs/demo.yaml -o graphs/demo-gpu > /dev/null

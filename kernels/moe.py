@@ -1,10 +1,18 @@
 """Triton kernels of the routed-expert MLP, each expert read through its cache slot.
 
     experts(x [T, H], weights [T, K], slots [T, K], arena [S, 3*H*I]) -> [T, H]
+    experts(x, weights, slots, arena [S, row_bytes] uint8, layout=Layout("int4" | "int8", ...))
 
 out[t] = sum over k with slots[t, k] >= 0 of weights[t, k] * down(silu(x gate) * (x up)), where
 the slot's arena row holds gate_up [H, 2I] then down [I, H], input-major (mobile.moe.arena_views).
 mobile.moe.reference is the plain-torch reference they are tested against (tests/test_kernels.py).
+
+Packed experts (a mobile.quant.Layout: its q, scale and zero sections in one uint8 row per slot,
+see mobile/quant.py) are read as they are stored: `_weights` loads a tile's int8 values or int4
+nibbles with their group's float16 scale (and zero) and dequantizes it in registers, so no
+dequantized copy of an expert is ever written and the kernels stream about half (int8) or a
+quarter (int4) of bf16's bytes. The decode variant dequantizes to float32, the grouped one to the
+activations' dtype for tl.dot. The reference is dequantize-then-matmul (Layout.dequantize_rows).
 
 Two variants, as in vLLM's fused_moe:
 - decode (few pairs): GEMV-like. `_decode_up` runs one program per (pair, block of I columns):
@@ -14,8 +22,8 @@ Two variants, as in vLLM's fused_moe:
 - grouped (a prompt): pairs sorted by slot and padded to BLOCK_M-row blocks that each belong to
   one slot (`align`, on the device, no host sync); tiles of tl.dot, weights read once per block.
   Per-pair outputs are summed per token in torch.
-`_weights` is the one place a kernel reads expert weights: the packed int8/int4 formats of the
-next issue dequantize there.
+`_weights` is the one place a kernel reads expert weights, native or packed (FMT, a constexpr: the
+native path compiles to the plain load it always was).
 """
 
 from __future__ import annotations
@@ -27,29 +35,66 @@ import triton
 import triton.language as tl
 
 from mobile.moe import sort_by_slot
+from mobile.quant import Layout
 
 DECODE_MAX_PAIRS = 64  # up to this many (token, expert) pairs the decode variant runs, beyond it the grouped one
 # Triton's CPU interpreter computes bf16 tl.dot wrongly (a 16x16 product is off by 1e10): there the
 # grouped kernels take their bf16 tiles to float32 first. On a GPU the tiles stay bf16.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+NATIVE, INT8, INT4 = 0, 1, 2  # the kernels' FMT
+FMT = {"native": NATIVE, "int8": INT8, "int4": INT4}
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
-def _weights(base, rows, cols, row_stride, mask):
-    """A [rows, cols] tile of one expert's weights, in the compute dtype."""
-    return tl.load(base + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+def _matrix(arena_ptr, slot, stride_slot, q_off, scale_off, zero_off, FMT: tl.constexpr):
+    """Slot `slot`'s pointers to one matrix: (its weights, native, or its q section as uint8; its
+    float16 scale and zero sections, packed; q again where a format has none). Offsets are in the
+    arena's elements (packed: bytes); the slot's row offset is int64: an arena can pass 2^31 elements."""
+    row = arena_ptr + slot.to(tl.int64) * stride_slot
+    if FMT == 0:
+        return row + q_off, row + q_off, row + q_off
+    else:
+        f16 = tl.pointer_type(tl.float16)
+        return row + q_off, (row + scale_off).to(f16), (row + zero_off).to(f16)
 
 
 @triton.jit
-def _decode_up(x_ptr, slots_ptr, arena_ptr, act_ptr, H, I, K, stride_x, stride_slot,
-               BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr):
+def _weights(base, scale, zero, rows, cols, row_stride, mask, FMT: tl.constexpr, GROUP: tl.constexpr):
+    """A [rows, cols] tile of one input-major matrix of row_stride output columns: native, as stored
+    (the compute dtype); packed (FMT 1 int8, 2 int4), dequantized in registers to float32 from
+    base (its q section), scale and zero (float16 [in/G, out]; GROUP 0: one group of all rows).
+    Column offsets (the up columns) apply to the three pointers alike, as their rows are equally long."""
+    if FMT == 0:
+        return tl.load(base + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+    else:
+        if GROUP == 0:
+            group = rows * 0
+        else:
+            group = rows // GROUP
+        at = group[:, None] * row_stride + cols[None, :]
+        s = tl.load(scale + at, mask=mask, other=0.0).to(tl.float32)
+        if FMT == 1:  # int8 [in, out]: w = q * scale
+            q = tl.load(base.to(tl.pointer_type(tl.int8)) + rows[:, None] * row_stride + cols[None, :],
+                        mask=mask, other=0)
+            return q.to(tl.float32) * s
+        else:  # int4 [in/2, out]: row r in byte r // 2, low nibble when even; w = (nib - zero) * scale
+            byte = tl.load(base + (rows // 2)[:, None] * row_stride + cols[None, :], mask=mask, other=0)
+            nib = (byte.to(tl.int32) >> ((rows % 2) * 4)[:, None]) & 0xF
+            z = tl.load(zero + at, mask=mask, other=0.0).to(tl.float32)
+            return (nib.to(tl.float32) - z) * s
+
+
+@triton.jit
+def _decode_up(x_ptr, slots_ptr, arena_ptr, act_ptr, H, I, K, stride_x, stride_slot, q_off, scale_off, zero_off,
+               BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr):
     pair = tl.program_id(0)
     slot = tl.load(slots_ptr + pair)
     if slot >= 0:
         t = pair // K
         cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         cmask = cols < I
-        base = arena_ptr + slot.to(tl.int64) * stride_slot
+        q, s, z = _matrix(arena_ptr, slot, stride_slot, q_off, scale_off, zero_off, FMT)  # gate_up [H, 2I]
         gate = tl.zeros([BLOCK_I], dtype=tl.float32)
         up = tl.zeros([BLOCK_I], dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
@@ -57,15 +102,17 @@ def _decode_up(x_ptr, slots_ptr, arena_ptr, act_ptr, H, I, K, stride_x, stride_s
             rmask = rows < H
             xv = tl.load(x_ptr + t * stride_x + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
             m = rmask[:, None] & cmask[None, :]
-            gate += tl.sum(_weights(base, rows, cols, 2 * I, m).to(tl.float32) * xv, axis=0)
-            up += tl.sum(_weights(base + I, rows, cols, 2 * I, m).to(tl.float32) * xv, axis=0)
+            gate += tl.sum(_weights(q, s, z, rows, cols, 2 * I, m, FMT, GROUP).to(tl.float32) * xv, axis=0)
+            up += tl.sum(_weights(q + I, s + I, z + I, rows, cols, 2 * I, m, FMT, GROUP).to(tl.float32) * xv,
+                         axis=0)
         act = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(act_ptr + pair * I + cols, act, mask=cmask)
 
 
 @triton.jit
 def _decode_down(act_ptr, slots_ptr, weights_ptr, arena_ptr, out_ptr, H, I, K, stride_slot, stride_out,
-                 BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr):
+                 q_off, scale_off, zero_off,
+                 BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
@@ -74,22 +121,23 @@ def _decode_down(act_ptr, slots_ptr, weights_ptr, arena_ptr, out_ptr, H, I, K, s
         pair = t * K + k
         slot = tl.load(slots_ptr + pair)
         if slot >= 0:
-            base = arena_ptr + slot.to(tl.int64) * stride_slot + 2 * H * I  # the down rows
+            q, s, z = _matrix(arena_ptr, slot, stride_slot, q_off, scale_off, zero_off, FMT)  # down [I, H]
             part = tl.zeros([BLOCK_H], dtype=tl.float32)
             for i0 in range(0, I, BLOCK_I):
                 rows = i0 + tl.arange(0, BLOCK_I)
                 rmask = rows < I
                 a = tl.load(act_ptr + pair * I + rows, mask=rmask, other=0.0)[:, None]
-                part += tl.sum(_weights(base, rows, cols, H, rmask[:, None] & cmask[None, :]).to(tl.float32) * a,
-                               axis=0)
+                w = _weights(q, s, z, rows, cols, H, rmask[:, None] & cmask[None, :], FMT, GROUP)
+                part += tl.sum(w.to(tl.float32) * a, axis=0)
             acc += tl.load(weights_ptr + pair).to(tl.float32) * part
     tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
 def _grouped_up(x_ptr, pairs_ptr, block_slot_ptr, arena_ptr, act_ptr, P, H, I, K, stride_x, stride_slot,
+                q_off, scale_off, zero_off,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr):
+                DOT: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr):
     block = tl.program_id(0)
     slot = tl.load(block_slot_ptr + block)
     if slot >= 0:
@@ -98,18 +146,17 @@ def _grouped_up(x_ptr, pairs_ptr, block_slot_ptr, arena_ptr, act_ptr, P, H, I, K
         tok = pair // K
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < I
-        base = arena_ptr + slot.to(tl.int64) * stride_slot
+        q, s, z = _matrix(arena_ptr, slot, stride_slot, q_off, scale_off, zero_off, FMT)  # gate_up [H, 2I]
         gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < H
             m = kmask[:, None] & cmask[None, :]
-            wg, wu = _weights(base, kk, cols, 2 * I, m), _weights(base + I, kk, cols, 2 * I, m)
-            if UPCAST:
-                wg, wu = wg.to(tl.float32), wu.to(tl.float32)
+            wg = _weights(q, s, z, kk, cols, 2 * I, m, FMT, GROUP).to(DOT)
+            wu = _weights(q + I, s + I, z + I, kk, cols, 2 * I, m, FMT, GROUP).to(DOT)
             a = tl.load(x_ptr + tok[:, None] * stride_x + kk[None, :], mask=pmask[:, None] & kmask[None, :],
-                        other=0.0).to(wg.dtype)
+                        other=0.0).to(DOT)
             gate = tl.dot(a, wg, gate, input_precision=PRECISION)
             up = tl.dot(a, wu, up, input_precision=PRECISION)
         act = gate / (1.0 + tl.exp(-gate)) * up
@@ -118,8 +165,9 @@ def _grouped_up(x_ptr, pairs_ptr, block_slot_ptr, arena_ptr, act_ptr, P, H, I, K
 
 @triton.jit
 def _grouped_down(act_ptr, pairs_ptr, block_slot_ptr, weights_ptr, arena_ptr, y_ptr, P, H, I, stride_slot,
+                  q_off, scale_off, zero_off,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr):
+                  DOT: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr):
     block = tl.program_id(0)
     slot = tl.load(block_slot_ptr + block)
     if slot >= 0:
@@ -127,16 +175,14 @@ def _grouped_down(act_ptr, pairs_ptr, block_slot_ptr, weights_ptr, arena_ptr, y_
         pmask = pair < P
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < H
-        base = arena_ptr + slot.to(tl.int64) * stride_slot + 2 * H * I
+        q, s, z = _matrix(arena_ptr, slot, stride_slot, q_off, scale_off, zero_off, FMT)  # down [I, H]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < I
-            wd = _weights(base, kk, cols, H, kmask[:, None] & cmask[None, :])
-            if UPCAST:
-                wd = wd.to(tl.float32)
+            wd = _weights(q, s, z, kk, cols, H, kmask[:, None] & cmask[None, :], FMT, GROUP).to(DOT)
             a = tl.load(act_ptr + pair[:, None] * I + kk[None, :], mask=pmask[:, None] & kmask[None, :],
-                        other=0.0).to(wd.dtype)
+                        other=0.0).to(DOT)
             acc = tl.dot(a, wd, acc, input_precision=PRECISION)
         w = tl.load(weights_ptr + pair, mask=pmask, other=0.0).to(tl.float32)
         tl.store(y_ptr + pair[:, None] * H + cols[None, :], acc * w[:, None], mask=pmask[:, None] & cmask[None, :])
@@ -164,13 +210,30 @@ def align(slots: torch.Tensor, num_slots: int, block_m: int) -> tuple[torch.Tens
     return sorted_pairs[:dump], torch.where(block_slot < S, block_slot, -1).to(torch.int32)
 
 
+def _sections(H: int, inter: int, layout: Layout | None) -> tuple[tuple[int, int, int], ...]:
+    """(q, scale, zero) offsets of gate_up and of down within a slot's row: native, in the arena's
+    elements (scale and zero unused); packed, in bytes (zero = q where the format has none)."""
+    if layout is None:
+        return (0, 0, 0), (2 * H * inter,) * 3
+    sec = layout.sections
+    return tuple((sec[f"{m}.q"].offset, sec[f"{m}.scale"].offset, sec.get(f"{m}.zero", sec[f"{m}.q"]).offset)
+                 for m in ("gate_up", "down"))
+
+
 def experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena: torch.Tensor,
-            variant: str | None = None, block: int | None = None) -> torch.Tensor:
+            variant: str | None = None, block: int | None = None, layout: Layout | None = None) -> torch.Tensor:
     """variant: "decode" or "grouped" (default: by the number of pairs). block: the main block
-    size (tests shrink it to exercise the masks)."""
+    size (tests shrink it to exercise the masks). layout: None, arena is native [S, 3*H*I]; a
+    packed Layout (int8, int4), arena is its rows [S, layout.row_bytes] uint8."""
     T, K = slots.shape
     H = x.shape[1]
-    inter = arena.shape[1] // (3 * H)
+    if layout is None or layout.fmt == "native":
+        layout, inter, fmt, group = None, arena.shape[1] // (3 * H), NATIVE, 0
+    else:
+        assert layout.hidden == H and arena.dtype == torch.uint8 and arena.shape[1] == layout.row_bytes, \
+            f"a packed arena is [S, {layout.row_bytes}] uint8 for {layout}, got {list(arena.shape)} {arena.dtype}"
+        inter, fmt, group = layout.inter, FMT[layout.fmt], layout.group
+    (up_q, up_s, up_z), (down_q, down_s, down_z) = _sections(H, inter, layout)
     x, weights, arena = x.contiguous(), weights.contiguous(), arena.contiguous()
     slots = slots.to(torch.int32).contiguous()
     variant = variant or ("decode" if T * K <= DECODE_MAX_PAIRS else "grouped")
@@ -179,20 +242,23 @@ def experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena: 
         out = torch.empty_like(x)
         b = block or 64
         _decode_up[(T * K, triton.cdiv(inter, b))](x, slots, arena, act, H, inter, K, x.stride(0), arena.stride(0),
-                                                   BLOCK_H=b, BLOCK_I=b)
+                                                   up_q, up_s, up_z, BLOCK_H=b, BLOCK_I=b, FMT=fmt, GROUP=group)
         _decode_down[(T, triton.cdiv(H, b))](act, slots, weights, arena, out, H, inter, K, arena.stride(0),
-                                             out.stride(0), BLOCK_H=b, BLOCK_I=b)
+                                             out.stride(0), down_q, down_s, down_z, BLOCK_H=b, BLOCK_I=b,
+                                             FMT=fmt, GROUP=group)
         return out
     bm, bn, bk = 16, block or 64, block or 64
     pairs, block_slot = align(slots, arena.shape[0], bm)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 stays exact; 16-bit dots ignore it
-    upcast = INTERPRETED and x.dtype == torch.bfloat16
+    # the tiles' dtype: the weights' own (native) or the activations' (packed ones dequantize to it)
+    dot = x.dtype if layout is not None else arena.dtype
+    dot = tl.float32 if INTERPRETED and dot == torch.bfloat16 else TL_DTYPE[dot]
     act = torch.empty(T * K, inter, dtype=torch.float32, device=x.device)
     _grouped_up[(block_slot.numel(), triton.cdiv(inter, bn))](
-        x, pairs, block_slot, arena, act, T * K, H, inter, K, x.stride(0), arena.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, UPCAST=upcast)
+        x, pairs, block_slot, arena, act, T * K, H, inter, K, x.stride(0), arena.stride(0), up_q, up_s, up_z,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, DOT=dot, FMT=fmt, GROUP=group)
     y = torch.zeros(T * K, H, dtype=torch.float32, device=x.device)
     _grouped_down[(block_slot.numel(), triton.cdiv(H, bn))](
-        act, pairs, block_slot, weights, arena, y, T * K, H, inter, arena.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, UPCAST=upcast)
+        act, pairs, block_slot, weights, arena, y, T * K, H, inter, arena.stride(0), down_q, down_s, down_z,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, DOT=dot, FMT=fmt, GROUP=group)
     return y.view(T, K, H).sum(dim=1).to(x.dtype)

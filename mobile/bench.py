@@ -42,6 +42,8 @@ def measure(engine: Engine, label: str, tokens: int, prompt_len: int, text: str 
     print(f"  {label}: {s['decode_tokens_per_s']:.2f} tok/s", file=sys.stderr)
     return {
         "policy": label, "link": s["link"], "fallback_rate": s["fallback_rate"],
+        "expert_format": engine.spec.runtime.expert_format, "expert_bytes": s.get("expert_bytes"),
+        "cache_slots_per_layer": s.get("cache_slots_per_layer"),
         "eviction": s.get("eviction", "-"),  # offloading runs only
         "decode_tokens_per_s": s["decode_tokens_per_s"],
         "bytes_per_token": s.get("decode_bytes_h2d", 0) / max(1, s["decode_tokens"]),
@@ -69,10 +71,12 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
               json_out: str | None = None, taus: list[float] | None = None, baseline: str | None = None,
               text: str | None = None, policy_options: dict | None = None, repeats: int = 1,
               kv_refreshes: list[int] | None = None, extra_rows: list[tuple[str, str, dict]] | None = None,
-              compile: bool = False, out=None) -> list[dict]:
+              compile: bool = False, expert_formats: list[str] | None = None, expert_group_size: int | None = None,
+              out=None) -> list[dict]:
     """policy_options: policy fields for every row (little_k, layer_tau, ...); taus: one row per tau;
     kv_refreshes: one mobile row per value (per tau); extra_rows: (label, policy, policy options), more
-    rows after the others, with only their own options.
+    rows after the others, with only their own options. expert_formats: every row once per format
+    (labelled with it), at the same cache bytes; default: the graph's format only.
     repeats: runs per row, round-robin over the rows (so slow drift hits every row alike); each
     number reported is the median over the runs."""
     out = out or sys.stdout  # looked up per call: the stream may be swapped (tests, redirection)
@@ -86,12 +90,16 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
             variants = [(f"{label} kv={r}", {**v, "kv_refresh": r}) for label, v in variants for r in kv_refreshes]
         runs += [(p + label, p, {**(policy_options or {}), **v}) for label, v in variants]
     runs += extra_rows or []
-    samples: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
+    formats: list[str | None] = list(expert_formats) if expert_formats else [None]
+    rowed = [(label if fmt is None else f"{label} {fmt}", policy, options, fmt)
+             for label, policy, options in runs for fmt in formats]
+    samples: dict[str, list[dict]] = {label: [] for label, _, _, _ in rowed}
     for _ in range(repeats):
-        for label, policy, options in runs:
+        for label, policy, options, fmt in rowed:
             engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,
                                  policy_options=options, compile=compile, link_gbps=link["link_gbps"],
-                                 link_ratio=None if link["link_gbps"] else link_ratio)
+                                 link_ratio=None if link["link_gbps"] else link_ratio, expert_format=fmt,
+                                 expert_group_size=expert_group_size if fmt not in (None, "native") else None)
             if engine.stats_.link == "emulated" and link["link_gbps"] is None:
                 # calibrated once, by the first row; every later run uses that same link
                 link = {k: v for k, v in engine.stats.items() if k.startswith(("link_", "expert_compute"))}
@@ -99,7 +107,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
             engine.close()
             del engine
             gc.collect()
-    rows = [median_row(samples[label]) for label, _, _ in runs]
+    rows = [median_row(samples[label]) for label, _, _, _ in rowed]
     base_row = next((r for r in rows if r["policy"] == baseline), rows[0])
     base = base_row["decode_tokens_per_s"] or 1.0
     for r in rows:

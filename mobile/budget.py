@@ -16,6 +16,7 @@ class CachePlan:
     staging: int  # at most this many slots per layer hold prefetched experts not yet used
     expert_bytes: int
     layers: int
+    clamped: bool = False  # the budget or slot count asked for more slots than the model has experts
 
     @property
     def total_bytes(self) -> int:
@@ -46,6 +47,7 @@ def cache_plan(spec: Spec) -> CachePlan | None:
         # a small default that still rewards reuse, the same memory for every policy, so that
         # policies compiled from one spec compare at equal memory
         main = max(k, min(e, 3 * moe.top_k) - staging)
+    clamped = main > e
     main = min(main, e)
     if main < k:
         need = (k + staging) * unit * layers
@@ -56,4 +58,4 @@ def cache_plan(spec: Spec) -> CachePlan | None:
             f"token needs {k} experts per layer plus {staging} staging slots; the minimum is "
             f"{k + staging} slots per layer = {human_bytes(need)} over {layers} MoE layers "
             f"({human_bytes(unit)} per expert)", where=spec.source, key=key)
-    return CachePlan(main=main, staging=staging, expert_bytes=unit, layers=layers)
+    return CachePlan(main=main, staging=staging, expert_bytes=unit, layers=layers, clamped=clamped)

@@ -6,6 +6,7 @@
     mobile bench --graph DIR --policies ...  compare policies side by side (tokens/s, bytes, stalls)
     mobile eval --graph DIR --data FILE      quality of a policy on held-out text, next to big experts
     mobile synth SPEC -o DIR [--layers N]    random weights at a spec's real shapes, for benchmarks
+    mobile quantize CKPT -o DIR --format F   a copy of a checkpoint with int8 / int4 routed experts
 
 Errors a user can fix print one line, `mobile: error: FILE: KEY: what was expected`, and exit 2;
 --debug shows the traceback instead.
@@ -19,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from mobile import formats
 from mobile import policy as policies
 from mobile.errors import MobileError
 
@@ -33,9 +35,22 @@ def parse_floats(text: str, flag: str) -> list[float]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from mobile.compiler import compile_to_dir
+    from mobile.compiler import compile_to_dir, memory_lines, memory_problems
+    from mobile.passes import spec_of
 
-    out, g = compile_to_dir(args.spec, args.out, policy=args.policy, policy_options=policy_changes(args))
+    runtime = {k: v for k, v in (("expert_format", args.expert_format), ("expert_group_size", args.expert_group_size))
+               if v is not None}
+    device_memory, host_ram = byte_flag(args.device_memory, "--device-memory"), byte_flag(args.host_ram, "--host-ram")
+
+    def check(spec) -> None:  # before anything is written
+        if args.strict and (found := memory_problems(spec, device_memory, host_ram)):
+            raise MobileError(f"the memory plan does not fit: {'; '.join(found)} (without --strict this is a warning)",
+                              key="--strict")
+
+    out, g = compile_to_dir(args.spec, args.out, policy=args.policy, policy_options=policy_changes(args),
+                            runtime=runtime, check=check)
+    spec = spec_of(g)
+    problems = memory_problems(spec, device_memory, host_ram)
     from mobile.emit import summarize
 
     s = summarize(g)
@@ -45,11 +60,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
           f"(compute {s['compute_us']:.1f}, copy {s['copy_us']:.1f}, stall {s['stall_us']:.1f})")
     if any(n.attr("prompt_only") for n in g.nodes):
         print("  no importance gate can fire (tau 0): removed; the big pass runs for prompts only")
-    from mobile.compiler import memory_plan
-
-    for line in memory_plan(g):
+    for line in memory_lines(spec):
         print(f"  {line}")
+    for problem in problems:
+        print(f"mobile: warning: {problem}", file=sys.stderr)
     return 0
+
+
+def byte_flag(text: str | None, flag: str) -> int | None:
+    from mobile.spec import parse_bytes
+
+    if text is None:
+        return None
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise MobileError(str(e), key=flag) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -60,7 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.prompt is None and args.prompt_ids is None:
         raise MobileError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3", key="--prompt")
     engine = Engine.load(args.graph, weights=args.weights, device=args.device, policy=args.policy,
-                         policy_options=policy_changes(args),
+                         policy_options=policy_changes(args), expert_format=args.expert_format,
+                         expert_group_size=args.expert_group_size,
                          compile=args.compile, progress=not args.json, link_gbps=args.link_gbps,
                          link_ratio=args.link_ratio, trace=args.trace is not None)
     if args.prompt_ids is not None:
@@ -141,8 +168,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
               prompt_len=args.prompt_len, link_gbps=args.link_gbps, link_ratio=args.link_ratio,
               seed=args.seed, json_out=args.json, taus=taus, baseline=args.baseline, text=args.text,
               kv_refreshes=[int(r) for r in refreshes] if refreshes else None, extra_rows=rows,
-              policy_options=policy_changes(args), repeats=args.repeats, compile=args.compile)
+              policy_options=policy_changes(args), repeats=args.repeats, compile=args.compile,
+              expert_formats=formats_list(args.expert_formats), expert_group_size=args.expert_group_size)
     return 0
+
+
+def formats_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        if name not in formats.FORMATS:
+            raise MobileError(f"unknown expert format {name!r} (choose from {', '.join(formats.FORMATS)})",
+                              key="--expert-format")
+    return names
 
 
 def parse_row(text: str) -> tuple[str, str, dict]:
@@ -188,10 +227,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         taus = parse_floats(args.sweep_tau, "--sweep-tau")
         configs = [(f"{policy} tau={t:g}", {**base, "tau": t}) for t in taus]
     else:
-        # a policy that decodes exactly as big experts do is the reference row itself
-        configs = [] if policies.eval_mode(policy, True) == "reference" else [(policy, base)]
+        # a policy that decodes exactly as big experts do is the reference row itself, at native precision
+        fmt = args.expert_format
+        exact = policies.eval_mode(policy, True) == "reference" and fmt in (None, "native")
+        configs = [] if exact else [(policy if fmt is None else f"{policy} {fmt}", base)]
     rows = run_eval(args.graph, args.data, configs, weights=args.weights, window=args.window,
-                    max_tokens=args.max_tokens, device=args.device)
+                    max_tokens=args.max_tokens, device=args.device, expert_format=args.expert_format,
+                    expert_group_size=args.expert_group_size)
     if args.json:
         picked = rows if args.sweep_tau else [rows[-1]]
         objs = [{k: r[k] for k in (*KEYS, "bytes_vs_big_only") if k in r} | {"label": r["label"]} for r in picked]
@@ -230,7 +272,7 @@ def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> No
     p.add_argument("--little-k", type=int, help="experts in the little set (default ceil(top_k / 2))")
     p.add_argument("--layer-tau", type=float, help="mobile: a layer uses more than the little set in the "
                    "little pass when the little set carries less than this share of the big set's router mass "
-                   "(default 0.75; 0 turns the rule off)")
+                   "(default 0.85; 0 turns the rule off)")
     p.add_argument("--layer-rule", choices=["auto", "switch", "prefix"], help="how the per-layer rule picks a "
                    "token's experts: switch, the little set or the whole big set; prefix, the fewest top experts (at "
                    "least little_k) that carry layer_tau of the big set's mass; auto (default): prefix for mobile, "
@@ -268,12 +310,33 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
 
 
+def add_format_options(p: argparse.ArgumentParser, many: bool = False) -> None:
+    fmt = ("how routed experts are stored, moved and cached: native (the spec's dtype), int8 (symmetric, one scale "
+           "per output column by default) or int4 (groups along the input, a scale and zero each); default: the "
+           "spec's runtime.expert_format, or the format a quantized checkpoint was written in")
+    if many:
+        p.add_argument("--expert-format", dest="expert_formats", metavar="FMT,...",
+                       help=fmt + "; comma-separated: every row once per format, at the same cache bytes")
+    else:
+        p.add_argument("--expert-format", choices=list(formats.FORMATS), help=fmt)
+    p.add_argument("--expert-group-size", type=int, metavar="G", help="input rows per scale for int8/int4 "
+                   "(default: 64 for int4; 0, one scale per output column, for int8)")
+
+
 def add_link_options(p: argparse.ArgumentParser) -> None:
     link = p.add_mutually_exclusive_group()
     link.add_argument("--link-gbps", type=float, help="emulated host-to-device link bandwidth in GB/s (CPU runs)")
     link.add_argument("--link-ratio", type=float, metavar="R",
                       help="calibrated emulated link: moving one expert takes R times as long as computing it "
                       "for one token on this machine (about 40 for an RTX 4090 on PCIe 4.0, 87 for an H200)")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from mobile.quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(args.ckpt, args.out, args.format, group=args.group_size, spec_path=args.spec)
+    print(f"wrote {args.format} checkpoint {out}", file=sys.stderr)
+    return 0
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
@@ -317,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", help="output folder (default: graphs/<spec name>/)")
     c.add_argument("--policy", choices=POLICIES, help="override the spec's policy.name")
     add_policy_options(c)
+    add_format_options(c)
+    c.add_argument("--device-memory", metavar="BYTES", help="device memory to fit the plan in, e.g. 8GiB (default: "
+                   "the plan device's, runtime.plan.device, when mobile knows it)")
+    c.add_argument("--host-ram", metavar="BYTES", help="host RAM the expert store must fit in, e.g. 32GiB")
+    c.add_argument("--strict", action="store_true", help="refuse (exit 2) when the memory plan does not fit, "
+                   "instead of warning")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate text with a compiled graph",
@@ -334,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="sampling seed (default 0); same seed, same text")
     r.add_argument("--policy", choices=POLICIES, help="override the graph's policy")
     add_policy_options(r)
+    add_format_options(r)
     r.add_argument("--compile", action="store_true", help="run compute segments through torch.compile")
     r.add_argument("--stats", action="store_true", help="print run statistics to stderr")
     r.add_argument("--json", action="store_true", help='print one JSON object {"ids", "text", "stats"}')
@@ -358,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--row", action="append", metavar="'POLICY KEY=VALUE ...'", help="one more row: a policy and "
                    "policy fields, e.g. 'mobile tau=0.1 layer_tau=0.7 cached_complement=false' (repeatable; the "
                    "text is the row's label)")
-    b.add_argument("--baseline", help="the policy ratios are taken against (default: the first)")
+    add_format_options(b, many=True)
+    b.add_argument("--baseline", help="the row ratios are taken against, by its label (default: the first)")
     b.add_argument("--tokens", type=int, default=32, help="decode tokens per policy (default 32)")
     b.add_argument("--prompt-len", type=int, default=8, help="prompt length in tokens (default 8)")
     b.add_argument("--text", metavar="FILE", help="take the prompt and the decode tokens from the start of this "
@@ -384,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="a text file, e.g. demo/data/heldout.txt")
     e.add_argument("--policy", choices=POLICIES, help="policy to evaluate (default: the graph's)")
     add_policy_options(e)
+    add_format_options(e)
     e.add_argument("--sweep-tau", help="comma-separated taus: one row each (a Pareto table)")
     e.add_argument("--plot", help="with --sweep-tau: write a PNG of quality against bytes (needs matplotlib)")
     e.add_argument("--window", type=int, default=256, help="tokens per window; the KV cache restarts at each "
@@ -405,6 +477,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype of the written spec (default: the spec's; CPUs without native bf16 "
                    "run bfloat16 matmuls ~15x slower than float32)")
     y.set_defaults(fn=cmd_synth)
+
+    q = sub.add_parser("quantize", help="write a copy of a checkpoint with int8 or int4 routed experts",
+                       description="Pack every routed expert of CKPT (a Hugging Face folder) as int8 or int4 "
+                       "(mobile.quant's layout: weights, scales and zeros per expert projection) and write the "
+                       "result to DIR: safetensors, a config.json that records the format, the tokenizer files "
+                       "copied. Other weights keep their dtype. Streams one layer at a time and writes atomically. "
+                       "run, eval, bench, compile and import-hf take DIR as it is.")
+    q.add_argument("ckpt", help="the native checkpoint folder")
+    q.add_argument("-o", "--out", required=True, help="the folder to write")
+    q.add_argument("--format", required=True, choices=["int8", "int4"], help="the expert format")
+    q.add_argument("--group-size", type=int, metavar="G", help="input rows per scale (default: 64 for int4; 0, "
+                   "one scale per output column, for int8)")
+    q.add_argument("--spec", help="take tensor names and shapes from this spec instead of CKPT/config.json")
+    q.set_defaults(fn=cmd_quantize)
 
     i = sub.add_parser("import-hf", help="write a spec from a Hugging Face config.json",
                        description="Read DIR/config.json (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "

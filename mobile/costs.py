@@ -8,13 +8,22 @@ context-dependent work is left out: at decode it is small next to the weight rea
 from __future__ import annotations
 
 from mobile.ir import Node, Op
+from mobile.quant import row_bytes
 from mobile.spec import Spec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def expert_bytes(spec: Spec) -> int:
-    """Bytes of one routed expert (gate, up, down) in the spec's dtype: the unit a fetch moves."""
+    """Bytes of one routed expert (gate, up, down) in its format (the spec's dtype, or packed:
+    mobile.quant): the unit a fetch moves and a cache slot holds."""
+    m = spec.model
+    return row_bytes(spec.runtime.expert_format, spec.expert_group, m.hidden_size, m.moe.intermediate_size,
+                     DTYPE_BYTES[spec.dtype])
+
+
+def native_expert_bytes(spec: Spec) -> int:
+    """Bytes of one routed expert in the spec's dtype, whatever its format."""
     m = spec.model
     return 3 * m.hidden_size * m.moe.intermediate_size * DTYPE_BYTES[spec.dtype]
 
@@ -52,7 +61,7 @@ def node_cost(spec: Spec, node: Node) -> tuple[float, int, int]:
             return 2.0 * p, p * dt, 0
         k = node.attr("k") or m.moe.top_k
         p = 3 * h * m.moe.intermediate_size
-        return 2.0 * p * k, p * dt * k, 0
+        return 2.0 * p * k, expert_bytes(spec) * k, 0
     if op is Op.FETCH or op is Op.PREFETCH:
         moved = (node.attr("k") or 0) * expert_bytes(spec) if spec.policy.traits.offloads else 0
         return 0.0, 0, moved

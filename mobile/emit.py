@@ -164,17 +164,26 @@ def write_graph_dir(g: Graph, out_dir: str | Path) -> Path:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder `tmp` to `out`, replacing what was there: the old folder steps
+    aside first, so `out` is never a mix of the two."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the result is an ordinary folder
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_graph(graph_dir: str | Path) -> Graph:

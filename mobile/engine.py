@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from mobile import moe
 from mobile.budget import cache_plan
-from mobile.costs import expert_bytes
+from mobile.costs import expert_bytes, native_expert_bytes
 from mobile.emit import atomic_write_text, load_graph, trace_events
 from mobile.errors import CheckpointError, MobileError, SpecError
 from mobile.executor import Executor, Kernels, StepContext
@@ -29,7 +30,7 @@ from mobile.kv import KVCache
 from mobile.ops import rope_inv_freq, rope_tables
 from mobile.passes import compile_spec
 from mobile.sampling import Sampler
-from mobile.spec import Spec, spec_from_dict, with_policy
+from mobile.spec import Spec, spec_from_dict, with_policy, with_runtime
 from mobile.stats import Stats
 from mobile.transfer import LinkModel
 from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
@@ -77,10 +78,18 @@ class Engine:
                 if emulate:
                     self._set_link_rate(link, link_gbps, link_ratio)
         self.stats_.link = self.experts.link
+        # what one expert is and how many the cache holds: equal budgets hold more packed experts
+        slots = None if plan is None or all_resident else plan.main + plan.staging
+        self.stats_.extra.update(expert_format=spec.runtime.expert_format, expert_bytes=expert_bytes(spec),
+                                 cache_slots_per_layer=slots)
         self.kv = KVCache(spec, self.device, self.dtype)
         self.kernels = Kernels(spec, weights, self.kv, self.experts)
         self.executor = Executor(graph, self.kernels, self.reader, compile=compile, trace=self.trace)
-        moe.warm_up(self.device, self.dtype)
+        if compile and self.device.type == "cpu" and spec.runtime.expert_format != "native":
+            # measured on the demo: resident int4 decoded 81 tokens/s compiled, 203 eager
+            print(f"mobile: note: --compile with {spec.runtime.expert_format} experts on the CPU runs slower than "
+                  "eager (Inductor's dynamic-shape loops for the unpacking); leave it off here", file=sys.stderr)
+        moe.warm_up(self.device, self.dtype, spec.runtime.expert_format, spec.expert_group)
         a = spec.model.attention
         rope_dim = a.qk_rope_head_dim if a.kind == "mla" else a.head_dim
         self.rope_interleaved = a.kind == "mla" or r.interleaved  # DeepSeek's MLA rotates adjacent pairs
@@ -98,10 +107,9 @@ class Engine:
         gbps = gbps if gbps is not None else (None if ratio is not None else cfg.gbps)
         ratio = ratio if ratio is not None else cfg.ratio
         if gbps is None and ratio is not None:
-            assert isinstance(self.experts, OffloadedExperts)
-            layer = self.spec.moe_layers[0]
-            seconds = expert_compute_seconds(self.experts.host[layer], self.spec, self.device)
-            gbps = expert_bytes(self.spec) / (ratio * seconds) / 1e9
+            # R is in units of one native expert: a packed format moves fewer bytes over the same link
+            seconds = expert_compute_seconds(self.spec, self.device, self.dtype)
+            gbps = native_expert_bytes(self.spec) / (ratio * seconds) / 1e9
             self.stats_.extra.update(link_ratio=ratio, expert_compute_us=round(seconds * 1e6, 2))
         link.gbps = gbps if gbps is not None else self.spec.runtime.plan.link_gbps
         self.stats_.extra["link_gbps"] = round(link.gbps, 4)
@@ -110,17 +118,23 @@ class Engine:
     @classmethod
     def load(cls, graph_dir: str | Path, weights: str | Path | None = None, device: str = "cpu",
              policy: str | None = None, compile: bool = False, progress: bool = False,
-             policy_options: dict | None = None, **options) -> Engine:
+             policy_options: dict | None = None, expert_format: str | None = None,
+             expert_group_size: int | None = None, **options) -> Engine:
         """policy_options: other policy fields to override (tau, little_k, layer_tau, ...).
+        expert_format, expert_group_size: override the spec's (mobile.quant); a quantized checkpoint
+        brings its own, which a different expert_format contradicts.
         options: link_gbps, link_ratio (emulated link), trace (record a measured timeline),
         all_resident (keep every expert on the device whatever the policy: for quality evals),
         track_use (count the experts each forward uses, also with every expert resident: for evals)."""
         graph_dir = Path(graph_dir)
-        graph, spec = resolve_policy(graph_dir, policy, policy_options)
+        runtime = {k: v for k, v in (("expert_format", expert_format), ("expert_group_size", expert_group_size))
+                   if v is not None}
+        graph, spec = resolve_policy(graph_dir, policy, policy_options, runtime)
         ckpt = Path(weights) if weights is not None else resolve_checkpoint(graph, graph_dir)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise MobileError(f"device {device!r} requested but CUDA is not available here", key="--device")
         store = WeightStore(ckpt)
+        graph, spec = checkpoint_experts(graph, spec, store, expert_format)
         return cls(graph, spec, store, device=device, compile=compile, progress=progress, **options)
 
     @property
@@ -305,9 +319,10 @@ class Engine:
         self.experts.reset_counters()
 
 
-def resolve_policy(graph_dir: Path, policy: str | None = None, policy_options: dict | None = None
-                   ) -> tuple[Graph, Spec]:
-    """A compiled graph and its spec, recompiled when another policy (or policy option) is asked for."""
+def resolve_policy(graph_dir: Path, policy: str | None = None, policy_options: dict | None = None,
+                   runtime: dict | None = None) -> tuple[Graph, Spec]:
+    """A compiled graph and its spec, recompiled when another policy (or policy option) or runtime
+    field (the expert format) is asked for."""
     graph = load_graph(graph_dir)
     try:
         spec = spec_from_dict(graph.spec, source=str(graph_dir / "graph.json"))
@@ -317,10 +332,27 @@ def resolve_policy(graph_dir: Path, policy: str | None = None, policy_options: d
     changes = {k: v for k, v in (policy_options or {}).items() if v is not None}
     if policy is not None and policy != spec.policy.name:
         changes["name"] = policy
-    if changes:
-        # another policy lowers to another graph (prefetch nodes, cache sizes): compile it now,
-        # from the spec the graph was built from
-        spec = with_policy(spec, **changes)
+    runtime = {k: v for k, v in (runtime or {}).items() if getattr(spec.runtime, k) != v}
+    if changes or runtime:
+        # another policy or format lowers to another graph (prefetch nodes, cache sizes): compile it
+        # now, from the spec the graph was built from
+        spec = with_runtime(with_policy(spec, **changes), **runtime)
+        graph = compile_spec(spec)
+    return graph, spec
+
+
+def checkpoint_experts(graph: Graph, spec: Spec, store: WeightStore, requested: str | None) -> tuple[Graph, Spec]:
+    """A quantized checkpoint carries its expert format, and runs with it whatever the spec says
+    (recompiled: the cache holds more packed experts); an explicit other format is an error."""
+    if store.expert_format is None:
+        return graph, spec
+    fmt, group = store.expert_format
+    if requested is not None and requested != fmt:
+        raise MobileError(f"the checkpoint {store.dir} holds {fmt} experts (group size {group}); --expert-format "
+                          f"{requested} needs a native checkpoint or one quantized to {requested}",
+                          key="--expert-format")
+    if (spec.runtime.expert_format, spec.expert_group) != (fmt, group):
+        spec = with_runtime(spec, expert_format=fmt, expert_group_size=group)
         graph = compile_spec(spec)
     return graph, spec
 

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mobile import policy as policies
-from mobile.engine import Engine, resolve_policy
+from mobile.emit import load_graph
+from mobile.engine import Engine, resolve_checkpoint, resolve_policy
 from mobile.errors import MobileError
+from mobile.weights import checkpoint_format
 
 KEYS = ("ppl", "accuracy", "agreement", "fallback_rate", "bytes_per_token")
 
@@ -79,7 +81,8 @@ def evaluate_policy(engine: Engine, chunks: list[torch.Tensor], big_greedy: list
 
 
 def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: str | None = None,
-             window: int = 256, max_tokens: int | None = None, device: str = "cpu") -> list[dict]:
+             window: int = 256, max_tokens: int | None = None, device: str = "cpu",
+             expert_format: str | None = None, expert_group_size: int | None = None) -> list[dict]:
     """configs: (label, {name: policy, tau: ..., ...}) pairs. The big reference runs first.
 
     Policies run with every expert on the device, since offloading does not change what they
@@ -87,16 +90,26 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
     default for mobile and layer-mass): they run with the graph's expert cache over a fast emulated
     link, with no speculative copies unless the config names `prefetch`, and their bytes are what
     moved against big-only decoding with the same cache (also for a config with offloaded: True, to
-    compare with them)."""
-    big = Engine.load(graph, weights=weights, device=device, policy=policies.REFERENCE, track_use=True)
+    compare with them).
+
+    expert_format, expert_group_size: the configs run at this format (a config's own
+    expert_format / expert_group_size keys win); the reference is native big decoding whatever the
+    graph's format (a quantized checkpoint has no native experts: its own format is then the
+    reference, labelled so)."""
+    native_ok = checkpoint_format(Path(weights or resolve_checkpoint(load_graph(graph), Path(graph)))) is None
+    big = Engine.load(graph, weights=weights, device=device, policy=policies.REFERENCE, track_use=True,
+                      expert_format="native" if native_ok else None)
     ids = load_ids(big, data, max_tokens)
     chunks = windows(ids, window)
     greedy = big_reference(big, chunks)
     base = evaluate_policy(big, chunks, greedy, desc="big")
-    rows = [{"label": "big", **base, "bytes_ratio": 1.0}]
+    rows = [{"label": "big" if native_ok else f"big ({big.spec.runtime.expert_format} checkpoint)", **base,
+             "bytes_ratio": 1.0}]
     for label, options in configs:
         options = dict(options)
         offloaded, name = bool(options.pop("offloaded", False)), options.pop("name")
+        fmt = {"expert_format": options.pop("expert_format", expert_format),
+               "expert_group_size": options.pop("expert_group_size", expert_group_size)}
         _, spec = resolve_policy(Path(graph), name, options)
         offloaded |= policies.eval_mode(name, spec.policy.cached_complement) == "cache"
         if offloaded:
@@ -104,7 +117,7 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
             # not: without them the cache holds what demand loaded, and the run is deterministic
             options.setdefault("prefetch", "none")
         engine = Engine.load(graph, weights=weights, device=device, policy=name, policy_options=options,
-                             all_resident=not offloaded, track_use=True, link_gbps=1e4 if offloaded else None)
+                             all_resident=not offloaded, track_use=True, link_gbps=1e4 if offloaded else None, **fmt)
         rows.append({"label": label, **evaluate_policy(engine, chunks, greedy, base["bytes_per_token"], desc=label)})
     return rows
 

@@ -201,6 +201,8 @@ class Kernels:
             return lambda ctx, x: ops.swiglu(x, gate, up, down)
         rule, n, tau, rescale, cached = expert_rule(node)
         arena = self.experts.arena(layer)
+        # the arena's format (mobile.quant): packed rows are dequantized inside the op
+        fmt = (self.spec.runtime.expert_format, self.spec.expert_group, self.spec.model.moe.intermediate_size)
         op = torch.ops.mobile.moe_experts
         resident_map = self.experts.slot_map(layer)  # used when the graph has no wait (nothing moves)
         track = self.experts.track_use
@@ -212,12 +214,12 @@ class Kernels:
                 if track:  # eval only: which experts this node ran
                     self.experts.note_use(layer, moe.pairs(weights, ids, slot_map, rule, n, tau, rescale, cached)[1])
             if isinstance(slot_map, torch.Tensor):
-                return op(x, weights, ids, slot_map, arena, rule, n, tau, rescale, cached)
+                return op(x, weights, ids, slot_map, arena, rule, n, tau, rescale, cached, *fmt)
             # more experts than the cache holds (a long prompt): one round at a time, each on a map
             # of its own experts only, so no pair runs twice; the rule alone decides, as in a big pass
             out = torch.zeros_like(x)
             for round_map in slot_map:
-                out += op(x, weights, ids, round_map, arena, rule, n, tau, rescale, False)
+                out += op(x, weights, ids, round_map, arena, rule, n, tau, rescale, False, *fmt)
             return out
 
         return routed

@@ -16,8 +16,11 @@ to another. A changed record reaches the device as one copy of the [E] map befor
 it landed, and the experts a cache-aware little pass takes for free never depend on timing: the
 same ids give the same tokens on every run.
 
-An expert is stored packed and input-major (mobile.moe.arena_views: gate_up [H, 2I], then down
-[I, H]) as one contiguous row of the host store and of the device arena, so it moves as one copy.
+An expert is stored input-major (mobile.moe.arena_views: gate_up [H, 2I], then down [I, H]) as one
+contiguous row of the host store and of the device arena, so it moves as one copy: in the spec's
+dtype, or with runtime.expert_format int8 / int4 as packed bytes, weights plus scales and zeros
+(mobile.quant), which the expert op dequantizes as it computes. Cache slots hold packed rows, so
+a byte budget holds about 4x more int4 experts than bf16 ones.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mobile import quant
 from mobile.budget import CachePlan
 from mobile.costs import expert_bytes
 from mobile.families import tensor_names
 from mobile.moe import arena_views, decode_status
+from mobile.quantize import load_packed_expert
 from mobile.slots import Eviction, SlotTable
 from mobile.spec import Spec
 from mobile.stats import Stats
@@ -39,21 +44,39 @@ from mobile.weights import WeightStore
 SHADOW_BATCH = 64  # forwards the big-only estimate buffers before it replays them
 
 
-def load_packed_experts(spec: Spec, store: WeightStore, layer: int, dtype: torch.dtype,
-                        pin: bool = False) -> torch.Tensor:
-    """All experts of one layer from the checkpoint, packed: [E, 3*H*I] in host memory."""
+def load_expert_rows(spec: Spec, store: WeightStore, layer: int, dtype: torch.dtype, pin: bool = False
+                     ) -> torch.Tensor:
+    """All experts of one layer in the spec's expert format, one row each, in host memory: native,
+    [E, 3*H*I] in `dtype` (mobile.moe.arena_views); int8 / int4, [E, row_bytes] uint8 (mobile.quant),
+    read packed from a quantized checkpoint or quantized now from a native one."""
     moe, h = spec.model.moe, spec.model.hidden_size
     i = moe.intermediate_size
     names = tensor_names(spec.model.family, spec.checkpoint.tensor_names)
+    experts = [{p: names[p].format(layer=layer, expert=e) for p in ("expert_gate", "expert_up", "expert_down")}
+               for e in range(moe.num_experts)]
+    if spec.runtime.expert_format != "native":
+        layout = expert_layout(spec)
+        rows = torch.empty(moe.num_experts, layout.row_bytes, dtype=torch.uint8, pin_memory=pin)
+        for e, tensors in enumerate(experts):
+            if store.expert_format is not None:
+                rows[e] = load_packed_expert(spec, store, layout, tensors)
+            else:
+                rows[e] = quant.quantize_expert(layout, *(store.get(n) for n in tensors.values()))
+        return rows
     rows = torch.empty(moe.num_experts, 3 * i * h, dtype=dtype, pin_memory=pin)
     gate_up, down = arena_views(rows, h)
-    for e in range(moe.num_experts):
-        fmt = {"layer": layer, "expert": e}
+    for e, tensors in enumerate(experts):
         # checkpoints store [out, in] (applied as W x); the arena stores [in, out] (applied as x @ W)
-        gate_up[e, :, :i].copy_(store.get(names["expert_gate"].format(**fmt)).T)
-        gate_up[e, :, i:].copy_(store.get(names["expert_up"].format(**fmt)).T)
-        down[e].copy_(store.get(names["expert_down"].format(**fmt)).T)
+        gate_up[e, :, :i].copy_(store.get(tensors["expert_gate"]).T)
+        gate_up[e, :, i:].copy_(store.get(tensors["expert_up"]).T)
+        down[e].copy_(store.get(tensors["expert_down"]).T)
     return rows
+
+
+def expert_layout(spec: Spec) -> quant.Layout:
+    """The packed layout of the spec's int8 / int4 experts."""
+    return quant.Layout(spec.runtime.expert_format, spec.expert_group, spec.model.hidden_size,
+                        spec.model.moe.intermediate_size)
 
 
 @dataclass
@@ -147,7 +170,7 @@ class ResidentExperts:
         self.spec, self.stats, self.reader = spec, stats, reader
         self.rows: dict[int, torch.Tensor] = {}
         for layer in spec.moe_layers:
-            self.rows[layer] = load_packed_experts(spec, store, layer, dtype).to(device)
+            self.rows[layer] = load_expert_rows(spec, store, layer, dtype).to(device)
             if progress is not None:
                 progress.update(1)
         self.num_experts = spec.model.moe.num_experts
@@ -243,13 +266,12 @@ class OffloadedExperts:
         self.record: dict[int, list[int]] = {}  # the same, as Python ints: compared without touching tensors
         self.maps: dict[int, torch.Tensor] = {}  # layer -> the device slot map [E]
         self.dirty: set[int] = set()  # layers whose host record changed since the last copy
-        numel = 3 * spec.model.hidden_size * spec.model.moe.intermediate_size
         self.eviction = eviction = spec.policy.effective_eviction
         for layer in spec.moe_layers:
-            self.host[layer] = load_packed_experts(spec, store, layer, dtype, pin=pin)
+            self.host[layer] = rows = load_expert_rows(spec, store, layer, dtype, pin=pin)
             # zeros, not empty: the expert op may compute a pair against any slot and mask it after,
-            # which must never meet a NaN in a slot no copy has filled yet
-            self.rows[layer] = torch.zeros(plan.main + plan.staging, numel, dtype=dtype, device=device)
+            # which must never meet a NaN in a slot no copy has filled yet (packed: zero scales)
+            self.rows[layer] = torch.zeros(plan.main + plan.staging, rows.shape[1], dtype=rows.dtype, device=device)
             self.tables[layer] = SlotTable(plan.main, plan.staging, eviction)
             self.pending[layer] = {}
             self.usable[layer] = torch.full((E,), -1, dtype=torch.long, pin_memory=pin)
@@ -406,12 +428,15 @@ class OffloadedExperts:
         self.engine.close()
 
 
-def expert_compute_seconds(rows: torch.Tensor, spec: Spec, device: torch.device, repeats: int = 30) -> float:
-    """Median time to run one expert for one token on this machine (calibrates --link-ratio)."""
+def expert_compute_seconds(spec: Spec, device: torch.device, dtype: torch.dtype, repeats: int = 30) -> float:
+    """Median time to run one native expert (the spec's dtype, whatever the expert format) for one
+    token on this machine: the unit --link-ratio calibrates against, so that every format shares
+    one link."""
     import time
 
-    x = torch.randn(1, spec.model.hidden_size, dtype=rows.dtype, device=device)
-    arena = rows[:1].to(device)
+    h = spec.model.hidden_size
+    x = torch.randn(1, h, dtype=dtype, device=device)
+    arena = torch.randn(1, 3 * h * spec.model.moe.intermediate_size, dtype=dtype, device=device) * 0.02
     weights, ids = torch.ones(1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device)
     slot_map = torch.zeros(1, dtype=torch.long, device=device)
     times = []

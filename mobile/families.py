@@ -219,8 +219,16 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         "dtype": dtype,
         "checkpoint": {"path": checkpoint_path, "tensor_names": TENSOR_NAMES[family]},
         "policy": {"name": policies.DEFAULT},
-        "runtime": {"device": "cpu"},
+        "runtime": {"device": "cpu", **_expert_format(path)},
     }
+
+
+def _expert_format(config: Path) -> dict[str, Any]:
+    """A checkpoint quantized by `mobile quantize` records its expert format; the spec says so too."""
+    from mobile.weights import checkpoint_format
+
+    found = checkpoint_format(config.parent)
+    return {} if found is None else {"expert_format": found[0], "expert_group_size": found[1]}
 
 
 def _clean_name(name: str) -> str:

@@ -22,7 +22,8 @@ class Stats:
 
     def reset(self) -> None:
         """Zero the counters; keep what describes the setup (link kind and rate)."""
-        link, keep = self.link, {k: v for k, v in self.extra.items() if k.startswith(("link_", "expert_compute"))}
+        setup = ("link_", "expert_compute", "expert_format", "expert_bytes", "cache_slots")
+        link, keep = self.link, {k: v for k, v in self.extra.items() if k.startswith(setup)}
         self.__init__()  # type: ignore[misc]
         self.link, self.extra = link, keep
 

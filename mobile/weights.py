@@ -17,12 +17,42 @@ import torch
 
 from mobile.errors import CheckpointError
 from mobile.families import tensor_names
+from mobile.formats import FORMATS, LAYOUT_VERSION
 from mobile.spec import Spec
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANT_METHOD = "mobile"  # config.json's quantization_config.quant_method for `mobile quantize` output
+
+
+def checkpoint_format(ckpt_dir: Path) -> tuple[str, int] | None:
+    """(format, group size) of a checkpoint quantized by `mobile quantize`, or None for a native one."""
+    path = Path(ckpt_dir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # the spec path reports a bad config.json where it needs one
+    q = cfg.get("quantization_config")
+    if not isinstance(q, dict):
+        return None
+    key = "quantization_config"
+    if q.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"quant_method {q.get('quant_method')!r} is not supported yet (mobile reads checkpoints "
+                              f"written by `mobile quantize`, quant_method {QUANT_METHOD!r})", where=path,
+                              key=f"{key}.quant_method")
+    fmt, group, version = q.get("format"), q.get("group_size"), q.get("layout_version")
+    if fmt not in FORMATS or fmt == "native":
+        raise CheckpointError(f"expected int8 or int4, got {fmt!r}", where=path, key=f"{key}.format")
+    if not isinstance(group, int) or isinstance(group, bool):
+        raise CheckpointError(f"expected an integer, got {group!r}", where=path, key=f"{key}.group_size")
+    if version != LAYOUT_VERSION:
+        raise CheckpointError(f"expected packed layout version {LAYOUT_VERSION}, got {version!r}", where=path,
+                              key=f"{key}.layout_version")
+    return fmt, group
 
 
 @dataclass(frozen=True)
@@ -108,6 +138,8 @@ class WeightStore:
             self.files[shard] = f
             for name, info in f.tensors.items():
                 self.index[name] = (f, info)
+        # (format, group size) when `mobile quantize` packed the routed experts, else None
+        self.expert_format = checkpoint_format(self.dir)
 
     def __contains__(self, name: str) -> bool:
         return name in self.index
@@ -132,8 +164,9 @@ class TensorNeed:
     expert: int | None = None
 
 
-def required_tensors(spec: Spec) -> list[TensorNeed]:
-    """Every tensor the spec's model needs, with the shape the spec implies."""
+def required_tensors(spec: Spec, native_experts: bool = True) -> list[TensorNeed]:
+    """Every tensor the spec's model needs, with the shape the spec implies. native_experts=False:
+    without the routed experts (a quantized checkpoint's are checked as they load)."""
     m, a, moe = spec.model, spec.model.attention, spec.model.moe
     names = tensor_names(m.family, spec.checkpoint.tensor_names)
     h = m.hidden_size
@@ -180,7 +213,7 @@ def required_tensors(spec: Spec) -> list[TensorNeed]:
             need("o_proj", (h, a.num_heads * a.v_head_dim), i)
         if spec.is_moe_layer(i):
             need("router", (moe.num_experts, h), i)
-            for e in range(moe.num_experts):
+            for e in range(moe.num_experts if native_experts else 0):
                 need("expert_gate", (moe.intermediate_size, h), i, e)
                 need("expert_up", (moe.intermediate_size, h), i, e)
                 need("expert_down", (h, moe.intermediate_size), i, e)
@@ -200,7 +233,7 @@ def required_tensors(spec: Spec) -> list[TensorNeed]:
 
 def check_checkpoint(spec: Spec, store: WeightStore) -> dict[tuple[str, int | None, int | None], TensorNeed]:
     """Every needed tensor exists with the expected shape; returns them keyed by (key, layer, expert)."""
-    needs = required_tensors(spec)
+    needs = required_tensors(spec, native_experts=store.expert_format is None)
     for t in needs:
         if t.name not in store:
             raise CheckpointError(f"tensor {t.name!r} not found (the spec needs it as {t.key}"

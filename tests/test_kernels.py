@@ -4,6 +4,8 @@ Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (conftest.py sets 
 Shapes are odd on purpose: H and I are not multiples of the block size, and the cases cover
 T = 1, 3, 17, 64; K = 1, 2, 8; E = 8 and 60; absent experts (slot -1) and experts the keep rule
 drops. The GPU variants run the same checks eager, compiled and replayed from a CUDA graph.
+Packed experts (int8, int4: mobile.quant) are checked against dequantize-then-matmul, at shapes
+their group sizes divide.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mobile import moe
+from mobile import moe, quant
 from mobile.ops import expert_choice
 
 triton = pytest.importorskip("triton")
@@ -25,13 +27,14 @@ CASES = [(1, 1, 8, torch.float32), (1, 8, 60, torch.bfloat16), (3, 2, 8, torch.f
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the output's largest entry
 
 
-def layer(T: int, K: int, E: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+def layer(T: int, K: int, E: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0,
+          hidden: int = H, inter: int = INTER):
     """A routed-expert layer: x, sorted route (weights, ids), an arena with fewer slots than experts
     and a slot map in which about a quarter of the routed experts are absent."""
     g = torch.Generator().manual_seed(seed)
     S = max(2, (3 * E) // 4)
-    arena = (torch.randn(S, 3 * H * INTER, generator=g) / H ** 0.5).to(dtype)
-    x = torch.randn(T, H, generator=g).to(dtype)
+    arena = (torch.randn(S, 3 * hidden * inter, generator=g) / hidden ** 0.5).to(dtype)
+    x = torch.randn(T, hidden, generator=g).to(dtype)
     probs = torch.rand(T, E, generator=g).softmax(-1)
     weights, ids = torch.topk(probs, K, dim=-1)
     slot_map = torch.full((E,), -1, dtype=torch.long)
@@ -84,6 +87,44 @@ def test_native_paths_match_the_reference(T, K, E, dtype):
     if T == 1:
         assert_close(moe._bagged(x, w, slots, arena), ref, dtype)
     assert_close(moe._grouped(x, w, slots, arena), ref, dtype)
+
+
+def packed(layout: quant.Layout, arena: torch.Tensor) -> torch.Tensor:
+    """A native arena [S, 3*H*I] -> the same experts quantized, one packed row per slot [S, row_bytes],
+    each from its checkpoint tensors (gate, up [I, H], down [H, I]) as the engine loads them."""
+    gate_up, down = moe.arena_views(arena, layout.hidden)
+    I = layout.inter
+    rows = [quant.quantize_expert(layout, gu[:, :I].T, gu[:, I:].T, d.T) for gu, d in zip(gate_up, down, strict=True)]
+    return torch.stack(rows)
+
+
+# (fmt, group, H, I, block, T, K, dtype): the group divides H and I; blocks that do not divide H or
+# I exercise the masks, groups above and below the block size the scale lookup; T = 1, 3, 17,
+# K = 2 and 8, every dtype
+PACKED_CASES = [("int8", 0, 40, 24, 16, 1, 8, torch.bfloat16), ("int8", 16, 48, 32, 32, 3, 2, torch.float32),
+                ("int8", 16, 48, 32, 16, 17, 2, torch.float16), ("int4", 16, 48, 32, 32, 17, 2, torch.float32),
+                ("int4", 16, 32, 48, 32, 3, 8, torch.bfloat16), ("int4", 32, 96, 64, 16, 3, 2, torch.float16),
+                ("int4", 64, 128, 64, 32, 1, 8, torch.float32), ("int4", 32, 96, 64, 64, 17, 2, torch.bfloat16)]
+
+
+def run_packed_test(fmt: str, group: int, hidden: int, inter: int, block: int, T: int, K: int, dtype: torch.dtype,
+                    variant: str, device: str = "cpu") -> None:
+    """The kernels dequantize int8 / int4 tiles in registers: the same layer as dequantizing the
+    packed arena first and running the reference on it."""
+    x, weights, ids, slot_map, arena = layer(T, K, 8, dtype, device, seed=T + K, hidden=hidden, inter=inter)
+    layout = quant.Layout(fmt, group, hidden, inter)
+    rows = packed(layout, arena).to(device)
+    w, slots = slots_of(weights, ids, slot_map)
+    slots[-1, -1] = -1  # a dropped pair whatever the route, its weight left as it was
+    out = kernels.experts(x, w, slots, rows, variant=variant, block=block, layout=layout)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close(out, moe.reference(x, w, slots, layout.dequantize_rows(rows, torch.float32)), dtype)
+
+
+@pytest.mark.parametrize("variant", ["decode", "grouped"])
+@pytest.mark.parametrize("fmt,group,hidden,inter,block,T,K,dtype", PACKED_CASES)
+def test_triton_kernels_read_packed_experts(fmt, group, hidden, inter, block, T, K, dtype, variant):
+    run_packed_test(fmt, group, hidden, inter, block, T, K, dtype, variant)
 
 
 def test_native_path_at_an_odd_hidden_size():
@@ -175,6 +216,16 @@ def run_moe_test(T: int, K: int, E: int, dtype: torch.dtype, mode: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_op(T, K, E, dtype, mode):
     run_moe_test(T, K, E, dtype, mode)
+
+
+@pytest.mark.parametrize("variant", ["decode", "grouped"])
+@pytest.mark.parametrize("fmt,group,hidden,inter,block,T,K,dtype", PACKED_CASES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_packed_kernels(fmt, group, hidden, inter, block, T, K, dtype, variant):
+    """On a GPU the grouped variant's 16-bit tiles are dequantized to bf16 / fp16 for tl.dot (the
+    interpreter takes bf16 to float32), so this checks that rounding too."""
+    run_packed_test(fmt, group, hidden, inter, block, T, K, dtype, variant, device="cuda")
 
 
 @pytest.mark.parametrize("T", [1, 5])

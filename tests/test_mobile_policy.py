@@ -22,7 +22,7 @@ from mobile.errors import GraphError
 from mobile.ir import Op
 from mobile.lower import lower
 from mobile.ops import confidence
-from mobile.spec import load_spec, with_policy
+from mobile.spec import PolicySpec, load_spec, with_policy
 
 PROMPT = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(5))
 FAMILIES = ["qwen2_moe", "olmoe"]
@@ -169,7 +169,7 @@ def test_graph_has_gate_fallback_and_complement_prefetch(tmp_path):
     little = [n for n in g.by_op(Op.EXPERT) if n.attr("region") == "little"]
     # the default per-layer rule may send a layer big inside the little pass: k is the upper bound
     assert {(n.attr("little_k"), n.attr("layer_tau"), n.attr("layer_rule"), n.attr("k")) for n in little} == \
-        {(4, 0.75, "prefix", 8)}
+        {(4, PolicySpec().layer_tau, "prefix", 8)}
     assert {n.attr("k") for n in g.by_op(Op.EXPERT) if n.attr("region") == "big"} == {8}
     names = [n.name for n in g.nodes]
     assert names.index("importance_gate") < names.index("fallback") < names.index("B.L0.fetch")

@@ -1,0 +1,193 @@
+"""Quantized checkpoints: `mobile quantize`, and reading one back.
+
+A quantized checkpoint is a Hugging Face folder whose routed experts are packed (mobile.quant).
+Its config.json records the format:
+
+    "quantization_config": {"quant_method": "mobile", "format": "int4", "group_size": 64,
+                            "layout_version": 1, "modules": "routed experts"}
+
+Each routed expert projection `P.weight` becomes `P.qweight`, `P.scales` and (int4) `P.zeros`,
+input-major (mobile.quant). Every other tensor is copied as it was; the tokenizer and generation
+files are copied too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mobile import quant
+from mobile.emit import replace_dir
+from mobile.errors import CheckpointError, MobileError
+from mobile.families import spec_from_hf_config, tensor_names
+from mobile.spec import Spec, spec_from_dict
+from mobile.weights import QUANT_METHOD, SAFETENSORS_DTYPES, WeightStore, checkpoint_format
+
+PROJECTIONS = ("expert_gate", "expert_up", "expert_down")
+
+
+def packed_names(name: str) -> dict[str, str]:
+    """A native expert tensor's name -> the names of its packed parts (q, scale, zero)."""
+    base = name[: -len(".weight")] if name.endswith(".weight") else name
+    return {"q": f"{base}.qweight", "scale": f"{base}.scales", "zero": f"{base}.zeros"}
+
+
+# -- reading packed experts -------------------------------------------------------------------
+
+
+def load_packed_expert(spec: Spec, store: WeightStore, layout: quant.Layout, names: dict[str, str]) -> torch.Tensor:
+    """One expert's packed row from a quantized checkpoint; names: projection -> its native name.
+    Every part is checked: present, the layout's dtype and shape, finite scales and zeros."""
+    parts: dict[str, quant.Packed] = {}
+    for proj, name in names.items():
+        rows, cols = _input_major(spec, proj)
+        expect = _part_shapes(layout, rows, cols)
+        got = {}
+        for part, pname in packed_names(name).items():
+            if part not in expect:
+                continue
+            dtype, shape = expect[part]
+            if pname not in store:
+                raise CheckpointError(f"tensor {pname!r} not found: the checkpoint says it holds {layout.fmt} experts "
+                                      f"(group size {layout.group}), which need it", where=store.dir, key=pname)
+            info = store.info(pname)
+            if info.dtype != dtype or info.shape != shape:
+                raise CheckpointError(f"tensor {pname!r} is {_dtype_name(info.dtype)} {list(info.shape)}, the "
+                                      f"{layout.fmt} format with group size {layout.group} needs {_dtype_name(dtype)} "
+                                      f"{list(shape)}", where=info.file, key=pname)
+            t = store.get(pname)
+            if part != "q" and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"tensor {pname!r} holds NaN or infinite values: a corrupt "
+                                      f"{'scale' if part == 'scale' else 'zero'} tensor", where=info.file, key=pname)
+            got[part] = t
+        parts[proj] = quant.Packed(got["q"], got["scale"], got.get("zero"))
+    return layout.pack(quant.concat(parts["expert_gate"], parts["expert_up"]), parts["expert_down"])
+
+
+def _input_major(spec: Spec, proj: str) -> tuple[int, int]:
+    """(in, out) of a routed expert projection."""
+    h, i = spec.model.hidden_size, spec.model.moe.intermediate_size
+    return (i, h) if proj == "expert_down" else (h, i)
+
+
+def _part_shapes(layout: quant.Layout, rows: int, cols: int) -> dict[str, tuple[torch.dtype, tuple[int, int]]]:
+    groups = rows // (layout.group or rows)
+    q = (torch.uint8, (rows // 2, cols)) if layout.fmt == "int4" else (torch.int8, (rows, cols))
+    out = {"q": q, "scale": (torch.float16, (groups, cols))}
+    if layout.fmt == "int4":
+        out["zero"] = (torch.float16, (groups, cols))
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next((k for k, v in SAFETENSORS_DTYPES.items() if v == dtype), str(dtype))
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int | None = None,
+                        spec_path: str | Path | None = None, progress: bool = True) -> Path:
+    """Write `out`: the checkpoint at `src` with its routed experts packed. Streams one layer at a
+    time (the source is memory-mapped), into a temporary sibling folder renamed into place."""
+    from mobile.spec import load_spec
+
+    src, out = Path(src), Path(out)
+    store = WeightStore(src)
+    if out.resolve() == src.resolve():
+        raise MobileError("the output folder is the checkpoint itself; write the quantized copy elsewhere", key="-o")
+    if checkpoint_format(src) is not None:
+        raise MobileError("this checkpoint is quantized already; quantize its native original", where=src)
+    if spec_path is not None:
+        spec = load_spec(spec_path)
+    else:
+        spec = spec_from_dict(spec_from_hf_config(src), source=str(src / "config.json"))
+    m = spec.model
+    if not m.moe.num_experts:
+        raise MobileError("the model has no routed experts to quantize", where=src)
+    group = quant.default_group(fmt, group)
+    problem = quant.group_error(fmt, group, {"hidden_size": m.hidden_size, "moe intermediate_size":
+                                             m.moe.intermediate_size})
+    if problem:
+        raise MobileError(problem, key="--group-size")
+    layout = quant.Layout(fmt, group, m.hidden_size, m.moe.intermediate_size)
+    names = tensor_names(m.family, spec.checkpoint.tensor_names)
+    experts = {layer: {e: {p: names[p].format(layer=layer, expert=e) for p in PROJECTIONS}
+                       for e in range(m.moe.num_experts)} for layer in spec.moe_layers}
+    expert_names = {n for per_layer in experts.values() for per_e in per_layer.values() for n in per_e.values()}
+    for name in sorted(expert_names):
+        if name not in store:
+            raise CheckpointError(f"tensor {name!r} not found (a routed expert the config implies)", where=src,
+                                  key=name)
+    # the header lists every tensor up front; the data follows in the same order, layer by layer
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    copied = [n for n in store.index if n not in expert_names]
+    for name in copied:
+        info = store.info(name)
+        entries.append((name, info.dtype, info.shape))
+    for layer_experts in experts.values():
+        for per_e in layer_experts.values():
+            for proj, name in per_e.items():
+                shapes = _part_shapes(layout, *_input_major(spec, proj))
+                entries += [(packed_names(name)[part], dtype, shape) for part, (dtype, shape) in shapes.items()]
+
+    def tensors() -> Iterator[torch.Tensor]:
+        for name in copied:
+            yield store.get(name)
+        with tqdm(total=len(experts), desc=f"quantizing experts to {fmt}", unit="layer",
+                  disable=None if progress else True) as bar:
+            for layer_experts in experts.values():
+                for per_e in layer_experts.values():
+                    for name in per_e.values():
+                        p = quant.quantize(store.get(name).T, fmt, group)
+                        yield from (t for t in (p.q, p.scale, p.zero) if t is not None)
+                bar.update(1)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_safetensors(tmp / "model.safetensors", entries, tensors())
+        for f in src.iterdir():  # tokenizer, generation config, notes: everything but the weights
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
+                                                                              "model.safetensors.index.json"):
+                shutil.copy2(f, tmp / f.name)
+        cfg = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else {}
+        cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format": fmt, "group_size": group,
+                                      "layout_version": quant.LAYOUT_VERSION, "modules": "routed experts"}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensors: Iterator[torch.Tensor]) -> None:
+    """A safetensors file written as a stream: the header from `entries` (name, dtype, shape),
+    then each tensor's bytes as `tensors` yields them, in the same order."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for (name, dtype, shape), t in zip(entries, tensors, strict=True):
+            assert t.dtype == dtype and tuple(t.shape) == tuple(shape), name  # the header's promise
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
