@@ -123,6 +123,16 @@ class Section:
         return self.shape[0] * self.shape[1] * self.dtype.itemsize
 
 
+def part_shapes(fmt: str, group: int, rows: int, cols: int) -> dict[str, tuple[torch.dtype, tuple[int, int]]]:
+    """The packed parts of one input-major [rows, cols] matrix: part -> (dtype, shape)."""
+    groups = rows // _groups(rows, group)
+    q = (torch.uint8, (rows // 2, cols)) if fmt == "int4" else (torch.int8, (rows, cols))
+    parts = {"q": q, "scale": (torch.float16, (groups, cols))}
+    if fmt == "int4":
+        parts["zero"] = (torch.float16, (groups, cols))
+    return parts
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each section of one expert's packed row lies (see the module docstring)."""
@@ -138,13 +148,7 @@ class Layout:
         offset = 0
         shapes = {"gate_up": (self.hidden, 2 * self.inter), "down": (self.inter, self.hidden)}
         for m in MATRICES:
-            rows, cols = shapes[m]
-            groups = rows // _groups(rows, self.group)
-            q = (torch.uint8, (rows // 2, cols)) if self.fmt == "int4" else (torch.int8, (rows, cols))
-            parts = {"q": q, "scale": (torch.float16, (groups, cols))}
-            if self.fmt == "int4":
-                parts["zero"] = (torch.float16, (groups, cols))
-            for part, (dtype, shape) in parts.items():
+            for part, (dtype, shape) in part_shapes(self.fmt, self.group, *shapes[m]).items():
                 out[f"{m}.{part}"] = s = Section(offset, dtype, shape)
                 offset = -(-(offset + s.nbytes) // ALIGN) * ALIGN
         return out

@@ -50,7 +50,7 @@ def load_packed_expert(spec: Spec, store: WeightStore, layout: quant.Layout, nam
     parts: dict[str, quant.Packed] = {}
     for proj, name in names.items():
         rows, cols = _input_major(spec, proj)
-        expect = _part_shapes(layout, rows, cols)
+        expect = quant.part_shapes(layout.fmt, layout.group, rows, cols)
         got = {}
         for part, pname in packed_names(name).items():
             if part not in expect:
@@ -77,15 +77,6 @@ def _input_major(spec: Spec, proj: str) -> tuple[int, int]:
     """(in, out) of a routed expert projection."""
     h, i = spec.model.hidden_size, spec.model.moe.intermediate_size
     return (i, h) if proj == "expert_down" else (h, i)
-
-
-def _part_shapes(layout: quant.Layout, rows: int, cols: int) -> dict[str, tuple[torch.dtype, tuple[int, int]]]:
-    groups = rows // (layout.group or rows)
-    q = (torch.uint8, (rows // 2, cols)) if layout.fmt == "int4" else (torch.int8, (rows, cols))
-    out = {"q": q, "scale": (torch.float16, (groups, cols))}
-    if layout.fmt == "int4":
-        out["zero"] = (torch.float16, (groups, cols))
-    return out
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -137,7 +128,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
     for layer_experts in experts.values():
         for per_e in layer_experts.values():
             for proj, name in per_e.items():
-                shapes = _part_shapes(layout, *_input_major(spec, proj))
+                shapes = quant.part_shapes(layout.fmt, layout.group, *_input_major(spec, proj))
                 entries += [(packed_names(name)[part], dtype, shape) for part, (dtype, shape) in shapes.items()]
 
     def tensors() -> Iterator[torch.Tensor]:
