@@ -94,6 +94,8 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     rowed = [(label if fmt is None else f"{label} {fmt}", policy, options, fmt)
              for label, policy, options in runs for fmt in formats]
     samples: dict[str, list[dict]] = {label: [] for label, _, _, _ in rowed}
+    if baseline is not None and baseline not in samples:  # checked before an hour of runs, not after
+        raise MobileError(f"no row is labelled {baseline!r} (the rows: {', '.join(samples)})", key="--baseline")
     for _ in range(repeats):
         for label, policy, options, fmt in rowed:
             engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,
@@ -108,7 +110,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
             del engine
             gc.collect()
     rows = [median_row(samples[label]) for label, _, _, _ in rowed]
-    base_row = next((r for r in rows if r["policy"] == baseline), rows[0])
+    base_row = next(r for r in rows if r["policy"] == baseline) if baseline is not None else rows[0]
     base = base_row["decode_tokens_per_s"] or 1.0
     for r in rows:
         r["ratio"] = r["decode_tokens_per_s"] / base

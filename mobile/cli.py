@@ -25,6 +25,45 @@ from mobile import policy as policies
 from mobile.errors import MobileError
 
 POLICIES = list(policies.NAMES)
+MIN_LINK_GBPS = 1e-3  # below 1 MB/s one expert would take hours on the emulated link: a typo, not a setting
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as mobile's one line (the usage is one `--help` away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"mobile: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(kind: type, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    """An argparse type: an int or a finite float in [lo, hi] ((lo, hi] with lo_open), the range in the message."""
+    name = "an integer" if kind is int else "a number"
+    bounds = [f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else "", f"<= {hi:g}" if hi is not None else ""]
+    expected = f"expected {name} {' and '.join(b for b in bounds if b)}".rstrip()
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+        bad = value != value or value in (float("inf"), float("-inf"))  # nan, inf
+        bad |= lo is not None and (value <= lo if lo_open else value < lo)
+        bad |= hi is not None and value > hi
+        if bad:
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+def device_name(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
@@ -67,6 +106,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def writable_file(path: str, flag: str) -> None:
+    """A file the run can write at its end: not a folder, in a folder that exists and is writable."""
+    p = Path(path)
+    if p.is_dir():
+        raise MobileError(f"{path} is a folder; expected a file path", key=flag)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise MobileError(f"the folder {parent} does not exist", key=flag)
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise MobileError(f"{path} is not writable", key=flag)
+
+
 def byte_flag(text: str | None, flag: str) -> int | None:
     from mobile.spec import parse_bytes
 
@@ -85,6 +136,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.prompt is None and args.prompt_ids is None:
         raise MobileError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3", key="--prompt")
+    sampling = [f for f, v in (("--temperature", args.temperature), ("--top-p", args.top_p), ("--seed", args.seed))
+                if v is not None]
+    if args.greedy and sampling:
+        raise MobileError(f"--greedy decodes without sampling, so {', '.join(sampling)} would be ignored; drop "
+                          "one or the other", key="--greedy")
+    if args.trace is not None:
+        writable_file(args.trace, "--trace")  # before the work, not after it
     engine = Engine.load(args.graph, weights=args.weights, device=args.device, policy=args.policy,
                          policy_options=policy_changes(args), expert_format=args.expert_format,
                          expert_group_size=args.expert_group_size,
@@ -98,6 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               key="--prompt-ids") from None
     else:
         ids = engine.tokenizer.encode(args.prompt)
+    engine.check_ids(ids, key="--prompt-ids")  # before any of them is decoded back to text
     tok = None
     if args.prompt is not None or not args.json:
         try:
@@ -129,6 +188,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
     stats = engine.stats
     engine.close()
+    if stats.get("stopped") == "context":
+        print(f"mobile: note: generation stopped at the model's context of {engine.spec.model.max_position_embeddings} "
+              f"tokens ({len(ids)} prompt + {len(out)} new)", file=sys.stderr)
     if args.trace is not None:
         engine.write_trace(args.trace)
     if args.json:
@@ -139,7 +201,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(" ".join(str(t) for t in out))
     if args.stats:
+        from mobile.emit import human_bytes
+
         for k, v in stats.items():
+            if "bytes" in k and isinstance(v, int):  # plain mode reads in KiB/MiB/GiB; --json keeps the counts
+                v = human_bytes(v) if v else "0"
             print(f"{k:>26}: {v:.2f}" if isinstance(v, float) else f"{k:>26}: {v}", file=sys.stderr)
         if stats["link"] == "emulated":
             print("(link: emulated on this machine; transfer times are modeled, not a real PCIe link)",
@@ -158,12 +224,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise MobileError(f"unknown policy {p!r} (choose from {', '.join(POLICIES)})", key="--policies")
     rows = [parse_row(text) for text in args.row or []]
     taus = parse_floats(args.taus, "--tau") if args.taus else None
+    if taus and any(not t >= 0 for t in taus):
+        raise MobileError(f"expected comma-separated numbers >= 0, got {args.taus!r}", key="--tau")
     refreshes = parse_floats(args.kv_refreshes, "--kv-refresh") if args.kv_refreshes else None
     if refreshes and any(r < 0 or r != int(r) for r in refreshes):
         raise MobileError(f"expected comma-separated integers >= 0, got {args.kv_refreshes!r}", key="--kv-refresh")
-    for flag, value in (("--repeats", args.repeats), ("--tokens", args.tokens)):
-        if value < 1:
-            raise MobileError(f"expected an integer >= 1, got {value}", key=flag)
     run_bench(args.graph, policies, weights=args.weights, device=args.device, tokens=args.tokens,
               prompt_len=args.prompt_len, link_gbps=args.link_gbps, link_ratio=args.link_ratio,
               seed=args.seed, json_out=args.json, taus=taus, baseline=args.baseline, text=args.text,
@@ -267,25 +332,25 @@ def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> No
     if tau_list:
         p.add_argument("--tau", dest="taus", help="comma-separated taus: one mobile / layer-mass row each")
     else:
-        p.add_argument("--tau", type=float, help="importance threshold (mobile: falls back below this max "
+        p.add_argument("--tau", type=number(float, 0), help="importance threshold (mobile: falls back below this max "
                        "probability; default 0: off, the per-layer rule decides) or little-mass share (layer-mass)")
-    p.add_argument("--little-k", type=int, help="experts in the little set (default ceil(top_k / 2))")
-    p.add_argument("--layer-tau", type=float, help="mobile: a layer uses more than the little set in the "
+    p.add_argument("--little-k", type=number(int, 1), help="experts in the little set (default ceil(top_k / 2))")
+    p.add_argument("--layer-tau", type=number(float, 0, 1), help="mobile: a layer uses more than the little set in the "
                    "little pass when the little set carries less than this share of the big set's router mass "
                    "(default 0.85; 0 turns the rule off)")
     p.add_argument("--layer-rule", choices=["auto", "switch", "prefix"], help="how the per-layer rule picks a "
                    "token's experts: switch, the little set or the whole big set; prefix, the fewest top experts (at "
                    "least little_k) that carry layer_tau of the big set's mass; auto (default): prefix for mobile, "
                    "switch for layer-mass")
-    p.add_argument("--mass-tau", type=float, help="mobile: a token also falls back when, at any layer, its "
-                   "little set carries less than this share of the big set's router mass (default: off)")
+    p.add_argument("--mass-tau", type=number(float, 0, 1), help="mobile: a token also falls back when, at any "
+                   "layer, its little set carries less than this share of the big set's router mass (default: off)")
     refresh = ("mobile: a fallback's big pass also recomputes up to N accepted little tokens before it, so their "
                "KV entries become big ones (default 0: off)")
     if tau_list:
         p.add_argument("--kv-refresh", dest="kv_refreshes", metavar="N,...",
                        help=refresh + "; comma-separated: one mobile row per value (and per tau)")
     else:
-        p.add_argument("--kv-refresh", type=int, metavar="N", help=refresh)
+        p.add_argument("--kv-refresh", type=number(int, 0), metavar="N", help=refresh)
     p.add_argument("--cached-complement", choices=["on", "off"], help="mobile and layer-mass: the little pass "
                    "also uses a token's dropped experts that are already in the device cache (no transfer; default "
                    "on)")
@@ -307,7 +372,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     """What every command that loads an engine takes: the graph, its weights, the device."""
     p.add_argument("--graph", required=True, help="a folder written by `mobile compile`")
     p.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--device", default="cpu", type=device_name, help="cpu or cuda[:N] (default cpu)")
 
 
 def add_format_options(p: argparse.ArgumentParser, many: bool = False) -> None:
@@ -319,14 +384,15 @@ def add_format_options(p: argparse.ArgumentParser, many: bool = False) -> None:
                        help=fmt + "; comma-separated: every row once per format, at the same cache bytes")
     else:
         p.add_argument("--expert-format", choices=list(formats.FORMATS), help=fmt)
-    p.add_argument("--expert-group-size", type=int, metavar="G", help="input rows per scale for int8/int4 "
+    p.add_argument("--expert-group-size", type=number(int, 0), metavar="G", help="input rows per scale for int8/int4 "
                    "(default: 64 for int4; 0, one scale per output column, for int8)")
 
 
 def add_link_options(p: argparse.ArgumentParser) -> None:
     link = p.add_mutually_exclusive_group()
-    link.add_argument("--link-gbps", type=float, help="emulated host-to-device link bandwidth in GB/s (CPU runs)")
-    link.add_argument("--link-ratio", type=float, metavar="R",
+    link.add_argument("--link-gbps", type=number(float, MIN_LINK_GBPS),
+                      help="emulated host-to-device link bandwidth in GB/s (CPU runs)")
+    link.add_argument("--link-ratio", type=number(float, 0, lo_open=True), metavar="R",
                       help="calibrated emulated link: moving one expert takes R times as long as computing it "
                       "for one token on this machine (about 40 for an RTX 4090 on PCIe 4.0, 87 for an H200)")
 
@@ -364,11 +430,11 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mobile", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="mobile", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Run `mobile COMMAND --help` for each command's options.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice). Use 1 when "
+    p.add_argument("--threads", type=number(int, 1), help="CPU threads for torch (default: torch's choice). Use 1 when "
                    "another process keeps a core busy: spinning OpenMP threads then cost far more than they gain")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -394,13 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     src = r.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint folder)")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
-    r.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    r.add_argument("--max-new-tokens", type=number(int, 0), default=64, help="tokens to generate (default 64)")
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
     mode.add_argument("--sample", action="store_true", help="sample (also implied by --temperature, --top-p, --seed)")
-    r.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
-    r.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0: off)")
-    r.add_argument("--seed", type=int, help="sampling seed (default 0); same seed, same text")
+    r.add_argument("--temperature", type=number(float, 0, lo_open=True), help="sampling temperature (default 1.0)")
+    r.add_argument("--top-p", type=number(float, 0, 1, lo_open=True), help="nucleus sampling mass (default 1.0: off)")
+    r.add_argument("--seed", type=number(int, 0), help="sampling seed (default 0); same seed, same text")
     r.add_argument("--policy", choices=POLICIES, help="override the graph's policy")
     add_policy_options(r)
     add_format_options(r)
@@ -422,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--kv-refresh gives mobile one row per value (times the taus). Every policy compiled from one "
                        "spec gets the same expert-cache memory.")
     add_engine_options(b)
-    b.add_argument("--policies", default="ondemand,lru,lru-prefetch,resident",
+    b.add_argument("--policies", default="ondemand,lru,lru-prefetch,mobile,resident",
                    help="comma-separated policies; ratios are to the first (default: %(default)s)")
     add_policy_options(b, tau_list=True)
     b.add_argument("--row", action="append", metavar="'POLICY KEY=VALUE ...'", help="one more row: a policy and "
@@ -430,13 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "text is the row's label)")
     add_format_options(b, many=True)
     b.add_argument("--baseline", help="the row ratios are taken against, by its label (default: the first)")
-    b.add_argument("--tokens", type=int, default=32, help="decode tokens per policy (default 32)")
-    b.add_argument("--prompt-len", type=int, default=8, help="prompt length in tokens (default 8)")
+    b.add_argument("--tokens", type=number(int, 1), default=32, help="decode tokens per policy (default 32)")
+    b.add_argument("--prompt-len", type=number(int, 1), default=8, help="prompt length in tokens (default 8)")
     b.add_argument("--text", metavar="FILE", help="take the prompt and the decode tokens from the start of this "
                    "text file, teacher-forced, so every policy decodes the same real text (needs the checkpoint's "
                    "tokenizer); default: a random prompt, then greedy decoding")
-    b.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
-    b.add_argument("--repeats", type=int, default=1, help="runs per row, round-robin; report medians (default 1)")
+    b.add_argument("--seed", type=number(int, 0), default=0, help="prompt seed (default 0)")
+    b.add_argument("--repeats", type=number(int, 1), default=1,
+                   help="runs per row, round-robin; report medians (default 1)")
     b.add_argument("--json", help="also write the rows as JSON to this file")
     b.add_argument("--compile", action="store_true", help="run compute segments through torch.compile (each "
                    "row's warm-up compiles them)")
@@ -458,9 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_format_options(e)
     e.add_argument("--sweep-tau", help="comma-separated taus: one row each (a Pareto table)")
     e.add_argument("--plot", help="with --sweep-tau: write a PNG of quality against bytes (needs matplotlib)")
-    e.add_argument("--window", type=int, default=256, help="tokens per window; the KV cache restarts at each "
-                   "(default 256)")
-    e.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
+    e.add_argument("--window", type=number(int, 2), default=256, help="tokens per window; the KV cache restarts "
+                   "at each (default 256)")
+    e.add_argument("--max-tokens", type=number(int, 2), help="evaluate only the first N tokens of the text")
     e.add_argument("--json", action="store_true", help="print JSON: {ppl, accuracy, agreement, fallback_rate, "
                    "bytes_per_token} (a list with --sweep-tau)")
     e.add_argument("--out", help="also write every row as JSON to this file")
@@ -471,8 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "optionally with fewer layers, plus a spec pointing at them.")
     y.add_argument("spec", help="the model spec (YAML)")
     y.add_argument("-o", "--out", required=True, help="checkpoint folder to write")
-    y.add_argument("--layers", type=int, help="keep only this many layers (default: all)")
-    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--layers", type=number(int, 1), help="keep only this many layers (default: all)")
+    y.add_argument("--seed", type=number(int, 0), default=0)
     y.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of the written spec (default: the spec's; CPUs without native bf16 "
                    "run bfloat16 matmuls ~15x slower than float32)")
@@ -487,8 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("ckpt", help="the native checkpoint folder")
     q.add_argument("-o", "--out", required=True, help="the folder to write")
     q.add_argument("--format", required=True, choices=["int8", "int4"], help="the expert format")
-    q.add_argument("--group-size", type=int, metavar="G", help="input rows per scale (default: 64 for int4; 0, "
-                   "one scale per output column, for int8)")
+    q.add_argument("--group-size", type=number(int, 0), metavar="G", help="input rows per scale (default: 64 for "
+                   "int4; 0, one scale per output column, for int8)")
     q.add_argument("--spec", help="take tensor names and shapes from this spec instead of CKPT/config.json")
     q.set_defaults(fn=cmd_quantize)
 
@@ -507,11 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
     try:
+        if args.threads is not None:
+            import torch  # inside the try: Ctrl-C while torch imports ends as cleanly as later
+
+            torch.set_num_threads(args.threads)
         return args.fn(args)
     except MobileError as e:
         if args.debug:

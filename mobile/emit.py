@@ -11,6 +11,7 @@ never leaves a half-written graph.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -46,7 +47,8 @@ def summarize(g: Graph) -> dict[str, float]:
     busy = {stream: _union(s) for stream, s in spans.items()}
     last_end = max((e for s in busy.values() for _, e in s), default=0.0)
     compute_busy = sum(e - s for s, e in busy["compute"])
-    stall = (max((e for _, e in busy["compute"]), default=0.0)) - compute_busy  # gaps inside compute's span
+    # gaps inside compute's span, from its first start (not 0: a step may open with a copy) to its last end
+    stall = busy["compute"][-1][1] - busy["compute"][0][0] - compute_busy if busy["compute"] else 0.0
     overlap = sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in busy["compute"] for s2, e2 in busy["copy"])
     return {"step_us": last_end, "compute_us": compute_busy, "copy_us": sum(e - s for s, e in busy["copy"]),
             "stall_us": max(0.0, stall), "overlap_us": overlap}
@@ -146,6 +148,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _mode(0o666))  # mkstemp's 0600 would make a trace or a table private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -171,28 +174,46 @@ def write_graph_dir(g: Graph, out_dir: str | Path) -> Path:
     return out
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder `tmp` to `out`, replacing what was there: the old folder steps
-    aside first, so `out` is never a mix of the two."""
+def replace_dir(tmp: Path, out: Path, attempts: int = 20) -> None:
+    """Move the finished folder `tmp` to `out`, replacing what was there, so that `out` is always
+    one whole folder, never a mix. Safe when several writers race for the same `out` (two
+    `mobile compile -o X` at once): a rename onto a taken name moves the occupant aside and tries
+    again, and the last writer's folder is what stays."""
+    os.chmod(tmp, _mode(0o777))  # mkdtemp made it private; the result is an ordinary folder
+    for attempt in range(attempts):
+        try:
+            os.replace(tmp, out)  # atomic; fails while another folder holds the name
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise
+        aside = out.with_name(f".{out.name}.old-{os.getpid()}-{attempt}-{os.urandom(3).hex()}")
+        try:
+            os.replace(out, aside)
+        except FileNotFoundError:
+            continue  # another writer moved it first: the name may be free now
+        shutil.rmtree(aside, ignore_errors=True)
+    raise GraphError(f"{attempts} tries to put the folder in place lost to other writers of it", where=out)
+
+
+def _mode(full: int) -> int:
+    """`full` (0o777 for folders, 0o666 for files) less this process's umask, as open() would give."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the result is an ordinary folder
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return full & ~umask
 
 
 def load_graph(graph_dir: str | Path) -> Graph:
     path = Path(graph_dir)
     path = path / "graph.json" if path.is_dir() or not path.suffix else path
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GraphError("no compiled graph here (run `mobile compile SPEC.yaml` first)", where=path) from None
+    except UnicodeDecodeError as e:
+        raise GraphError(f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start}", where=path) from None
+    except OSError as e:
+        raise GraphError(f"cannot read: {e.strerror}", where=path) from None
     except json.JSONDecodeError as e:
         raise GraphError(f"malformed JSON: line {e.lineno}, column {e.colno}: {e.msg}", where=path) from None
     if not isinstance(data, dict) or data.get("format") != GRAPH_FORMAT:

@@ -233,19 +233,27 @@ class Engine:
                           all_visible=T == 1 and kv_len == start + 1 and not self.executor.compile)
         return self.executor.forward(ctx, ids.to(self.device), mode=mode)
 
-    def _check_ids(self, input_ids) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids, dtype=torch.long)
+    def check_ids(self, input_ids, key: str | None = None) -> torch.Tensor:
+        """A prompt as a LongTensor [T], or a MobileError (naming `key`, the flag it came from):
+        non-empty, 1-D, every id in the vocabulary, and no longer than the model's context."""
+        try:
+            ids = torch.as_tensor(input_ids, dtype=torch.long)
+        except (OverflowError, RuntimeError, TypeError, ValueError) as e:
+            raise MobileError(f"expected token ids, got {input_ids!r:.80}: {e}", key=key) from None
         if ids.dim() != 1 or ids.numel() == 0:
-            raise MobileError(f"expected a non-empty 1-D sequence of token ids, got shape {list(ids.shape)}")
-        vocab = self.spec.model.vocab_size
+            raise MobileError(f"expected a non-empty 1-D sequence of token ids, got shape {list(ids.shape)}", key=key)
+        vocab, context = self.spec.model.vocab_size, self.spec.model.max_position_embeddings
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise MobileError(f"token ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
+            raise MobileError(f"token ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}", key=key)
+        if ids.numel() > context:
+            raise MobileError(f"the prompt has {ids.numel()} tokens, more than the model's context of {context} "
+                              "(model.max_position_embeddings)", key=key)
         return ids
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
         """Prefill forward of one sequence: LongTensor [T] -> FloatTensor [T, vocab]."""
-        ids = self._check_ids(input_ids)
+        ids = self.check_ids(input_ids)
         t0 = time.perf_counter()
         out = self._forward(ids, 0)
         self.stats_.prefill_tokens += ids.numel()
@@ -260,7 +268,7 @@ class Engine:
         (a stop token that ends generation is included). forced: teacher-forced decoding, for
         benchmarks: step i feeds forced[i] instead of a sampled token, so every policy runs the
         same tokens."""
-        ids = self._check_ids(input_ids)
+        ids = self.check_ids(input_ids)
         if max_new_tokens < 0:
             raise MobileError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if forced is not None and len(forced) < max_new_tokens:
@@ -279,18 +287,27 @@ class Engine:
         new: list[int] = []
         self.experts.settle()  # the prompt's statistics are complete before decoding is counted
         before = self._decode_counters()
+        context = self.spec.model.max_position_embeddings
+        stopped = "max_new_tokens"
         t0 = time.perf_counter()
         while max_new_tokens:
             new.append(token)
             if on_token is not None:
                 on_token(token)
-            if token in stops or len(new) >= max_new_tokens:
+            if token in stops:
+                stopped = "stop_token"
+                break
+            if len(new) >= max_new_tokens:
+                break
+            if self.length >= context:  # the next token would need position `context`: keep what was made
+                stopped = "context"
                 break
             token = choose(self._forward(torch.tensor([token]), self.length), len(new))
             self.stats_.decode_tokens += 1
         self.stats_.decode_s += time.perf_counter() - t0
         self.experts.settle()  # bookkeeping that decoding left for later (outside the timed loop)
         extra = self.stats_.extra
+        extra["stopped"] = stopped  # stop_token, max_new_tokens or context
         for key, value in self._decode_counters().items():
             extra[key] = extra.get(key, 0) + value - before.get(key, 0)
         extra["decode_s"] = self.stats_.decode_s
@@ -363,7 +380,12 @@ def resolve_checkpoint(graph: Graph, graph_dir: Path) -> Path:
         raise CheckpointError("the graph names no checkpoint; pass --weights DIR",
                               where=graph_dir / "graph.json", key="spec.checkpoint.path")
     p = Path(os.path.expanduser(path))
-    return p if p.is_absolute() else (graph_dir / p)
+    p = p if p.is_absolute() else (graph_dir / p)
+    if not p.is_dir():
+        # relative paths resolve against the graph folder: a graph moved without its checkpoint lands here
+        raise CheckpointError(f"the graph's checkpoint folder {p} does not exist (was the graph or the checkpoint "
+                              "moved?); pass --weights DIR", where=graph_dir / "graph.json", key="spec.checkpoint.path")
+    return p
 
 
 def read_eos_ids(ckpt_dir: Path) -> list[int]:

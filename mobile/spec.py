@@ -265,19 +265,43 @@ class Spec:
 def load_spec(path: str | Path) -> Spec:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError("no such file", where=path) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start}", where=path) from None
     except OSError as e:
         raise SpecError(f"cannot read: {e.strerror}", where=path) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKey as e:
+        raise SpecError(str(e), where=path, key=e.key) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError(f"malformed YAML: {at}{problem}", where=path) from None
     return spec_from_dict(data, source=str(path))
+
+
+class DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, second: int):
+        self.key = key
+        super().__init__(f"duplicate key: first on line {first}, again on line {second} (YAML would keep the last)")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error, not the last one winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKey(str(key), seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def spec_from_dict(data: Any, source: str | None = None) -> Spec:
@@ -443,6 +467,7 @@ def check_consistency(spec: Spec) -> None:
         value = getattr(p, key)
         need(value is None or 0.0 <= value <= 1.0, f"policy.{key}", f"expected a number in [0, 1], got {value}")
     need(p.kv_refresh >= 0, "policy.kv_refresh", f"expected an integer >= 0, got {p.kv_refresh}")
+    need(p.tau >= 0, "policy.tau", f"expected a number >= 0, got {p.tau}")
     c = spec.runtime.expert_cache
     if c.budget is not None:
         try:

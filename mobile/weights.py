@@ -1,19 +1,21 @@
 """The weight store: memory-mapped safetensors, single-file or sharded, checked against the spec.
 
-We parse the safetensors header ourselves (8-byte length, JSON, raw data) and map the file, so a
-tensor is a zero-copy view until it is converted or moved, and a truncated or corrupt file is
-caught up front with an error that names the file and the tensor.
+The safetensors library reads the files (`safe_open`: a validated header and a lazy, private memory
+map), so a tensor is a zero-copy view until it is converted or moved and opening a checkpoint reads
+no weights. What the library rejects, we explain: a truncated or corrupt file is caught up front
+with an error that names the file and, where one is to blame, the tensor.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from mobile.errors import CheckpointError
 from mobile.families import tensor_names
@@ -60,54 +62,71 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    end: int
 
 
 class SafetensorsFile:
+    """One file through `safe_open`: the header is read and checked now, tensor data only on `view`."""
+
     def __init__(self, path: Path):
         self.path = path
         try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise CheckpointError(f"truncated safetensors file: {size} bytes, no header", where=path)
-                (n,) = struct.unpack("<Q", head)
-                if n > size - 8:
-                    raise CheckpointError(f"truncated or corrupt safetensors file: header of {n} bytes, file "
-                                          f"has {size}", where=path)
-                header = json.loads(f.read(n))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"cannot read safetensors header: {e}", where=path) from None
-        base = 8 + n
+            self._file = safe_open(path, framework="pt")
+        except SafetensorError as e:
+            raise _explain(path, e) from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read safetensors file: {e}", where=path) from None
         self.tensors: dict[str, TensorInfo] = {}
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-                begin, end = meta["data_offsets"]
-                shape = tuple(int(d) for d in meta["shape"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"corrupt header entry {meta!r}", where=path, key=name) from None
-            if base + end > size:
-                raise CheckpointError(f"truncated safetensors file: tensor data ends at byte {base + end}, "
-                                      f"the file has {size}", where=path, key=name)
-            self.tensors[name] = TensorInfo(path, dtype, shape, base + begin, base + end)
-        self._map: mmap.mmap | None = None
+        for name in self._file.keys():
+            part = self._file.get_slice(name)
+            dtype = SAFETENSORS_DTYPES.get(part.get_dtype())
+            if dtype is None:
+                raise CheckpointError(f"dtype {part.get_dtype()} is not supported (expected one of "
+                                      f"{', '.join(SAFETENSORS_DTYPES)})", where=path, key=name)
+            self.tensors[name] = TensorInfo(path, dtype, tuple(part.get_shape()))
 
-    def view(self, info: TensorInfo) -> torch.Tensor:
-        if info.end == info.start:
-            return torch.empty(info.shape, dtype=info.dtype)
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                # ACCESS_COPY: pages stay shared with the page cache until written (never, here),
-                # and the buffer is writable so torch.frombuffer doesn't warn.
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        count = (info.end - info.start) // info.dtype.itemsize
-        flat = torch.frombuffer(self._map, dtype=info.dtype, count=count, offset=info.start)
-        return flat.view(info.shape)
+    def view(self, name: str) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read tensor {name!r}: {e}", where=self.path, key=name) from None
+
+
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the header's size
+
+
+def _explain(path: Path, error: Exception) -> CheckpointError:
+    """The library's verdict on a bad file, restated with the sizes and the tensor that are to blame.
+    Reads only the 8-byte header length and the JSON header, and only once the library has refused."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return CheckpointError(f"truncated safetensors file: {size} bytes, no header", where=path)
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return CheckpointError(f"truncated or corrupt safetensors file: header of {n} bytes, file "
+                                       f"has {size}", where=path)
+            header = json.loads(f.read(n)) if n <= _MAX_HEADER else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return CheckpointError(f"cannot read safetensors header: {e}", where=path)
+    for name, meta in (header.items() if isinstance(header, dict) else ()):
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(o) for o in meta["data_offsets"])
+            count = math.prod(int(d) for d in meta["shape"])
+            dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+        except (KeyError, TypeError, ValueError):
+            return CheckpointError(f"corrupt header entry {meta!r}", where=path, key=name)
+        if 8 + n + end > size:
+            return CheckpointError(f"truncated safetensors file: tensor data ends at byte {8 + n + end}, "
+                                   f"the file has {size}", where=path, key=name)
+        if dtype is not None and end - begin != count * dtype.itemsize:
+            return CheckpointError(f"corrupt header entry {meta!r}: {count} {meta['dtype']} values need "
+                                   f"{count * dtype.itemsize} bytes, the offsets give {end - begin}", where=path,
+                                   key=name)
+    return CheckpointError(f"corrupt safetensors file: {error}", where=path)
 
 
 class WeightStore:
@@ -150,8 +169,7 @@ class WeightStore:
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         if name not in self.index:
             raise CheckpointError(f"tensor {name!r} not found", where=self.dir, key=name)
-        f, info = self.index[name]
-        t = f.view(info)
+        t = self.index[name][0].view(name)
         return t.to(device=device, dtype=dtype or t.dtype)
 
 
@@ -243,4 +261,9 @@ def check_checkpoint(spec: Spec, store: WeightStore) -> dict[tuple[str, int | No
         if info.shape != t.shape:
             raise CheckpointError(f"tensor {t.name!r} has shape {list(info.shape)}, the spec implies "
                                   f"{list(t.shape)}", where=info.file, key=t.name)
+        if not info.dtype.is_floating_point:
+            # converting integers to the compute dtype would run, and compute nonsense; a quantized
+            # format's integer tensors have names and checks of their own (mobile.quantize)
+            raise CheckpointError(f"tensor {t.name!r} is {info.dtype} where a float weight ({t.key}) is expected; "
+                                  "quantized experts come from `mobile quantize`", where=info.file, key=t.name)
     return {(t.key, t.layer, t.expert): t for t in needs}

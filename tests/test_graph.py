@@ -19,7 +19,7 @@ SPECS = ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite
 
 
 def offloaded(name: str, policy: str = "lru"):
-    """A published spec under an offloading policy (they all ship as `resident`, which has no fetches)."""
+    """A published spec under a given offloading policy (lru by default), whatever policy it ships with."""
     return with_policy(load_spec(f"specs/{name}.yaml"), name=policy)
 
 
@@ -187,3 +187,36 @@ def test_summary_counts_only_time_both_streams_are_busy():
     overlapped = Graph("g", (node("a", "compute", 0, 10), node("f", "copy", 5, 25), node("b", "compute", 25, 35)))
     s = summarize(overlapped)
     assert (s["overlap_us"], s["stall_us"]) == (5, 15)
+
+
+def test_summary_stall_is_measured_from_computes_first_start():
+    """A step may open with a copy: compute waiting for work before it first starts is not a stall
+    inside its span, and a copy across two compute runs overlaps each only where both are busy."""
+    def node(name, stream, start, end):
+        return Node.make(name, Op.FETCH if stream == "copy" else Op.ADD, [], stream=stream, start_us=start,
+                         end_us=end)
+
+    copy_first = Graph("g", (node("f0", "copy", 0, 10), node("a", "compute", 10, 20), node("f1", "copy", 20, 30),
+                             node("b", "compute", 30, 40)))
+    s = summarize(copy_first)
+    assert (s["step_us"], s["compute_us"], s["copy_us"], s["overlap_us"], s["stall_us"]) == (40, 20, 20, 0, 10)
+    straddle = Graph("g", (node("a", "compute", 0, 10), node("f0", "copy", 5, 25), node("f1", "copy", 8, 12),
+                           node("b", "compute", 20, 30)))
+    s = summarize(straddle)
+    assert (s["step_us"], s["copy_us"], s["overlap_us"], s["stall_us"]) == (30, 20, 10, 10)
+    assert summarize(Graph("g", (node("f", "copy", 0, 5),)))["stall_us"] == 0
+
+
+def test_planned_decode_step_leaves_out_the_prompt_only_big_pass(tmp_path):
+    """At tau 0 the gate is folded away and the big pass runs for prompts only: the plan of a decode
+    step gives its nodes no times, so neither the step, the trace nor the summary counts them."""
+    out, g = compile_to_dir("specs/demo.yaml", tmp_path / "demo")
+    assert not g.by_op(Op.IMPORTANCE_GATE)
+    big = [n for n in g.nodes if n.attr("prompt_only")]
+    assert big and all(n.name.startswith("B.") and n.attr("start_us") is None for n in big)
+    timed = [n for n in g.nodes if n.attr("start_us") is not None]
+    assert summarize(g)["step_us"] == max(n.attr("end_us") for n in timed)
+    trace = json.loads((out / "schedule.trace.json").read_text())
+    assert {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"} == {n.name for n in timed}
+    rows = {ln.split()[4]: ln for ln in (out / "schedule.txt").read_text().splitlines() if not ln.startswith("#")}
+    assert all(rows[n.name].endswith("prompt only") or "prompt only;" in rows[n.name] for n in big)

@@ -19,7 +19,9 @@ PUBLISHED = ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-
 def test_published_spec_is_reproduced(tmp_path, name):
     out = tmp_path / f"{name}.yaml"
     assert run_cli("import-hf", f"specs/hf/{name}", "--no-checkpoint", "--name", name, "-o", out) == 0
-    strip = lambda text: [ln for ln in text.splitlines() if not ln.startswith("#")]  # noqa: E731
+    # the model, dtype and checkpoint sections; the shipped specs then choose their own policy and
+    # cache, so that they fit a 16 GB card (tests/test_spec.py)
+    strip = lambda text: [ln for ln in text.split("\npolicy:")[0].splitlines() if not ln.startswith("#")]  # noqa: E731
     assert strip(out.read_text()) == strip(open(f"specs/{name}.yaml").read())
 
 

@@ -87,3 +87,13 @@ def test_parse_bytes():
     assert parse_bytes("1.5 KiB") == 1536
     with pytest.raises(ValueError):
         parse_bytes("6 gigs")
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite",
+                                  "olmoe-1b-7b"])
+def test_published_specs_fit_a_16gb_card_as_shipped(tmp_path, capsys, name):
+    """Models larger than a consumer card ship with an offloading policy and a budget that fits 16 GB."""
+    from conftest import run_cli
+
+    assert run_cli("compile", f"specs/{name}.yaml", "-o", tmp_path / "g", "--device-memory", "16GiB", "--strict") == 0
+    assert "warning" not in capsys.readouterr().err

@@ -1,0 +1,157 @@
+"""The bad-input corpus: one row per CLI invocation a user can get wrong, the exit code it must end
+with, and a substring its one error line must contain. No traceback, ever. A new case is one row.
+
+Paths in a row are templates: {graph} is a tiny compiled graph, {ckpt} its checkpoint, {tmp} a
+scratch folder, {bad_utf8}, {dup_keys} and {text} files the fixture writes, {moved} a copy of the
+graph in another folder, {bad_graph} a graph.json that is not UTF-8, {int_ckpt} a checkpoint with an
+integer tensor where a weight should be.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import load_file, save_file
+
+RUN = ["run", "--graph", "{graph}", "--prompt-ids", "5,6"]
+EVAL = ["eval", "--graph", "{graph}", "--data", "{text}"]
+BENCH = ["bench", "--graph", "{graph}", "--policies", "lru"]
+
+CORPUS = [
+    # (arguments, exit code, what the one line says)
+    (["compile", "{bad_utf8}"], 2, "not UTF-8 text: byte 0xff"),
+    (["compile", "{dup_keys}"], 2, "name: duplicate key: first on line 1, again on line 2"),
+    (["compile", "{tmp}/missing.yaml"], 2, "missing.yaml: no such file"),
+    (["run", "--graph", "{tmp}/nowhere", "--prompt-ids", "1"], 2, "nowhere"),
+    ([*RUN[:3], "--prompt-ids", "-3"], 2, "--prompt-ids: token ids must lie in [0, 97), got -3..-3"),
+    ([*RUN[:3], "--prompt-ids", "1,x"], 2, "--prompt-ids: expected comma-separated integers"),
+    ([*RUN, "--temperature", "nan"], 2, "argument --temperature: expected a number > 0, got 'nan'"),
+    ([*RUN, "--temperature", "-1"], 2, "argument --temperature: expected a number > 0, got '-1'"),
+    ([*RUN, "--top-p", "1.5"], 2, "argument --top-p: expected a number > 0 and <= 1, got '1.5'"),
+    ([*RUN, "--greedy", "--temperature", "0.5"], 2, "--greedy: --greedy decodes without sampling"),
+    ([*RUN, "--max-new-tokens", "-1"], 2, "argument --max-new-tokens: expected an integer >= 0"),
+    ([*RUN, "--link-ratio", "0"], 2, "argument --link-ratio: expected a number > 0, got '0'"),
+    ([*RUN, "--link-gbps", "0"], 2, "argument --link-gbps: expected a number >= 0.001, got '0'"),
+    ([*RUN, "--link-gbps", "-1"], 2, "argument --link-gbps: expected a number >= 0.001"),
+    ([*RUN, "--link-gbps", "nan"], 2, "argument --link-gbps: expected a number >= 0.001, got 'nan'"),
+    ([*RUN, "--link-gbps", "1e-9"], 2, "argument --link-gbps: expected a number >= 0.001, got '1e-9'"),
+    ([*RUN, "--device", "tpu"], 2, "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    ([*RUN, "--trace", "{tmp}"], 2, "--trace: {tmp} is a folder; expected a file path"),
+    ([*RUN, "--trace", "{tmp}/no/such/dir/t.json"], 2, "--trace: the folder {tmp}/no/such/dir does not exist"),
+    ([*RUN, "--layer-tau", "1.5"], 2, "argument --layer-tau: expected a number >= 0 and <= 1, got '1.5'"),
+    ([*RUN, "--little-k", "0"], 2, "argument --little-k: expected an integer >= 1, got '0'"),
+    ([*RUN, "--expert-format", "int3"], 2, "argument --expert-format: invalid choice: 'int3'"),
+    (["--threads", "0", *RUN], 2, "argument --threads: expected an integer >= 1, got '0'"),
+    ([*EVAL, "--window", "0"], 2, "argument --window: expected an integer >= 2, got '0'"),
+    ([*EVAL, "--window", "1"], 2, "argument --window: expected an integer >= 2, got '1'"),
+    ([*EVAL, "--max-tokens", "-5"], 2, "argument --max-tokens: expected an integer >= 2, got '-5'"),
+    ([*EVAL, "--max-tokens", "0"], 2, "argument --max-tokens: expected an integer >= 2, got '0'"),
+    ([*EVAL, "--tau", "-1"], 2, "argument --tau: expected a number >= 0, got '-1'"),
+    ([*BENCH, "--prompt-len", "-3"], 2, "argument --prompt-len: expected an integer >= 1, got '-3'"),
+    ([*BENCH, "--tokens", "0"], 2, "argument --tokens: expected an integer >= 1, got '0'"),
+    ([*BENCH, "--repeats", "0"], 2, "argument --repeats: expected an integer >= 1, got '0'"),
+    ([*BENCH, "--tau", "0.1,-2"], 2, "--tau: expected comma-separated numbers >= 0"),
+    ([*BENCH, "--baseline", "mobile"], 2, "--baseline: no row is labelled 'mobile' (the rows: lru)"),
+    ([*BENCH[:3], "--policies", "lru,fast"], 2, "--policies: unknown policy 'fast'"),
+    (["compile", "specs/demo.yaml", "-o", "{tmp}/g", "--device-memory", "lots"], 2,
+     "--device-memory: expected a byte count such as '6GiB'"),
+    (["quantize", "{ckpt}", "-o", "{tmp}/q", "--format", "int4", "--group-size", "-1"], 2,
+     "argument --group-size: expected an integer >= 0, got '-1'"),
+    (["run", "--graph", "{moved}", "--prompt-ids", "5"], 2, "does not exist (was the graph or the checkpoint "
+     "moved?); pass --weights DIR"),
+    (["run", "--graph", "{bad_graph}", "--prompt-ids", "5"], 2, "graph.json: not UTF-8 text: byte 0xff"),
+    ([*RUN, "--weights", "{int_ckpt}"], 2, "model.norm.weight: tensor 'model.norm.weight' is torch.int32 where a "
+     "float weight (final_norm) is expected"),
+]
+
+
+@pytest.fixture(scope="module")
+def places(tiny, tmp_path_factory):
+    t = tiny("olmoe")
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "bad_utf8.yaml").write_bytes(b"name: caf\xff\n")
+    (tmp / "dup.yaml").write_text("name: a\nname: b\nmodel: {}\n")
+    (tmp / "text.txt").write_text("In the beginning God created the heaven and the earth.\n")
+    shutil.copytree(t.graph, tmp / "deeper" / "moved")  # its relative checkpoint path now points nowhere
+    (tmp / "bad_graph").mkdir()
+    (tmp / "bad_graph" / "graph.json").write_bytes(b'{"format": "caf\xff"}')
+    int_ckpt = tmp / "int_ckpt"
+    shutil.copytree(t.ckpt, int_ckpt)
+    tensors = load_file(int_ckpt / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+    save_file(tensors, int_ckpt / "model.safetensors")
+    return {"graph": t.graph, "ckpt": t.ckpt, "tmp": tmp, "bad_utf8": tmp / "bad_utf8.yaml",
+            "dup_keys": tmp / "dup.yaml", "text": tmp / "text.txt", "moved": tmp / "deeper" / "moved",
+            "bad_graph": tmp / "bad_graph", "int_ckpt": int_ckpt}
+
+
+@pytest.mark.parametrize("argv,code,message", CORPUS, ids=[" ".join(a[:1] + a[-2:]) for a, _, _ in CORPUS])
+def test_bad_input_gets_one_clean_line(places, capsys, argv, code, message):
+    fill = {k: str(v) for k, v in places.items()}
+    args = [a.format(**fill) for a in argv]
+    try:
+        got = run_cli(*args)
+    except SystemExit as e:  # argparse's own errors end in sys.exit
+        got = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert got == code, (args, err)
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("mobile: error: "), err
+    assert message.format(**fill) in lines[0], (message, lines[0])
+
+
+def test_generation_stops_at_the_context_and_keeps_its_work(places, capsys):
+    """A prompt plus --max-new-tokens past the context: generation stops there, prints what it made
+    (the stats say so) and notes it once on stderr. A prompt that alone exceeds it is refused."""
+    import mobile
+
+    engine = mobile.Engine.load(places["graph"])  # the tiny model's context is 512
+    prompt = [5 + i % 80 for i in range(500)]
+    assert len(engine.generate(prompt, 50, stop_ids=[])) == 13  # positions 500..511, and the last token
+    assert engine.stats["stopped"] == "context"
+    assert len(engine.generate(prompt, 5, stop_ids=[])) == 5 and engine.stats["stopped"] == "max_new_tokens"
+    ids = ",".join(str(5 + i % 80) for i in range(510))
+    assert run_cli("run", "--graph", places["graph"], "--prompt-ids", ids, "--max-new-tokens", "50", "--json") == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert len(out["ids"]) == 3 and out["stats"]["stopped"] == "context"
+    assert captured.err.count("generation stopped at the model's context of 512 tokens (510 prompt + 3 new)") == 1
+    too_long = ",".join(["5"] * 513)
+    assert run_cli("run", "--graph", places["graph"], "--prompt-ids", too_long) == 2
+    assert "the prompt has 513 tokens, more than the model's context of 512" in capsys.readouterr().err
+
+
+def test_racing_compiles_into_one_folder_leave_one_whole_graph(tmp_path):
+    """Writers racing for the same -o: each ends cleanly, and the folder is always a complete graph."""
+    import os
+    import threading
+
+    from mobile.compiler import compile_to_dir
+    from mobile.emit import GRAPH_FILES, load_graph
+
+    out, errors = tmp_path / "g", []
+    start = threading.Barrier(8)
+
+    def compile_once() -> None:
+        start.wait()
+        try:
+            compile_to_dir("specs/demo.yaml", out)
+        except Exception as e:  # the test reports them all
+            errors.append(e)
+
+    threads = [threading.Thread(target=compile_once) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(p.name for p in out.iterdir()) == sorted(GRAPH_FILES) and load_graph(out).name == "demo"
+    assert [p.name for p in tmp_path.iterdir()] == ["g"]  # nothing left aside
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # an ordinary folder, not mkdtemp's 0700
+    assert ((out / "graph.json").stat().st_mode & 0o777) == 0o666 & ~umask
