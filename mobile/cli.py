@@ -176,6 +176,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             printed = text
 
+    if args.compile:
+        print("mobile: compiling the prompt and decode steps with torch.compile (the first run of each takes a "
+              "while; decode tokens/s leaves the compiling step out)", file=sys.stderr)
     if stream and tok is not None:
         sys.stdout.write(tok.decode(ids, skip_special_tokens=True))
     # --temperature / --top-p / --seed imply sampling unless --greedy is given
@@ -194,7 +197,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.trace is not None:
         engine.write_trace(args.trace)
     if args.json:
-        print(json.dumps({"ids": out, "text": text, "stats": stats}))
+        # "text" is what plain mode prints, the prompt and its continuation; "new_text" the continuation
+        prompt_text = tok.decode(ids, skip_special_tokens=True) if tok is not None else None
+        print(json.dumps({"prompt_ids": list(ids), "ids": out, "text": None if text is None else prompt_text + text,
+                          "new_text": text, "stats": stats}))
         return 0
     if stream:
         print()
@@ -455,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate text with a compiled graph",
-                       description="Load a compiled graph and its weights, and generate from a prompt.")
+                       description="Load a compiled graph and its weights, and generate from a prompt.",
+                       epilog="--stats keys are described in the README (\"Commands\"); generation stops at the "
+                       "model's context and keeps what it made (stats: stopped: context).")
     add_engine_options(r)
     src = r.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint folder)")
@@ -472,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_format_options(r)
     r.add_argument("--compile", action="store_true", help="run compute segments through torch.compile")
     r.add_argument("--stats", action="store_true", help="print run statistics to stderr")
-    r.add_argument("--json", action="store_true", help='print one JSON object {"ids", "text", "stats"}')
+    r.add_argument("--json", action="store_true", help='print one JSON object: "prompt_ids", "ids" (the new '
+                   'tokens), "text" (the prompt and what follows it, as plain mode prints it), "new_text", "stats"')
     r.add_argument("--trace", metavar="FILE", help="write the measured timeline (Chrome trace, like "
                    "schedule.trace.json) to FILE")
     add_link_options(r)

@@ -100,6 +100,7 @@ class Engine:
         self.length = 0  # positions [0, length) of the current sequence are in the KV cache
         self.ids = torch.zeros(0, dtype=torch.long)  # their token ids, kept only for the KV refresh
         self.little_from: int | None = None  # see _forward
+        self.decode_compiled = False  # with compile: the first decode step (which compiles) is timed apart
 
     def _set_link_rate(self, link: LinkModel, gbps: float | None, ratio: float | None) -> None:
         """Emulated link bandwidth: --link-gbps, else calibrated from --link-ratio, else the spec."""
@@ -302,7 +303,16 @@ class Engine:
             if self.length >= context:  # the next token would need position `context`: keep what was made
                 stopped = "context"
                 break
+            step, reads = time.perf_counter(), self.reader.reads
             token = choose(self._forward(torch.tensor([token]), self.length), len(new))
+            if self.executor.compile and not self.decode_compiled:
+                # torch.compile traces and compiles the decode step on its first call (tens of seconds):
+                # that step (its time, its token, its host reads) is reported apart, not as decoding
+                self.decode_compiled = True
+                self.stats_.extra["compile_step_s"] = time.perf_counter() - step
+                t0 += time.perf_counter() - step
+                before["decode_host_syncs"] += self.reader.reads - reads
+                continue
             self.stats_.decode_tokens += 1
         self.stats_.decode_s += time.perf_counter() - t0
         self.experts.settle()  # bookkeeping that decoding left for later (outside the timed loop)

@@ -155,3 +155,23 @@ def test_racing_compiles_into_one_folder_leave_one_whole_graph(tmp_path):
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # an ordinary folder, not mkdtemp's 0700
     assert ((out / "graph.json").stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_ctrl_c_while_torch_imports_exits_130_with_one_line(tmp_path):
+    """The command line imports torch only inside the command, where Ctrl-C is caught: interrupted
+    during start-up, it ends as it does later, with one line and 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from mobile.cli import main; sys.exit(main())",
+                             "compile", "specs/demo.yaml", "-o", str(tmp_path / "g")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # past the argument parsing, inside torch's import (a second or more)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the compile finished before the signal arrived (an unusually fast machine)")
+    assert proc.returncode == 130 and err.strip() == "mobile: interrupted", err
+    assert not (tmp_path / "g").exists()

@@ -107,7 +107,9 @@ def test_run_json(tiny, capsys):
     capsys.readouterr()
     assert run_cli("run", "--graph", t.graph, "--prompt", "In the beginning", "--max-new-tokens", "5", "--json") == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"ids", "text", "stats"} and len(out["ids"]) <= 5 and isinstance(out["text"], str)
+    assert set(out) == {"prompt_ids", "ids", "text", "new_text", "stats"} and len(out["ids"]) <= 5
+    # text is what plain mode prints: the prompt, then what the model made of it
+    assert out["text"].startswith("In the beginning") and out["text"].endswith(out["new_text"])
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "bytes_h2d", "expert_hits", "expert_misses",
                 "stall_s", "little_tokens", "fallback_tokens", "link", "host_syncs_per_token"):
         assert key in out["stats"]
