@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -54,13 +55,10 @@ def number(kind: type, lo: float | None = None, hi: float | None = None, lo_open
             raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
         return value
 
-    parse.__name__ = name  # argparse names the type in some messages
     return parse
 
 
 def device_name(text: str) -> str:
-    import re
-
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     return text
@@ -76,9 +74,9 @@ def parse_floats(text: str, flag: str) -> list[float]:
 def cmd_compile(args: argparse.Namespace) -> int:
     from mobile.compiler import compile_to_dir, memory_lines, memory_problems
     from mobile.passes import spec_of
+    from mobile.spec import format_changes
 
-    runtime = {k: v for k, v in (("expert_format", args.expert_format), ("expert_group_size", args.expert_group_size))
-               if v is not None}
+    runtime = format_changes(args.expert_format, args.expert_group_size)
     device_memory, host_ram = byte_flag(args.device_memory, "--device-memory"), byte_flag(args.host_ram, "--host-ram")
 
     def check(spec) -> None:  # before anything is written

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobile.budget import cache_plan
+from mobile.budget import CachePlan, cache_plan
 from mobile.costs import DTYPE_BYTES, attention_params, expert_bytes
 from mobile.emit import human_bytes, write_graph_dir
 from mobile.ir import Graph
@@ -61,7 +61,11 @@ class MemoryPlan:
     non_expert: int  # on the device always (embeddings, attention, routers, dense MLPs, shared experts)
     per_expert: int  # one routed expert, packed when the format is int8 / int4
     all_experts: int
-    cache: int | None  # the device expert cache; None: every expert resident on the device
+    plan: CachePlan | None  # the device expert cache; None: every expert resident on the device
+
+    @property
+    def cache(self) -> int | None:
+        return None if self.plan is None else self.plan.total_bytes
 
     @property
     def device(self) -> int:
@@ -84,14 +88,13 @@ def memory_plan(spec: Spec) -> MemoryPlan:
                   + len(dense_layers) * 3 * h * m.intermediate_size + len(moe_layers) * (shared + h * 2)) * dt
     non_expert += len(moe_layers) * m.moe.num_experts * h * 4  # float32 routers
     per_expert = expert_bytes(spec)
-    plan = cache_plan(spec)
-    return MemoryPlan(non_expert, per_expert, per_expert * m.moe.num_experts * len(moe_layers),
-                      None if plan is None else plan.total_bytes)
+    return MemoryPlan(non_expert, per_expert, per_expert * m.moe.num_experts * len(moe_layers), cache_plan(spec))
 
 
 def memory_lines(spec: Spec) -> list[str]:
     """The memory plan as `mobile compile` prints it."""
-    m, mp, plan = spec.model, memory_plan(spec), cache_plan(spec)
+    m, mp = spec.model, memory_plan(spec)
+    plan = mp.plan
     fmt = spec.runtime.expert_format
     fmt_text = spec.dtype if fmt == "native" else f"{fmt}, group size {spec.expert_group or 'per output column'}"
     where = "all experts resident on the device" if plan is None else (

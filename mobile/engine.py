@@ -30,7 +30,7 @@ from mobile.kv import KVCache
 from mobile.ops import rope_inv_freq, rope_tables
 from mobile.passes import compile_spec
 from mobile.sampling import Sampler
-from mobile.spec import Spec, spec_from_dict, with_policy, with_runtime
+from mobile.spec import Spec, format_changes, spec_from_dict, with_policy, with_runtime
 from mobile.stats import Stats
 from mobile.transfer import LinkModel
 from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
@@ -128,8 +128,7 @@ class Engine:
         all_resident (keep every expert on the device whatever the policy: for quality evals),
         track_use (count the experts each forward uses, also with every expert resident: for evals)."""
         graph_dir = Path(graph_dir)
-        runtime = {k: v for k, v in (("expert_format", expert_format), ("expert_group_size", expert_group_size))
-                   if v is not None}
+        runtime = format_changes(expert_format, expert_group_size)
         graph, spec = resolve_policy(graph_dir, policy, policy_options, runtime)
         ckpt = Path(weights) if weights is not None else resolve_checkpoint(graph, graph_dir)
         if device.startswith("cuda") and not torch.cuda.is_available():

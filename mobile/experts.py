@@ -32,14 +32,13 @@ import torch
 from mobile import quant
 from mobile.budget import CachePlan
 from mobile.costs import expert_bytes
-from mobile.families import tensor_names
 from mobile.moe import arena_views, decode_status
 from mobile.quantize import load_packed_expert
 from mobile.slots import Eviction, SlotTable
 from mobile.spec import Spec
 from mobile.stats import Stats
 from mobile.transfer import DEMAND, PREFETCH, CopyEngine, CopyJob, LinkModel
-from mobile.weights import WeightStore
+from mobile.weights import WeightStore, expert_tensor_names
 
 SHADOW_BATCH = 64  # forwards the big-only estimate buffers before it replays them
 
@@ -51,9 +50,7 @@ def load_expert_rows(spec: Spec, store: WeightStore, layer: int, dtype: torch.dt
     read packed from a quantized checkpoint or quantized now from a native one."""
     moe, h = spec.model.moe, spec.model.hidden_size
     i = moe.intermediate_size
-    names = tensor_names(spec.model.family, spec.checkpoint.tensor_names)
-    experts = [{p: names[p].format(layer=layer, expert=e) for p in ("expert_gate", "expert_up", "expert_down")}
-               for e in range(moe.num_experts)]
+    experts = expert_tensor_names(spec, layer)
     if spec.runtime.expert_format != "native":
         layout = expert_layout(spec)
         rows = torch.empty(moe.num_experts, layout.row_bytes, dtype=torch.uint8, pin_memory=pin)

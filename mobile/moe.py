@@ -309,7 +309,7 @@ def dequantizing(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, ar
         # [K, row_bytes]: dropped pairs read slot 0, unused (index_select: ~20x faster than
         # advanced indexing on byte rows on the CPU)
         rows = arena.index_select(0, slots.clamp(min=0).flatten())
-        pair_slots = torch.where(slots >= 0, torch.arange(K, device=slots.device)[None, :], -1)
+        pair_slots = torch.where(slots >= 0, _arange(0, K, slots.device)[None, :], -1)
         return native(x, weights, pair_slots, dense(rows))
     out = torch.zeros_like(x)
     for start in range(0, arena.shape[0], DEQUANT_SLOTS):

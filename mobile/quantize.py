@@ -25,14 +25,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mobile import quant
+from mobile import formats, quant
 from mobile.emit import replace_dir
 from mobile.errors import CheckpointError, MobileError
-from mobile.families import spec_from_hf_config, tensor_names
+from mobile.families import spec_from_hf_config
 from mobile.spec import Spec, spec_from_dict
-from mobile.weights import QUANT_METHOD, SAFETENSORS_DTYPES, WeightStore, checkpoint_format
-
-PROJECTIONS = ("expert_gate", "expert_up", "expert_down")
+from mobile.weights import QUANT_METHOD, SAFETENSORS_DTYPES, WeightStore, expert_tensor_names
 
 
 def packed_names(name: str) -> dict[str, str]:
@@ -96,7 +94,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
     store = WeightStore(src)
     if out.resolve() == src.resolve():
         raise MobileError("the output folder is the checkpoint itself; write the quantized copy elsewhere", key="-o")
-    if checkpoint_format(src) is not None:
+    if store.expert_format is not None:
         raise MobileError("this checkpoint is quantized already; quantize its native original", where=src)
     if spec_path is not None:
         spec = load_spec(spec_path)
@@ -105,16 +103,14 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
     m = spec.model
     if not m.moe.num_experts:
         raise MobileError("the model has no routed experts to quantize", where=src)
-    group = quant.default_group(fmt, group)
-    problem = quant.group_error(fmt, group, {"hidden_size": m.hidden_size, "moe intermediate_size":
+    group = formats.default_group(fmt, group)
+    problem = formats.group_error(fmt, group, {"hidden_size": m.hidden_size, "moe intermediate_size":
                                              m.moe.intermediate_size})
     if problem:
         raise MobileError(problem, key="--group-size")
     layout = quant.Layout(fmt, group, m.hidden_size, m.moe.intermediate_size)
-    names = tensor_names(m.family, spec.checkpoint.tensor_names)
-    experts = {layer: {e: {p: names[p].format(layer=layer, expert=e) for p in PROJECTIONS}
-                       for e in range(m.moe.num_experts)} for layer in spec.moe_layers}
-    expert_names = {n for per_layer in experts.values() for per_e in per_layer.values() for n in per_e.values()}
+    experts = {layer: expert_tensor_names(spec, layer) for layer in spec.moe_layers}
+    expert_names = {n for per_layer in experts.values() for per_e in per_layer for n in per_e.values()}
     for name in sorted(expert_names):
         if name not in store:
             raise CheckpointError(f"tensor {name!r} not found (a routed expert the config implies)", where=src,
@@ -126,7 +122,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
         info = store.info(name)
         entries.append((name, info.dtype, info.shape))
     for layer_experts in experts.values():
-        for per_e in layer_experts.values():
+        for per_e in layer_experts:
             for proj, name in per_e.items():
                 shapes = quant.part_shapes(layout.fmt, layout.group, *_input_major(spec, proj))
                 entries += [(packed_names(name)[part], dtype, shape) for part, (dtype, shape) in shapes.items()]
@@ -137,7 +133,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
         with tqdm(total=len(experts), desc=f"quantizing experts to {fmt}", unit="layer",
                   disable=None if progress else True) as bar:
             for layer_experts in experts.values():
-                for per_e in layer_experts.values():
+                for per_e in layer_experts:
                     for name in per_e.values():
                         p = quant.quantize(store.get(name).T, fmt, group)
                         yield from (t for t in (p.q, p.scale, p.zero) if t is not None)
@@ -153,7 +149,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
                 shutil.copy2(f, tmp / f.name)
         cfg = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else {}
         cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format": fmt, "group_size": group,
-                                      "layout_version": quant.LAYOUT_VERSION, "modules": "routed experts"}
+                                      "layout_version": formats.LAYOUT_VERSION, "modules": "routed experts"}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         replace_dir(tmp, out)
     except BaseException:

@@ -316,8 +316,7 @@ def spec_from_dict(data: Any, source: str | None = None) -> Spec:
 
 def with_policy(spec: Spec, **changes: Any) -> Spec:
     """The spec with policy fields replaced (e.g. from --policy), validated again."""
-    changed = dataclasses.replace(spec, policy=dataclasses.replace(spec.policy, **changes))
-    return spec_from_dict(changed.to_dict(), source=spec.source)
+    return _with(spec, "policy", changes)
 
 
 def with_runtime(spec: Spec, **changes: Any) -> Spec:
@@ -325,8 +324,18 @@ def with_runtime(spec: Spec, **changes: Any) -> Spec:
     format takes no group size, so switching to it drops the spec's."""
     if changes.get("expert_format") == "native":
         changes.setdefault("expert_group_size", None)
-    changed = dataclasses.replace(spec, runtime=dataclasses.replace(spec.runtime, **changes))
+    return _with(spec, "runtime", changes)
+
+
+def _with(spec: Spec, section: str, changes: dict[str, Any]) -> Spec:
+    changed = dataclasses.replace(spec, **{section: dataclasses.replace(getattr(spec, section), **changes)})
     return spec_from_dict(changed.to_dict(), source=spec.source)
+
+
+def format_changes(expert_format: str | None, expert_group_size: int | None) -> dict[str, Any]:
+    """The runtime fields --expert-format / --expert-group-size override, for with_runtime."""
+    return {k: v for k, v in (("expert_format", expert_format), ("expert_group_size", expert_group_size))
+            if v is not None}
 
 
 def dump_spec(spec: Spec) -> str:

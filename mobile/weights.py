@@ -173,6 +173,16 @@ class WeightStore:
         return t.to(device=device, dtype=dtype or t.dtype)
 
 
+EXPERT_PROJECTIONS = ("expert_gate", "expert_up", "expert_down")
+
+
+def expert_tensor_names(spec: Spec, layer: int) -> list[dict[str, str]]:
+    """Each routed expert of `layer`, in order: projection (EXPERT_PROJECTIONS) -> checkpoint name."""
+    names = tensor_names(spec.model.family, spec.checkpoint.tensor_names)
+    return [{p: names[p].format(layer=layer, expert=e) for p in EXPERT_PROJECTIONS}
+            for e in range(spec.model.moe.num_experts)]
+
+
 @dataclass(frozen=True)
 class TensorNeed:
     key: str  # canonical name, e.g. "q_proj"
