@@ -305,7 +305,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     expert_group_size=args.expert_group_size)
     if args.json:
         picked = rows if args.sweep_tau else [rows[-1]]
-        objs = [{k: r[k] for k in (*KEYS, "bytes_vs_big_only") if k in r} | {"label": r["label"]} for r in picked]
+        objs = [{k: r[k] for k in KEYS if k in r} | {"label": r["label"]} for r in picked]
         print(json.dumps(objs if args.sweep_tau else objs[0]))
         return 0
     print(format_rows(rows))

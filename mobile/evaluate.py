@@ -5,8 +5,12 @@ importance gate, its fallbacks and the KV entries they leave are exactly those o
 The reference is big-expert decoding of the same text (every routed expert of the top-K).
 
 Reported per policy: perplexity, next-token accuracy, agreement of the greedy token with the big
-model's, fallback rate, and expert bytes per token (each (layer, expert) a token's passes use,
-counted once per token), also as a ratio to big.
+model's, fallback rate, and two byte counts per token, each against the big row's own:
+- used: the experts a token's passes use (each (layer, expert) once per token), every row;
+- moved: what crossed the (emulated) link, for rows that ran with the graph's expert cache; the
+  big row then also runs through that cache (big experts, the same slots and eviction rule), so
+  both sides of the ratio are measured the same way. Rows whose cache evicts by another rule get
+  a big row of their own.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from mobile.engine import Engine, resolve_checkpoint, resolve_policy
 from mobile.errors import MobileError
 from mobile.weights import checkpoint_format
 
-KEYS = ("ppl", "accuracy", "agreement", "fallback_rate", "bytes_per_token")
+KEYS = ("ppl", "accuracy", "agreement", "fallback_rate", "bytes_per_token", "bytes_ratio", "moved_per_token",
+        "moved_ratio", "eviction")
 
 
 def load_ids(engine: Engine, data: str | Path, max_tokens: int | None) -> torch.Tensor:
@@ -51,7 +56,7 @@ def big_reference(engine: Engine, chunks: list[torch.Tensor]) -> list[torch.Tens
 
 @torch.inference_mode()
 def evaluate_policy(engine: Engine, chunks: list[torch.Tensor], big_greedy: list[torch.Tensor],
-                    big_bytes_per_token: float | None = None, desc: str = "eval") -> dict:
+                    desc: str = "eval") -> dict:
     engine.reset_stats()
     nll, correct, agree, n = 0.0, 0, 0, 0
     total = sum(c.numel() - 1 for c in chunks)
@@ -68,15 +73,12 @@ def evaluate_policy(engine: Engine, chunks: list[torch.Tensor], big_greedy: list
                 bar.update(1)
     s = engine.stats
     out = {"ppl": math.exp(nll / n), "accuracy": correct / n, "agreement": agree / n,
-           "fallback_rate": s["fallback_tokens"] / n, "bytes_per_token": s.get("expert_bytes_used", 0) / n,
-           "tokens": n}
+           "fallback_rate": s["fallback_tokens"] / n, "tokens": n,
+           # counted where every expert is resident; a cache's lookups count what moved instead
+           "bytes_per_token": s["expert_bytes_used"] / n if "expert_bytes_used" in s else None}
     if s["link"] != "none":
-        # an expert cache: what moved, against big-only decoding on the same routes with the same cache
-        # (slots and eviction rule)
-        out["bytes_per_token"] = s["bytes_h2d"] / n
-        out["bytes_vs_big_only"] = s["bytes_h2d"] / max(1, s.get("big_only_bytes_h2d", 0))
-    elif big_bytes_per_token:
-        out["bytes_ratio"] = out["bytes_per_token"] / big_bytes_per_token
+        out["moved_per_token"] = s["bytes_h2d"] / n  # an expert cache: what crossed the link
+        out["eviction"] = s["eviction"]
     return out
 
 
@@ -88,51 +90,117 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
     Policies run with every expert on the device, since offloading does not change what they
     compute, except those whose results depend on the cache's contents (cached_complement, on by
     default for mobile and layer-mass): they run with the graph's expert cache over a fast emulated
-    link, with no speculative copies unless the config names `prefetch`, and their bytes are what
-    moved against big-only decoding with the same cache (also for a config with offloaded: True, to
-    compare with them).
+    link, with no speculative copies unless the config names `prefetch` (also a config with
+    offloaded: True, to compare with them). Big decoding then runs through the same cache too
+    (policy lru, the rows' eviction rule), a row for each eviction rule the cached rows use, so that
+    their moved bytes have a big row measured the same way; the resident big row is there when a
+    config runs resident.
 
     expert_format, expert_group_size: the configs run at this format (a config's own
     expert_format / expert_group_size keys win); the reference is native big decoding whatever the
     graph's format (a quantized checkpoint has no native experts: its own format is then the
     reference, labelled so)."""
     native_ok = checkpoint_format(Path(weights or resolve_checkpoint(load_graph(graph), Path(graph)))) is None
-    big = Engine.load(graph, weights=weights, device=device, policy=policies.REFERENCE, track_use=True,
-                      expert_format="native" if native_ok else None)
-    ids = load_ids(big, data, max_tokens)
+    fmt = "native" if native_ok else None
+    planned = [_plan(graph, label, options, expert_format, expert_group_size) for label, options in configs]
+    # one big row per way the rows run: with every expert resident (None), or through the cache with
+    # one eviction rule, so that each row's bytes have a big row measured the same way
+    modes = list(dict.fromkeys(p["eviction"] if p["offloaded"] else None for p in planned)) or [None]
+
+    def big_engine(eviction: str | None) -> Engine:
+        if eviction is None:  # big decoding with every expert on the device
+            return Engine.load(graph, weights=weights, device=device, policy=policies.REFERENCE, track_use=True,
+                               expert_format=fmt)
+        return Engine.load(graph, weights=weights, device=device, policy="lru", policy_options={"eviction": eviction},
+                           link_gbps=FAST_LINK_GBPS, track_use=True, expert_format=fmt)
+
+    # the greedy reference from a resident engine, so that no cache starts warm from it
+    resident = big_engine(None)
+    ids = load_ids(resident, data, max_tokens)
     chunks = windows(ids, window)
-    greedy = big_reference(big, chunks)
-    base = evaluate_policy(big, chunks, greedy, desc="big")
-    rows = [{"label": "big" if native_ok else f"big ({big.spec.runtime.expert_format} checkpoint)", **base,
-             "bytes_ratio": 1.0}]
-    for label, options in configs:
-        options = dict(options)
-        offloaded, name = bool(options.pop("offloaded", False)), options.pop("name")
-        fmt = {"expert_format": options.pop("expert_format", expert_format),
-               "expert_group_size": options.pop("expert_group_size", expert_group_size)}
-        _, spec = resolve_policy(Path(graph), name, options)
-        offloaded |= policies.eval_mode(name, spec.policy.cached_complement) == "cache"
-        if offloaded:
-            # the fast emulated link would accept every speculative copy, which a real link does
-            # not: without them the cache holds what demand loaded, and the run is deterministic
-            options.setdefault("prefetch", "none")
-        engine = Engine.load(graph, weights=weights, device=device, policy=name, policy_options=options,
-                             all_resident=not offloaded, track_use=True, link_gbps=1e4 if offloaded else None, **fmt)
-        rows.append({"label": label, **evaluate_policy(engine, chunks, greedy, base["bytes_per_token"], desc=label)})
+    greedy = big_reference(resident, chunks)
+    label = "big" if native_ok else f"big ({resident.spec.runtime.expert_format} checkpoint)"
+    bigs = {}
+    for mode in modes:
+        name = label if mode is None or len(modes) == 1 else f"{label}, {mode} cache"
+        engine = resident if mode is None else big_engine(mode)
+        bigs[mode] = {"label": name, **evaluate_policy(engine, chunks, greedy, desc=name)}
+    rows = [compare(b, bigs.get(None), b if mode is not None else None) for mode, b in bigs.items()]
+    for p in planned:
+        engine = Engine.load(graph, weights=weights, device=device, policy=p["name"], policy_options=p["options"],
+                             all_resident=not p["offloaded"], track_use=True,
+                             link_gbps=FAST_LINK_GBPS if p["offloaded"] else None, **p["format"])
+        row = {"label": p["label"], **evaluate_policy(engine, chunks, greedy, desc=p["label"])}
+        rows.append(compare(row, bigs.get(None), bigs[p["eviction"]] if p["offloaded"] else None))
     return rows
 
 
+FAST_LINK_GBPS = 1e4  # an emulated link fast enough that a cached row's eval time is its compute
+
+
+def _plan(graph: str, label: str, options: dict, expert_format: str | None, expert_group_size: int | None) -> dict:
+    """How one config runs: its policy, options, format, whether through the cache, and its eviction."""
+    options = dict(options)
+    offloaded, name = bool(options.pop("offloaded", False)), options.pop("name")
+    fmt = {"expert_format": options.pop("expert_format", expert_format),
+           "expert_group_size": options.pop("expert_group_size", expert_group_size)}
+    _, spec = resolve_policy(Path(graph), name, options)
+    offloaded |= policies.eval_mode(name, spec.policy.cached_complement) == "cache"
+    if offloaded:
+        # the fast emulated link would accept every speculative copy, which a real link does
+        # not: without them the cache holds what demand loaded, and the run is deterministic
+        options.setdefault("prefetch", "none")
+    return {"label": label, "name": name, "options": options, "format": fmt, "offloaded": offloaded,
+            "eviction": spec.policy.effective_eviction}
+
+
+def compare(row: dict, big_resident: dict | None, big_cached: dict | None) -> dict:
+    """The row's byte ratios against a big row measured the same way: used bytes against resident
+    big's (where both were counted), moved bytes against big's through the same cache (big_cached;
+    None: the row moved nothing)."""
+    used = row["bytes_per_token"]
+    if used is not None and big_resident is not None and big_resident["bytes_per_token"]:
+        row["bytes_ratio"] = used / big_resident["bytes_per_token"]
+    if big_cached is not None and big_cached["moved_per_token"]:
+        row["moved_ratio"] = row["moved_per_token"] / big_cached["moved_per_token"]
+    return row
+
+
 def format_rows(rows: list[dict]) -> str:
+    """The table: every ratio is against the first big row (moved bytes: against the big row
+    through the same cache), as the lines under it say."""
+    used = any(r["bytes_per_token"] is not None for r in rows)
+    moved = any("moved_per_token" in r for r in rows)
     width = max(28, *(len(r["label"]) for r in rows))
-    lines = [f"{'policy':<{width}} {'ppl':>8} {'vs big':>7} {'accuracy':>9} {'agreement':>10} {'fallback':>9} "
-             f"{'bytes/tok':>10} {'vs big':>7}"]
+    head = f"{'policy':<{width}} {'ppl':>8} {'vs big':>7} {'accuracy':>9} {'agreement':>10} {'fallback':>9}"
+    lines = [head + (f" {'used/tok':>10} {'vs big':>7}" if used else "") + (f" {'moved/tok':>10} {'vs big':>7}"
+                                                                              if moved else "")]
     big_ppl = rows[0]["ppl"]
     for r in rows:
-        lines.append(f"{r['label']:<{width}} {r['ppl']:>8.3f} {r['ppl'] / big_ppl - 1:>+7.1%} {r['accuracy']:>9.4f} "
-                     f"{r['agreement']:>10.4f} {r['fallback_rate']:>9.3f} {r['bytes_per_token'] / 2**10:>8.0f}Ki "
-                     + (f"{r['bytes_vs_big_only']:>6.2f}x big-only (moved)" if "bytes_vs_big_only" in r
-                        else f"{r.get('bytes_ratio', 1.0):>6.2f}x"))
-    return "\n".join(lines)
+        line = (f"{r['label']:<{width}} {r['ppl']:>8.3f} {r['ppl'] / big_ppl - 1:>+7.1%} {r['accuracy']:>9.4f} "
+                f"{r['agreement']:>10.4f} {r['fallback_rate']:>9.3f}")
+        if used:
+            line += f" {_bytes(r['bytes_per_token'])} {_ratio(r.get('bytes_ratio'))}"
+        if moved:
+            line += f" {_bytes(r.get('moved_per_token'))} {_ratio(r.get('moved_ratio'))}"
+        lines.append(line)
+    notes = [f"vs big: against the {rows[0]['label']} row"]
+    if used:
+        notes.append("used: the routed-expert bytes a token's passes use, counted with every expert on the device")
+    if moved:
+        notes.append("moved: bytes per token over the emulated link with the graph's expert cache, against big "
+                     "decoding through the same cache (slots, eviction)")
+    if used and moved:
+        notes.append("-: not run that way")
+    return "\n".join(lines + notes)
+
+
+def _bytes(n: float | None) -> str:
+    return f"{'-':>10}" if n is None else f"{n / 2**10:>8.0f}Ki"
+
+
+def _ratio(x: float | None) -> str:
+    return f"{'-':>7}" if x is None else f"{x:>6.2f}x"
 
 
 def plot_rows(rows: list[dict], path: str) -> bool:
@@ -144,14 +212,16 @@ def plot_rows(rows: list[dict], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    # one measure on the x axis: moved bytes when the rows ran through the cache, else used bytes
+    key, what = ("moved_ratio", "moved") if all(r.get("moved_ratio") is not None for r in rows) \
+        else ("bytes_ratio", "used")
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for r in rows:
-        ax[0].scatter(r.get("bytes_ratio", 1.0), r["ppl"])
-        ax[0].annotate(r["label"], (r.get("bytes_ratio", 1.0), r["ppl"]), fontsize=7)
-        ax[1].scatter(r.get("bytes_ratio", 1.0), r["agreement"])
-        ax[1].annotate(r["label"], (r.get("bytes_ratio", 1.0), r["agreement"]), fontsize=7)
-    ax[0].set(xlabel="expert bytes per token / big", ylabel="perplexity")
-    ax[1].set(xlabel="expert bytes per token / big", ylabel="greedy agreement with big")
+    for r in (r for r in rows if r.get(key) is not None):
+        for a, y in zip(ax, ("ppl", "agreement"), strict=True):
+            a.scatter(r[key], r[y])
+            a.annotate(r["label"], (r[key], r[y]), fontsize=7)
+    ax[0].set(xlabel=f"expert bytes {what} per token / big", ylabel="perplexity")
+    ax[1].set(xlabel=f"expert bytes {what} per token / big", ylabel="greedy agreement with big")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True

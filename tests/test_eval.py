@@ -75,3 +75,42 @@ def test_bench_teacher_forced_text(tiny, tmp_path, capsys):
     # lru is big-only decoding itself: the estimate of what big-only moves is what it moved
     assert rows[0]["bytes_vs_big_only"] == 1.0 and all(r["runs"] == 2 for r in rows)
     assert all(r["tokens_per_s_min"] <= r["decode_tokens_per_s"] <= r["tokens_per_s_max"] for r in rows)
+
+
+def test_eval_table_has_one_baseline_per_measure(tiny, tmp_path, capsys):
+    """Moved bytes are compared with big decoding through the same cache, measured as a row of its
+    own (one per eviction rule); used bytes with big's used; the table names the row."""
+    from mobile.evaluate import format_rows, run_eval
+
+    t = tiny("olmoe")
+    (tmp_path / "text.txt").write_text(TEXT)
+    graph = t.compile(tmp_path, slots_per_layer=4)  # too few for every expert: each row keeps moving some
+    rows = run_eval(str(graph), str(tmp_path / "text.txt"), [
+        ("mobile", {"name": "mobile"}),  # cache-aware: runs through the cache, LFU by default
+        ("mobile lru", {"name": "mobile", "eviction": "lru"}),
+        ("little", {"name": "little"}),  # with every expert resident: used bytes
+    ], window=64)
+    assert [r["label"] for r in rows] == ["big, lfu cache", "big, lru cache", "big", "mobile", "mobile lru", "little"]
+    lfu, lru, big, mob, mob_lru, little = rows
+    assert lfu["moved_ratio"] == lru["moved_ratio"] == 1.0
+    assert (lfu["eviction"], lru["eviction"], mob["eviction"], mob_lru["eviction"]) == ("lfu", "lru", "lfu", "lru")
+    assert mob["moved_ratio"] == mob["moved_per_token"] / lfu["moved_per_token"]
+    assert mob_lru["moved_ratio"] == mob_lru["moved_per_token"] / lru["moved_per_token"]
+    assert mob["moved_ratio"] < 1.0  # its little pass moves less than big through the same cache
+    # every big row is the big model: the same quality
+    assert lfu["ppl"] == lru["ppl"] == big["ppl"] and lfu["agreement"] == big["agreement"] == 1.0
+    # little ran resident: used bytes, against the resident big row's
+    assert "moved_ratio" not in little and little["bytes_ratio"] == 0.5 and big["bytes_ratio"] == 1.0
+    table = format_rows(rows)
+    assert "vs big: against the big, lfu cache row" in table and "through the same cache" in table
+
+
+def test_eval_used_bytes_against_resident_big(tiny, tmp_path, capsys):
+    from mobile.evaluate import run_eval
+
+    t = tiny("olmoe")
+    (tmp_path / "text.txt").write_text(TEXT)
+    rows = run_eval(t.graph, str(tmp_path / "text.txt"), [("little", {"name": "little"})], window=64)
+    big, little = rows
+    assert big["label"] == "big" and big["bytes_ratio"] == 1.0 and "moved_per_token" not in big
+    assert little["bytes_ratio"] == little["bytes_per_token"] / big["bytes_per_token"] == 0.5

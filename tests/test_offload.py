@@ -63,18 +63,6 @@ def test_small_cache_evicts_and_stays_exact(tiny, tmp_path):
     engine.close()
 
 
-def test_budget_below_working_set_fails_at_compile(tmp_path, capsys):
-    text = open("specs/olmoe-1b-7b.yaml").read().replace(
-        "runtime:\n", "runtime:\n  expert_cache:\n    budget: 1GiB\n").replace("name: resident", "name: lru")
-    (tmp_path / "s.yaml").write_text(text)
-    capsys.readouterr()
-    assert run_cli("compile", tmp_path / "s.yaml", "-o", tmp_path / "g") == 2
-    err = capsys.readouterr().err
-    assert "runtime.expert_cache.budget: the expert cache is below the minimum working set" in err
-    assert "the minimum is 8 slots per layer = 1.5GiB" in err
-    assert not (tmp_path / "g").exists()
-
-
 def test_prefetch_nodes_and_planned_overlap(tmp_path):
     from mobile.compiler import compile_to_dir
     from mobile.ir import Op
