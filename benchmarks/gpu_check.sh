@@ -24,6 +24,9 @@ mobile synth specs/olmoe-1b-7b.yaml -o /tmp/synth8 --layers 8 --dtype bfloat16 >
 mobile compile /tmp/synth8/spec.yaml -o /tmp/synth8/graph > /dev/null
 mobile bench --graph /tmp/synth8/graph --device cuda --policies ondemand,lru,lru-prefetch,little,resident \
   --tokens 64 --repeats 3 --json "$OUT/bench-olmoe8.json" 2>&1 | tail -9 | tee "$OUT/bench-olmoe8.txt"
+# 4a. the link as mobile uses it: pinned H2D GB/s, link busy %, stall %, host reads per token, pinned/needed bytes
+python3 benchmarks/cuda_link.py --graph /tmp/synth8/graph --policies lru,lru-prefetch,mobile 2>&1 | tail -6 \
+  | tee "$OUT/cuda-link.txt"
 # 4b. the same layers at equal cache bytes (a budget of 12 bf16 experts per layer), bf16 against int8 and int4
 python3 -c "import yaml; p='/tmp/synth8/spec.yaml'; d=yaml.safe_load(open(p)); d['runtime']=dict(d.get('runtime') or {}, expert_cache={'budget': '1210MB'}); yaml.safe_dump(d, open(p, 'w'), sort_keys=False)"
 mobile compile /tmp/synth8/spec.yaml -o /tmp/synth8/graph-budget > /dev/null

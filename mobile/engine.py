@@ -20,6 +20,7 @@ from tqdm import tqdm
 from mobile import moe
 from mobile.budget import cache_plan
 from mobile.costs import expert_bytes, native_expert_bytes
+from mobile.devclock import clock_for
 from mobile.emit import atomic_write_text, load_graph, trace_events
 from mobile.errors import CheckpointError, MobileError, SpecError
 from mobile.executor import Executor, Kernels, StepContext
@@ -49,6 +50,8 @@ class Engine:
         if r.type not in ("default", "linear", "yarn"):
             raise SpecError(f"rope type {r.type!r} is not supported by the runtime yet "
                             "(supported: default, linear, yarn)", where=graph.name, key="model.rope.type")
+        if self.device.type == "cuda":
+            refuse_emulated_link(self.device, spec, link_gbps, link_ratio)
         self.trace: list | None = [] if trace else None
         self.reader = HostReader(self.device)  # every read of a device value goes through it, counted
         self.t0 = time.perf_counter()
@@ -68,9 +71,8 @@ class Engine:
                     spec, store, self.device, self.dtype, self.stats_, self.reader, progress=bar,
                     track_use=track_use or all_resident)
             else:
-                # a CPU has no real link to move experts over; a GPU emulates one only when asked
-                emulate = self.device.type != "cuda" or link_gbps is not None or link_ratio is not None \
-                    or spec.runtime.link.kind == "emulated"
+                # a CPU has no real link to move experts over, so one is emulated; a GPU has one
+                emulate = self.device.type != "cuda"
                 link = LinkModel("emulated", latency_s=spec.runtime.link.latency_us * 1e-6) if emulate \
                     else LinkModel("real")
                 self.experts = OffloadedExperts(spec, store, self.device, self.dtype, self.stats_, plan, link,
@@ -152,9 +154,13 @@ class Engine:
         """The measured timeline as a Chrome trace, in the planned trace's format."""
         if self.trace is None:
             raise MobileError("this engine was loaded without trace=True")
-        spans = [{"name": name, "cat": cat, "stream": stream, "ts_us": (start - self.t0) * 1e6,
-                  "dur_us": (end - start) * 1e6, "args": {"bytes": nbytes} if nbytes else {}}
-                 for name, cat, stream, start, end, nbytes in list(self.trace)]
+        self.experts.settle()  # CUDA: the copies' spans are read from their events
+        clock = clock_for(self.device)
+        spans = []
+        for name, cat, stream, start, end, nbytes in list(self.trace):
+            start, end = clock.seconds(start), clock.seconds(end)  # CUDA compute spans are events
+            spans.append({"name": name, "cat": cat, "stream": stream, "ts_us": (start - self.t0) * 1e6,
+                          "dur_us": (end - start) * 1e6, "args": {"bytes": nbytes} if nbytes else {}})
         atomic_write_text(path, json.dumps(trace_events(spans, f"{self.graph.name} (measured, "
                                                                f"link {self.stats_.link})")))
 
@@ -343,6 +349,16 @@ class Engine:
     def reset_stats(self) -> None:
         self.stats_.reset()
         self.experts.reset_counters()
+
+
+def refuse_emulated_link(device: torch.device, spec: Spec, link_gbps: float | None, link_ratio: float | None) -> None:
+    """On CUDA the experts cross the real link: a request to emulate one there would not happen,
+    and the stats would claim it did."""
+    key = "--link-gbps" if link_gbps is not None else "--link-ratio" if link_ratio is not None else \
+        "runtime.link.kind" if spec.runtime.link.kind == "emulated" else None
+    if key is not None:
+        raise MobileError(f"an emulated link runs only on the CPU; on {device} experts cross the real host link "
+                          f"(leave {key} out)", key=key)
 
 
 def resolve_policy(graph_dir: Path, policy: str | None = None, policy_options: dict | None = None,

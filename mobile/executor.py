@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mobile import moe, ops
+from mobile.devclock import clock_for
 from mobile.errors import GraphError
 from mobile.hostio import HostReader
 from mobile.ir import GRAPH_INPUTS, SYNC_OPS, Graph, Node, Op
@@ -397,7 +398,10 @@ class Executor:
         unpack = "".join(f"    {var[a]} = env[{a!r}]\n" for a in args)
         src = f"def segment(ctx, env):\n{unpack}" + "\n".join(body) + f"\n    return {{{outs}}}\n"
         scope: dict[str, Any] = {f"k{i}": k for i, k in enumerate(kernels)}
-        scope.update(executed=self.executed, trace=self.trace, clock=time.perf_counter)
+        # the trace's clock: perf_counter on the CPU, CUDA events on a GPU (compute spans time
+        # the kernels, not their launches)
+        clock = clock_for(self.reader.device) if self.trace is not None else time.perf_counter
+        scope.update(executed=self.executed, trace=self.trace, clock=clock)
         exec(compile(src, f"<mobile segment {nodes[0].name}..{nodes[-1].name}>", "exec"), scope)
         fn = scope["segment"]
         fn.source = src

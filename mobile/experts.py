@@ -32,6 +32,7 @@ import torch
 from mobile import quant
 from mobile.budget import CachePlan
 from mobile.costs import expert_bytes
+from mobile.hoststore import HostStore
 from mobile.moe import arena_views, decode_status
 from mobile.quantize import load_packed_expert
 from mobile.slots import Eviction, SlotTable
@@ -264,11 +265,18 @@ class OffloadedExperts:
         self.maps: dict[int, torch.Tensor] = {}  # layer -> the device slot map [E]
         self.dirty: set[int] = set()  # layers whose host record changed since the last copy
         self.eviction = eviction = spec.policy.effective_eviction
-        for layer in spec.moe_layers:
-            self.host[layer] = rows = load_expert_rows(spec, store, layer, dtype, pin=pin)
+        self.store: HostStore | None = None
+        for i, layer in enumerate(spec.moe_layers):
+            rows = load_expert_rows(spec, store, layer, dtype)
+            if self.store is None:  # one allocation for every layer, pinned once (mobile.hoststore)
+                self.store = HostStore(len(spec.moe_layers), E, rows.shape[1], rows.dtype, pin)
+            self.host[layer] = self.store.views[i]
+            self.host[layer].copy_(rows)
+            del rows  # only the store's copy stays
             # zeros, not empty: the expert op may compute a pair against any slot and mask it after,
             # which must never meet a NaN in a slot no copy has filled yet (packed: zero scales)
-            self.rows[layer] = torch.zeros(plan.main + plan.staging, rows.shape[1], dtype=rows.dtype, device=device)
+            host = self.host[layer]
+            self.rows[layer] = torch.zeros(plan.main + plan.staging, host.shape[1], dtype=host.dtype, device=device)
             self.tables[layer] = SlotTable(plan.main, plan.staging, eviction)
             self.pending[layer] = {}
             self.usable[layer] = torch.full((E,), -1, dtype=torch.long, pin_memory=pin)
@@ -277,6 +285,14 @@ class OffloadedExperts:
             if progress is not None:
                 progress.update(1)
         self.engine = CopyEngine(device, link, trace)
+        self.cuda = device.type == "cuda"
+        # CUDA: per layer, an event after the last compute that read its slots, so that a copy into
+        # one waits for that only (not for all compute queued); `released` is the layer a wait has
+        # handed to its expert op, whose event is recorded at the next call here (the op is queued then)
+        self.read_done: dict[int, torch.cuda.Event] = {}
+        self.released: int | None = None
+        assert self.store is not None
+        stats.extra.update(host_expert_bytes=self.store.nbytes, pinned_host_bytes=self.store.pinned_bytes)
         self.shadow = BigOnlyShadow(spec.moe_layers, plan.main + plan.staging, expert_bytes(spec), eviction)
         self.deferred: list[tuple[int, list[int], str]] = []  # prefetches waiting for the next wait
 
@@ -310,7 +326,17 @@ class OffloadedExperts:
         return m.to(self.device)
 
     # -- fetch, wait, prefetch ------------------------------------------------------------------
+    def _mark_read(self) -> None:
+        """CUDA: the released layer's expert op is queued by now; its slots are free to overwrite
+        once the compute stream passes this point."""
+        if self.cuda and self.released is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.read_done[self.released] = event
+            self.released = None
+
     def fetch(self, layer: int, entries: list[int]) -> FetchHandle:
+        self._mark_read()
         table = self.tables[layer]
         table.begin_step()
         if not self.reuses:
@@ -343,24 +369,32 @@ class OffloadedExperts:
         old = self.pending[layer].get(slot)
         if old is not None and not old.done.is_set():
             self.engine.retire(old)  # never let a stale copy land after the new one
+        after = []
+        if self.cuda:  # the same two orderings on the copy streams: the slot's last reader, a stale copy
+            if layer in self.read_done:
+                after.append(self.read_done[layer])
+            if old is not None:
+                after.append(old.event)
         job = self.engine.submit(self.host[layer][expert], self.rows[layer][slot], priority,
-                                 tag=f"L{layer}.e{expert}->s{slot}")
+                                 tag=f"L{layer}.e{expert}->s{slot}", after=after)
         self.pending[layer][slot] = job
         self.stats.bytes_h2d += job.nbytes
         return job
 
     def wait(self, handle: FetchHandle) -> torch.Tensor | Rounds:
-        self.stats.stall_s += sum(job.wait() for job in handle.jobs)
+        self.stats.stall_s += self.engine.wait(handle.jobs)
         pending = self.pending[handle.layer]
         for e, slot in handle.placed:  # covered by this wait: usable from now on
             self._set_usable(handle.layer, e, slot)
             pending.pop(slot, None)
         self._issue_deferred()  # the demand copies have landed: the link is free for speculation
+        self.released = handle.layer
         return Rounds(self, handle) if handle.rounds else self.slot_map(handle.layer)
 
     @torch.compiler.disable  # host work (copies, the slot table): a compiled expert segment calls it eagerly
     def load_round(self, layer: int, members: list[int]) -> None:
         """The previous round's experts are done: unpin them, load the next round, wait for it."""
+        self._mark_read()  # the previous round's op is queued: the next round's copies follow it
         self.tables[layer].begin_step()
         handle = FetchHandle(layer)
         self._request(layer, members, handle)
@@ -394,12 +428,15 @@ class OffloadedExperts:
 
     def end_forward(self, refreshed: int = 0) -> None:
         """refreshed: how many positions before the token a KV refresh recomputed in this forward."""
+        self._mark_read()
         self.deferred.clear()  # a prefetch no wait followed (its pass ended at a gate) is stale now
         self.shadow.end_forward(self.tables, refreshed)
 
     def settle(self) -> None:
-        """Bring the statistics up to date (the big-only estimate replays its pending forwards)."""
+        """Bring the statistics up to date (the big-only estimate replays its pending forwards; on
+        CUDA the copies' and waits' timing events are read)."""
         self.stats.extra["big_only_bytes_h2d"] = self.shadow.flush()
+        self.stats.stall_s += self.engine.collect()
 
     def collect_stats(self) -> None:
         self.settle()
@@ -407,7 +444,7 @@ class OffloadedExperts:
         self.stats.expert_hits = sum(x.hits for x in c)
         self.stats.expert_misses = sum(x.misses for x in c)
         self.stats.extra.update(
-            eviction=self.eviction, prefetch_issued=sum(x.prefetch_issued for x in c),
+            link_busy_s=self.engine.busy_s, eviction=self.eviction, prefetch_issued=sum(x.prefetch_issued for x in c),
             prefetch_used=sum(x.prefetch_used for x in c),
             prefetch_wasted=sum(x.prefetch_wasted for x in c),
             complement_prefetch_issued=sum(x.issued_by_kind.get("complement", 0) for x in c),
@@ -423,6 +460,10 @@ class OffloadedExperts:
 
     def close(self) -> None:
         self.engine.close()
+        if self.store is not None:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)  # no copy may still read the store
+            self.store.close()
 
 
 def expert_compute_seconds(spec: Spec, device: torch.device, dtype: torch.dtype, repeats: int = 30) -> float:

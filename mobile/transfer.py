@@ -1,10 +1,20 @@
 """The transfer engine: host -> device expert copies that overlap compute.
 
-On CUDA a copy stream runs the copies; each job records an event, and the compute stream waits
-on exactly the events of the experts it is about to use. On the CPU a worker thread does the
-copies. There the "link" can be emulated: a copy of n bytes occupies the link for
-latency + n / bandwidth seconds (the worker sleeps out the rest, releasing the GIL), so a CPU-only
-machine behaves like a PCIe-bound system. Demand copies always go before prefetches.
+On the CPU a worker thread does the copies, demand copies before prefetches (a queued prefetch
+that compute now needs is promoted; one whose slot is reused before it starts is cancelled). The
+"link" is emulated there: a copy of n bytes occupies it for latency + n / bandwidth seconds (the
+worker sleeps out the rest, releasing the GIL), so a CPU-only machine behaves like a PCIe-bound
+system.
+
+On CUDA the copies run on two copy streams: demand copies on a high-priority stream, prefetches on
+a low-priority one in chunks, so that a demand copy issued after a prefetch does not queue behind
+it but gets the link between two of its chunks. A copy into a slot waits only for the last compute
+that read that slot and for a copy into the same slot still in flight (events the caller passes),
+never for all compute already queued. The compute stream waits on exactly the events of the copies
+it is about to use. Every copy, and every wait of the compute stream, is timed with CUDA events
+(mobile.devclock) and read back off the decode path (`collect`), so the link's busy time, the
+stall and the trace mean on a GPU what they mean on the CPU. The link is real there: emulating one
+on CUDA is refused by the engine.
 """
 
 from __future__ import annotations
@@ -17,7 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mobile.devclock import Mark, clock_for, union_seconds
+
 DEMAND, PREFETCH = 0, 1  # job priorities: lower runs first
+PREFETCH_CHUNK_BYTES = 4 << 20  # CUDA: a prefetch is copied in pieces of this size (a demand copy gets in between)
 
 
 @dataclass
@@ -42,22 +55,21 @@ class _Queued:
 
 
 class CopyJob:
-    """One host -> device copy. `wait()` blocks the caller (CPU) or the compute stream (CUDA)."""
+    """One host -> device copy. On the CPU `wait()` blocks the caller until it has landed; on CUDA
+    `event` marks its end on its copy stream (CopyEngine.wait makes the compute stream wait on it)."""
 
     def __init__(self, src: torch.Tensor, dst: torch.Tensor, priority: int, tag: str):
         self.src, self.dst, self.priority, self.tag = src, dst, priority, tag
         self.nbytes = src.numel() * src.element_size()
         self.done = threading.Event()
         self.event: torch.cuda.Event | None = None
+        self.start_mark: Mark | None = None  # CUDA: its start on the copy stream
         self.start_s = self.end_s = 0.0
         self.started = False  # set by the worker, under the engine's lock
         self.cancelled = False
 
     def wait(self) -> float:
-        """Block until the copy is usable; returns seconds the host spent blocked."""
-        if self.event is not None:
-            torch.cuda.current_stream().wait_event(self.event)  # the GPU waits, not the host
-            return 0.0
+        """CPU: block until the copy has landed; returns seconds the host spent blocked."""
         if self.done.is_set():
             return 0.0
         t0 = time.perf_counter()
@@ -66,14 +78,19 @@ class CopyJob:
 
 
 class CopyEngine:
-    """Runs CopyJobs in priority order on a copy stream (CUDA) or a worker thread (CPU)."""
+    """Runs CopyJobs in priority order on two copy streams (CUDA) or a worker thread (CPU)."""
 
     def __init__(self, device: torch.device, link: LinkModel, trace: list | None = None):
         self.device, self.link, self.trace = device, link, trace
         self.cuda = device.type == "cuda"
         self.busy_s = 0.0  # link time spent copying
         if self.cuda:
-            self.stream = torch.cuda.Stream(device)
+            self.clock = clock_for(device)
+            # a lower number is a higher priority; torch maps values past the range to its ends
+            self.streams = {DEMAND: torch.cuda.Stream(device, priority=-1),
+                            PREFETCH: torch.cuda.Stream(device, priority=0)}
+            self.timed: list[CopyJob] = []  # copies whose spans are not read yet (see collect)
+            self.stalls: list[tuple[Mark, Mark]] = []  # the compute stream's waits, likewise
             return
         self._queue: list[_Queued] = []
         self._seq = itertools.count()
@@ -83,22 +100,67 @@ class CopyEngine:
         self._worker = threading.Thread(target=self._run, name="mobile-copy", daemon=True)
         self._worker.start()
 
-    def submit(self, src: torch.Tensor, dst: torch.Tensor, priority: int = DEMAND, tag: str = "") -> CopyJob:
+    def submit(self, src: torch.Tensor, dst: torch.Tensor, priority: int = DEMAND, tag: str = "",
+               after: list[torch.cuda.Event] | tuple = ()) -> CopyJob:
+        """Queue a copy. after (CUDA): events it must follow, such as the last compute that read the
+        slot and a copy into the same slot still in flight (the CPU worker orders those itself)."""
         job = CopyJob(src, dst, priority, tag)
         if self.cuda:
-            # the slot may still be read by compute already queued (the previous token's experts):
-            # the copy starts after it. Fetches follow a host sync, so this rarely delays anything.
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
-                job.dst.copy_(job.src, non_blocking=True)
-                job.event = torch.cuda.Event()
-                job.event.record(self.stream)
-            job.done.set()
+            stream = self.streams[priority]
+            for event in after:
+                stream.wait_event(event)
+            job.start_mark = self.clock(stream)
+            with torch.cuda.stream(stream):
+                if priority == PREFETCH and job.nbytes > PREFETCH_CHUNK_BYTES:
+                    step = max(1, PREFETCH_CHUNK_BYTES // src.element_size())
+                    s, d = src.reshape(-1), dst.reshape(-1)
+                    for i in range(0, s.numel(), step):
+                        d[i:i + step].copy_(s[i:i + step], non_blocking=True)
+                else:
+                    dst.copy_(src, non_blocking=True)
+            job.event = self.clock(stream)
+            job.done.set()  # issued: from here on the stream orders it
+            self.timed.append(job)
             return job
         with self._cv:
             heapq.heappush(self._queue, _Queued(priority, next(self._seq), job))
             self._cv.notify()
         return job
+
+    def wait(self, jobs: list[CopyJob]) -> float:
+        """Make compute wait for these copies. CPU: the host blocks, and the seconds it spent are
+        returned. CUDA: the compute stream waits on their events, the host does not; the stall is
+        timed with events and counted by collect()."""
+        if not self.cuda:
+            return sum(job.wait() for job in jobs)
+        if jobs:
+            stream = torch.cuda.current_stream(self.device)
+            before = self.clock(stream)
+            for job in jobs:
+                stream.wait_event(job.event)
+            self.stalls.append((before, self.clock(stream)))
+        return 0.0
+
+    def collect(self) -> float:
+        """CUDA: read the timing events of the copies and waits since the last call (this waits for
+        them to have happened: call it off the decode path). Adds the copies' union to busy_s and
+        their spans to the trace; returns the compute stream's stall seconds. CPU: 0 (the worker
+        and wait() count as they go)."""
+        if not self.cuda:
+            return 0.0
+        seconds = self.clock.seconds
+        spans = []
+        for job in self.timed:
+            job.start_s, job.end_s = seconds(job.start_mark), seconds(job.event)
+            spans.append((job.start_s, job.end_s))
+            if self.trace is not None:
+                self.trace.append((job.tag, "prefetch" if job.priority == PREFETCH else "fetch", "copy",
+                                   job.start_s, job.end_s, job.nbytes))
+        self.busy_s += union_seconds(spans)
+        stall = sum(max(0.0, seconds(b) - seconds(a)) for a, b in self.stalls)
+        self.timed.clear()
+        self.stalls.clear()
+        return stall
 
     def _run(self) -> None:
         while True:
@@ -130,7 +192,8 @@ class CopyEngine:
             job.done.set()
 
     def promote(self, job: CopyJob) -> None:
-        """A queued prefetch is now needed by compute: give it demand priority."""
+        """A queued prefetch is now needed by compute: give it demand priority (CPU; on CUDA it is
+        issued already, and its chunks share the link with the demand stream)."""
         if self.cuda or job.priority == DEMAND:
             return
         with self._cv:
@@ -139,9 +202,10 @@ class CopyEngine:
                 heapq.heappush(self._queue, _Queued(DEMAND, next(self._seq), job))
 
     def retire(self, job: CopyJob) -> None:
-        """Its slot is being reused: cancel the copy if it has not started, else let it finish."""
+        """Its slot is being reused: cancel the copy if it has not started, else let it finish (CPU;
+        on CUDA the new copy follows its event instead: `after`)."""
         if self.cuda:
-            return  # the copy stream runs copies in issue order
+            return
         with self._cv:
             if not job.started:
                 job.cancelled = True

@@ -296,3 +296,45 @@ def test_torch_compile_runs_an_offloaded_prefill_in_rounds(tiny, tmp_path):
     assert compiled.stats["expert_misses"] > 3 * 4  # the prompt ran in rounds
     eager.close()
     compiled.close()
+
+
+def test_host_store_is_one_allocation_of_the_needed_bytes(tiny, tmp_path):
+    """Every layer's expert rows in one buffer (on CUDA registered once, so pinned bytes are the
+    needed bytes; tests/test_gpu.py checks that), each layer a view of it."""
+    t = tiny("olmoe")
+    engine = mobile.Engine.load(t.compile(tmp_path, "--policy", "lru", slots_per_layer=4))
+    try:
+        store, spec = engine.experts.store, engine.spec
+        needed = len(spec.moe_layers) * spec.model.moe.num_experts * expert_bytes(spec)
+        assert store.nbytes == needed == engine.stats["host_expert_bytes"]
+        assert engine.stats["pinned_host_bytes"] == 0  # nothing is pinned on the CPU
+        base = store.buffer.data_ptr()
+        assert [h.data_ptr() - base for h in engine.experts.host.values()] == \
+            [i * store.layer_bytes for i in range(len(spec.moe_layers))]
+    finally:
+        engine.close()
+
+
+def test_an_emulated_link_is_refused_on_cuda(tiny):
+    """On CUDA the copies cross the real link: a request to emulate one is an error naming the
+    flag or key, before anything loads (the check needs no GPU)."""
+    from mobile.engine import refuse_emulated_link
+    from mobile.errors import MobileError
+    from mobile.spec import load_spec, with_runtime
+
+    spec = load_spec(tiny("olmoe").spec)
+    cuda = torch.device("cuda")
+    refuse_emulated_link(cuda, spec, None, None)  # the real link: fine
+    for gbps, ratio, key in [(8.0, None, "--link-gbps"), (None, 40.0, "--link-ratio")]:
+        with pytest.raises(MobileError, match=f"{key}: an emulated link runs only on the CPU"):
+            refuse_emulated_link(cuda, spec, gbps, ratio)
+    emulated = with_runtime(spec, link=dataclasses.replace(spec.runtime.link, kind="emulated"))
+    with pytest.raises(MobileError, match="runtime.link.kind: an emulated link"):
+        refuse_emulated_link(cuda, emulated, None, None)
+
+
+def test_union_of_copy_spans():
+    from mobile.devclock import union_seconds
+
+    assert union_seconds([]) == 0
+    assert union_seconds([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0), (3.2, 3.5)]) == 3.0
