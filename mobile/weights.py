@@ -241,6 +241,8 @@ def required_tensors(spec: Spec, native_experts: bool = True) -> list[TensorNeed
             need("o_proj", (h, a.num_heads * a.v_head_dim), i)
         if spec.is_moe_layer(i):
             need("router", (moe.num_experts, h), i)
+            if moe.correction_bias:
+                need("router_correction", (moe.num_experts,), i)
             for e in range(moe.num_experts if native_experts else 0):
                 need("expert_gate", (moe.intermediate_size, h), i, e)
                 need("expert_up", (moe.intermediate_size, h), i, e)
