@@ -27,6 +27,7 @@ from mobile.spec import Spec
 from mobile.verify import verify
 
 Kernel = Callable[..., Any]
+MLA_LATENT_NORM_EPS = 1e-6
 
 
 def fuse_qkv(weights: dict[tuple[str, int | None], torch.Tensor]) -> dict[tuple[str, int | None], torch.Tensor]:
@@ -264,7 +265,9 @@ class Kernels:
         return attention
 
     def _mla(self, layer: int) -> Kernel:
-        a, eps = self.spec.model.attention, self.spec.model.norm_eps
+        # DeepSeek's q_a and kv_a norms (V2 and V3, and transformers' ports) keep RMSNorm's default
+        # eps whatever rms_norm_eps says (Kimi-K2.5 sets 1e-5)
+        a, eps = self.spec.model.attention, MLA_LATENT_NORM_EPS
         keys = ("q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj")
         w: dict[str, Any] = {k: self.w.get((k, layer)) for k in keys}
         cache = self.kv.layers[layer]

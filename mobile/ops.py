@@ -36,7 +36,11 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def rope_inv_freq(rope: RopeSpec, dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies [dim/2], cos/sin scale), as transformers' rope init functions compute them."""
+    """(inverse frequencies [r/2], cos/sin scale), as transformers' rope init functions compute them.
+
+    dim: the head's rope width; with a partial rotary factor only its first r = int(dim * factor)
+    dims rotate, with frequencies of their own (GLM-4.5)."""
+    dim = int(dim * rope.partial_rotary_factor)
     base = rope.theta
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     if rope.type == "default":
@@ -81,8 +85,12 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, i
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x [T, n, D]; cos, sin [T, 1, D] from rope_tables. Each rotated pair (a, b) becomes
-    (a cos - b sin, b cos + a sin): x * cos plus x with each pair swapped times the signed sin."""
+    """x [T, n, D]; cos, sin [T, 1, R] from rope_tables, R <= D. Each rotated pair (a, b) becomes
+    (a cos - b sin, b cos + a sin): x * cos plus x with each pair swapped times the signed sin. Only
+    the first R dims rotate (a partial rotary factor); the rest pass through unchanged."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin, interleaved), x[..., rotary:]), dim=-1)
     dtype = x.dtype
     x = x.float()
     if interleaved:

@@ -38,7 +38,7 @@ class AttentionSpec:
     # none; full: RMSNorm over all heads' q (k) projection (OLMoE); per_head: over head_dim (Qwen3)
     qk_norm: Literal["none", "full", "per_head"] = "none"
     clip_qkv: float | None = None
-    # MLA (DeepSeek-V2) only
+    # MLA (DeepSeek-V2 and V3) only
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
@@ -58,6 +58,8 @@ class RopeSpec:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    # GLM-4.5 rotates only the first int(head_dim * factor) dims of each head; the rest pass through
+    partial_rotary_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -462,6 +464,14 @@ def check_consistency(spec: Spec) -> None:
         need(a.qk_norm == "none", "model.attention.qk_norm", "expected 'none' for mla attention")
         need(not a.qkv_bias, "model.attention.qkv_bias", "expected false for mla attention")
     need(m.rope.factor > 0, "model.rope.factor", f"expected a number > 0, got {m.rope.factor}")
+    prf = m.rope.partial_rotary_factor
+    need(0 < prf <= 1, "model.rope.partial_rotary_factor", f"expected a number in (0, 1], got {prf}")
+    if a.kind == "mla":
+        need(prf == 1, "model.rope.partial_rotary_factor", "expected 1 for mla attention (it has qk_rope_head_dim)")
+    else:
+        rotary = int(a.head_dim * prf)
+        need(rotary >= 2 and rotary % 2 == 0, "model.rope.partial_rotary_factor",
+             f"expected int(head_dim * factor) to be an even integer >= 2 (rope rotates pairs), got {rotary}")
     if moe.num_experts:
         need(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k",
              f"expected 1 <= top_k <= num_experts={moe.num_experts}, got {moe.top_k}")
