@@ -28,6 +28,7 @@ from mobile.spec import Spec
 from mobile.verify import verify
 
 Kernel = Callable[..., Any]
+MLA_LATENT_NORM_EPS = 1e-6
 
 
 def fuse_qkv(weights: dict[tuple[str, int | None], torch.Tensor]) -> dict[tuple[str, int | None], torch.Tensor]:
@@ -122,19 +123,28 @@ class Kernels:
         head = self.w[(key, None)]
         return lambda ctx, x: F.linear(x[-1:] if ctx.last_only else x, head).float()
 
+    def _route(self, node: Node, top_k: int, norm: bool = False, scaling: float = 1.0) -> Callable[..., Any]:
+        """x -> ops.route's (weights, ids) for the node's layer, scored as the node's attrs say."""
+        layer = node.attr("layer")
+        w = self.w[("router", layer)]
+        correction = self.w[("router_correction", layer)] if node.attr("correction_bias") else None
+        scoring = (node.attr("scoring", "softmax"), correction, node.attr("n_group", 1), node.attr("topk_group", 1))
+        return lambda x: ops.route(x, w, top_k, norm, scaling, *scoring)
+
     def _router(self, node: Node) -> Kernel:
-        w = self.w[("router", node.attr("layer"))]
-        k, norm, scaling = node.attr("top_k"), bool(node.attr("norm_topk_prob")), float(node.attr("scaling", 1.0))
+        route = self._route(node, node.attr("top_k"), bool(node.attr("norm_topk_prob")),
+                            float(node.attr("scaling", 1.0)))
         if node.attr("order") == "random":  # the random-halving baseline: shuffle the big set per token
-            gen = torch.Generator(device=w.device).manual_seed(node.attr("layer") or 0)
+            device = self.w[("router", node.attr("layer"))].device
+            gen = torch.Generator(device=device).manual_seed(node.attr("layer") or 0)
 
             def shuffled(ctx, x):
-                weights, ids = ops.route(x, w, k, norm, scaling)
-                perm = torch.argsort(torch.rand(weights.shape, generator=gen, device=w.device), dim=-1)
+                weights, ids = route(x)
+                perm = torch.argsort(torch.rand(weights.shape, generator=gen, device=device), dim=-1)
                 return weights.gather(1, perm), ids.gather(1, perm)
 
             return shuffled
-        return lambda ctx, x: ops.route(x, w, k, norm, scaling)
+        return lambda ctx, x: route(x)
 
     # -- sync nodes -------------------------------------------------------------------------------
     def _fetch(self, node: Node) -> SyncKernel:
@@ -172,7 +182,7 @@ class Kernels:
             little_k = node.attr("little_k")
 
             def read(ctx, routed):  # at this layer the little set drops too much of the big set's mass
-                weights = routed[0]  # [T, K], sorted by weight
+                weights = routed[0]  # [T, K], in selection order (ops.route)
                 share = weights[:, :little_k].sum(-1) / weights.sum(-1).clamp_min(1e-30)
                 return [(share < tau).any()]
         else:
@@ -189,8 +199,9 @@ class Kernels:
         return lambda ctx, little, big: big if big is not None else little
 
     def _predict(self, node: Node) -> Kernel:
-        w, k = self.w[("router", node.attr("layer"))], node.attr("top_k")
-        return lambda ctx, x: torch.topk(F.linear(x.float(), w), k, dim=-1).indices
+        # the layer's own choice (its correction bias and groups too), from the previous layer's state
+        route = self._route(node, node.attr("top_k"))
+        return lambda ctx, x: route(x)[1]
 
     def _expert(self, node: Node) -> Kernel:
         layer = node.attr("layer")
@@ -209,7 +220,7 @@ class Kernels:
         track = self.experts.track_use
 
         def routed(ctx, x, routed, slot_map=None):
-            weights, ids = routed  # [T, K], sorted by weight
+            weights, ids = routed  # [T, K], in selection order (ops.route)
             if slot_map is None:
                 slot_map = resident_map
                 if track:  # eval only: which experts this node ran
@@ -255,7 +266,9 @@ class Kernels:
         return attention
 
     def _mla(self, layer: int) -> Kernel:
-        a, eps = self.spec.model.attention, self.spec.model.norm_eps
+        # DeepSeek's q_a and kv_a norms (V2 and V3, and transformers' ports) keep RMSNorm's default
+        # eps whatever rms_norm_eps says (Kimi-K2.5 sets 1e-5)
+        a, eps = self.spec.model.attention, MLA_LATENT_NORM_EPS
         keys = ("q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj")
         w: dict[str, Any] = {k: self.w.get((k, layer)) for k in keys}
         cache = self.kv.layers[layer]

@@ -8,6 +8,7 @@ and {expert}. A spec may override any entry under `checkpoint.tensor_names`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,18 @@ TENSOR_NAMES: dict[str, dict[str, str]] = {
         "shared_down": _LAYER + ".mlp.shared_experts.down_proj.weight",
     },
 }
+# DeepSeek-V3 is V2's layout plus the router's correction bias; GLM-4.5 is the common layout plus
+# V2's shared experts and that bias
+_CORRECTION = {"router_correction": _LAYER + ".mlp.gate.e_score_correction_bias"}
+TENSOR_NAMES["deepseek_v3"] = {**TENSOR_NAMES["deepseek_v2"], **_CORRECTION}
+_SHARED_EXPERTS = {k: v for k, v in TENSOR_NAMES["deepseek_v2"].items() if k.startswith("shared_")}
+TENSOR_NAMES["glm4_moe"] = {**_COMMON, **_SHARED_EXPERTS, **_CORRECTION}
 
+# config.json's model_type -> family. Kimi-K2 is DeepSeek-V3's architecture under a name of its own
+# (transformers reads and writes it as deepseek_v3)
 MODEL_TYPES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe",
-               "deepseek_v2": "deepseek_v2"}
+               "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3",
+               "glm4_moe": "glm4_moe"}
 
 
 def tensor_names(family: str, overrides: dict[str, str]) -> dict[str, str]:
@@ -151,7 +161,7 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         "head_dim": g("head_dim", hidden // heads),
     }
     moe: dict[str, Any] = {"top_k": g("num_experts_per_tok")}
-    interleaved = False
+    interleaved, partial_rotary = False, 1.0
 
     if family == "mixtral":
         moe.update(num_experts=g("num_local_experts"), intermediate_size=g("intermediate_size"),
@@ -193,21 +203,31 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
                    # transformers' DeepseekV2 router never renormalizes the top-k weights
                    norm_topk_prob=False,
                    routed_scaling_factor=float(g("routed_scaling_factor", 1.0)), dense_layers=dense)
-        shared = g("n_shared_experts", 0) or 0
-        if shared:
-            moe["shared_expert"] = {"intermediate_size": shared * g("moe_intermediate_size")}
-        attention = {
-            "kind": "mla", "num_heads": heads, "num_kv_heads": g("num_key_value_heads", heads),
-            "head_dim": g("qk_nope_head_dim") + g("qk_rope_head_dim"),
-            "q_lora_rank": cfg.get("q_lora_rank"), "kv_lora_rank": g("kv_lora_rank"),
-            "qk_nope_head_dim": g("qk_nope_head_dim"), "qk_rope_head_dim": g("qk_rope_head_dim"),
-            "v_head_dim": g("v_head_dim"),
-        }
+        _shared_experts(moe, g)
+        attention = _mla_attention(cfg, g, heads)
         interleaved = True
         if not dense:
             model["intermediate_size"] = 0
+    elif family == "deepseek_v3":
+        _refuse_v3_variants(cfg, g, where)
+        moe.update(_sigmoid_moe(g, num_layers))
+        _shared_experts(moe, g)
+        attention = _mla_attention(cfg, g, heads)
+        interleaved = True
+    elif family == "glm4_moe":
+        moe.update(_sigmoid_moe(g, num_layers))
+        _shared_experts(moe, g)
+        attention.update(qk_norm="per_head" if g("use_qk_norm", False) else "none",
+                         qkv_bias=bool(g("attention_bias", False)))
+        # transformers' Glm4MoeConfig rotates half of each head unless the config says otherwise
+        partial_rotary = float((cfg.get("rope_parameters") or {}).get(
+            "partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5)))
+    if family in ("deepseek_v3", "glm4_moe") and not moe["dense_layers"]:
+        model["intermediate_size"] = 0
     model["attention"] = attention
     model["rope"] = _rope(cfg, where, interleaved)
+    if partial_rotary != 1:
+        model["rope"]["partial_rotary_factor"] = partial_rotary
     model["moe"] = moe
 
     dtype = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}.get(
@@ -219,14 +239,61 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         "dtype": dtype,
         "checkpoint": {"path": checkpoint_path, "tensor_names": TENSOR_NAMES[family]},
         "policy": {"name": policies.DEFAULT},
-        "runtime": {"device": "cpu", **_expert_format(path)},
+        "runtime": {"device": "cpu", **_expert_format(path, cfg)},
     }
 
 
-def _expert_format(config: Path) -> dict[str, Any]:
-    """A checkpoint quantized by `mobile quantize` records its expert format; the spec says so too."""
+def _mla_attention(cfg: dict, g: Callable[..., Any], heads: int) -> dict[str, Any]:
+    """DeepSeek's multi-head latent attention (V2 and V3)."""
+    return {
+        "kind": "mla", "num_heads": heads, "num_kv_heads": g("num_key_value_heads", heads),
+        "head_dim": g("qk_nope_head_dim") + g("qk_rope_head_dim"),
+        "q_lora_rank": cfg.get("q_lora_rank"), "kv_lora_rank": g("kv_lora_rank"),
+        "qk_nope_head_dim": g("qk_nope_head_dim"), "qk_rope_head_dim": g("qk_rope_head_dim"),
+        "v_head_dim": g("v_head_dim"),
+    }
+
+
+def _shared_experts(moe: dict[str, Any], g: Callable[..., Any]) -> None:
+    """DeepSeek's and GLM's n_shared_experts, as one expert n times as wide (transformers builds it so)."""
+    shared = g("n_shared_experts", 0) or 0
+    if shared:
+        moe["shared_expert"] = {"intermediate_size": shared * g("moe_intermediate_size")}
+
+
+def _sigmoid_moe(g: Callable[..., Any], num_layers: int) -> dict[str, Any]:
+    """DeepSeek-V3's router (GLM-4.5's too): sigmoid scores, chosen with the correction bias within
+    the best groups, then renormalized and scaled as the config says; the first
+    first_k_dense_replace layers are dense. Every routing key is required: the config classes'
+    defaults differ by family, so a missing one is not guessed."""
+    return {"num_experts": g("n_routed_experts"), "intermediate_size": g("moe_intermediate_size"),
+            "norm_topk_prob": bool(g("norm_topk_prob")), "routed_scaling_factor": float(g("routed_scaling_factor")),
+            "scoring": "sigmoid", "correction_bias": True, "n_group": g("n_group"), "topk_group": g("topk_group"),
+            "dense_layers": list(range(min(g("first_k_dense_replace"), num_layers)))}
+
+
+def _refuse_v3_variants(cfg: dict, g: Callable[..., Any], where: str) -> None:
+    """Config keys of DeepSeek-V3 checkpoints that transformers' DeepseekV3 reads differently from
+    DeepSeek's own code, or that mobile does not run: refused rather than run one way silently."""
+    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+        if cfg.get(key, want) != want:
+            raise SpecError(f"only {want!r} is supported for deepseek_v3, got {cfg[key]!r}", where=where, key=key)
+    if not g("rope_interleave", True):
+        raise SpecError("only true is supported: mobile's MLA rotates adjacent pairs", where=where,
+                        key="rope_interleave")
+    if g("attention_bias", False):
+        raise SpecError("attention biases are not supported with MLA attention", where=where, key="attention_bias")
+
+
+def _expert_format(config: Path, cfg: dict) -> dict[str, Any]:
+    """A checkpoint quantized by `mobile quantize` records its expert format; the spec says so too.
+    An FP8 checkpoint's shapes are the model's: its spec imports and compiles weight-free, and
+    loading its weights is refused there (mobile.weights.checkpoint_format)."""
     from mobile.weights import checkpoint_format
 
+    quant = cfg.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
+        return {}
     found = checkpoint_format(config.parent)
     return {} if found is None else {"expert_format": found[0], "expert_group_size": found[1]}
 

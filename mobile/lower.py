@@ -165,7 +165,18 @@ def _router(spec: Spec, variant: str, h: str, node) -> str:
     moe = spec.model.moe
     order = {"order": "random"} if variant == "little" and spec.policy.little_select == "random" else {}
     return node("router", Op.ROUTER, [h], top_k=moe.top_k, num_experts=moe.num_experts,
-                norm_topk_prob=moe.norm_topk_prob, scaling=moe.routed_scaling_factor, **order)
+                norm_topk_prob=moe.norm_topk_prob, scaling=moe.routed_scaling_factor, **order,
+                **_scoring_attrs(spec))
+
+
+def _scoring_attrs(spec: Spec) -> dict[str, object]:
+    """How a router node (and a prediction of it) chooses experts, where that is not the softmax
+    default (mobile.ops.route): the attrs of a softmax router stay as they were."""
+    moe = spec.model.moe
+    if moe.scoring == "softmax":
+        return {}
+    return {"scoring": moe.scoring, "correction_bias": moe.correction_bias, "n_group": moe.n_group,
+            "topk_group": moe.topk_group}
 
 
 def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node, router: str | None = None,
@@ -191,8 +202,8 @@ def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node, r
         assert plan is not None  # _lower_pass predicts only with a cache
         # the most probable predictions first; never more than the staging slots can take
         k_pred = min(k if pp.variant == "little" else K, plan.staging)
-        node("prefetch", Op.PREFETCH, [node("predict", Op.PREDICT, [predict_from], top_k=k_pred)], set="predicted",
-             k=k_pred, staging=plan.staging)
+        predict = node("predict", Op.PREDICT, [predict_from], top_k=k_pred, **_scoring_attrs(spec))
+        node("prefetch", Op.PREFETCH, [predict], set="predicted", k=k_pred, staging=plan.staging)
     if plan is None:  # every expert is on the device: nothing to fetch or wait for
         experts = node("experts", Op.EXPERT, [h, router], variant=pp.variant, **use)
     else:

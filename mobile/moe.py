@@ -3,10 +3,11 @@
     out [T, H] = moe_experts(x [T, H], weights [T, K], ids [T, K], slot_map [E], arena [S, 3*H*I],
                              rule, n, tau, rescale, cached, fmt="native", group=0, inter=0)
 
-T = tokens, H = hidden, K = experts per token (the router's big set, sorted by weight), E = experts,
-S = cache slots, I = expert intermediate size. slot_map gives each expert's slot in the arena, or
--1 when it is not on the device. An arena row is one expert, stored input-major so that it is
-applied as x @ W: gate_up [H, 2I] (gate columns, then up columns), then down [I, H] (arena_views).
+T = tokens, H = hidden, K = experts per token (the router's big set, in its selection order:
+ops.route), E = experts, S = cache slots, I = expert intermediate size. slot_map gives each
+expert's slot in the arena, or -1 when it is not on the device. An arena row is one expert, stored
+input-major so that it is applied as x @ W: gate_up [H, 2I] (gate columns, then up columns), then
+down [I, H] (arena_views).
 
 Which of a token's experts run is decided inside the op, from device tensors (`pairs`):
 - rule "top": the first n (n = K: the big set; n = little_k: the little set);
@@ -47,7 +48,7 @@ UNUSED, FREE, CACHED, MISSING = 0, 1, 2, 3
 
 
 def chosen(weights: torch.Tensor, rule: str, n: int, tau: float) -> torch.Tensor:
-    """weights [T, K] sorted descending -> [T, K] bool: the experts the policy's rule asks for."""
+    """weights [T, K] in selection order -> [T, K] bool: the experts the policy's rule asks for."""
     if rule == "top":
         return torch.arange(weights.shape[1], device=weights.device)[None, :] < n
     return rule_keep(weights, n, tau, rule)

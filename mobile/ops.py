@@ -36,7 +36,11 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def rope_inv_freq(rope: RopeSpec, dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies [dim/2], cos/sin scale), as transformers' rope init functions compute them."""
+    """(inverse frequencies [r/2], cos/sin scale), as transformers' rope init functions compute them.
+
+    dim: the head's rope width; with a partial rotary factor only its first r = int(dim * factor)
+    dims rotate, with frequencies of their own (GLM-4.5)."""
+    dim = int(dim * rope.partial_rotary_factor)
     base = rope.theta
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     if rope.type == "default":
@@ -81,8 +85,12 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, i
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x [T, n, D]; cos, sin [T, 1, D] from rope_tables. Each rotated pair (a, b) becomes
-    (a cos - b sin, b cos + a sin): x * cos plus x with each pair swapped times the signed sin."""
+    """x [T, n, D]; cos, sin [T, 1, R] from rope_tables, R <= D. Each rotated pair (a, b) becomes
+    (a cos - b sin, b cos + a sin): x * cos plus x with each pair swapped times the signed sin. Only
+    the first R dims rotate (a partial rotary factor); the rest pass through unchanged."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin, interleaved), x[..., rotary:]), dim=-1)
     dtype = x.dtype
     x = x.float()
     if interleaved:
@@ -114,21 +122,50 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
 # -- MoE --------------------------------------------------------------------------------------
 
 
-def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int, norm_topk_prob: bool,
-          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] -> (weights [T, K] float32, expert ids [T, K]), sorted by weight, descending.
+def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float,
+          scoring: str = "softmax", correction: torch.Tensor | None = None, n_group: int = 1,
+          topk_group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] -> (weights [T, K] float32, expert ids [T, K]), in selection order: by weight,
+    descending; with a correction bias (sigmoid scoring), by corrected score, which the weights need
+    not follow. The first little_k are the little set, so the big-little policies act on the order
+    the model chooses in.
 
-    Logits and softmax run in float32 (as DeepSeek does; identical for float32 models).
+    scoring (mobile.spec.MoESpec): softmax, or sigmoid with its correction bias [E] and groups
+    (sigmoid_topk). Logits and scores run in float32, as DeepSeek does (identical for float32 models);
+    the renormalization and the routed scaling follow the choice, as in transformers' routers.
     """
-    probs = F.linear(x.float(), router_w.float()).softmax(dim=-1)  # [T, E]
-    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    logits = F.linear(x.float(), router_w.float())  # [T, E]
+    if scoring == "sigmoid":
+        weights, ids = sigmoid_topk(logits, top_k, correction, n_group, topk_group)
+    else:
+        weights, ids = torch.topk(logits.softmax(dim=-1), top_k, dim=-1)  # [T, K]
     if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        # + 1e-20 as DeepSeek-V3 writes it: a guard for sigmoid scores that all underflow; below
+        # float32's resolution for any softmax top-k (whose sum is at least k / E)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return (weights * scaling if scaling != 1 else weights), ids
 
 
+def sigmoid_topk(logits: torch.Tensor, top_k: int, correction: torch.Tensor | None, n_group: int,
+                 topk_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's router choice (noaux_tc; GLM-4.5 too): logits [T, E] -> (sigmoid scores [T, K],
+    ids [T, K]), sorted by the corrected score (scores + correction), which chooses; the scores
+    returned are the uncorrected ones. With n_group > 1, only the topk_group groups whose top-2
+    corrected scores sum highest are chosen from."""
+    scores = logits.sigmoid()  # [T, E]
+    choice = scores if correction is None else scores + correction.float()
+    if n_group > 1:
+        T, E = choice.shape
+        group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        best = torch.topk(group_scores, topk_group, dim=-1).indices  # [T, topk_group]
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        choice = choice.masked_fill(~allowed.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    ids = torch.topk(choice, top_k, dim=-1).indices  # [T, K], best corrected score first
+    return scores.gather(1, ids), ids
+
+
 def little_weights(weights: torch.Tensor, k: int) -> torch.Tensor:
-    """weights [T, K] sorted descending -> [T, k], rescaled to carry the big set's total weight."""
+    """weights [T, K] in selection order -> [T, k], rescaled to carry the big set's total weight."""
     little = weights[:, :k]
     return little * (weights.sum(dim=-1, keepdim=True) / little.sum(dim=-1, keepdim=True))
 
@@ -137,7 +174,7 @@ def expert_choice(weights: torch.Tensor, little_k: int, layer_tau: float | None,
                   rule: str = "switch") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Which of the top-K experts a little-pass token uses at one layer, and with what weights.
 
-    weights [T, K] sorted descending -> (weights [T, K'], keep [T, K'] or None). Without a layer
+    weights [T, K] in selection order (route) -> (weights [T, K'], keep [T, K'] or None). Without a layer
     rule (layer_tau None): the top little_k, K' = little_k. With one, K' = K and `keep` is
     rule_keep's. rescale: the kept experts carry the big set's total weight; else the router's own.
     """
@@ -149,10 +186,12 @@ def expert_choice(weights: torch.Tensor, little_k: int, layer_tau: float | None,
 
 
 def rule_keep(weights: torch.Tensor, little_k: int, layer_tau: float, rule: str) -> torch.Tensor:
-    """The per-layer rule: weights [T, K] sorted descending -> keep [T, K] bool. Each token keeps
-    - switch: its little set (the top little_k) when that carries at least `layer_tau` of the big
+    """The per-layer rule: weights [T, K] in selection order (route) -> keep [T, K] bool. Each token keeps
+    - switch: its little set (the first little_k) when that carries at least `layer_tau` of the big
       set's router mass, else the whole big set;
-    - prefix: the fewest top experts, at least little_k, that carry at least `layer_tau` of it.
+    - prefix: the fewest first experts, at least little_k, that carry at least `layer_tau` of it.
+    "First" is the router's order: by weight, or by corrected score where the router has a
+    correction bias (then a prefix is the model's own preference, not the heaviest experts).
     """
     K = weights.shape[1]
     share = weights.cumsum(-1) / weights.sum(-1, keepdim=True)  # [T, K]: mass of the top 1..K

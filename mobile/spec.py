@@ -12,6 +12,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,7 @@ from mobile import formats
 from mobile import policy as policies
 from mobile.errors import SpecError
 
-Family = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"]
+Family = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"]
 DType = Literal["float32", "bfloat16", "float16"]
 PolicyName = Literal[policies.NAMES]  # type: ignore[valid-type]  # the registry's names (mobile.policy)
 
@@ -37,7 +38,7 @@ class AttentionSpec:
     # none; full: RMSNorm over all heads' q (k) projection (OLMoE); per_head: over head_dim (Qwen3)
     qk_norm: Literal["none", "full", "per_head"] = "none"
     clip_qkv: float | None = None
-    # MLA (DeepSeek-V2) only
+    # MLA (DeepSeek-V2 and V3) only
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
@@ -57,6 +58,8 @@ class RopeSpec:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    # GLM-4.5 rotates only the first int(head_dim * factor) dims of each head; the rest pass through
+    partial_rotary_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,16 @@ class MoESpec:
     intermediate_size: int = 0
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
-    scoring: Literal["softmax"] = "softmax"
+    # softmax: the top-k of softmax(logits). sigmoid (DeepSeek-V3, GLM-4.5): the top-k of
+    # sigmoid(logits), chosen by the corrected score and group-limited below (mobile.ops.route)
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    # the checkpoint's per-expert e_score_correction_bias, added to the scores for choosing experts
+    # only: the weights stay the uncorrected scores (sigmoid scoring only)
+    correction_bias: bool = False
+    # group-limited top-k: the experts form n_group equal groups, a group scores the sum of its top 2
+    # corrected scores, and only the best topk_group groups are chosen from (sigmoid scoring only)
+    n_group: int = 1
+    topk_group: int = 1
     shared_expert: SharedExpertSpec = field(default_factory=SharedExpertSpec)
     dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP instead of MoE
 
@@ -452,6 +464,14 @@ def check_consistency(spec: Spec) -> None:
         need(a.qk_norm == "none", "model.attention.qk_norm", "expected 'none' for mla attention")
         need(not a.qkv_bias, "model.attention.qkv_bias", "expected false for mla attention")
     need(m.rope.factor > 0, "model.rope.factor", f"expected a number > 0, got {m.rope.factor}")
+    prf = m.rope.partial_rotary_factor
+    need(0 < prf <= 1, "model.rope.partial_rotary_factor", f"expected a number in (0, 1], got {prf}")
+    if a.kind == "mla":
+        need(prf == 1, "model.rope.partial_rotary_factor", "expected 1 for mla attention (it has qk_rope_head_dim)")
+    else:
+        rotary = int(a.head_dim * prf)
+        need(rotary >= 2 and rotary % 2 == 0, "model.rope.partial_rotary_factor",
+             f"expected int(head_dim * factor) to be an even integer >= 2 (rope rotates pairs), got {rotary}")
     if moe.num_experts:
         need(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k",
              f"expected 1 <= top_k <= num_experts={moe.num_experts}, got {moe.top_k}")
@@ -460,6 +480,7 @@ def check_consistency(spec: Spec) -> None:
         for i, layer in enumerate(moe.dense_layers):
             need(0 <= layer < m.num_layers, f"model.moe.dense_layers[{i}]",
                  f"expected a layer index in [0, {m.num_layers}), got {layer}")
+        _check_routing(moe, need)
         if moe.shared_expert.gate != "none":
             need(moe.shared_expert.intermediate_size > 0, "model.moe.shared_expert.gate",
                  "a shared-expert gate needs model.moe.shared_expert.intermediate_size > 0")
@@ -498,6 +519,22 @@ def check_consistency(spec: Spec) -> None:
     need(link.gbps is None or link.gbps > 0, "runtime.link.gbps", f"expected a number > 0, got {link.gbps}")
     need(link.ratio is None or link.ratio > 0, "runtime.link.ratio", f"expected a number > 0, got {link.ratio}")
     need(link.latency_us >= 0, "runtime.link.latency_us", f"expected a number >= 0, got {link.latency_us}")
+
+
+def _check_routing(moe: MoESpec, need: Callable[[bool, str, str], None]) -> None:
+    """The sigmoid router's options: a correction bias and groups exist only with sigmoid scoring."""
+    if moe.scoring != "sigmoid":
+        need(not moe.correction_bias, "model.moe.correction_bias", "a correction bias needs model.moe.scoring sigmoid")
+        need(moe.n_group == 1, "model.moe.n_group", "group-limited top-k needs model.moe.scoring sigmoid")
+    need(moe.n_group >= 1 and moe.num_experts % moe.n_group == 0, "model.moe.n_group",
+         f"expected a divisor of num_experts={moe.num_experts}, got {moe.n_group}")
+    per_group = moe.num_experts // max(moe.n_group, 1)
+    if moe.n_group > 1:  # a group scores the sum of its top 2
+        need(per_group >= 2, "model.moe.n_group", f"expected groups of at least 2 experts, got {per_group}")
+    need(1 <= moe.topk_group <= moe.n_group, "model.moe.topk_group",
+         f"expected 1 <= topk_group <= n_group={moe.n_group}, got {moe.topk_group}")
+    need(moe.top_k <= moe.topk_group * per_group, "model.moe.top_k",
+         f"expected at most topk_group * experts per group = {moe.topk_group * per_group}, got {moe.top_k}")
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -42,6 +42,12 @@ def checkpoint_format(ckpt_dir: Path) -> tuple[str, int] | None:
     if not isinstance(q, dict):
         return None
     key = "quantization_config"
+    if q.get("quant_method") == "fp8":
+        # DeepSeek-V3's and Kimi-K2's published weights: float8 blocks with weight_scale_inv. Their
+        # shapes import and compile weight-free; converting them without the scales would be wrong
+        raise CheckpointError("FP8 weights (quant_method 'fp8', block scales in *.weight_scale_inv) are not "
+                              "supported: dequantize the checkpoint to bfloat16 first", where=path,
+                              key=f"{key}.quant_method")
     if q.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"quant_method {q.get('quant_method')!r} is not supported yet (mobile reads checkpoints "
                               f"written by `mobile quantize`, quant_method {QUANT_METHOD!r})", where=path,
@@ -241,6 +247,8 @@ def required_tensors(spec: Spec, native_experts: bool = True) -> list[TensorNeed
             need("o_proj", (h, a.num_heads * a.v_head_dim), i)
         if spec.is_moe_layer(i):
             need("router", (moe.num_experts, h), i)
+            if moe.correction_bias:
+                need("router_correction", (moe.num_experts,), i)
             for e in range(moe.num_experts if native_experts else 0):
                 need("expert_gate", (moe.intermediate_size, h), i, e)
                 need("expert_up", (moe.intermediate_size, h), i, e)

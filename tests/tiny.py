@@ -79,3 +79,74 @@ def save_char_tokenizer(out: Path) -> None:
     tok.decoder = decoders.Fuse()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                             pad_token="<pad>").save_pretrained(out)
+
+
+# -- DeepSeek-V3 (and Kimi-K2) and GLM-4.5: sigmoid routers with a correction bias ----------------
+
+# Each variant covers what the others do not: MLA with and without q_lora_rank, group-limited
+# top-k and plain top-k, renormalized and raw weights, yarn rope, partial rotary with and without
+# q/k norm, dense first layers and none. Kimi-K2's config.json says model_type kimi_k2.
+SIGMOID_VARIANTS = ("deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_air")
+_SIGMOID_MOE = dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=4)
+
+
+def sigmoid_config_for(variant: str, **overrides):
+    import transformers as tf
+
+    if variant == "deepseek_v3":
+        cfg = tf.DeepseekV3Config(**{**_COMMON, "num_key_value_heads": 4}, **_SIGMOID_MOE, n_shared_experts=1,
+                                  first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=12, qk_rope_head_dim=8,
+                                  qk_nope_head_dim=8, v_head_dim=8, n_group=4, topk_group=2, norm_topk_prob=True,
+                                  routed_scaling_factor=2.5)
+    elif variant == "kimi_k2":
+        # Kimi-K2's yarn (its beta_fast 1, mscale 1) at a tiny original context, so that it is active;
+        # rms_norm_eps 1e-5, which MLA's latent norms do not take
+        rope = {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 32.0, "original_max_position_embeddings": 16,
+                "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+        cfg = tf.DeepseekV3Config(**{**_COMMON, "num_key_value_heads": 4}, **_SIGMOID_MOE, n_shared_experts=2,
+                                  first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                  qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1, norm_topk_prob=False,
+                                  routed_scaling_factor=2.827, rope_parameters=rope, rms_norm_eps=1e-5)
+    elif variant == "glm4_moe":
+        cfg = tf.Glm4MoeConfig(**_COMMON, **_SIGMOID_MOE, head_dim=16, n_shared_experts=1, first_k_dense_replace=1,
+                               n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.5,
+                               use_qk_norm=True, attention_bias=True)
+    elif variant == "glm4_moe_air":  # GLM-4.5-Air's choices: no q/k norm, one group, no scaling
+        cfg = tf.Glm4MoeConfig(**_COMMON, **_SIGMOID_MOE, head_dim=16, n_shared_experts=1, first_k_dense_replace=0,
+                               n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
+                               use_qk_norm=False, attention_bias=True)
+    else:
+        raise ValueError(variant)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_tiny_sigmoid(variant: str, out: Path, seed: int = 0, **overrides):
+    """Save a tiny model of a SIGMOID_VARIANTS variant to `out`, with every tensor that init leaves
+    at zero or one filled with random values (a zero bias tests nothing); returns the model."""
+    import json
+
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = sigmoid_config_for(variant, **overrides)
+    cls = tf.DeepseekV3ForCausalLM if isinstance(cfg, tf.DeepseekV3Config) else tf.Glm4MoeForCausalLM
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("mlp.gate.weight"):
+                t.normal_(0, 0.5)  # decisive routing
+            elif name.endswith("e_score_correction_bias"):
+                t.normal_(0, 0.5)  # the size of the scores' spread: it reorders the choice
+            elif name.endswith(".bias"):
+                t.normal_(0, 0.5)
+            elif "norm" in name and t.dim() == 1:
+                t.add_(torch.randn_like(t) * 0.2)
+            elif "mlp.experts." in name:
+                t.normal_(0, 0.1)  # experts large enough that choosing others shows in the logits
+    model.save_pretrained(out)
+    if variant == "kimi_k2":  # transformers writes deepseek_v3; Kimi-K2's own config.json says kimi_k2
+        path = out / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "model_type": "kimi_k2"}, indent=2))
+    return model

@@ -1,0 +1,305 @@
+"""DeepSeek-V3 (and Kimi-K2) and GLM-4.5: sigmoid routers with a correction bias and groups, MLA,
+partial rotary, exact against transformers under every policy; their specs and their refusals.
+
+The tiny checkpoints (tests/tiny.py, SIGMOID_VARIANTS) come from transformers' config classes with
+every bias, correction bias and norm filled with random values, so none of them is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from conftest import Tiny, run_cli
+from tiny import SIGMOID_VARIANTS, build_tiny_sigmoid, save_char_tokenizer
+
+import mobile
+from mobile import ops
+from mobile.errors import SpecError
+from mobile.families import spec_from_hf_config
+from mobile.spec import load_spec, spec_from_dict
+
+PROMPT = torch.randint(3, 97, (24,), generator=torch.Generator().manual_seed(1))
+OFFLOAD = ["ondemand", "lru", "lru-prefetch"]
+PUBLISHED = ["deepseek-v3", "kimi-k2-instruct", "glm-4.5-air"]
+
+
+class SigmoidTiny(Tiny):
+    """conftest's Tiny, built from a SIGMOID_VARIANTS variant."""
+
+    def __init__(self, root, variant: str):
+        self.root, self.family = root, variant
+        self.ckpt = root / "ckpt"
+        self.model = build_tiny_sigmoid(variant, self.ckpt)
+        save_char_tokenizer(self.ckpt)
+        self.spec, self.graph = root / "spec.yaml", root / "graph"
+        assert run_cli("import-hf", self.ckpt, "-o", self.spec) == 0
+        assert run_cli("compile", self.spec, "-o", self.graph) == 0
+
+
+@pytest.fixture(scope="module")
+def sigmoid_tiny(tmp_path_factory):
+    cache: dict[str, SigmoidTiny] = {}
+
+    def get(variant: str) -> SigmoidTiny:
+        if variant not in cache:
+            cache[variant] = SigmoidTiny(tmp_path_factory.mktemp(variant), variant)
+        return cache[variant]
+
+    return get
+
+
+# -- exact against transformers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", SIGMOID_VARIANTS)
+def test_logits_and_greedy_match_transformers(sigmoid_tiny, variant):
+    t = sigmoid_tiny(variant)
+    engine = mobile.Engine.load(t.graph)
+    ours = engine.logits(PROMPT)
+    with torch.no_grad():
+        ref = t.model(PROMPT[None]).logits[0].float()
+        greedy = t.model.generate(PROMPT[None], max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, PROMPT.numel():].tolist()
+    diff = (ours - ref).abs().max().item()
+    print(f"{variant}: max |logits - transformers| = {diff:.3g}")
+    assert ours.shape == (PROMPT.numel(), 97) and diff < 1e-4
+    assert engine.generate(PROMPT, max_new_tokens=16, stop_ids=[]) == greedy
+
+
+def test_imported_variants_carry_their_quirks(sigmoid_tiny):
+    v3, kimi = load_spec(sigmoid_tiny("deepseek_v3").spec), load_spec(sigmoid_tiny("kimi_k2").spec)
+    assert v3.model.family == kimi.model.family == "deepseek_v3"  # kimi_k2's config.json imports as V3
+    assert v3.model.attention.q_lora_rank == 12 and kimi.model.attention.q_lora_rank is None
+    assert (v3.model.moe.n_group, v3.model.moe.topk_group, v3.model.moe.dense_layers) == (4, 2, [0])
+    assert kimi.model.rope.type == "yarn" and not kimi.model.moe.norm_topk_prob
+    glm, air = load_spec(sigmoid_tiny("glm4_moe").spec), load_spec(sigmoid_tiny("glm4_moe_air").spec)
+    assert glm.model.attention.qk_norm == "per_head" and air.model.attention.qk_norm == "none"
+    assert glm.model.attention.qkv_bias and glm.model.rope.partial_rotary_factor == 0.5
+    assert air.model.moe.dense_layers == [] and air.model.intermediate_size == 0
+
+
+# -- the router ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_group, topk_group", [(4, 2), (1, 1)])
+def test_router_matches_transformers_and_orders_by_corrected_score(n_group, topk_group):
+    """ops.route against transformers' DeepseekV3TopkRouter: the same experts with the same weights
+    (transformers leaves them unordered); ours are ordered by corrected score, which the weights
+    need not follow, and the bias does change the choice."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.DeepseekV3Config(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=n_group,
+                              topk_group=topk_group, norm_topk_prob=True, routed_scaling_factor=2.5)
+    router = tf.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter(cfg)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5)
+        router.e_score_correction_bias.normal_(0, 0.5)
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        _, ref_w, ref_ids = router(x)
+    w, ids = ops.route(x, router.weight, 4, True, 2.5, "sigmoid", router.e_score_correction_bias, n_group, topk_group)
+    order = ref_ids.argsort(dim=-1)
+    assert torch.equal(ids.sort(dim=-1).values, ref_ids.gather(1, order))
+    torch.testing.assert_close(w.gather(1, ids.argsort(dim=-1)), ref_w.gather(1, order), atol=1e-6, rtol=1e-6)
+    corrected = torch.sigmoid(x @ router.weight.T) + router.e_score_correction_bias
+    assert (corrected.gather(1, ids).diff(dim=-1) <= 0).all()  # best corrected score first
+    assert (w.diff(dim=-1) > 0).any()  # ... which is not always the heaviest first
+    _, unbiased = ops.route(x, router.weight, 4, True, 2.5, "sigmoid", None, n_group, topk_group)
+    assert not torch.equal(unbiased.sort(dim=-1).values, ids.sort(dim=-1).values)
+
+
+def test_little_set_follows_the_corrected_order(sigmoid_tiny, tmp_path):
+    """The little policy uses the first ceil(K/2) experts of the corrected order, with the model's own
+    weights: rescaled to the big set's total, that is transformers' model at top_k = ceil(K/2) (whose
+    groups and corrected choice do not depend on top_k). Taking the heaviest half would not be."""
+    t = sigmoid_tiny("deepseek_v3")
+    text = t.spec.read_text().replace("policy:\n  name: resident", "policy:\n  name: little\n  little_weights: rescale")
+    (tmp_path / "s.yaml").write_text(text.replace("path: ckpt", f"path: {t.ckpt}"))
+    assert run_cli("compile", tmp_path / "s.yaml", "-o", tmp_path / "g") == 0
+    engine = mobile.Engine.load(tmp_path / "g", weights=t.ckpt, link_gbps=50.0)
+    K = engine.spec.model.moe.top_k
+    half = build_tiny_sigmoid("deepseek_v3", tmp_path / "half", num_experts_per_tok=math.ceil(K / 2))
+    try:
+        ours = engine.logits(PROMPT)
+        with torch.no_grad():
+            ref, big = half(PROMPT[None]).logits[0], t.model(PROMPT[None]).logits[0]
+        assert (ours - ref).abs().max() < 1e-4
+        assert (ours - big).abs().max() > 1e-3  # and it is not the big model
+        assert engine.stats["little_tokens"] == PROMPT.numel()
+    finally:
+        engine.close()
+
+
+# -- every policy --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("policy", OFFLOAD)
+def test_offloading_gives_residents_tokens(sigmoid_tiny, variant, policy):
+    t = sigmoid_tiny(variant)
+    resident = mobile.Engine.load(t.graph)
+    engine = mobile.Engine.load(t.graph, policy=policy, link_gbps=50.0)
+    try:
+        torch.testing.assert_close(engine.logits(PROMPT), resident.logits(PROMPT), atol=1e-5, rtol=1e-5)
+        assert engine.generate(PROMPT, 16, stop_ids=[]) == resident.generate(PROMPT, 16, stop_ids=[])
+        assert engine.stats["bytes_h2d"] > 0 and engine.stats["expert_misses"] > 0
+    finally:
+        engine.close()
+
+
+def policy_engine(t, tmp_path, policy: str, **fields) -> mobile.Engine:
+    """t's spec under `policy` with these policy fields (cached_complement off: resident, it would
+    make every little pass big)."""
+    fields = {"cached_complement": "false", **fields}
+    lines = [f"policy:\n  name: {policy}"] + [f"  {k}: {v}" for k, v in fields.items()]
+    path = tmp_path / f"{policy}-{len(fields)}.yaml"
+    text = t.spec.read_text().replace("policy:\n  name: resident", "\n".join(lines))
+    path.write_text(text.replace("path: ckpt", f"path: {t.ckpt}"))
+    assert run_cli("compile", path, "-o", tmp_path / path.stem) == 0
+    return mobile.Engine.load(tmp_path / path.stem, weights=t.ckpt, link_gbps=50.0)
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "glm4_moe"])
+def test_mobile_at_the_tau_extremes_is_big_and_little(sigmoid_tiny, tmp_path, variant):
+    t = sigmoid_tiny(variant)
+    always = policy_engine(t, tmp_path, "mobile", tau=1.01)  # max prob never reaches 1.01: all fall back
+    big = mobile.Engine.load(t.graph, policy="lru-prefetch", link_gbps=50.0)
+    # the per-layer rule off too: its default layer_tau keeps more than the little set wherever that
+    # carries under 0.85 of the big set's mass, which these tiny sigmoid routers' half does almost
+    # everywhere (a mean share of 0.6-0.66)
+    never = policy_engine(t, tmp_path, "mobile", tau=0.0, prefill="little", layer_tau="null")
+    little = policy_engine(t, tmp_path, "little")
+    try:
+        assert always.generate(PROMPT, 16, stop_ids=[]) == big.generate(PROMPT, 16, stop_ids=[])
+        assert always.stats["fallback_tokens"] == 15
+        tokens = never.generate(PROMPT, 16, stop_ids=[])
+        assert tokens == little.generate(PROMPT, 16, stop_ids=[])
+        assert never.stats["fallback_tokens"] == 0 and never.stats["little_tokens"] == PROMPT.numel() + 15
+    finally:
+        for e in (always, big, never, little):
+            e.close()
+
+
+# -- published specs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_spec_is_reproduced(tmp_path, name):
+    out = tmp_path / f"{name}.yaml"
+    assert run_cli("import-hf", f"specs/hf/{name}", "--no-checkpoint", "--name", name, "-o", out) == 0
+    strip = lambda text: [ln for ln in text.split("\npolicy:")[0].splitlines() if not ln.startswith("#")]  # noqa: E731
+    assert strip(out.read_text()) == strip(open(f"specs/{name}.yaml").read())
+
+
+def test_published_quirks():
+    v3 = spec_from_dict(spec_from_hf_config("specs/hf/deepseek-v3")).model
+    assert (v3.moe.num_experts, v3.moe.top_k, v3.moe.n_group, v3.moe.topk_group) == (256, 8, 8, 4)
+    assert v3.moe.scoring == "sigmoid" and v3.moe.correction_bias and v3.moe.routed_scaling_factor == 2.5
+    assert v3.moe.dense_layers == [0, 1, 2] and v3.attention.q_lora_rank == 1536 and v3.rope.factor == 40
+    kimi = spec_from_dict(spec_from_hf_config("specs/hf/kimi-k2-instruct")).model
+    assert kimi.family == "deepseek_v3" and (kimi.moe.num_experts, kimi.moe.n_group) == (384, 1)
+    assert kimi.rope.theta == 50000 and kimi.rope.beta_fast == 1.0
+    air = spec_from_dict(spec_from_hf_config("specs/hf/glm-4.5-air")).model
+    assert air.rope.partial_rotary_factor == 0.5 and air.attention.qkv_bias and air.attention.qk_norm == "none"
+    assert (air.attention.head_dim, air.moe.shared_expert.intermediate_size, air.moe.dense_layers) == (128, 1408, [0])
+
+
+@pytest.mark.parametrize("name, device", [("deepseek-v3", "80GiB"), ("kimi-k2-instruct", "80GiB"),
+                                          ("glm-4.5-air", "24GiB")])
+def test_published_specs_compile_weight_free_and_say_where_they_fit(tmp_path, capsys, name, device):
+    """None fits a 16 GB card (the memory plan says so); each fits the card its spec plans for."""
+    assert run_cli("compile", f"specs/{name}.yaml", "-o", tmp_path / "g", "--device-memory", device, "--strict") == 0
+    assert "device memory:" in capsys.readouterr().out
+    assert run_cli("compile", f"specs/{name}.yaml", "-o", tmp_path / "g16", "--device-memory", "16GiB") == 0
+    assert "more than --device-memory (16.0GiB)" in capsys.readouterr().err
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def write_variant(tmp_path, edit):
+    data = yaml.safe_load(open("specs/glm-4.5-air.yaml"))
+    edit(data["model"])
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("edit, key, expected", [
+    (lambda m: m["moe"].update(scoring="tanh"), "model.moe.scoring", "expected one of 'softmax', 'sigmoid'"),
+    (lambda m: m["moe"].update(n_group=3), "model.moe.n_group", "divisor of num_experts=128"),
+    (lambda m: m["moe"].update(n_group=128), "model.moe.n_group", "groups of at least 2 experts"),
+    (lambda m: m["moe"].update(n_group=8, topk_group=9), "model.moe.topk_group", "topk_group <= n_group=8"),
+    (lambda m: m["moe"].update(n_group=32, topk_group=1), "model.moe.top_k", "at most topk_group * experts"),
+    (lambda m: m["moe"].update(scoring="softmax"), "model.moe.correction_bias", "needs model.moe.scoring sigmoid"),
+    (lambda m: m["moe"].update(correction_bias="yes"), "model.moe.correction_bias", "expected true or false"),
+    (lambda m: m["rope"].update(partial_rotary_factor=0), "model.rope.partial_rotary_factor", "(0, 1]"),
+    (lambda m: m["rope"].update(partial_rotary_factor=0.01), "model.rope.partial_rotary_factor", "even integer"),
+])
+def test_spec_errors_name_the_key(tmp_path, edit, key, expected):
+    with pytest.raises(SpecError) as info:
+        load_spec(write_variant(tmp_path, edit))
+    assert info.value.key == key and expected in info.value.message
+
+
+def test_partial_rotary_is_refused_with_mla(tmp_path):
+    data = yaml.safe_load(open("specs/deepseek-v3.yaml"))
+    data["model"]["rope"]["partial_rotary_factor"] = 0.5
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError, match="expected 1 for mla attention") as info:
+        load_spec(tmp_path / "s.yaml")
+    assert info.value.key == "model.rope.partial_rotary_factor"
+
+
+def import_error(tmp_path, capsys, cfg: dict) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert run_cli("import-hf", tmp_path, "-o", tmp_path / "s.yaml") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and not (tmp_path / "s.yaml").exists()
+    return err
+
+
+@pytest.mark.parametrize("cfg", [
+    {"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 32},
+    {"model_type": "qwen3_next", "layer_types": ["linear_attention", "full_attention"], "num_experts": 512},
+])
+def test_unsupported_family_is_one_line_naming_it_and_the_supported(tmp_path, capsys, cfg):
+    err = import_error(tmp_path, capsys, cfg)
+    assert f"unsupported model_type {cfg['model_type']!r}" in err
+    assert "(supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe)" in err
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("scoring_func", "softmax", "scoring_func: only 'sigmoid' is supported for deepseek_v3, got 'softmax'"),
+    ("topk_method", "greedy", "topk_method: only 'noaux_tc' is supported for deepseek_v3"),
+    ("moe_layer_freq", 2, "moe_layer_freq: only 1 is supported for deepseek_v3, got 2"),
+    ("rope_interleave", False, "rope_interleave: only true is supported"),
+    ("attention_bias", True, "attention_bias: attention biases are not supported with MLA"),
+    ("n_group", None, "n_group: config.json has no value for this key"),
+])
+def test_deepseek_v3_configs_mobile_would_run_differently_are_refused(tmp_path, capsys, key, value, expected):
+    cfg = json.loads(open("specs/hf/deepseek-v3/config.json").read())
+    assert expected in import_error(tmp_path, capsys, {**cfg, key: value})
+
+
+def test_fp8_checkpoint_imports_and_compiles_but_refuses_to_load(tmp_path, capsys):
+    """A published FP8 checkpoint's shapes are the model's, so its spec imports and compiles; its
+    weights (float8 blocks with scales) are refused at load with one line, never converted wrongly."""
+    ckpt = tmp_path / "ckpt"
+    build_tiny_sigmoid("kimi_k2", ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    fp8 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "quantization_config": fp8}))
+    assert run_cli("import-hf", ckpt, "-o", tmp_path / "s.yaml") == 0
+    assert run_cli("compile", tmp_path / "s.yaml", "-o", tmp_path / "g") == 0
+    capsys.readouterr()
+    assert run_cli("run", "--graph", tmp_path / "g", "--prompt-ids", "5,6", "--max-new-tokens", "1") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "quantization_config.quant_method: FP8 weights" in err
+    assert "dequantize the checkpoint to bfloat16 first" in err
