@@ -62,8 +62,9 @@ class Engine:
         with tqdm(total=len(dense) + len(spec.moe_layers), desc="loading weights", unit="tensor",
                   disable=None if progress else True, leave=False) as bar:  # None: only on a TTY
             for key, t in dense.items():
-                # routers stay float32: routing decisions must not flip with the compute dtype
-                dtype = torch.float32 if t.key == "router" else self.dtype
+                # routers (and DeepSeek-V3's selection bias) stay float32, as transformers keeps
+                # them: routing decisions must not flip with the compute dtype
+                dtype = torch.float32 if t.key in ("router", "router_correction") else self.dtype
                 weights[key] = store.get(t.name, dtype=dtype, device=self.device)
                 bar.update(1)
             if plan is None or all_resident:

@@ -303,3 +303,17 @@ def test_fp8_checkpoint_imports_and_compiles_but_refuses_to_load(tmp_path, capsy
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "quantization_config.quant_method: FP8 weights" in err
     assert "dequantize the checkpoint to bfloat16 first" in err
+
+
+def test_the_selection_bias_stays_float32_in_a_bfloat16_model(sigmoid_tiny, tmp_path):
+    """transformers keeps e_score_correction_bias in float32 whatever the model's dtype: rounded to
+    bfloat16, near-tie expert choices could flip."""
+    t = sigmoid_tiny("deepseek_v3")
+    text = t.spec.read_text().replace("dtype: float32", "dtype: bfloat16").replace("path: ckpt", f"path: {t.ckpt}")
+    assert "dtype: bfloat16" in text
+    (tmp_path / "spec.yaml").write_text(text)
+    assert run_cli("compile", tmp_path / "spec.yaml", "-o", tmp_path / "g") == 0
+    engine = mobile.Engine.load(tmp_path / "g")
+    biases = [w for (key, _), w in engine.kernels.w.items() if key == "router_correction"]
+    assert biases and all(b.dtype == torch.float32 for b in biases)
+    assert engine.kernels.w[("embed", None)].dtype == torch.bfloat16
