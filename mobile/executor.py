@@ -122,18 +122,19 @@ class Kernels:
         return lambda ctx, x: F.linear(x[-1:] if ctx.last_only else x, head).float()
 
     def _router(self, node: Node) -> Kernel:
-        w = self.w[("router", node.attr("layer"))]
+        w, bias = self.w[("router", node.attr("layer"))], self.w.get(("router_bias", node.attr("layer")))
         k, norm, scaling = node.attr("top_k"), bool(node.attr("norm_topk_prob")), float(node.attr("scaling", 1.0))
+        scoring = node.attr("scoring", "softmax")
         if node.attr("order") == "random":  # the random-halving baseline: shuffle the big set per token
             gen = torch.Generator(device=w.device).manual_seed(node.attr("layer") or 0)
 
             def shuffled(ctx, x):
-                weights, ids = ops.route(x, w, k, norm, scaling)
+                weights, ids = ops.route(x, w, k, norm, scaling, bias, scoring)
                 perm = torch.argsort(torch.rand(weights.shape, generator=gen, device=w.device), dim=-1)
                 return weights.gather(1, perm), ids.gather(1, perm)
 
             return shuffled
-        return lambda ctx, x: ops.route(x, w, k, norm, scaling)
+        return lambda ctx, x: ops.route(x, w, k, norm, scaling, bias, scoring)
 
     # -- sync nodes -------------------------------------------------------------------------------
     def _fetch(self, node: Node) -> SyncKernel:
@@ -188,8 +189,11 @@ class Kernels:
         return lambda ctx, little, big: big if big is not None else little
 
     def _predict(self, node: Node) -> Kernel:
+        # every scoring rule ranks experts by their logits, so the prediction is their top k
         w, k = self.w[("router", node.attr("layer"))], node.attr("top_k")
-        return lambda ctx, x: torch.topk(F.linear(x.float(), w), k, dim=-1).indices
+        bias = self.w.get(("router_bias", node.attr("layer")))
+        bias = None if bias is None else bias.float()  # routers run in float32 (ops.route)
+        return lambda ctx, x: torch.topk(F.linear(x.float(), w, bias), k, dim=-1).indices
 
     def _expert(self, node: Node) -> Kernel:
         layer = node.attr("layer")
@@ -201,8 +205,8 @@ class Kernels:
             return lambda ctx, x: ops.swiglu(x, gate, up, down)
         rule, n, tau, rescale, cached = expert_rule(node)
         arena = self.experts.arena(layer)
-        # the arena's format (mobile.quant): packed rows are dequantized inside the op
-        fmt = (self.spec.runtime.expert_format, self.spec.expert_group, self.spec.model.moe.intermediate_size)
+        # the arena's format (mobile.quant: packed rows are dequantized inside the op) and what an expert computes
+        fmt = moe.spec_args(self.spec)
         op = torch.ops.mobile.moe_experts
         resident_map = self.experts.slot_map(layer)  # used when the graph has no wait (nothing moves)
         track = self.experts.track_use
@@ -229,10 +233,12 @@ class Kernels:
         if node.attr("kind") == "mla":
             return self._mla(layer)
         a, eps = self.spec.model.attention, self.spec.model.norm_eps
-        w: dict[str, Any] = {k: self.w.get((k, layer)) for k in ("qkv_proj", "qkv_bias", "o_proj", "q_norm", "k_norm")}
+        keys = ("qkv_proj", "qkv_bias", "o_proj", "o_bias", "q_norm", "k_norm", "sinks")
+        w: dict[str, Any] = {k: self.w.get((k, layer)) for k in keys}
         cache = self.kv.layers[layer]
         n, n_kv, d = a.num_heads, a.num_kv_heads, a.head_dim
         interleaved, scale, clip = self.spec.model.rope.interleaved, self.attn_scale, a.clip_qkv
+        window = self.spec.sliding_window(layer)
 
         def attention(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
             T = x.shape[0]
@@ -248,8 +254,8 @@ class Kernels:
             cache.k.index_copy_(0, ctx.positions, k)
             cache.v.index_copy_(0, ctx.positions, v)
             out = ops.causal_attention(q, cache.k[: ctx.kv_len], cache.v[: ctx.kv_len], ctx.positions, scale,
-                                       ctx.all_visible)
-            return F.linear(out, w["o_proj"])
+                                       ctx.all_visible, window, w["sinks"])
+            return F.linear(out, w["o_proj"], w["o_bias"])
 
         return attention
 

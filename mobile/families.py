@@ -70,10 +70,34 @@ TENSOR_NAMES: dict[str, dict[str, str]] = {
         "shared_up": _LAYER + ".mlp.shared_experts.up_proj.weight",
         "shared_down": _LAYER + ".mlp.shared_experts.down_proj.weight",
     },
+    # fused experts (EXPERT_STORAGE), so none of the per-expert templates
+    "gpt_oss": {
+        **{k: v for k, v in _COMMON.items() if not k.startswith("expert_")},
+        "o_bias": _ATTN + ".o_proj.bias",
+        "sinks": _ATTN + ".sinks",
+        "router": _LAYER + ".mlp.router.weight",
+        "router_bias": _LAYER + ".mlp.router.bias",
+        "experts_gate_up": _LAYER + ".mlp.experts.gate_up_proj",
+        "experts_gate_up_bias": _LAYER + ".mlp.experts.gate_up_proj_bias",
+        "experts_down": _LAYER + ".mlp.experts.down_proj",
+        "experts_down_bias": _LAYER + ".mlp.experts.down_proj_bias",
+    },
 }
 
+# How a family's checkpoints store a layer's routed experts. per_expert: three [out, in] matrices
+# per expert (expert_gate, expert_up, expert_down). fused_interleaved (gpt-oss): one tensor per
+# projection for all experts, input-major: experts_gate_up [E, H, 2I] whose gate and up columns
+# alternate (gate = [..., 0::2], up = [..., 1::2]), experts_down [E, I, H], and their biases
+# [E, 2I] (interleaved likewise) and [E, H]; published checkpoints hold the two matrices as MXFP4
+# (P_blocks, P_scales: mobile.mxfp4). The loader turns either into mobile's canonical expert rows.
+EXPERT_STORAGE = {"gpt_oss": "fused_interleaved"}
+
+
+def expert_storage(family: str) -> str:
+    return EXPERT_STORAGE.get(family, "per_expert")
+
 MODEL_TYPES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe",
-               "deepseek_v2": "deepseek_v2"}
+               "deepseek_v2": "deepseek_v2", "gpt_oss": "gpt_oss"}
 
 
 def tensor_names(family: str, overrides: dict[str, str]) -> dict[str, str]:
@@ -93,7 +117,7 @@ def _rope(cfg: dict, where: str, interleaved: bool) -> dict[str, Any]:
     merged = {**scaling, **params}
     out: dict[str, Any] = {"theta": float(theta), "type": rope_type, "interleaved": interleaved}
     for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-                "mscale_all_dim"):
+                "mscale_all_dim", "truncate"):
         if merged.get(key) is not None:
             out[key] = merged[key]
     return out
@@ -206,6 +230,8 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         interleaved = True
         if not dense:
             model["intermediate_size"] = 0
+    elif family == "gpt_oss":
+        _gpt_oss(cfg, where, g, model, attention, moe)
     model["attention"] = attention
     model["rope"] = _rope(cfg, where, interleaved)
     model["moe"] = moe
@@ -221,6 +247,31 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         "policy": {"name": policies.DEFAULT},
         "runtime": {"device": "cpu", **_expert_format(path)},
     }
+
+
+def _gpt_oss(cfg: dict, where: str, g, model: dict, attention: dict, moe: dict) -> None:
+    """gpt-oss: a router with a bias and a softmax over its top-k logits; experts with biases and
+    the clamped SwiGLU; attention with q/k/v/o biases, sinks, and sliding-window layers."""
+    layers = model["num_layers"]
+    # transformers' default when a config lists no layer_types: even layers slide, odd ones are full
+    types = g("layer_types", ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
+    if not isinstance(types, list) or len(types) != layers:
+        raise SpecError(f"expected a list of {layers} layer types (num_hidden_layers), got {types!r:.80}",
+                        where=where, key="layer_types")
+    for i, kind in enumerate(types):
+        if kind not in ("sliding_attention", "full_attention"):
+            raise SpecError(f"expected 'sliding_attention' or 'full_attention', got {kind!r}", where=where,
+                            key=f"layer_types[{i}]")
+    sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    bias = bool(g("attention_bias", True))
+    attention.update(qkv_bias=bias, o_bias=bias, sinks=True, sliding_layers=sliding,
+                     sliding_window=g("sliding_window") if sliding else 0)
+    moe.update(num_experts=g("num_local_experts"), intermediate_size=g("intermediate_size"),
+               scoring="softmax_topk", norm_topk_prob=False, router_bias=True, expert_bias=True,
+               # configs written before transformers made alpha a config field have none: 1.702 was fixed
+               activation="clamped_swiglu", swiglu_alpha=float(g("swiglu_alpha", 1.702)),
+               swiglu_limit=float(g("swiglu_limit")))
+    model["intermediate_size"] = 0
 
 
 def _expert_format(config: Path) -> dict[str, Any]:

@@ -164,8 +164,10 @@ def _router(spec: Spec, variant: str, h: str, node) -> str:
     """The router always ranks the big set (top-K); the little variant uses its first little_k."""
     moe = spec.model.moe
     order = {"order": "random"} if variant == "little" and spec.policy.little_select == "random" else {}
+    # a scoring rule other than the default is named on the node (model.moe.scoring, ops.route)
+    scoring = {"scoring": moe.scoring} if moe.scoring != "softmax" else {}
     return node("router", Op.ROUTER, [h], top_k=moe.top_k, num_experts=moe.num_experts,
-                norm_topk_prob=moe.norm_topk_prob, scaling=moe.routed_scaling_factor, **order)
+                norm_topk_prob=moe.norm_topk_prob, scaling=moe.routed_scaling_factor, **order, **scoring)
 
 
 def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node, router: str | None = None,

@@ -62,8 +62,10 @@ def rope_inv_freq(rope: RopeSpec, dim: int, max_position_embeddings: int) -> tup
         def correction_dim(rotations: float) -> float:
             return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
-        low: float = max(math.floor(correction_dim(rope.beta_fast)), 0)
-        high: float = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:  # whole dimensions (transformers' default); gpt-oss keeps the fractions
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
@@ -105,34 +107,76 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                     scale: float, all_visible: bool = False) -> torch.Tensor:
+                     scale: float, all_visible: bool = False, window: int = 0,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, n, D], k [L, n_kv, D], v [L, n_kv, Dv], positions [T] -> [T, n * Dv].
 
     Key j is visible to query t iff j <= positions[t]; this also hides cache rows not yet written.
+    window > 0 (a sliding-window layer): also iff j > positions[t] - window.
     all_visible: the caller knows every key is visible to every query (one decoded token attending
-    over exactly the rows before it), so no mask is built.
+    over exactly the rows before it), so no mask is built (a window still masks).
+    sinks [n]: one more logit per head in each softmax (sink_attention); None: torch's fused SDPA.
     """
-    mask = None if all_visible else torch.arange(k.shape[0], device=q.device)[None, :] <= positions[:, None]
+    mask: torch.Tensor | None = None
+    if window or sinks is not None or not all_visible:
+        j = torch.arange(k.shape[0], device=q.device)[None, :]
+        mask = j <= positions[:, None]
+        if window:
+            mask = mask & (j > positions[:, None] - window)
+        if sinks is not None:
+            return sink_attention(q, k, v, mask, scale, sinks)
     # a batch of one: with 4-D inputs torch picks its fused (flash) CPU kernel, with 3-D its math one
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                          attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out[0].transpose(0, 1).reshape(q.shape[0], -1)  # [1, n, T, Dv] -> [T, n * Dv]
 
 
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                   sinks: torch.Tensor) -> torch.Tensor:
+    """Attention with a learned sink logit per head (gpt-oss), in plain torch: SDPA takes no extra
+    softmax column. q [T, n, D], k [L, n_kv, D], v [L, n_kv, Dv], mask [T, L] (True: visible),
+    sinks [n] -> [T, n * Dv]. As transformers' eager GptOss attention: the sink joins the softmax
+    after the row max is subtracted and is dropped before the weighted sum of the values."""
+    T, n, _ = q.shape
+    groups = n // k.shape[1]  # query head h reads kv head h // groups, as repeat_kv
+    qg = q.transpose(0, 1).unflatten(0, (k.shape[1], groups))  # [n_kv, g, T, D]
+    scores = torch.matmul(qg, k.permute(1, 2, 0)[:, None]) * scale  # [n_kv, g, T, L]
+    scores = scores.masked_fill(~mask, float("-inf")).flatten(0, 1)  # [n, T, L]
+    logits = torch.cat((scores, sinks.to(scores.dtype)[:, None, None].expand(n, T, 1)), dim=-1)
+    probs = (logits - logits.amax(dim=-1, keepdim=True)).softmax(dim=-1)[..., :-1]  # [n, T, L]
+    out = torch.matmul(probs.unflatten(0, (k.shape[1], groups)).to(v.dtype), v.transpose(0, 1)[:, None])
+    return out.flatten(0, 1).transpose(0, 1).reshape(T, -1)  # [n, T, Dv] -> [T, n * Dv]
+
+
 # -- MoE --------------------------------------------------------------------------------------
 
 
 def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int, norm_topk_prob: bool,
-          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+          scaling: float, bias: torch.Tensor | None = None, scoring: str = "softmax"
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] -> (weights [T, K] float32, expert ids [T, K]), sorted by weight, descending.
 
     Logits and softmax run in float32 (as DeepSeek does; identical for float32 models).
+    bias [E]: the router's bias, where it has one. scoring (model.moe.scoring): softmax, or
+    softmax_topk (route_topk_softmax).
     """
-    probs = F.linear(x.float(), router_w.float()).softmax(dim=-1)  # [T, E]
-    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if scoring == "softmax_topk":
+        weights, ids = route_topk_softmax(x, router_w, bias, top_k)
+    else:
+        logits = F.linear(x.float(), router_w.float(), None if bias is None else bias.float())  # [T, E]
+        weights, ids = torch.topk(logits.softmax(dim=-1), top_k, dim=-1)  # [T, K]
+        if norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
     return (weights * scaling if scaling != 1 else weights), ids
+
+
+def route_topk_softmax(x: torch.Tensor, router_w: torch.Tensor, bias: torch.Tensor | None, top_k: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss's router: the top-k of the logits (with the router's bias), then a softmax over
+    those k only, so the weights sum to 1. x [T, H] -> (weights [T, K] float32, ids [T, K])."""
+    logits = F.linear(x.float(), router_w.float(), None if bias is None else bias.float())  # [T, E]
+    top, ids = torch.topk(logits, top_k, dim=-1)  # [T, K], sorted descending
+    return top.softmax(dim=-1), ids
 
 
 def little_weights(weights: torch.Tensor, k: int) -> torch.Tensor:
