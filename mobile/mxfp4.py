@@ -35,8 +35,9 @@ def shapes(rows: int, cols: int, lead: tuple[int, ...] = ()) -> tuple[tuple[int,
 def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
            where: object | None = None, name: str | None = None) -> torch.Tensor:
     """blocks uint8 [..., R, G, 16], scales uint8 [..., R, G] -> values [..., R, G * 32] in `dtype`.
-    Decoded exactly in float32 (each value is a 2-bit mantissa times a power of two), then rounded
-    once to `dtype`. where, name: the file and matrix, for the error a NaN scale raises."""
+    Decoded exactly in float32 (each value is a 2-bit mantissa times a power of two; only the
+    largest scales overflow it, as they would bf16), then rounded once to `dtype`. where, name: the
+    file and matrix, for the error a NaN scale raises."""
     if bool((scales == SCALE_NAN).any()):
         raise CheckpointError("an MXFP4 scale is 255, which E8M0 defines as NaN: a corrupt checkpoint",
                               where=where, key=None if name is None else parts(name)[1])
