@@ -6,6 +6,8 @@
 out[t] = sum over k with slots[t, k] >= 0 of weights[t, k] * down(silu(x gate) * (x up)), where
 the slot's arena row holds gate_up [H, 2I] then down [I, H], input-major (mobile.moe.arena_views).
 mobile.moe.reference is the plain-torch reference they are tested against (tests/test_kernels.py).
+An ExpertMLP (`mlp`) may add what gpt-oss's experts compute: biases from the row (BIAS: gate_up's
+added to x gate_up, down's to the down product, both in float32) and the clamped SwiGLU (ACT 1).
 
 Packed experts (a mobile.quant.Layout: its q, scale and zero sections in one uint8 row per slot,
 see mobile/quant.py) are read as they are stored: `_weights` loads a tile's int8 values or int4
@@ -34,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mobile.moe import sort_by_slot
-from mobile.quant import Layout
+from mobile.moe import ExpertMLP, sort_by_slot
+from mobile.quant import Layout, native_bias_offsets
 
 DECODE_MAX_PAIRS = 64  # up to this many (token, expert) pairs the decode variant runs, beyond it the grouped one
 # Triton's CPU interpreter computes bf16 tl.dot wrongly (a 16x16 product is off by 1e10): there the
@@ -43,6 +45,7 @@ DECODE_MAX_PAIRS = 64  # up to this many (token, expert) pairs the decode varian
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 NATIVE, INT8, INT4 = 0, 1, 2  # the kernels' FMT
 FMT = {"native": NATIVE, "int8": INT8, "int4": INT4}
+ACT = {"swiglu": 0, "clamped_swiglu": 1}  # the kernels' ACT
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -57,6 +60,27 @@ def _matrix(arena_ptr, slot, stride_slot, q_off, scale_off, zero_off, FMT: tl.co
     else:
         f16 = tl.pointer_type(tl.float16)
         return row + q_off, (row + scale_off).to(f16), (row + zero_off).to(f16)
+
+
+@triton.jit
+def _bias(arena_ptr, slot, stride_slot, off, idx, mask, FMT: tl.constexpr):
+    """Entries idx of a bias vector at `off` in slot `slot`'s row, as float32: native, in the
+    arena's dtype (off in its elements); packed, float16 (off in bytes)."""
+    row = arena_ptr + slot.to(tl.int64) * stride_slot + off
+    if FMT != 0:
+        row = row.to(tl.pointer_type(tl.float16))
+    return tl.load(row + idx, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _activate(gate, up, alpha, limit, ACT: tl.constexpr):
+    """float32 gate and up -> the activations: silu(gate) * up, or (ACT 1) gpt-oss's clamped SwiGLU."""
+    if ACT == 1:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return gate * tl.sigmoid(gate * alpha) * (up + 1.0)
+    else:
+        return gate / (1.0 + tl.exp(-gate)) * up
 
 
 @triton.jit
@@ -87,7 +111,9 @@ def _weights(base, scale, zero, rows, cols, row_stride, mask, FMT: tl.constexpr,
 
 @triton.jit
 def _decode_up(x_ptr, slots_ptr, arena_ptr, act_ptr, H, I, K, stride_x, stride_slot, q_off, scale_off, zero_off,
-               BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr):
+               bias_off, alpha, limit,
+               BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+               BIAS: tl.constexpr, ACT: tl.constexpr):
     pair = tl.program_id(0)
     slot = tl.load(slots_ptr + pair)
     if slot >= 0:
@@ -105,14 +131,18 @@ def _decode_up(x_ptr, slots_ptr, arena_ptr, act_ptr, H, I, K, stride_x, stride_s
             gate += tl.sum(_weights(q, s, z, rows, cols, 2 * I, m, FMT, GROUP).to(tl.float32) * xv, axis=0)
             up += tl.sum(_weights(q + I, s + I, z + I, rows, cols, 2 * I, m, FMT, GROUP).to(tl.float32) * xv,
                          axis=0)
-        act = gate / (1.0 + tl.exp(-gate)) * up
+        if BIAS:
+            gate += _bias(arena_ptr, slot, stride_slot, bias_off, cols, cmask, FMT)
+            up += _bias(arena_ptr, slot, stride_slot, bias_off, cols + I, cmask, FMT)
+        act = _activate(gate, up, alpha, limit, ACT)
         tl.store(act_ptr + pair * I + cols, act, mask=cmask)
 
 
 @triton.jit
 def _decode_down(act_ptr, slots_ptr, weights_ptr, arena_ptr, out_ptr, H, I, K, stride_slot, stride_out,
-                 q_off, scale_off, zero_off,
-                 BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr):
+                 q_off, scale_off, zero_off, bias_off,
+                 BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+                 BIAS: tl.constexpr):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
@@ -129,15 +159,17 @@ def _decode_down(act_ptr, slots_ptr, weights_ptr, arena_ptr, out_ptr, H, I, K, s
                 a = tl.load(act_ptr + pair * I + rows, mask=rmask, other=0.0)[:, None]
                 w = _weights(q, s, z, rows, cols, H, rmask[:, None] & cmask[None, :], FMT, GROUP)
                 part += tl.sum(w.to(tl.float32) * a, axis=0)
+            if BIAS:
+                part += _bias(arena_ptr, slot, stride_slot, bias_off, cols, cmask, FMT)
             acc += tl.load(weights_ptr + pair).to(tl.float32) * part
     tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
 def _grouped_up(x_ptr, pairs_ptr, block_slot_ptr, arena_ptr, act_ptr, P, H, I, K, stride_x, stride_slot,
-                q_off, scale_off, zero_off,
+                q_off, scale_off, zero_off, bias_off, alpha, limit,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                DOT: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr):
+                DOT: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr):
     block = tl.program_id(0)
     slot = tl.load(block_slot_ptr + block)
     if slot >= 0:
@@ -159,15 +191,18 @@ def _grouped_up(x_ptr, pairs_ptr, block_slot_ptr, arena_ptr, act_ptr, P, H, I, K
                         other=0.0).to(DOT)
             gate = tl.dot(a, wg, gate, input_precision=PRECISION)
             up = tl.dot(a, wu, up, input_precision=PRECISION)
-        act = gate / (1.0 + tl.exp(-gate)) * up
+        if BIAS:
+            gate += _bias(arena_ptr, slot, stride_slot, bias_off, cols, cmask, FMT)[None, :]
+            up += _bias(arena_ptr, slot, stride_slot, bias_off, cols + I, cmask, FMT)[None, :]
+        act = _activate(gate, up, alpha, limit, ACT)
         tl.store(act_ptr + pair[:, None] * I + cols[None, :], act, mask=pmask[:, None] & cmask[None, :])
 
 
 @triton.jit
 def _grouped_down(act_ptr, pairs_ptr, block_slot_ptr, weights_ptr, arena_ptr, y_ptr, P, H, I, stride_slot,
-                  q_off, scale_off, zero_off,
+                  q_off, scale_off, zero_off, bias_off,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                  DOT: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr):
+                  DOT: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, BIAS: tl.constexpr):
     block = tl.program_id(0)
     slot = tl.load(block_slot_ptr + block)
     if slot >= 0:
@@ -184,6 +219,8 @@ def _grouped_down(act_ptr, pairs_ptr, block_slot_ptr, weights_ptr, arena_ptr, y_
             a = tl.load(act_ptr + pair[:, None] * I + kk[None, :], mask=pmask[:, None] & kmask[None, :],
                         other=0.0).to(DOT)
             acc = tl.dot(a, wd, acc, input_precision=PRECISION)
+        if BIAS:
+            acc += _bias(arena_ptr, slot, stride_slot, bias_off, cols, cmask, FMT)[None, :]
         w = tl.load(weights_ptr + pair, mask=pmask, other=0.0).to(tl.float32)
         tl.store(y_ptr + pair[:, None] * H + cols[None, :], acc * w[:, None], mask=pmask[:, None] & cmask[None, :])
 
@@ -210,30 +247,38 @@ def align(slots: torch.Tensor, num_slots: int, block_m: int) -> tuple[torch.Tens
     return sorted_pairs[:dump], torch.where(block_slot < S, block_slot, -1).to(torch.int32)
 
 
-def _sections(H: int, inter: int, layout: Layout | None) -> tuple[tuple[int, int, int], ...]:
-    """(q, scale, zero) offsets of gate_up and of down within a slot's row: native, in the arena's
-    elements (scale and zero unused); packed, in bytes (zero = q where the format has none)."""
+def _sections(H: int, inter: int, layout: Layout | None, bias: bool) -> tuple[tuple[int, int, int, int], ...]:
+    """(q, scale, zero, bias) offsets of gate_up and of down within a slot's row: native, in the
+    arena's elements (scale and zero unused); packed, in bytes (zero = q where the format has none);
+    bias 0 (unused) without biases."""
     if layout is None:
-        return (0, 0, 0), (2 * H * inter,) * 3
+        gu_bias, d_bias = native_bias_offsets(H, inter) if bias else (0, 0)
+        return (0, 0, 0, gu_bias), (2 * H * inter,) * 3 + (d_bias,)
     sec = layout.sections
-    return tuple((sec[f"{m}.q"].offset, sec[f"{m}.scale"].offset, sec.get(f"{m}.zero", sec[f"{m}.q"]).offset)
-                 for m in ("gate_up", "down"))
+    return tuple((sec[f"{m}.q"].offset, sec[f"{m}.scale"].offset, sec.get(f"{m}.zero", sec[f"{m}.q"]).offset,
+                  sec[f"{m}.bias"].offset if bias else 0) for m in ("gate_up", "down"))
 
 
 def experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena: torch.Tensor,
-            variant: str | None = None, block: int | None = None, layout: Layout | None = None) -> torch.Tensor:
+            variant: str | None = None, block: int | None = None, layout: Layout | None = None,
+            mlp: ExpertMLP | None = None) -> torch.Tensor:
     """variant: "decode" or "grouped" (default: by the number of pairs). block: the main block
-    size (tests shrink it to exercise the masks). layout: None, arena is native [S, 3*H*I]; a
-    packed Layout (int8, int4), arena is its rows [S, layout.row_bytes] uint8."""
+    size (tests shrink it to exercise the masks). layout: None, arena is native [S, row]; a
+    packed Layout (int8, int4), arena is its rows [S, layout.row_bytes] uint8. mlp: what an expert
+    computes (default: SwiGLU without biases; a native arena's I then follows from its rows)."""
     T, K = slots.shape
     H = x.shape[1]
     if layout is None or layout.fmt == "native":
-        layout, inter, fmt, group = None, arena.shape[1] // (3 * H), NATIVE, 0
+        mlp = mlp or ExpertMLP.of_arena(arena, H)
+        layout, fmt, group = None, NATIVE, 0
     else:
         assert layout.hidden == H and arena.dtype == torch.uint8 and arena.shape[1] == layout.row_bytes, \
             f"a packed arena is [S, {layout.row_bytes}] uint8 for {layout}, got {list(arena.shape)} {arena.dtype}"
-        inter, fmt, group = layout.inter, FMT[layout.fmt], layout.group
-    (up_q, up_s, up_z), (down_q, down_s, down_z) = _sections(H, inter, layout)
+        mlp = mlp or ExpertMLP(H, layout.inter, layout.bias)
+        fmt, group = FMT[layout.fmt], layout.group
+        assert layout.bias == mlp.bias, "the layout and the expert MLP disagree on biases"
+    inter, bias, act_kind, alpha, limit = mlp.inter, mlp.bias, ACT[mlp.act], mlp.alpha, mlp.limit
+    (up_q, up_s, up_z, up_b), (down_q, down_s, down_z, down_b) = _sections(H, inter, layout, bias)
     x, weights, arena = x.contiguous(), weights.contiguous(), arena.contiguous()
     slots = slots.to(torch.int32).contiguous()
     variant = variant or ("decode" if T * K <= DECODE_MAX_PAIRS else "grouped")
@@ -242,10 +287,11 @@ def experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena: 
         out = torch.empty_like(x)
         b = block or 64
         _decode_up[(T * K, triton.cdiv(inter, b))](x, slots, arena, act, H, inter, K, x.stride(0), arena.stride(0),
-                                                   up_q, up_s, up_z, BLOCK_H=b, BLOCK_I=b, FMT=fmt, GROUP=group)
+                                                   up_q, up_s, up_z, up_b, alpha, limit, BLOCK_H=b, BLOCK_I=b,
+                                                   FMT=fmt, GROUP=group, BIAS=bias, ACT=act_kind)
         _decode_down[(T, triton.cdiv(H, b))](act, slots, weights, arena, out, H, inter, K, arena.stride(0),
-                                             out.stride(0), down_q, down_s, down_z, BLOCK_H=b, BLOCK_I=b,
-                                             FMT=fmt, GROUP=group)
+                                             out.stride(0), down_q, down_s, down_z, down_b, BLOCK_H=b, BLOCK_I=b,
+                                             FMT=fmt, GROUP=group, BIAS=bias)
         return out
     bm, bn, bk = 16, block or 64, block or 64
     pairs, block_slot = align(slots, arena.shape[0], bm)
@@ -255,10 +301,11 @@ def experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena: 
     dot = tl.float32 if INTERPRETED and dot == torch.bfloat16 else TL_DTYPE[dot]
     act = torch.empty(T * K, inter, dtype=torch.float32, device=x.device)
     _grouped_up[(block_slot.numel(), triton.cdiv(inter, bn))](
-        x, pairs, block_slot, arena, act, T * K, H, inter, K, x.stride(0), arena.stride(0), up_q, up_s, up_z,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, DOT=dot, FMT=fmt, GROUP=group)
+        x, pairs, block_slot, arena, act, T * K, H, inter, K, x.stride(0), arena.stride(0), up_q, up_s, up_z, up_b,
+        alpha, limit, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, DOT=dot, FMT=fmt, GROUP=group,
+        BIAS=bias, ACT=act_kind)
     y = torch.zeros(T * K, H, dtype=torch.float32, device=x.device)
     _grouped_down[(block_slot.numel(), triton.cdiv(H, bn))](
-        act, pairs, block_slot, weights, arena, y, T * K, H, inter, arena.stride(0), down_q, down_s, down_z,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, DOT=dot, FMT=fmt, GROUP=group)
+        act, pairs, block_slot, weights, arena, y, T * K, H, inter, arena.stride(0), down_q, down_s, down_z, down_b,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, DOT=dot, FMT=fmt, GROUP=group, BIAS=bias)
     return y.view(T, K, H).sum(dim=1).to(x.dtype)

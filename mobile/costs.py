@@ -15,11 +15,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def expert_bytes(spec: Spec) -> int:
-    """Bytes of one routed expert (gate, up, down) in its format (the spec's dtype, or packed:
-    mobile.quant): the unit a fetch moves and a cache slot holds."""
+    """Bytes of one routed expert's row (gate, up, down, and their biases where the family has them)
+    in its format (the spec's dtype, or packed: mobile.quant): the unit a fetch moves and a cache
+    slot holds."""
     m = spec.model
     return row_bytes(spec.runtime.expert_format, spec.expert_group, m.hidden_size, m.moe.intermediate_size,
-                     DTYPE_BYTES[spec.dtype])
+                     DTYPE_BYTES[spec.dtype], m.moe.expert_bias)
 
 
 def native_expert_bytes(spec: Spec) -> int:

@@ -129,7 +129,8 @@ class Kernels:
         w = self.w[("router", layer)]
         correction = self.w[("router_correction", layer)] if node.attr("correction_bias") else None
         scoring = (node.attr("scoring", "softmax"), correction, node.attr("n_group", 1), node.attr("topk_group", 1))
-        return lambda x: ops.route(x, w, top_k, norm, scaling, *scoring)
+        bias = self.w.get(("router_bias", layer))  # gpt-oss's router is a linear layer with a bias
+        return lambda x: ops.route(x, w, top_k, norm, scaling, *scoring, bias=bias)
 
     def _router(self, node: Node) -> Kernel:
         route = self._route(node, node.attr("top_k"), bool(node.attr("norm_topk_prob")),
@@ -199,7 +200,7 @@ class Kernels:
         return lambda ctx, little, big: big if big is not None else little
 
     def _predict(self, node: Node) -> Kernel:
-        # the layer's own choice (its correction bias and groups too), from the previous layer's state
+        # the layer's own choice (its bias, correction bias and groups too), from the previous layer's state
         route = self._route(node, node.attr("top_k"))
         return lambda ctx, x: route(x)[1]
 
@@ -213,8 +214,8 @@ class Kernels:
             return lambda ctx, x: ops.swiglu(x, gate, up, down)
         rule, n, tau, rescale, cached = expert_rule(node)
         arena = self.experts.arena(layer)
-        # the arena's format (mobile.quant): packed rows are dequantized inside the op
-        fmt = (self.spec.runtime.expert_format, self.spec.expert_group, self.spec.model.moe.intermediate_size)
+        # the arena's format (mobile.quant: packed rows are dequantized inside the op) and what an expert computes
+        fmt = moe.spec_args(self.spec)
         op = torch.ops.mobile.moe_experts
         resident_map = self.experts.slot_map(layer)  # used when the graph has no wait (nothing moves)
         track = self.experts.track_use
@@ -241,10 +242,12 @@ class Kernels:
         if node.attr("kind") == "mla":
             return self._mla(layer)
         a, eps = self.spec.model.attention, self.spec.model.norm_eps
-        w: dict[str, Any] = {k: self.w.get((k, layer)) for k in ("qkv_proj", "qkv_bias", "o_proj", "q_norm", "k_norm")}
+        keys = ("qkv_proj", "qkv_bias", "o_proj", "o_bias", "q_norm", "k_norm", "sinks")
+        w: dict[str, Any] = {k: self.w.get((k, layer)) for k in keys}
         cache = self.kv.layers[layer]
         n, n_kv, d = a.num_heads, a.num_kv_heads, a.head_dim
         interleaved, scale, clip = self.spec.model.rope.interleaved, self.attn_scale, a.clip_qkv
+        window = self.spec.sliding_window(layer)
 
         def attention(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
             T = x.shape[0]
@@ -260,8 +263,8 @@ class Kernels:
             cache.k.index_copy_(0, ctx.positions, k)
             cache.v.index_copy_(0, ctx.positions, v)
             out = ops.causal_attention(q, cache.k[: ctx.kv_len], cache.v[: ctx.kv_len], ctx.positions, scale,
-                                       ctx.all_visible)
-            return F.linear(out, w["o_proj"])
+                                       ctx.all_visible, window, w["sinks"])
+            return F.linear(out, w["o_proj"], w["o_bias"])
 
         return attention
 

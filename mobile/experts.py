@@ -6,7 +6,7 @@ An expert set is what the graph's fetch, wait, prefetch and expert nodes talk to
     wait(handle)             -> slot map  the fetched experts are usable now (a Rounds object when a
                                           prompt needs more experts than the layer's cache holds)
     prefetch(layer, ids)                  a low-priority hint: stage these experts (mobile.slots)
-    arena(layer)             -> [S, 3*H*I] the device slot storage the expert op reads
+    arena(layer)             -> [S, row] the device slot storage the expert op reads
     note_route(layer, ids, K)             the router's big set (flat, K per token), for the big-only estimate
 
 The slot map lives on the device. The cache manager keeps its own record of it on the host (pinned
@@ -20,26 +20,31 @@ An expert is stored input-major (mobile.moe.arena_views: gate_up [H, 2I], then d
 contiguous row of the host store and of the device arena, so it moves as one copy: in the spec's
 dtype, or with runtime.expert_format int8 / int4 as packed bytes, weights plus scales and zeros
 (mobile.quant), which the expert op dequantizes as it computes. Cache slots hold packed rows, so
-a byte budget holds about 4x more int4 experts than bf16 ones.
+a byte budget holds about 4x more int4 experts than bf16 ones. Experts with biases (gpt-oss) carry
+them in the same row, after the matrices, so they move and are cached with their expert. Whatever
+a checkpoint's storage (one tensor per expert, or gpt-oss's fused, interleaved and possibly MXFP4
+tensors: mobile.families.EXPERT_STORAGE), `expert_matrices` hands the loader canonical matrices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from mobile import quant
+from mobile import mxfp4, quant
 from mobile.budget import CachePlan
 from mobile.costs import expert_bytes
+from mobile.families import expert_storage, tensor_names
 from mobile.hoststore import HostStore
-from mobile.moe import arena_views, decode_status
+from mobile.moe import ExpertMLP, arena_views, bias_views, decode_status
 from mobile.quantize import load_packed_expert
 from mobile.slots import Eviction, SlotTable
 from mobile.spec import Spec
 from mobile.stats import Stats
 from mobile.transfer import DEMAND, PREFETCH, CopyEngine, CopyJob, LinkModel
-from mobile.weights import WeightStore, expert_tensor_names
+from mobile.weights import EXPERT_PROJECTIONS, FUSED_BIASES, FUSED_MATRICES, WeightStore, expert_tensor_names
 
 SHADOW_BATCH = 64  # forwards the big-only estimate buffers before it replays them
 
@@ -47,34 +52,76 @@ SHADOW_BATCH = 64  # forwards the big-only estimate buffers before it replays th
 def load_expert_rows(spec: Spec, store: WeightStore, layer: int, dtype: torch.dtype, pin: bool = False
                      ) -> torch.Tensor:
     """All experts of one layer in the spec's expert format, one row each, in host memory: native,
-    [E, 3*H*I] in `dtype` (mobile.moe.arena_views); int8 / int4, [E, row_bytes] uint8 (mobile.quant),
-    read packed from a quantized checkpoint or quantized now from a native one."""
+    [E, native_row_elems] in `dtype` (mobile.moe.arena_views, biases after the matrices); int8 /
+    int4, [E, row_bytes] uint8 (mobile.quant), read packed from a quantized checkpoint or quantized
+    now from a native (or MXFP4) one."""
     moe, h = spec.model.moe, spec.model.hidden_size
     i = moe.intermediate_size
-    experts = expert_tensor_names(spec, layer)
     if spec.runtime.expert_format != "native":
         layout = expert_layout(spec)
         rows = torch.empty(moe.num_experts, layout.row_bytes, dtype=torch.uint8, pin_memory=pin)
-        for e, tensors in enumerate(experts):
-            if store.expert_format is not None:
+        if store.expert_format is not None:
+            for e, tensors in enumerate(expert_tensor_names(spec, layer)):
                 rows[e] = load_packed_expert(spec, store, layout, tensors)
-            else:
-                rows[e] = quant.quantize_expert(layout, *(store.get(n) for n in tensors.values()))
+        else:
+            for e, (gate_up, down, biases) in enumerate(expert_matrices(spec, store, layer)):
+                rows[e] = quant.quantize_matrices(layout, gate_up, down, biases)
         return rows
-    rows = torch.empty(moe.num_experts, 3 * i * h, dtype=dtype, pin_memory=pin)
-    gate_up, down = arena_views(rows, h)
-    for e, tensors in enumerate(experts):
-        # checkpoints store [out, in] (applied as W x); the arena stores [in, out] (applied as x @ W)
-        gate_up[e, :, :i].copy_(store.get(tensors["expert_gate"]).T)
-        gate_up[e, :, i:].copy_(store.get(tensors["expert_up"]).T)
-        down[e].copy_(store.get(tensors["expert_down"]).T)
+    rows = torch.empty(moe.num_experts, quant.native_row_elems(h, i, moe.expert_bias), dtype=dtype, pin_memory=pin)
+    rows[:, 3 * h * i + (2 * i + h if moe.expert_bias else 0):].zero_()  # the padding (quant.native_row_elems)
+    gate_up, down = arena_views(rows, h, i)
+    mlp = ExpertMLP(h, i, moe.expert_bias)
+    for e, (gu, d, biases) in enumerate(expert_matrices(spec, store, layer)):
+        gate_up[e].copy_(gu)
+        down[e].copy_(d)
+        for view, b in zip(bias_views(rows, mlp) if biases else (), biases or (), strict=True):
+            view[e].copy_(b)
     return rows
+
+
+ExpertTensors = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
+
+
+def expert_matrices(spec: Spec, store: WeightStore, layer: int) -> Iterator[ExpertTensors]:
+    """A layer's routed experts one at a time, whatever the checkpoint's storage
+    (mobile.families.EXPERT_STORAGE), as mobile's canonical input-major matrices: (gate_up [H, 2I],
+    gate columns then up columns; down [I, H]; with model.moe.expert_bias, (gate_up's [2I], down's
+    [H]) biases, else None). Native tensors come as stored (views where they can be); MXFP4 ones
+    decoded to float32 (mobile.mxfp4)."""
+    if expert_storage(spec.model.family) == "per_expert":
+        for t in expert_tensor_names(spec, layer):
+            gate, up, down = (store.get(t[p]) for p in EXPERT_PROJECTIONS)  # [out, in], as nn.Linear
+            yield torch.cat((gate.T, up.T), dim=1), down.T, None
+        return
+    names = tensor_names(spec.model.family, spec.checkpoint.tensor_names)
+    fused = {key: names[key].format(layer=layer) for key in (*FUSED_MATRICES, *FUSED_BIASES)}
+    # each tensor opened once (a memory-mapped view), each expert's slice read as it is needed
+    if store.mxfp4:
+        parts = {key: [store.get(n) for n in mxfp4.parts(fused[key])] for key in FUSED_MATRICES}
+
+        def matrix(key: str, e: int) -> torch.Tensor:  # stored [E, out, in]
+            blocks, scales = (t[e] for t in parts[key])
+            return mxfp4.decode(blocks, scales, where=store.dir, name=fused[key]).T
+    else:
+        dense = {key: store.get(fused[key]) for key in FUSED_MATRICES}
+
+        def matrix(key: str, e: int) -> torch.Tensor:  # stored [E, in, out]
+            return dense[key][e]
+    gu_bias, down_bias = (store.get(fused[k]) for k in FUSED_BIASES) if spec.model.moe.expert_bias else (None, None)
+    for e in range(spec.model.moe.num_experts):
+        gate_up = matrix("experts_gate_up", e)
+        # the checkpoint interleaves gate and up columns (gate = 0::2, up = 1::2); mobile keeps them apart
+        canonical = torch.cat((gate_up[:, 0::2], gate_up[:, 1::2]), dim=1)
+        biases = None
+        if gu_bias is not None and down_bias is not None:
+            biases = torch.cat((gu_bias[e, 0::2], gu_bias[e, 1::2])), down_bias[e]
+        yield canonical, matrix("experts_down", e), biases
 
 
 def expert_layout(spec: Spec) -> quant.Layout:
     """The packed layout of the spec's int8 / int4 experts."""
     return quant.Layout(spec.runtime.expert_format, spec.expert_group, spec.model.hidden_size,
-                        spec.model.moe.intermediate_size)
+                        spec.model.moe.intermediate_size, spec.model.moe.expert_bias)
 
 
 @dataclass

@@ -71,6 +71,18 @@ TENSOR_NAMES: dict[str, dict[str, str]] = {
         "shared_up": _LAYER + ".mlp.shared_experts.up_proj.weight",
         "shared_down": _LAYER + ".mlp.shared_experts.down_proj.weight",
     },
+    # fused experts (EXPERT_STORAGE), so none of the per-expert templates
+    "gpt_oss": {
+        **{k: v for k, v in _COMMON.items() if not k.startswith("expert_")},
+        "o_bias": _ATTN + ".o_proj.bias",
+        "sinks": _ATTN + ".sinks",
+        "router": _LAYER + ".mlp.router.weight",
+        "router_bias": _LAYER + ".mlp.router.bias",
+        "experts_gate_up": _LAYER + ".mlp.experts.gate_up_proj",
+        "experts_gate_up_bias": _LAYER + ".mlp.experts.gate_up_proj_bias",
+        "experts_down": _LAYER + ".mlp.experts.down_proj",
+        "experts_down_bias": _LAYER + ".mlp.experts.down_proj_bias",
+    },
 }
 # DeepSeek-V3 is V2's layout plus the router's correction bias; GLM-4.5 is the common layout plus
 # V2's shared experts and that bias
@@ -79,11 +91,24 @@ TENSOR_NAMES["deepseek_v3"] = {**TENSOR_NAMES["deepseek_v2"], **_CORRECTION}
 _SHARED_EXPERTS = {k: v for k, v in TENSOR_NAMES["deepseek_v2"].items() if k.startswith("shared_")}
 TENSOR_NAMES["glm4_moe"] = {**_COMMON, **_SHARED_EXPERTS, **_CORRECTION}
 
+# How a family's checkpoints store a layer's routed experts. per_expert: three [out, in] matrices
+# per expert (expert_gate, expert_up, expert_down). fused_interleaved (gpt-oss): one tensor per
+# projection for all experts, input-major: experts_gate_up [E, H, 2I] whose gate and up columns
+# alternate (gate = [..., 0::2], up = [..., 1::2]), experts_down [E, I, H], and their biases
+# [E, 2I] (interleaved likewise) and [E, H]; published checkpoints hold the two matrices as MXFP4
+# (P_blocks, P_scales: mobile.mxfp4). The loader turns either into mobile's canonical expert rows.
+EXPERT_STORAGE = {"gpt_oss": "fused_interleaved"}
+
+
+def expert_storage(family: str) -> str:
+    return EXPERT_STORAGE.get(family, "per_expert")
+
+
 # config.json's model_type -> family. Kimi-K2 is DeepSeek-V3's architecture under a name of its own
 # (transformers reads and writes it as deepseek_v3)
 MODEL_TYPES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe",
                "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3",
-               "glm4_moe": "glm4_moe"}
+               "glm4_moe": "glm4_moe", "gpt_oss": "gpt_oss"}
 
 
 def tensor_names(family: str, overrides: dict[str, str]) -> dict[str, str]:
@@ -103,7 +128,7 @@ def _rope(cfg: dict, where: str, interleaved: bool) -> dict[str, Any]:
     merged = {**scaling, **params}
     out: dict[str, Any] = {"theta": float(theta), "type": rope_type, "interleaved": interleaved}
     for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-                "mscale_all_dim"):
+                "mscale_all_dim", "truncate"):
         if merged.get(key) is not None:
             out[key] = merged[key]
     return out
@@ -222,6 +247,8 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         # transformers' Glm4MoeConfig rotates half of each head unless the config says otherwise
         partial_rotary = float((cfg.get("rope_parameters") or {}).get(
             "partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5)))
+    elif family == "gpt_oss":
+        _gpt_oss(cfg, where, g, model, attention, moe)
     if family in ("deepseek_v3", "glm4_moe") and not moe["dense_layers"]:
         model["intermediate_size"] = 0
     model["attention"] = attention
@@ -283,6 +310,31 @@ def _refuse_v3_variants(cfg: dict, g: Callable[..., Any], where: str) -> None:
                         key="rope_interleave")
     if g("attention_bias", False):
         raise SpecError("attention biases are not supported with MLA attention", where=where, key="attention_bias")
+
+
+def _gpt_oss(cfg: dict, where: str, g, model: dict, attention: dict, moe: dict) -> None:
+    """gpt-oss: a router with a bias and a softmax over its top-k logits; experts with biases and
+    the clamped SwiGLU; attention with q/k/v/o biases, sinks, and sliding-window layers."""
+    layers = model["num_layers"]
+    # transformers' default when a config lists no layer_types: even layers slide, odd ones are full
+    types = g("layer_types", ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
+    if not isinstance(types, list) or len(types) != layers:
+        raise SpecError(f"expected a list of {layers} layer types (num_hidden_layers), got {types!r:.80}",
+                        where=where, key="layer_types")
+    for i, kind in enumerate(types):
+        if kind not in ("sliding_attention", "full_attention"):
+            raise SpecError(f"expected 'sliding_attention' or 'full_attention', got {kind!r}", where=where,
+                            key=f"layer_types[{i}]")
+    sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    bias = bool(g("attention_bias", True))
+    attention.update(qkv_bias=bias, o_bias=bias, sinks=True, sliding_layers=sliding,
+                     sliding_window=g("sliding_window") if sliding else 0)
+    moe.update(num_experts=g("num_local_experts"), intermediate_size=g("intermediate_size"),
+               scoring="softmax_topk", norm_topk_prob=False, router_bias=True, expert_bias=True,
+               # configs written before transformers made alpha a config field have none: 1.702 was fixed
+               activation="clamped_swiglu", swiglu_alpha=float(g("swiglu_alpha", 1.702)),
+               swiglu_limit=float(g("swiglu_limit")))
+    model["intermediate_size"] = 0
 
 
 def _expert_format(config: Path, cfg: dict) -> dict[str, Any]:

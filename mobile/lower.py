@@ -173,8 +173,8 @@ def _scoring_attrs(spec: Spec) -> dict[str, object]:
     """How a router node (and a prediction of it) chooses experts, where that is not the softmax
     default (mobile.ops.route): the attrs of a softmax router stay as they were."""
     moe = spec.model.moe
-    if moe.scoring == "softmax":
-        return {}
+    if moe.scoring != "sigmoid":
+        return {} if moe.scoring == "softmax" else {"scoring": moe.scoring}
     return {"scoring": moe.scoring, "correction_bias": moe.correction_bias, "n_group": moe.n_group,
             "topk_group": moe.topk_group}
 

@@ -28,6 +28,14 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's expert activation, as transformers' GptOssExperts computes it: the gate clamped
+    from above, up from both sides, then gate * sigmoid(alpha * gate) * (up + 1)."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(-limit, limit)
+    return gate * torch.sigmoid(gate * alpha) * (up + 1)
+
+
 # -- rope -------------------------------------------------------------------------------------
 
 
@@ -58,8 +66,10 @@ def rope_inv_freq(rope: RopeSpec, dim: int, max_position_embeddings: int) -> tup
         def correction_dim(rotations: float) -> float:
             return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
-        low: float = max(math.floor(correction_dim(rope.beta_fast)), 0)
-        high: float = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:  # whole dimensions (transformers' default); gpt-oss keeps the fractions
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
@@ -105,18 +115,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                     scale: float, all_visible: bool = False) -> torch.Tensor:
+                     scale: float, all_visible: bool = False, window: int = 0,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, n, D], k [L, n_kv, D], v [L, n_kv, Dv], positions [T] -> [T, n * Dv].
 
     Key j is visible to query t iff j <= positions[t]; this also hides cache rows not yet written.
+    window > 0 (a sliding-window layer): also iff j > positions[t] - window.
     all_visible: the caller knows every key is visible to every query (one decoded token attending
-    over exactly the rows before it), so no mask is built.
+    over exactly the rows before it), so no mask is built (a window still masks).
+    sinks [n]: one more logit per head in each softmax (sink_attention); None: torch's fused SDPA.
     """
-    mask = None if all_visible else torch.arange(k.shape[0], device=q.device)[None, :] <= positions[:, None]
+    mask: torch.Tensor | None = None
+    if window or sinks is not None or not all_visible:
+        j = torch.arange(k.shape[0], device=q.device)[None, :]
+        mask = j <= positions[:, None]
+        if window:
+            mask = mask & (j > positions[:, None] - window)
+        if sinks is not None:
+            return sink_attention(q, k, v, mask, scale, sinks)
     # a batch of one: with 4-D inputs torch picks its fused (flash) CPU kernel, with 3-D its math one
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                          attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out[0].transpose(0, 1).reshape(q.shape[0], -1)  # [1, n, T, Dv] -> [T, n * Dv]
+
+
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                   sinks: torch.Tensor) -> torch.Tensor:
+    """Attention with a learned sink logit per head (gpt-oss), in plain torch: SDPA takes no extra
+    softmax column. q [T, n, D], k [L, n_kv, D], v [L, n_kv, Dv], mask [T, L] (True: visible),
+    sinks [n] -> [T, n * Dv]. As transformers' eager GptOss attention: the sink joins the softmax
+    after the row max is subtracted and is dropped before the weighted sum of the values."""
+    T, n, _ = q.shape
+    groups = n // k.shape[1]  # query head h reads kv head h // groups, as repeat_kv
+    qg = q.transpose(0, 1).unflatten(0, (k.shape[1], groups))  # [n_kv, g, T, D]
+    scores = torch.matmul(qg, k.permute(1, 2, 0)[:, None]) * scale  # [n_kv, g, T, L]
+    scores = scores.masked_fill(~mask, float("-inf")).flatten(0, 1)  # [n, T, L]
+    logits = torch.cat((scores, sinks.to(scores.dtype)[:, None, None].expand(n, T, 1)), dim=-1)
+    probs = (logits - logits.amax(dim=-1, keepdim=True)).softmax(dim=-1)[..., :-1]  # [n, T, L]
+    out = torch.matmul(probs.unflatten(0, (k.shape[1], groups)).to(v.dtype), v.transpose(0, 1)[:, None])
+    return out.flatten(0, 1).transpose(0, 1).reshape(T, -1)  # [n, T, Dv] -> [T, n * Dv]
 
 
 # -- MoE --------------------------------------------------------------------------------------
@@ -124,17 +161,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
 
 def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float,
           scoring: str = "softmax", correction: torch.Tensor | None = None, n_group: int = 1,
-          topk_group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+          topk_group: int = 1, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] -> (weights [T, K] float32, expert ids [T, K]), in selection order: by weight,
     descending; with a correction bias (sigmoid scoring), by corrected score, which the weights need
     not follow. The first little_k are the little set, so the big-little policies act on the order
     the model chooses in.
 
-    scoring (mobile.spec.MoESpec): softmax, or sigmoid with its correction bias [E] and groups
-    (sigmoid_topk). Logits and scores run in float32, as DeepSeek does (identical for float32 models);
-    the renormalization and the routed scaling follow the choice, as in transformers' routers.
+    scoring (mobile.spec.MoESpec): softmax; sigmoid with its correction bias [E] and groups
+    (sigmoid_topk); or softmax_topk (route_topk_softmax). bias [E]: the router's own bias, where it
+    has one (gpt-oss). Logits and scores run in float32, as DeepSeek does (identical for float32
+    models); the renormalization and the routed scaling follow the choice, as in transformers' routers.
     """
-    logits = F.linear(x.float(), router_w.float())  # [T, E]
+    logits = F.linear(x.float(), router_w.float(), None if bias is None else bias.float())  # [T, E]
+    if scoring == "softmax_topk":
+        weights, ids = route_topk_softmax(logits, top_k)
+        return (weights * scaling if scaling != 1 else weights), ids
     if scoring == "sigmoid":
         weights, ids = sigmoid_topk(logits, top_k, correction, n_group, topk_group)
     else:
@@ -162,6 +203,13 @@ def sigmoid_topk(logits: torch.Tensor, top_k: int, correction: torch.Tensor | No
         choice = choice.masked_fill(~allowed.repeat_interleave(E // n_group, dim=1), float("-inf"))
     ids = torch.topk(choice, top_k, dim=-1).indices  # [T, K], best corrected score first
     return scores.gather(1, ids), ids
+
+
+def route_topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss's router choice: the top-k of the logits (its bias included), then a softmax over
+    those k only, so the weights sum to 1. logits [T, E] -> (weights [T, K] float32, ids [T, K])."""
+    top, ids = torch.topk(logits, top_k, dim=-1)  # [T, K], sorted descending
+    return top.softmax(dim=-1), ids
 
 
 def little_weights(weights: torch.Tensor, k: int) -> torch.Tensor:

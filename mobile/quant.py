@@ -10,8 +10,11 @@ starting at a multiple of 16 bytes (ALIGN):
     down.q         the down matrix, input-major [I, H]
     down.scale     float16 [I/G, H]
     down.zero      float16 [I/G, H]   (int4 only)
+    gate_up.bias   float16 [1, 2I]    (experts with biases only: gpt-oss)
+    down.bias      float16 [1, H]     (likewise)
 
 H = hidden size, I = expert intermediate size, G = the group size along the input dimension.
+Biases are not quantized: they are few, and a bias error shifts every output alike.
 - int8: q is int8 [in, out]; w = q * scale (symmetric, q in [-127, 127]). G = 0 means one group of
   all input rows: one scale per output column.
 - int4: q is uint8 [in/2, out]; byte r holds input rows 2r (low nibble) and 2r + 1 (high nibble),
@@ -22,6 +25,11 @@ A quantized checkpoint (`mobile quantize`) stores these sections per expert and 
 tensors named after the native weight: `...gate_proj.qweight` (q), `.scales`, `.zeros`, each
 input-major, so that loading only concatenates the gate and up columns. Quantizing at load
 (`--expert-format int4` on a native checkpoint) runs the same `quantize`, byte for byte.
+
+A native row (the spec's dtype, `native_row_elems`) is gate_up [H, 2I] then down [I, H]; with
+biases, gate_up's [2I] and down's [H] follow, and the row is padded to a whole number of 2I-wide
+and of H-wide rows, so that the decode path can still read the arena as such tables
+(mobile.moe._bagged).
 
 Rounding is round-to-nearest with the scale and zero rounded to float16 first, so that the stored
 numbers are the ones the values were rounded against. Non-expert weights and shared experts stay
@@ -131,6 +139,20 @@ def part_shapes(fmt: str, group: int, rows: int, cols: int) -> dict[str, tuple[t
     return parts
 
 
+def native_row_elems(hidden: int, inter: int, bias: bool = False) -> int:
+    """Elements of one native expert row (see the module docstring)."""
+    n = 3 * hidden * inter
+    if not bias:
+        return n
+    unit = math.lcm(2 * inter, hidden)
+    return -(-(n + 2 * inter + hidden) // unit) * unit
+
+
+def native_bias_offsets(hidden: int, inter: int) -> tuple[int, int]:
+    """Where a native row's gate_up and down biases start, in elements."""
+    return 3 * hidden * inter, 3 * hidden * inter + 2 * inter
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each section of one expert's packed row lies (see the module docstring)."""
@@ -139,6 +161,7 @@ class Layout:
     group: int
     hidden: int
     inter: int
+    bias: bool = False
 
     @functools.cached_property
     def sections(self) -> dict[str, Section]:
@@ -149,6 +172,9 @@ class Layout:
             for part, (dtype, shape) in part_shapes(self.fmt, self.group, *shapes[m]).items():
                 out[f"{m}.{part}"] = s = Section(offset, dtype, shape)
                 offset = -(-(offset + s.nbytes) // ALIGN) * ALIGN
+        for m in MATRICES if self.bias else ():
+            out[f"{m}.bias"] = s = Section(offset, torch.float16, (1, shapes[m][1]))
+            offset = -(-(offset + s.nbytes) // ALIGN) * ALIGN
         return out
 
     @functools.cached_property
@@ -166,24 +192,33 @@ class Layout:
         zero = self.view(rows, f"{matrix}.zero") if self.fmt == "int4" else None
         return Packed(self.view(rows, f"{matrix}.q"), self.view(rows, f"{matrix}.scale"), zero)
 
-    def pack(self, gate_up: Packed, down: Packed) -> torch.Tensor:
-        """One expert's two packed matrices -> its row [row_bytes] uint8."""
+    def pack(self, gate_up: Packed, down: Packed, biases: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> torch.Tensor:
+        """One expert's two packed matrices (and, with bias, gate_up's [2I] and down's [H] biases)
+        -> its row [row_bytes] uint8."""
+        if self.bias != (biases is not None):
+            raise ValueError(f"biases are packed exactly when the layout has them (bias={self.bias})")
         row = torch.zeros(1, self.row_bytes, dtype=torch.uint8)
         for m, p in (("gate_up", gate_up), ("down", down)):
             for part in ("q", "scale", "zero"):
                 value = getattr(p, part)
                 if value is not None:
                     self.view(row, f"{m}.{part}")[0].copy_(value)
+        for m, b in zip(MATRICES, biases or (), strict=False):
+            self.view(row, f"{m}.bias")[0, 0].copy_(b)
         return row[0]
 
     def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        """rows [P, row_bytes] -> the same experts as a native arena [P, 3*H*I] in `dtype`
-        (mobile.moe.arena_views's layout), into `out` when given. The same numbers as `dequantize`,
-        written in place into the one output (each matrix is a view of it), in few passes: this
-        runs on the CPU decode path."""
+        """rows [P, row_bytes] -> the same experts as a native arena [P, native_row_elems] in `dtype`
+        (mobile.moe.arena_views's layout; biases as stored), into `out` when given. The same numbers
+        as `dequantize`, written in place into the one output (each matrix is a view of it), in few
+        passes: this runs on the CPU decode path."""
         P, H, I = rows.shape[0], self.hidden, self.inter
         if out is None:
-            out = torch.empty(P, 3 * H * I, dtype=dtype, device=rows.device)
+            out = torch.empty(P, native_row_elems(H, I, self.bias), dtype=dtype, device=rows.device)
+        if self.bias:
+            for m, start, n in zip(MATRICES, native_bias_offsets(H, I), (2 * I, H), strict=True):
+                out[:, start:start + n].copy_(self.view(rows, f"{m}.bias")[:, 0])
         for m, (start, n_in, n_out) in (("gate_up", (0, H, 2 * I)), ("down", (2 * H * I, I, H))):
             g = _groups(n_in, self.group)
             dest = out[:, start:start + n_in * n_out].view(P, n_in // g, g, n_out)  # [P, groups, G, out]
@@ -203,6 +238,14 @@ class Layout:
         return out
 
 
+def quantize_matrices(layout: Layout, gate_up: torch.Tensor, down: torch.Tensor,
+                      biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One expert as input-major matrices (gate_up [H, 2I]: gate columns, then up; down [I, H])
+    and, with layout.bias, its biases ([2I], [H]) -> its packed row. Groups run along the input
+    dimension, so this packs gate_up as quantize_expert packs gate and up apart."""
+    return layout.pack(quantize(gate_up, layout.fmt, layout.group), quantize(down, layout.fmt, layout.group), biases)
+
+
 def quantize_expert(layout: Layout, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """One expert's checkpoint tensors (gate, up [I, H], down [H, I]: [out, in]) -> its packed row.
     Gate and up are quantized apart, as the checkpoint stores them; their groups run along the
@@ -217,8 +260,8 @@ def concat(gate: Packed, up: Packed) -> Packed:
     return Packed(torch.cat((gate.q, up.q), dim=1), torch.cat((gate.scale, up.scale), dim=1), zero)
 
 
-def row_bytes(fmt: str, group: int, hidden: int, inter: int, dtype_bytes: int) -> int:
+def row_bytes(fmt: str, group: int, hidden: int, inter: int, dtype_bytes: int, bias: bool = False) -> int:
     """Bytes one routed expert takes in host memory, in a cache slot and on the link."""
     if fmt == "native":
-        return 3 * hidden * inter * dtype_bytes
-    return Layout(fmt, group, hidden, inter).row_bytes
+        return native_row_elems(hidden, inter, bias) * dtype_bytes
+    return Layout(fmt, group, hidden, inter, bias).row_bytes

@@ -23,7 +23,7 @@ from mobile import formats
 from mobile import policy as policies
 from mobile.errors import SpecError
 
-Family = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"]
+Family = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"]
 DType = Literal["float32", "bfloat16", "float16"]
 PolicyName = Literal[policies.NAMES]  # type: ignore[valid-type]  # the registry's names (mobile.policy)
 
@@ -38,6 +38,13 @@ class AttentionSpec:
     # none; full: RMSNorm over all heads' q (k) projection (OLMoE); per_head: over head_dim (Qwen3)
     qk_norm: Literal["none", "full", "per_head"] = "none"
     clip_qkv: float | None = None
+    o_bias: bool = False  # o_proj has a bias (gpt-oss)
+    # a learned logit per head that joins each query's softmax as one more key with no value (gpt-oss's
+    # attention sinks): it takes a share of the attention mass and adds nothing to the output
+    sinks: bool = False
+    # these layers attend over only the last sliding_window positions (the query's own included)
+    sliding_layers: list[int] = field(default_factory=list)
+    sliding_window: int = 0
     # MLA (DeepSeek-V2 and V3) only
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -60,6 +67,8 @@ class RopeSpec:
     mscale_all_dim: float = 0.0
     # GLM-4.5 rotates only the first int(head_dim * factor) dims of each head; the rest pass through
     partial_rotary_factor: float = 1.0
+    # yarn: round the correction range to whole dimensions (transformers' default; gpt-oss sets false)
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,9 +84,10 @@ class MoESpec:
     intermediate_size: int = 0
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
-    # softmax: the top-k of softmax(logits). sigmoid (DeepSeek-V3, GLM-4.5): the top-k of
-    # sigmoid(logits), chosen by the corrected score and group-limited below (mobile.ops.route)
-    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    # softmax: the top-k of softmax(logits) (renormalized with norm_topk_prob). sigmoid (DeepSeek-V3,
+    # GLM-4.5): the top-k of sigmoid(logits), chosen by the corrected score and group-limited below.
+    # softmax_topk (gpt-oss): the top-k of the logits, then a softmax over those k only (mobile.ops.route)
+    scoring: Literal["softmax", "sigmoid", "softmax_topk"] = "softmax"
     # the checkpoint's per-expert e_score_correction_bias, added to the scores for choosing experts
     # only: the weights stay the uncorrected scores (sigmoid scoring only)
     correction_bias: bool = False
@@ -85,6 +95,15 @@ class MoESpec:
     # corrected scores, and only the best topk_group groups are chosen from (sigmoid scoring only)
     n_group: int = 1
     topk_group: int = 1
+    router_bias: bool = False  # the router is a linear layer with a bias (gpt-oss)
+    # each routed expert's gate_up and down projections have biases, which travel in its row (mobile.quant)
+    expert_bias: bool = False
+    # the routed experts' activation. swiglu: down(silu(gate) * up); clamped_swiglu (gpt-oss): the
+    # gate clamped above at swiglu_limit, up to [-swiglu_limit, swiglu_limit], then
+    # down(gate * sigmoid(swiglu_alpha * gate) * (up + 1))
+    activation: Literal["swiglu", "clamped_swiglu"] = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     shared_expert: SharedExpertSpec = field(default_factory=SharedExpertSpec)
     dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP instead of MoE
 
@@ -241,6 +260,11 @@ class Spec:
     source: str | None = None  # the file this spec was read from; not a YAML key
 
     # -- derived facts, used by lowering and the loaders --------------------------------------
+    def sliding_window(self, layer: int) -> int:
+        """How many positions `layer` attends over (the query's own included); 0: all of them."""
+        a = self.model.attention
+        return a.sliding_window if layer in a.sliding_layers else 0
+
     def is_moe_layer(self, layer: int) -> bool:
         return self.model.moe.num_experts > 0 and layer not in self.model.moe.dense_layers
 
@@ -463,6 +487,15 @@ def check_consistency(spec: Spec) -> None:
         need(a.v_head_dim >= 1, "model.attention.v_head_dim", f"expected >= 1, got {a.v_head_dim}")
         need(a.qk_norm == "none", "model.attention.qk_norm", "expected 'none' for mla attention")
         need(not a.qkv_bias, "model.attention.qkv_bias", "expected false for mla attention")
+        for key in ("o_bias", "sinks"):
+            need(not getattr(a, key), f"model.attention.{key}", "expected false for mla attention")
+        need(not a.sliding_layers, "model.attention.sliding_layers", "expected none for mla attention")
+    for i, layer in enumerate(a.sliding_layers):
+        need(0 <= layer < m.num_layers, f"model.attention.sliding_layers[{i}]",
+             f"expected a layer index in [0, {m.num_layers}), got {layer}")
+    if a.sliding_layers:
+        need(a.sliding_window >= 1, "model.attention.sliding_window",
+             f"expected an integer >= 1 for the sliding layers, got {a.sliding_window}")
     need(m.rope.factor > 0, "model.rope.factor", f"expected a number > 0, got {m.rope.factor}")
     prf = m.rope.partial_rotary_factor
     need(0 < prf <= 1, "model.rope.partial_rotary_factor", f"expected a number in (0, 1], got {prf}")
@@ -481,6 +514,9 @@ def check_consistency(spec: Spec) -> None:
             need(0 <= layer < m.num_layers, f"model.moe.dense_layers[{i}]",
                  f"expected a layer index in [0, {m.num_layers}), got {layer}")
         _check_routing(moe, need)
+        if moe.activation == "clamped_swiglu":
+            for key in ("swiglu_alpha", "swiglu_limit"):
+                need(getattr(moe, key) > 0, f"model.moe.{key}", f"expected a number > 0, got {getattr(moe, key)}")
         if moe.shared_expert.gate != "none":
             need(moe.shared_expert.intermediate_size > 0, "model.moe.shared_expert.gate",
                  "a shared-expert gate needs model.moe.shared_expert.intermediate_size > 0")

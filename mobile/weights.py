@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from mobile import mxfp4
 from mobile.errors import CheckpointError
-from mobile.families import tensor_names
+from mobile.families import expert_storage, tensor_names
 from mobile.formats import FORMATS, LAYOUT_VERSION
 from mobile.spec import Spec
 
@@ -27,10 +28,11 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_METHOD = "mobile"  # config.json's quantization_config.quant_method for `mobile quantize` output
+# gpt-oss's published checkpoints: routed experts as MXFP4 blocks and scales, decoded at load (mobile.mxfp4)
+MXFP4_METHOD = "mxfp4"
 
 
-def checkpoint_format(ckpt_dir: Path) -> tuple[str, int] | None:
-    """(format, group size) of a checkpoint quantized by `mobile quantize`, or None for a native one."""
+def _quantization_config(ckpt_dir: Path) -> dict | None:
     path = Path(ckpt_dir) / "config.json"
     if not path.exists():
         return None
@@ -38,8 +40,23 @@ def checkpoint_format(ckpt_dir: Path) -> tuple[str, int] | None:
         cfg = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None  # the spec path reports a bad config.json where it needs one
-    q = cfg.get("quantization_config")
-    if not isinstance(q, dict):
+    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return q if isinstance(q, dict) else None
+
+
+def has_mxfp4_experts(ckpt_dir: Path) -> bool:
+    """The checkpoint's config says its routed experts are MXFP4 (a published gpt-oss checkpoint)."""
+    q = _quantization_config(ckpt_dir)
+    return q is not None and q.get("quant_method") == MXFP4_METHOD
+
+
+def checkpoint_format(ckpt_dir: Path) -> tuple[str, int] | None:
+    """(format, group size) of a checkpoint quantized by `mobile quantize`, or None for a native one.
+    MXFP4 experts count as native: they are decoded to the compute dtype at load (mobile.mxfp4), so
+    the checkpoint runs at the spec's format, as a native one does."""
+    path = Path(ckpt_dir) / "config.json"
+    q = _quantization_config(ckpt_dir)
+    if q is None or q.get("quant_method") == MXFP4_METHOD:
         return None
     key = "quantization_config"
     if q.get("quant_method") == "fp8":
@@ -50,7 +67,8 @@ def checkpoint_format(ckpt_dir: Path) -> tuple[str, int] | None:
                               key=f"{key}.quant_method")
     if q.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"quant_method {q.get('quant_method')!r} is not supported yet (mobile reads checkpoints "
-                              f"written by `mobile quantize`, quant_method {QUANT_METHOD!r})", where=path,
+                              f"written by `mobile quantize`, quant_method {QUANT_METHOD!r}, and gpt-oss's "
+                              f"{MXFP4_METHOD!r} experts)", where=path,
                               key=f"{key}.quant_method")
     fmt, group, version = q.get("format"), q.get("group_size"), q.get("layout_version")
     if fmt not in FORMATS or fmt == "native":
@@ -165,6 +183,7 @@ class WeightStore:
                 self.index[name] = (f, info)
         # (format, group size) when `mobile quantize` packed the routed experts, else None
         self.expert_format = checkpoint_format(self.dir)
+        self.mxfp4 = has_mxfp4_experts(self.dir)  # gpt-oss's routed experts as MXFP4 blocks and scales
 
     def __contains__(self, name: str) -> bool:
         return name in self.index
@@ -180,10 +199,18 @@ class WeightStore:
 
 
 EXPERT_PROJECTIONS = ("expert_gate", "expert_up", "expert_down")
+# a fused family's (mobile.families.EXPERT_STORAGE) tensors of all of a layer's routed experts
+FUSED_MATRICES = ("experts_gate_up", "experts_down")
+FUSED_BIASES = ("experts_gate_up_bias", "experts_down_bias")
 
 
 def expert_tensor_names(spec: Spec, layer: int) -> list[dict[str, str]]:
-    """Each routed expert of `layer`, in order: projection (EXPERT_PROJECTIONS) -> checkpoint name."""
+    """Each routed expert of `layer`, in order: projection (EXPERT_PROJECTIONS) -> checkpoint name.
+    Only for families that store one tensor per expert and projection."""
+    if expert_storage(spec.model.family) != "per_expert":
+        raise CheckpointError(f"the {spec.model.family} family stores a layer's routed experts fused, not one tensor "
+                              "per expert: `mobile quantize` does not read it yet (quantize at load instead: "
+                              "--expert-format int4)", where=spec.source, key="model.family")
     names = tensor_names(spec.model.family, spec.checkpoint.tensor_names)
     return [{p: names[p].format(layer=layer, expert=e) for p in EXPERT_PROJECTIONS}
             for e in range(spec.model.moe.num_experts)]
@@ -195,22 +222,33 @@ class TensorNeed:
     name: str  # checkpoint name
     shape: tuple[int, ...]
     layer: int | None = None
-    expert: int | None = None
+    expert: int | None = None  # the routed expert it belongs to; ALL_EXPERTS: a fused tensor of every one
+    dtype: torch.dtype | None = None  # an integer tensor of this dtype (MXFP4's parts); None: a float weight
 
 
-def required_tensors(spec: Spec, native_experts: bool = True) -> list[TensorNeed]:
+ALL_EXPERTS = -1
+
+
+def required_tensors(spec: Spec, native_experts: bool = True, mxfp4_experts: bool = False) -> list[TensorNeed]:
     """Every tensor the spec's model needs, with the shape the spec implies. native_experts=False:
-    without the routed experts (a quantized checkpoint's are checked as they load)."""
+    without the routed experts (a quantized checkpoint's are checked as they load). mxfp4_experts:
+    a fused family's expert matrices as MXFP4 blocks and scales (mobile.mxfp4; check_checkpoint
+    refuses MXFP4 for the other families)."""
     m, a, moe = spec.model, spec.model.attention, spec.model.moe
     names = tensor_names(m.family, spec.checkpoint.tensor_names)
     h = m.hidden_size
     out: list[TensorNeed] = []
 
     def need(key: str, shape: tuple[int, ...], layer: int | None = None, expert: int | None = None) -> None:
+        out.append(TensorNeed(key, name_of(key, layer, expert), shape, layer, expert))
+
+    def name_of(key: str, layer: int | None, expert: int | None = None) -> str:
         if key not in names:
             raise CheckpointError(f"no tensor-name template for {key!r} (add it under checkpoint.tensor_names)",
                                   where=spec.source, key=f"checkpoint.tensor_names.{key}")
-        out.append(TensorNeed(key, names[key].format(layer=layer, expert=expert), shape, layer, expert))
+        return names[key].format(layer=layer, expert=expert)
+
+    fused = expert_storage(m.family) != "per_expert"
 
     need("embed", (m.vocab_size, h))
     need("final_norm", (h,))
@@ -224,6 +262,10 @@ def required_tensors(spec: Spec, native_experts: bool = True) -> list[TensorNeed
             for key, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
                 need(key, (rows, h), i)
             need("o_proj", (h, q), i)
+            if a.o_bias:
+                need("o_bias", (h,), i)
+            if a.sinks:
+                need("sinks", (a.num_heads,), i)
             if a.qkv_bias:
                 for key, rows in (("q_bias", q), ("k_bias", kv), ("v_bias", kv)):
                     need(key, (rows,), i)
@@ -249,7 +291,11 @@ def required_tensors(spec: Spec, native_experts: bool = True) -> list[TensorNeed
             need("router", (moe.num_experts, h), i)
             if moe.correction_bias:
                 need("router_correction", (moe.num_experts,), i)
-            for e in range(moe.num_experts if native_experts else 0):
+            if moe.router_bias:
+                need("router_bias", (moe.num_experts,), i)
+            if fused:
+                out.extend(fused_expert_tensors(spec, i, name_of, mxfp4_experts))
+            for e in range(moe.num_experts if native_experts and not fused else 0):
                 need("expert_gate", (moe.intermediate_size, h), i, e)
                 need("expert_up", (moe.intermediate_size, h), i, e)
                 need("expert_down", (h, moe.intermediate_size), i, e)
@@ -267,9 +313,36 @@ def required_tensors(spec: Spec, native_experts: bool = True) -> list[TensorNeed
     return out
 
 
+def fused_expert_tensors(spec: Spec, layer: int, name_of, mxfp4_experts: bool) -> list[TensorNeed]:
+    """A fused family's routed-expert tensors of one layer (mobile.families.EXPERT_STORAGE), all
+    experts first and input-major: gate_up [E, H, 2I] and down [E, I, H], and their biases. As
+    MXFP4 (mxfp4_experts), each matrix is its blocks and scales, stored [E, out, in] (mobile.mxfp4)."""
+    moe, h = spec.model.moe, spec.model.hidden_size
+    E, i2, i = moe.num_experts, 2 * moe.intermediate_size, moe.intermediate_size
+    out = []
+    for key, (rows, cols) in zip(FUSED_MATRICES, ((h, i2), (i, h)), strict=True):
+        name = name_of(key, layer)
+        if mxfp4_experts:
+            if rows % mxfp4.BLOCK:
+                raise CheckpointError(f"MXFP4 blocks hold {mxfp4.BLOCK} input values, which do not divide {rows}",
+                                      where=spec.source, key=name)
+            blocks, scales = mxfp4.shapes(cols, rows, (E,))  # stored [E, out, in]
+            out += [TensorNeed(f"{key}{n[len(name):]}", n, shape, layer, ALL_EXPERTS, torch.uint8)
+                    for n, shape in zip(mxfp4.parts(name), (blocks, scales), strict=True)]
+        else:
+            out.append(TensorNeed(key, name, (E, rows, cols), layer, ALL_EXPERTS))
+    for key, n in zip(FUSED_BIASES if moe.expert_bias else (), (i2, h), strict=False):
+        out.append(TensorNeed(key, name_of(key, layer), (E, n), layer, ALL_EXPERTS))
+    return out
+
+
 def check_checkpoint(spec: Spec, store: WeightStore) -> dict[tuple[str, int | None, int | None], TensorNeed]:
     """Every needed tensor exists with the expected shape; returns them keyed by (key, layer, expert)."""
-    needs = required_tensors(spec, native_experts=store.expert_format is None)
+    if store.mxfp4 and expert_storage(spec.model.family) == "per_expert":
+        raise CheckpointError(f"the checkpoint's experts are MXFP4, which mobile reads for gpt_oss only, not for "
+                              f"{spec.model.family}", where=store.dir / "config.json",
+                              key="quantization_config.quant_method")
+    needs = required_tensors(spec, native_experts=store.expert_format is None, mxfp4_experts=store.mxfp4)
     for t in needs:
         if t.name not in store:
             raise CheckpointError(f"tensor {t.name!r} not found (the spec needs it as {t.key}"
@@ -279,7 +352,11 @@ def check_checkpoint(spec: Spec, store: WeightStore) -> dict[tuple[str, int | No
         if info.shape != t.shape:
             raise CheckpointError(f"tensor {t.name!r} has shape {list(info.shape)}, the spec implies "
                                   f"{list(t.shape)}", where=info.file, key=t.name)
-        if not info.dtype.is_floating_point:
+        if t.dtype is not None:
+            if info.dtype != t.dtype:
+                raise CheckpointError(f"tensor {t.name!r} is {info.dtype}, where {t.dtype} is expected ({t.key} as "
+                                      "MXFP4)", where=info.file, key=t.name)
+        elif not info.dtype.is_floating_point:
             # converting integers to the compute dtype would run, and compute nonsense; a quantized
             # format's integer tensors have names and checks of their own (mobile.quantize)
             raise CheckpointError(f"tensor {t.name!r} is {info.dtype} where a float weight ({t.key}) is expected; "

@@ -240,3 +240,50 @@ def test_torch_compile_traces_the_op_without_a_graph_break(T):
 
     compiled = torch.compile(f, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(x, weights, ids, slot_map), f(x, weights, ids, slot_map))
+
+
+# -- experts with biases and the clamped SwiGLU (gpt-oss) -------------------------------------
+
+# (fmt, group, T, K, dtype, variant): native and both packed formats, both kernel variants, every dtype
+BIASED_CASES = [("native", 0, 1, 2, torch.float32, "decode"), ("native", 0, 17, 2, torch.bfloat16, "grouped"),
+                ("native", 0, 3, 8, torch.float16, "decode"), ("int8", 0, 3, 2, torch.float32, "grouped"),
+                ("int8", 16, 1, 8, torch.bfloat16, "decode"), ("int4", 16, 17, 2, torch.float16, "grouped"),
+                ("int4", 16, 3, 2, torch.float32, "decode")]
+
+
+def biased_arena(arena: torch.Tensor, mlp: moe.ExpertMLP, seed: int) -> torch.Tensor:
+    """A native arena without biases -> the same experts in rows that carry random biases."""
+    g = torch.Generator().manual_seed(seed)
+    H, inter = mlp.hidden, mlp.inter
+    rows = torch.zeros(arena.shape[0], quant.native_row_elems(H, inter, True), dtype=arena.dtype)
+    rows[:, :3 * H * inter] = arena
+    for view in moe.bias_views(rows, mlp):
+        view.copy_(torch.randn(view.shape, generator=g))
+    return rows
+
+
+@pytest.mark.parametrize("fmt,group,T,K,dtype,variant", BIASED_CASES)
+def test_triton_kernels_add_biases_and_clamp(fmt, group, T, K, dtype, variant):
+    """BIAS and ACT 1: gate_up's and down's biases from the row (native: the arena's dtype; packed:
+    float16), the clamped SwiGLU at a limit the values cross, against the reference on the same experts."""
+    H, inter = 48, 32
+    x, weights, ids, slot_map, arena = layer(T, K, 8, dtype, seed=T * K, hidden=H, inter=inter)
+    mlp = moe.ExpertMLP(H, inter, bias=True, act="clamped_swiglu", alpha=1.702, limit=0.3)
+    rows = biased_arena(arena, mlp, seed=T)
+    w, slots = slots_of(weights, ids, slot_map)
+    if fmt == "native":
+        out = kernels.experts(x, w, slots, rows, variant=variant, block=BLOCK, mlp=mlp)
+        dense = rows
+    else:
+        layout = quant.Layout(fmt, group, H, inter, bias=True)
+        gate_up, down = moe.arena_views(rows, H, inter)
+        gu_bias, down_bias = moe.bias_views(rows, mlp)
+        rows = torch.stack([quant.quantize_matrices(layout, gate_up[s], down[s], (gu_bias[s], down_bias[s]))
+                            for s in range(rows.shape[0])])
+        out = kernels.experts(x, w, slots, rows, variant=variant, block=BLOCK, layout=layout, mlp=mlp)
+        dense = layout.dequantize_rows(rows, torch.float32)
+    assert out.dtype == dtype and out.shape == x.shape
+    ref = moe.reference(x, w, slots, dense, mlp)
+    assert_close(out, ref, dtype)
+    unclamped = moe.reference(x, w, slots, dense, moe.ExpertMLP(H, inter, bias=True))
+    assert (unclamped.float() - ref.float()).abs().max() > 10 * TOL[dtype] * ref.float().abs().max()

@@ -150,3 +150,46 @@ def build_tiny_sigmoid(variant: str, out: Path, seed: int = 0, **overrides):
         path = out / "config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "model_type": "kimi_k2"}, indent=2))
     return model
+
+
+# -- gpt-oss (its own builder: its experts are fused tensors, its zero-init tensors many) -------
+
+GPT_OSS_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+def gpt_oss_config(**overrides):
+    """A tiny GptOssConfig: sliding and full layers with a window (5) shorter than the tests' prompts,
+    I = H = 32 (MXFP4 blocks hold 32 input values), a swiglu_limit that the scaled expert weights
+    (build_tiny_gpt_oss) cross, and the family's YaRN rope (truncate false)."""
+    import transformers as tf
+
+    cfg = tf.GptOssConfig(**{**_COMMON, "num_hidden_layers": 3}, head_dim=8, intermediate_size=32,
+                          num_local_experts=6, num_experts_per_tok=3, sliding_window=5,
+                          layer_types=GPT_OSS_LAYER_TYPES, swiglu_limit=1.5)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_tiny_gpt_oss(out: Path, seed: int = 0, **overrides):
+    """Save a tiny GptOssForCausalLM to `out`; returns the model. Every tensor that init leaves at
+    zero (or near it) is random: attention and expert biases, the router's bias, the sinks. Attention
+    and expert weights are larger than init's, so that greedy decoding does not settle on one token."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.GptOssForCausalLM(gpt_oss_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "sinks")):
+                p.normal_(0, 0.5)
+            elif name.endswith("router.weight"):
+                p.normal_(0, 0.5)  # decisive, varied routing
+            elif name.endswith("experts.gate_up_proj"):
+                p.normal_(0, 0.4)  # gate and up values cross swiglu_limit
+            elif name.endswith("experts.down_proj"):
+                p.normal_(0, 0.3)
+            elif "self_attn" in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    return model
