@@ -272,7 +272,7 @@ def import_error(tmp_path, capsys, cfg: dict) -> str:
 def test_unsupported_family_is_one_line_naming_it_and_the_supported(tmp_path, capsys, cfg):
     err = import_error(tmp_path, capsys, cfg)
     assert f"unsupported model_type {cfg['model_type']!r}" in err
-    assert "(supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe)" in err
+    assert "(supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, gpt_oss)" in err
 
 
 @pytest.mark.parametrize("key, value, expected", [

@@ -393,7 +393,7 @@ def test_bad_configs_name_their_key(tmp_path, changes, key, message):
      "expected a layer index in [0, 24)"),
     (lambda a, m: a.update(sliding_window=0), "model.attention.sliding_window", "expected an integer >= 1"),
     (lambda a, m: m.update(swiglu_limit=0), "model.moe.swiglu_limit", "expected a number > 0, got 0"),
-    (lambda a, m: m.update(scoring="sigmoid_topk"), "model.moe.scoring", "expected one of 'softmax', 'softmax_topk'"),
+    (lambda a, m: m.update(scoring="sigmoid_topk"), "model.moe.scoring", "expected one of 'softmax', 'sigmoid', 'softmax_topk'"),
     (lambda a, m: a.update(sinks="yes"), "model.attention.sinks", "expected true or false"),
 ])
 def test_bad_specs_name_their_key_path(tmp_path, edit, key, message):
