@@ -14,6 +14,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from mobile.serve.chat import TemplateError, chat_prompt
 from mobile.serve.scheduler import Sampling
@@ -56,7 +57,7 @@ class ModelInfo:
     context: int  # model.max_position_embeddings
     vocab: int
     eos_ids: tuple[int, ...]
-    tokenizer: object  # used on the event loop only (the engine's worker has its own)
+    tokenizer: Any  # a transformers tokenizer, used on the event loop only (the engine's worker has its own)
 
 
 @dataclass
@@ -246,7 +247,7 @@ class Reply:
         kind = self.object + (".chunk" if chunk and self.kind == "chat" else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def body(self, text: str, finish_reason: str, usage: dict, mobile: dict) -> dict:
+    def body(self, text: str, finish_reason: str | None, usage: dict, mobile: dict) -> dict:
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:

@@ -18,9 +18,12 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mobile.stats import Stats
+
+if TYPE_CHECKING:  # the worker imports torch only once it runs
+    from mobile.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class EngineWorker:
     """The serial scheduler. `load` makes the Engine, inside the worker thread, which owns it from
     then on: no other thread calls into it."""
 
-    def __init__(self, load: Callable[[], object], max_queue: int):
+    def __init__(self, load: Callable[[], Engine], max_queue: int):
         self._load, self.max_queue = load, max_queue
         self._waiting: deque[Job] = deque()
         self._running: Job | None = None
@@ -105,17 +108,18 @@ class EngineWorker:
         self._closed = False
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
-        self.engine = None
+        self.engine: Engine | None = None
         self.totals = Totals()
         # a daemon: a forced exit (a second Ctrl-C) must not wait for a forward to finish
         self._thread = threading.Thread(target=self._main, name="mobile-engine", daemon=True)
 
-    def start(self):
+    def start(self) -> Engine:
         """Load the engine in the worker thread; returns it once loaded, or raises what loading raised."""
         self._thread.start()
         self._ready.wait()
         if self._load_error is not None:
             raise self._load_error
+        assert self.engine is not None
         return self.engine
 
     def alive(self) -> bool:
@@ -158,18 +162,18 @@ class EngineWorker:
     # -- the worker thread --------------------------------------------------------------------
     def _main(self) -> None:
         try:
-            self.engine = self._load()
+            self.engine = engine = self._load()
         except BaseException as e:  # noqa: B036 - handed to the thread that waits in start()
             self._load_error = e
             return
         finally:
             self._ready.set()
-        self.totals.describe(self.engine.stats_)  # the link and the cache, before any request ran
+        self.totals.describe(engine.stats_)  # the link and the cache, before any request ran
         try:
             while (job := self._next()) is not None:
-                self._run(job)
+                self._run(engine, job)
         finally:
-            self.engine.close()
+            engine.close()
 
     def _next(self) -> Job | None:
         with self._cond:
@@ -180,10 +184,9 @@ class EngineWorker:
             self._running = self._waiting.popleft()
             return self._running
 
-    def _run(self, job: Job) -> None:
+    def _run(self, engine: Engine, job: Job) -> None:
         import torch
 
-        engine = self.engine
         job.started = time.monotonic()
 
         def on_token(token: int) -> bool:

@@ -77,7 +77,9 @@ class Service:
             raise
         self.engine = engine  # for tests and reports only: the worker thread owns it
         app = create_app(self.worker, self.model, api_key=api_key)
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout_s, lifespan="on")
+        # uvicorn types the drain timeout as an int; it only reaches asyncio.wait_for, which takes a float
+        config = uvicorn.Config(app, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=drain_timeout_s)  # type: ignore[arg-type]
         self.server = DrainingServer(config, drain_timeout_s)
         if not is_loopback(host) and api_key is None:
             print(f"mobile: warning: listening on {host} without --api-key: whoever reaches this port can use it",
