@@ -2,6 +2,7 @@
 
     mobile compile SPEC.yaml [-o DIR]        spec -> scheduled graph + dumps (needs no weights)
     mobile run --graph DIR --prompt TEXT     generate text with a compiled graph
+    mobile serve --graph DIR [--port 8000]   an OpenAI-compatible HTTP server (needs the serve extra)
     mobile import-hf DIR [-o FILE]           write a spec from a Hugging Face config.json
     mobile bench --graph DIR --policies ...  compare policies side by side (tokens/s, bytes, stalls)
     mobile eval --graph DIR --data FILE      quality of a policy on held-out text, next to big experts
@@ -216,6 +217,34 @@ def cmd_run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     if args.trace is not None:
         print(f"wrote measured trace {args.trace}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    try:
+        from mobile.serve.server import Service
+    except ImportError as e:
+        if e.name not in ("fastapi", "starlette", "uvicorn"):
+            raise
+        raise MobileError(f"{e.name} is not installed: mobile serve needs the serve extra, pip install "
+                          "'mobile-moe[serve]'") from None
+    from mobile.engine import Engine
+
+    load = partial(Engine.load, args.graph, weights=args.weights, device=args.device, policy=args.policy,
+                   policy_options=policy_changes(args), expert_format=args.expert_format,
+                   expert_group_size=args.expert_group_size, compile=args.compile, progress=True,
+                   link_gbps=args.link_gbps, link_ratio=args.link_ratio)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MOBILE_API_KEY")
+    service = Service(load, host=args.host, port=args.port, api_key=api_key or None, max_queue=args.max_queue,
+                      drain_timeout_s=args.drain_timeout)
+    spec = service.engine.spec
+    print(f"mobile: serving {service.model.name} at {service.url}/v1 (policy {spec.policy.name}, link "
+          f"{service.engine.stats_.link}, up to {args.max_queue} requests queued); Ctrl-C drains and stops",
+          file=sys.stderr, flush=True)
+    service.run()
+    print("mobile: stopped", file=sys.stderr)
     return 0
 
 
@@ -484,6 +513,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "schedule.trace.json) to FILE")
     add_link_options(r)
     r.set_defaults(fn=cmd_run)
+
+    v = sub.add_parser("serve", help="serve a compiled graph over an OpenAI-compatible HTTP API",
+                       description="Load a compiled graph and serve it at /v1/completions, /v1/chat/completions, "
+                       "/v1/models, /v1/stats and /health, streamed or not, to any OpenAI client. Requests queue for "
+                       "the one engine and run one at a time. SIGINT or SIGTERM drains: requests in flight finish "
+                       "(or are cut after --drain-timeout), then the server exits 0. Needs the serve extra: "
+                       "pip install 'mobile-moe[serve]'.",
+                       epilog="The README (\"Serving\") describes the request fields, the chat fallback for "
+                       "checkpoints without a chat template, and the \"mobile\" statistics in every response.")
+    add_engine_options(v)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port (default 8000; 0: any free one, "
+                   "printed at start)")
+    v.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: $MOBILE_API_KEY, else none)")
+    v.add_argument("--max-queue", type=number(int, 1), default=8, help="requests that may wait while one runs; "
+                   "past it the server answers 429 with Retry-After (default 8)")
+    v.add_argument("--drain-timeout", type=number(float, 0), default=30.0, metavar="S", help="on SIGINT / SIGTERM, "
+                   "seconds to let requests in flight finish before cutting them (default 30)")
+    v.add_argument("--policy", choices=POLICIES, help="override the graph's policy")
+    add_policy_options(v)
+    add_format_options(v)
+    v.add_argument("--compile", action="store_true", help="run compute segments through torch.compile")
+    add_link_options(v)
+    v.set_defaults(fn=cmd_serve)
 
     b = sub.add_parser("bench", help="compare policies side by side on one model, in one run",
                        description="Decode the same prompt under each policy, one after another in one "

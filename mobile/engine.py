@@ -272,9 +272,11 @@ class Engine:
                  top_p: float = 1.0, seed: int | None = None, stop_ids=None, on_token=None,
                  forced=None) -> list[int]:
         """Prefill the prompt, then decode up to max_new_tokens. Returns the new token ids only
-        (a stop token that ends generation is included). forced: teacher-forced decoding, for
-        benchmarks: step i feeds forced[i] instead of a sampled token, so every policy runs the
-        same tokens."""
+        (a stop token that ends generation is included). on_token(token) sees each new token as it
+        is made; when it returns True, generation ends there (stats: stopped: callback), with the
+        run's statistics complete and the engine ready for the next call (a server's stop strings
+        and cancelled requests). forced: teacher-forced decoding, for benchmarks: step i feeds
+        forced[i] instead of a sampled token, so every policy runs the same tokens."""
         ids = self.check_ids(input_ids)
         if max_new_tokens < 0:
             raise MobileError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -299,8 +301,9 @@ class Engine:
         t0 = time.perf_counter()
         while max_new_tokens:
             new.append(token)
-            if on_token is not None:
-                on_token(token)
+            if on_token is not None and on_token(token):
+                stopped = "callback"
+                break
             if token in stops:
                 stopped = "stop_token"
                 break
@@ -323,7 +326,7 @@ class Engine:
         self.stats_.decode_s += time.perf_counter() - t0
         self.experts.settle()  # bookkeeping that decoding left for later (outside the timed loop)
         extra = self.stats_.extra
-        extra["stopped"] = stopped  # stop_token, max_new_tokens or context
+        extra["stopped"] = stopped  # stop_token, max_new_tokens, context or callback
         for key, value in self._decode_counters().items():
             extra[key] = extra.get(key, 0) + value - before.get(key, 0)
         extra["decode_s"] = self.stats_.decode_s
