@@ -188,14 +188,6 @@ def test_mobile_at_the_tau_extremes_is_big_and_little(sigmoid_tiny, tmp_path, va
 # -- published specs -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", PUBLISHED)
-def test_published_spec_is_reproduced(tmp_path, name):
-    out = tmp_path / f"{name}.yaml"
-    assert run_cli("import-hf", f"specs/hf/{name}", "--no-checkpoint", "--name", name, "-o", out) == 0
-    strip = lambda text: [ln for ln in text.split("\npolicy:")[0].splitlines() if not ln.startswith("#")]  # noqa: E731
-    assert strip(out.read_text()) == strip(open(f"specs/{name}.yaml").read())
-
-
 def test_published_quirks():
     v3 = spec_from_dict(spec_from_hf_config("specs/hf/deepseek-v3")).model
     assert (v3.moe.num_experts, v3.moe.top_k, v3.moe.n_group, v3.moe.topk_group) == (256, 8, 8, 4)
@@ -272,7 +264,8 @@ def import_error(tmp_path, capsys, cfg: dict) -> str:
 def test_unsupported_family_is_one_line_naming_it_and_the_supported(tmp_path, capsys, cfg):
     err = import_error(tmp_path, capsys, cfg)
     assert f"unsupported model_type {cfg['model_type']!r}" in err
-    assert "(supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, gpt_oss)" in err
+    supported = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, gpt_oss"
+    assert f"(supported: {supported})" in err
 
 
 @pytest.mark.parametrize("key, value, expected", [

@@ -345,11 +345,8 @@ PUBLISHED = ["gpt-oss-20b", "gpt-oss-120b"]
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
-def test_published_spec_is_reproduced_and_compiles(tmp_path, capsys, name):
-    out = tmp_path / f"{name}.yaml"
-    assert run_cli("import-hf", f"specs/hf/{name}", "--no-checkpoint", "--name", name, "-o", out) == 0
-    strip = lambda text: [ln for ln in text.split("\npolicy:")[0].splitlines() if not ln.startswith("#")]  # noqa: E731
-    assert strip(out.read_text()) == strip(open(f"specs/{name}.yaml").read())
+def test_published_spec_compiles_within_16_gb(tmp_path, capsys, name):
+    """(tests/test_import_hf.py checks that import-hf reproduces it.)"""
     capsys.readouterr()
     assert run_cli("compile", f"specs/{name}.yaml", "-o", tmp_path / "g", "--device-memory", "16GiB", "--strict") == 0
     text = capsys.readouterr()
@@ -393,7 +390,8 @@ def test_bad_configs_name_their_key(tmp_path, changes, key, message):
      "expected a layer index in [0, 24)"),
     (lambda a, m: a.update(sliding_window=0), "model.attention.sliding_window", "expected an integer >= 1"),
     (lambda a, m: m.update(swiglu_limit=0), "model.moe.swiglu_limit", "expected a number > 0, got 0"),
-    (lambda a, m: m.update(scoring="sigmoid_topk"), "model.moe.scoring", "expected one of 'softmax', 'sigmoid', 'softmax_topk'"),
+    (lambda a, m: m.update(scoring="sigmoid_topk"), "model.moe.scoring",
+     "expected one of 'softmax', 'sigmoid', 'softmax_topk'"),
     (lambda a, m: a.update(sinks="yes"), "model.attention.sinks", "expected true or false"),
 ])
 def test_bad_specs_name_their_key_path(tmp_path, edit, key, message):
