@@ -27,6 +27,10 @@ mobile bench --graph /tmp/synth8/graph --device cuda --policies ondemand,lru,lru
 # 4a. the link as mobile uses it: pinned H2D GB/s, link busy %, stall %, host reads per token, pinned/needed bytes
 python3 benchmarks/cuda_link.py --graph /tmp/synth8/graph --policies lru,lru-prefetch,mobile 2>&1 | tail -6 \
   | tee "$OUT/cuda-link.txt"
+# 4c. a peer row: transformers with accelerate's CPU offload on the same random OLMoE-shaped weights, the device
+#     capped at 3 GiB for both (skipped in one line when accelerate is not installed)
+python3 benchmarks/hf_offload_peer.py --device cuda --layers 8 --gpu-memory 3GiB --tokens 16 2>&1 | tail -7 \
+  | tee "$OUT/hf-offload-peer.txt"
 # 4b. the same layers at equal cache bytes (a budget of 12 bf16 experts per layer), bf16 against int8 and int4
 python3 -c "import yaml; p='/tmp/synth8/spec.yaml'; d=yaml.safe_load(open(p)); d['runtime']=dict(d.get('runtime') or {}, expert_cache={'budget': '1210MB'}); yaml.safe_dump(d, open(p, 'w'), sort_keys=False)"
 mobile compile /tmp/synth8/spec.yaml -o /tmp/synth8/graph-budget > /dev/null
