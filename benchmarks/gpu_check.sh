@@ -27,16 +27,16 @@ mobile bench --graph /tmp/synth8/graph --device cuda --policies ondemand,lru,lru
 # 4a. the link as mobile uses it: pinned H2D GB/s, link busy %, stall %, host reads per token, pinned/needed bytes
 python3 benchmarks/cuda_link.py --graph /tmp/synth8/graph --policies lru,lru-prefetch,mobile 2>&1 | tail -6 \
   | tee "$OUT/cuda-link.txt"
-# 4c. a peer row: transformers with accelerate's CPU offload on the same random OLMoE-shaped weights, the device
-#     capped at 3 GiB for both (skipped in one line when accelerate is not installed)
-python3 benchmarks/hf_offload_peer.py --device cuda --layers 8 --gpu-memory 3GiB --tokens 16 2>&1 | tail -7 \
-  | tee "$OUT/hf-offload-peer.txt"
 # 4b. the same layers at equal cache bytes (a budget of 12 bf16 experts per layer), bf16 against int8 and int4
 python3 -c "import yaml; p='/tmp/synth8/spec.yaml'; d=yaml.safe_load(open(p)); d['runtime']=dict(d.get('runtime') or {}, expert_cache={'budget': '1210MB'}); yaml.safe_dump(d, open(p, 'w'), sort_keys=False)"
 mobile compile /tmp/synth8/spec.yaml -o /tmp/synth8/graph-budget > /dev/null
 mobile bench --graph /tmp/synth8/graph-budget --device cuda --policies lru-prefetch,mobile --expert-format native,int8,int4 \
   --tokens 64 --repeats 3 --baseline "lru-prefetch native" --json "$OUT/bench-olmoe8-formats.json" 2>&1 | tail -9 \
   | tee "$OUT/bench-olmoe8-formats.txt"
+# 4c. a peer row: transformers with accelerate's CPU offload on the same random OLMoE-shaped weights, the device
+#     capped at 3 GiB for both (skipped in one line when accelerate is not installed)
+python3 benchmarks/hf_offload_peer.py --device cuda --layers 8 --gpu-memory 3GiB --tokens 16 2>&1 | tail -7 \
+  | tee "$OUT/hf-offload-peer.txt"
 # 5. the demo model as its spec runs it (8 of 16 experts per layer cached, the same memory for every
 #    policy): mobile against the LRU baselines on a real link
 mobile compile specs/demo.yaml -o graphs/demo-gpu > /dev/null
