@@ -30,6 +30,7 @@ from mobile.weights import checkpoint_format
 
 KEYS = ("ppl", "accuracy", "agreement", "fallback_rate", "bytes_per_token", "bytes_ratio", "moved_per_token",
         "moved_ratio", "eviction")
+FAST_LINK_GBPS = 1e4  # an emulated link fast enough that a cached row's eval time is its compute
 
 
 def load_ids(engine: Engine, data: str | Path, max_tokens: int | None) -> torch.Tensor:
@@ -133,9 +134,6 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
         row = {"label": p["label"], **evaluate_policy(engine, chunks, greedy, desc=p["label"])}
         rows.append(compare(row, bigs.get(None), bigs[p["eviction"]] if p["offloaded"] else None))
     return rows
-
-
-FAST_LINK_GBPS = 1e4  # an emulated link fast enough that a cached row's eval time is its compute
 
 
 def _plan(graph: str, label: str, options: dict, expert_format: str | None, expert_group_size: int | None) -> dict:
