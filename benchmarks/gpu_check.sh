@@ -47,3 +47,27 @@ for text in kjv py; do
     --text demo/data/heldout_$text.txt --tokens 256 --prompt-len 32 --repeats 3 --baseline lru-prefetch 2>&1 | tail -12 \
     | tee "$OUT/bench-demo-$text.txt"
 done
+# 6. CUDA graphs (mobile.graphs) on the demo: resident decode eager, with graphs, compiled, compiled with graphs
+#    (one decode token is one graph there), then per policy tok/s with graphs off and on
+mobile bench --graph graphs/demo-gpu --device cuda --policies resident --cuda-graphs off,on --text demo/data/heldout_kjv.txt \
+  --tokens 256 --prompt-len 32 --repeats 3 --json "$OUT/bench-demo-resident-graphs.json" 2>&1 | tail -4 \
+  | tee "$OUT/bench-demo-resident-graphs.txt"
+mobile bench --graph graphs/demo-gpu --device cuda --policies resident --cuda-graphs off,on --compile \
+  --text demo/data/heldout_kjv.txt --tokens 256 --prompt-len 32 --json "$OUT/bench-demo-resident-compiled.json" 2>&1 \
+  | tail -4 | tee "$OUT/bench-demo-resident-compiled.txt"
+mobile bench --graph graphs/demo-gpu --device cuda --policies ondemand,lru,lru-prefetch,little,layer-mass,mobile \
+  --cuda-graphs off,on --text demo/data/heldout_kjv.txt --tokens 128 --prompt-len 32 \
+  --json "$OUT/bench-demo-policies-graphs.json" 2>&1 | tail -14 | tee "$OUT/bench-demo-policies-graphs.txt"
+# last: one table of every bench above (decode tok/s, graph replays and host reads per token, stall), also in $OUT
+python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print(f"{'bench':<28} {'row':<34} {'tok/s':>9} {'ratio':>7} {'graphs/tok':>10} {'reads/tok':>9} {'stall':>6} {'MiB/tok':>8}")
+for f in sorted(out.glob("bench-*.json")):
+    for r in json.loads(f.read_text())["rows"]:
+        g, h = r.get("graph_replays_per_token"), r.get("host_syncs_per_token")
+        print(f"{f.stem[6:]:<28} {r['policy']:<34} {r['decode_tokens_per_s']:>9.1f} {r['ratio']:>6.2f}x "
+              f"{'-' if g is None else f'{g:.2f}':>10} {'-' if h is None else f'{h:.2f}':>9} "
+              f"{r['stall_fraction']:>6.2f} {r['bytes_per_token'] / 2**20:>8.2f}")
+PY

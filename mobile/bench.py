@@ -51,6 +51,9 @@ def measure(engine: Engine, label: str, tokens: int, prompt_len: int, text: str 
         "stall_fraction": s.get("decode_stall_s", 0.0) / max(1e-9, s.get("decode_s", 0.0)),
         "hit_rate": s["expert_hits"] / looked_up if looked_up else 1.0,
         "prefetch_accuracy": (s["prefetch_used"] / s["prefetch_issued"]) if s.get("prefetch_issued") else None,
+        "host_syncs_per_token": s.get("host_syncs_per_token"),
+        "cuda_graphs": s["cuda_graphs"], "graph_replays_per_token": s.get("graph_replays_per_token"),
+        "graph_eager_segments": s["graph_eager_segments"],
     }
 
 
@@ -72,11 +75,13 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
               text: str | None = None, policy_options: dict | None = None, repeats: int = 1,
               kv_refreshes: list[int] | None = None, extra_rows: list[tuple[str, str, dict]] | None = None,
               compile: bool = False, expert_formats: list[str] | None = None, expert_group_size: int | None = None,
-              out=None) -> list[dict]:
+              cuda_graphs: list[str] | None = None, out=None) -> list[dict]:
     """policy_options: policy fields for every row (little_k, layer_tau, ...); taus: one row per tau;
     kv_refreshes: one mobile row per value (per tau); extra_rows: (label, policy, policy options), more
     rows after the others, with only their own options. expert_formats: every row once per format
-    (labelled with it), at the same cache bytes; default: the graph's format only.
+    (labelled with it), at the same cache bytes; default: the graph's format only. cuda_graphs:
+    every row once per mode (auto, on, off; labelled graphs=MODE when more than one); default: the
+    spec's runtime.cuda_graphs.
     repeats: runs per row, round-robin over the rows (so slow drift hits every row alike); each
     number reported is the median over the runs."""
     out = out or sys.stdout  # looked up per call: the stream may be swapped (tests, redirection)
@@ -91,17 +96,20 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
         runs += [(p + label, p, {**(policy_options or {}), **v}) for label, v in variants]
     runs += extra_rows or []
     formats: list[str | None] = list(expert_formats) if expert_formats else [None]
-    rowed = [(label if fmt is None else f"{label} {fmt}", policy, options, fmt)
-             for label, policy, options in runs for fmt in formats]
-    samples: dict[str, list[dict]] = {label: [] for label, _, _, _ in rowed}
+    modes: list[str | None] = list(cuda_graphs) if cuda_graphs else [None]
+    rowed = [(label + ("" if fmt is None else f" {fmt}") + (f" graphs={mode}" if len(modes) > 1 else ""),
+              policy, options, fmt, mode)
+             for label, policy, options in runs for fmt in formats for mode in modes]
+    samples: dict[str, list[dict]] = {label: [] for label, *_ in rowed}
     if baseline is not None and baseline not in samples:  # checked before an hour of runs, not after
         raise MobileError(f"no row is labelled {baseline!r} (the rows: {', '.join(samples)})", key="--baseline")
     for _ in range(repeats):
-        for label, policy, options, fmt in rowed:
+        for label, policy, options, fmt, mode in rowed:
             engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,
                                  policy_options=options, compile=compile, link_gbps=link["link_gbps"],
                                  link_ratio=None if link["link_gbps"] else link_ratio, expert_format=fmt,
-                                 expert_group_size=expert_group_size if fmt not in (None, "native") else None)
+                                 expert_group_size=expert_group_size if fmt not in (None, "native") else None,
+                                 cuda_graphs=mode)
             if engine.stats_.link == "emulated" and link["link_gbps"] is None:
                 # calibrated once, by the first row; every later run uses that same link
                 link = {k: v for k, v in engine.stats.items() if k.startswith(("link_", "expert_compute"))}
@@ -109,7 +117,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
             engine.close()
             del engine
             gc.collect()
-    rows = [median_row(samples[label]) for label, _, _, _ in rowed]
+    rows = [median_row(samples[label]) for label, *_ in rowed]
     base_row = next(r for r in rows if r["policy"] == baseline) if baseline is not None else rows[0]
     base = base_row["decode_tokens_per_s"] or 1.0
     for r in rows:
@@ -120,17 +128,23 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
             else f"{prompt_len}-token random prompt and {tokens} greedy decode tokens")
     what += f"; median of {repeats} runs per row, round-robin" if repeats > 1 else ""
     what += "; compute segments compiled (torch.compile)" if compile else ""
+    if any(r["cuda_graphs"] == "emulated" for r in rows):
+        what += "; CUDA graphs EMULATED where on (static buffers, nothing captured on a CPU)"
     print(f"\nbench {graph}: {what}, device {device}"
           + (f"; link EMULATED ({desc})" if emulated else ""), file=out)
     width = max(20, *(len(r["policy"]) for r in rows))
+    graphed = any(r["cuda_graphs"] != "off" for r in rows)  # then: graph replays per decoded token, eager segments
     print(f"{'policy':<{width}} {'evict':>5} {'tok/s':>9} {'vs ' + base_row['policy']:>16} {'MiB/token':>10} "
-          f"{'stall':>7} {'hit rate':>9} {'prefetch acc':>13} {'fallback':>9} {'bytes vs big-only':>18}", file=out)
+          f"{'stall':>7} {'hit rate':>9} {'prefetch acc':>13} {'fallback':>9} {'bytes vs big-only':>18}"
+          + (f" {'graphs/tok':>10} {'eager segs':>10}" if graphed else ""), file=out)
     for r in rows:
         acc = "-" if r["prefetch_accuracy"] is None else f"{r['prefetch_accuracy']:.2f}"
         vs_big = "-" if r["bytes_vs_big_only"] is None else f"{r['bytes_vs_big_only']:.2f}x"
+        per_token = "-" if r["graph_replays_per_token"] is None else f"{r['graph_replays_per_token']:.2f}"
         print(f"{r['policy']:<{width}} {r['eviction']:>5} {r['decode_tokens_per_s']:>9.2f} {r['ratio']:>15.2f}x "
               f"{r['bytes_per_token'] / 2**20:>10.2f} {r['stall_fraction']:>7.2f} {r['hit_rate']:>9.3f} {acc:>13} "
-              f"{r['fallback_rate']:>9.3f} {vs_big:>18}", file=out)
+              f"{r['fallback_rate']:>9.3f} {vs_big:>18}"
+              + (f" {per_token:>10} {r['graph_eager_segments']:>10}" if graphed else ""), file=out)
     if any(r["bytes_vs_big_only"] is not None for r in rows):
         print("bytes vs big-only: decode bytes moved / what big-only demand decoding with the same slots and eviction "
               "would have moved on the same routes in the same run (an estimate: mobile.experts.BigOnlyShadow)",

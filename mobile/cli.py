@@ -27,6 +27,7 @@ from mobile import policy as policies
 from mobile.errors import MobileError
 
 POLICIES = list(policies.NAMES)
+GRAPH_MODES = ["auto", "on", "off"]
 MIN_LINK_GBPS = 1e-3  # below 1 MB/s one expert would take hours on the emulated link: a typo, not a setting
 
 
@@ -146,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          policy_options=policy_changes(args), expert_format=args.expert_format,
                          expert_group_size=args.expert_group_size,
                          compile=args.compile, progress=not args.json, link_gbps=args.link_gbps,
-                         link_ratio=args.link_ratio, trace=args.trace is not None)
+                         link_ratio=args.link_ratio, trace=args.trace is not None, cuda_graphs=args.cuda_graphs)
     if args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
@@ -191,7 +192,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     stats = engine.stats
     engine.close()
     if stats.get("stopped") == "context":
-        print(f"mobile: note: generation stopped at the model's context of {engine.spec.model.max_position_embeddings} "
+        limit = ("the model's context" if engine.max_seq_len == engine.spec.model.max_position_embeddings
+                 else "runtime.max_seq_len")
+        print(f"mobile: note: generation stopped at {limit} of {engine.max_seq_len} "
               f"tokens ({len(ids)} prompt + {len(out)} new)", file=sys.stderr)
     if args.trace is not None:
         engine.write_trace(args.trace)
@@ -235,7 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     load = partial(Engine.load, args.graph, weights=args.weights, device=args.device, policy=args.policy,
                    policy_options=policy_changes(args), expert_format=args.expert_format,
                    expert_group_size=args.expert_group_size, compile=args.compile, progress=True,
-                   link_gbps=args.link_gbps, link_ratio=args.link_ratio)
+                   link_gbps=args.link_gbps, link_ratio=args.link_ratio, cuda_graphs=args.cuda_graphs)
     api_key = args.api_key if args.api_key is not None else os.environ.get("MOBILE_API_KEY")
     service = Service(load, host=args.host, port=args.port, api_key=api_key or None, max_queue=args.max_queue,
                       drain_timeout_s=args.drain_timeout)
@@ -267,8 +270,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
               seed=args.seed, json_out=args.json, taus=taus, baseline=args.baseline, text=args.text,
               kv_refreshes=[int(r) for r in refreshes] if refreshes else None, extra_rows=rows,
               policy_options=policy_changes(args), repeats=args.repeats, compile=args.compile,
-              expert_formats=formats_list(args.expert_formats), expert_group_size=args.expert_group_size)
+              expert_formats=formats_list(args.expert_formats), expert_group_size=args.expert_group_size,
+              cuda_graphs=graph_modes(args.cuda_graphs))
     return 0
+
+
+def graph_modes(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    modes = [t.strip() for t in text.split(",") if t.strip()]
+    for mode in modes:
+        if mode not in GRAPH_MODES:
+            raise MobileError(f"unknown CUDA-graphs mode {mode!r} (choose from {', '.join(GRAPH_MODES)})",
+                              key="--cuda-graphs")
+    if not modes:
+        raise MobileError(f"expected comma-separated modes ({', '.join(GRAPH_MODES)}), got {text!r}",
+                          key="--cuda-graphs")
+    return modes
 
 
 def formats_list(text: str | None) -> list[str] | None:
@@ -331,7 +349,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         configs = [] if exact else [(policy if fmt is None else f"{policy} {fmt}", base)]
     rows = run_eval(args.graph, args.data, configs, weights=args.weights, window=args.window,
                     max_tokens=args.max_tokens, device=args.device, expert_format=args.expert_format,
-                    expert_group_size=args.expert_group_size)
+                    expert_group_size=args.expert_group_size, cuda_graphs=args.cuda_graphs)
     if args.json:
         picked = rows if args.sweep_tau else [rows[-1]]
         objs = [{k: r[k] for k in KEYS if k in r} | {"label": r["label"]} for r in picked]
@@ -401,11 +419,20 @@ def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> No
     p.add_argument("--little-select", choices=["top", "random"], help="random: a random half (a baseline)")
 
 
-def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """What every command that loads an engine takes: the graph, its weights, the device."""
+def add_engine_options(p: argparse.ArgumentParser, many_graph_modes: bool = False) -> None:
+    """What every command that loads an engine takes: the graph, its weights, the device, CUDA graphs."""
     p.add_argument("--graph", required=True, help="a folder written by `mobile compile`")
     p.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
     p.add_argument("--device", default="cpu", type=device_name, help="cpu or cuda[:N] (default cpu)")
+    graphs = ("capture each decode compute segment (between two host reads) as a CUDA graph once per token "
+              "count and KV length, and replay it: auto (default: the spec's runtime.cuda_graphs, itself auto) is "
+              "on for CUDA and off for the CPU; on, on the CPU, runs the same static buffers without capture "
+              "(stats: cuda_graphs emulated); the KV cache is then preallocated to runtime.max_seq_len")
+    if many_graph_modes:
+        p.add_argument("--cuda-graphs", metavar="MODE,...", help=graphs + "; comma-separated: every row once per "
+                       "mode")
+    else:
+        p.add_argument("--cuda-graphs", choices=GRAPH_MODES, help=graphs)
 
 
 def add_format_options(p: argparse.ArgumentParser, many: bool = False) -> None:
@@ -547,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "mobile and layer-mass one row per value, and "
                        "--kv-refresh gives mobile one row per value (times the taus). Every policy compiled from one "
                        "spec gets the same expert-cache memory.")
-    add_engine_options(b)
+    add_engine_options(b, many_graph_modes=True)
     b.add_argument("--policies", default="ondemand,lru,lru-prefetch,mobile,resident",
                    help="comma-separated policies; ratios are to the first (default: %(default)s)")
     add_policy_options(b, tau_list=True)

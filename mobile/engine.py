@@ -25,9 +25,10 @@ from mobile.emit import atomic_write_text, load_graph, trace_events
 from mobile.errors import CheckpointError, MobileError, SpecError
 from mobile.executor import Executor, Kernels, StepContext
 from mobile.experts import OffloadedExperts, ResidentExperts, expert_compute_seconds
+from mobile.graphs import GRAPH_MAX_TOKENS, GraphRunner, StaticState, kv_bucket
 from mobile.hostio import HostReader
 from mobile.ir import Graph
-from mobile.kv import KVCache
+from mobile.kv import KVCache, max_seq_len
 from mobile.ops import rope_inv_freq, rope_tables
 from mobile.passes import compile_spec
 from mobile.sampling import Sampler
@@ -41,9 +42,10 @@ class Engine:
     def __init__(self, graph: Graph, spec: Spec, store: WeightStore, device: str = "cpu",
                  compile: bool = False, progress: bool = False, link_gbps: float | None = None,
                  link_ratio: float | None = None, trace: bool = False, all_resident: bool = False,
-                 track_use: bool = False):
+                 track_use: bool = False, cuda_graphs: str | None = None):
         self.graph, self.spec, self.store = graph, spec, store
         self.device = torch.device(device)
+        self.graphs_on = graphs_enabled(cuda_graphs, spec, self.device)
         self.dtype = TORCH_DTYPES[spec.dtype]
         self.stats_ = Stats()
         r = spec.model.rope
@@ -85,9 +87,14 @@ class Engine:
         slots = None if plan is None or all_resident else plan.main + plan.staging
         self.stats_.extra.update(expert_format=spec.runtime.expert_format, expert_bytes=expert_bytes(spec),
                                  cache_slots_per_layer=slots)
-        self.kv = KVCache(spec, self.device, self.dtype)
+        # the longest sequence held: with graphs the KV cache is preallocated to it (storage a
+        # captured graph may keep reading), else it grows as the sequence does
+        self.max_seq_len = max_seq_len(spec, preallocated=self.graphs_on)
+        self.kv = KVCache(spec, self.device, self.dtype, limit=self.max_seq_len, fixed=self.graphs_on)
         self.kernels = Kernels(spec, weights, self.kv, self.experts)
-        self.executor = Executor(graph, self.kernels, self.reader, compile=compile, trace=self.trace)
+        self.graphs = GraphRunner(self.device) if self.graphs_on else None
+        self.executor = Executor(graph, self.kernels, self.reader, compile=compile, trace=self.trace,
+                                 graphs=self.graphs)
         if compile and self.device.type == "cpu" and spec.runtime.expert_format != "native":
             # measured on the demo: resident int4 decoded 81 tokens/s compiled, 203 eager
             print(f"mobile: note: --compile with {spec.runtime.expert_format} experts on the CPU runs slower than "
@@ -99,6 +106,12 @@ class Engine:
         inv_freq, self.rope_scale = rope_inv_freq(r, rope_dim, spec.model.max_position_embeddings)
         self.inv_freq = inv_freq.to(self.device)
         self.tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # positions, cos, sin
+        self.static: StaticState | None = None  # with graphs: the decode state captured segments read
+        if self.graphs is not None:
+            _, cos, sin = self._tables()  # every position of the preallocated cache, once
+            self.static = StaticState(self.device, cos, sin, self.graphs.register)
+            # the slot maps change by copy into these tensors (mobile.experts): read in place
+            self.graphs.register(self.experts.slot_map(layer) for layer in spec.moe_layers)
         self._tokenizer = None
         self.length = 0  # positions [0, length) of the current sequence are in the KV cache
         self.ids = torch.zeros(0, dtype=torch.long)  # their token ids, kept only for the KV refresh
@@ -129,7 +142,8 @@ class Engine:
         brings its own, which a different expert_format contradicts.
         options: link_gbps, link_ratio (emulated link), trace (record a measured timeline),
         all_resident (keep every expert on the device whatever the policy: for quality evals),
-        track_use (count the experts each forward uses, also with every expert resident: for evals)."""
+        track_use (count the experts each forward uses, also with every expert resident: for evals),
+        cuda_graphs (auto, on or off; default the spec's runtime.cuda_graphs: mobile.graphs)."""
         graph_dir = Path(graph_dir)
         runtime = format_changes(expert_format, expert_group_size)
         graph, spec = resolve_policy(graph_dir, policy, policy_options, runtime)
@@ -149,7 +163,17 @@ class Engine:
     @property
     def stats(self) -> dict:
         self.experts.collect_stats()
-        return self.stats_.as_dict()
+        g = self.graphs
+        if g is not None:  # counts since the last reset_stats, which a server sums over its requests
+            self.stats_.extra.update(graph_captures=g.captures, graph_replays=g.replays, graph_eager_segments=g.eager)
+        out = {"graph_captures": 0, "graph_replays": 0, "graph_eager_segments": 0, **self.stats_.as_dict()}
+        # what describes the run rather than counts it, kept out of stats_ (a sum of it would mean nothing)
+        out.update(max_seq_len=self.max_seq_len, cuda_graphs="off" if g is None else g.mode)
+        if g is not None:
+            decoded = self.stats_.decode_tokens  # replays (CPU: static-buffer runs) per decoded token
+            out["graph_replays_per_token"] = out.get("decode_graph_replays", 0) / decoded if decoded else None
+            out["graph_eager_reasons"] = dict(g.reasons)
+        return out
 
     def write_trace(self, path: str | Path) -> None:
         """The measured timeline as a Chrome trace, in the planned trace's format."""
@@ -181,9 +205,8 @@ class Engine:
         big pass whose experts load once for the whole block.
         """
         T = ids.shape[0]
-        if start + T > self.spec.model.max_position_embeddings:
-            raise MobileError(f"sequence of {start + T} tokens exceeds max_position_embeddings="
-                              f"{self.spec.model.max_position_embeddings}")
+        if start + T > self.max_seq_len:
+            raise MobileError(f"sequence of {start + T} tokens exceeds {self._limit_name()}={self.max_seq_len}")
         if mode is None:
             # mobile: a prompt (T > 1) runs one pass, big by default; a decoded token runs little,
             # then the importance gate decides whether it falls back to big
@@ -226,19 +249,39 @@ class Engine:
         and the token falls back. last_only: logits of the last position only."""
         T = ids.shape[0]
         self.kv.ensure(start + T)
-        if self.tables is None or self.tables[0].numel() < self.kv.capacity:
-            # positions and their rope tables for the whole KV capacity, made once: a forward slices them
-            with torch.inference_mode(False):  # ordinary tensors, as the KV cache's (see mobile.kv)
-                every = torch.arange(self.kv.capacity, device=self.device)
-                self.tables = (every, *rope_tables(every, self.inv_freq, self.rope_scale, self.rope_interleaved))
-                for t in self.tables:  # they grow with the KV cache: compiled code must not specialize on it
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-        positions, cos, sin = (t[start:start + T] for t in self.tables)
+        if self.static is not None:
+            kv_len = kv_bucket(start + T, self.kv.capacity)  # a power of two (mobile.graphs)
+            if T > GRAPH_MAX_TOKENS:  # a prompt: eagerly
+                ctx, tokens = self.static.gathered(ids, start, kv_len if self.executor.compile else start + T,
+                                                   last_only)
+                return self.executor.forward(ctx, tokens, mode=mode)
+            # through the graph runner: the ids and positions written into the static state, and
+            # its context for this bucket
+            ctx, tokens = self.static.load(ids, start, kv_len, last_only)
+            return self.executor.forward(ctx, tokens, mode=mode)
+        positions, cos, sin = (t[start:start + T] for t in self._tables())
         kv_len = self.kv.capacity if self.executor.compile else start + T
         ctx = StepContext(positions=positions, cos=cos, sin=sin, kv_len=kv_len, last_only=last_only,
                           # compiled code always masks: one graph for every position
                           all_visible=T == 1 and kv_len == start + 1 and not self.executor.compile)
         return self.executor.forward(ctx, ids.to(self.device), mode=mode)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions and their rope tables (cos, sin) for the whole KV capacity, made once per
+        capacity (once, for a preallocated cache): a forward slices them, a static one indexes them
+        on the device."""
+        if self.tables is None or self.tables[0].numel() < self.kv.capacity:
+            with torch.inference_mode(False):  # ordinary tensors, as the KV cache's (see mobile.kv)
+                every = torch.arange(self.kv.capacity, device=self.device)
+                self.tables = (every, *rope_tables(every, self.inv_freq, self.rope_scale, self.rope_interleaved))
+                for t in self.tables:  # they grow with the KV cache: compiled code must not specialize on it
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+        return self.tables
+
+    def _limit_name(self) -> str:
+        """What bounds a sequence: the model's context, or a shorter runtime.max_seq_len."""
+        return "max_position_embeddings" if self.max_seq_len == self.spec.model.max_position_embeddings \
+            else "runtime.max_seq_len"
 
     def check_ids(self, input_ids, key: str | None = None) -> torch.Tensor:
         """A prompt as a LongTensor [T], or a MobileError (naming `key`, the flag it came from):
@@ -249,12 +292,14 @@ class Engine:
             raise MobileError(f"expected token ids, got {input_ids!r:.80}: {e}", key=key) from None
         if ids.dim() != 1 or ids.numel() == 0:
             raise MobileError(f"expected a non-empty 1-D sequence of token ids, got shape {list(ids.shape)}", key=key)
-        vocab, context = self.spec.model.vocab_size, self.spec.model.max_position_embeddings
+        vocab, context = self.spec.model.vocab_size, self.max_seq_len
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise MobileError(f"token ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}", key=key)
-        if ids.numel() > context:
+        if ids.numel() > context and self._limit_name() == "max_position_embeddings":
             raise MobileError(f"the prompt has {ids.numel()} tokens, more than the model's context of {context} "
                               "(model.max_position_embeddings)", key=key)
+        if ids.numel() > context:
+            raise MobileError(f"the prompt has {ids.numel()} tokens, more than runtime.max_seq_len={context}", key=key)
         return ids
 
     @torch.inference_mode()
@@ -265,7 +310,9 @@ class Engine:
         out = self._forward(ids, 0)
         self.stats_.prefill_tokens += ids.numel()
         self.stats_.prefill_s += time.perf_counter() - t0
-        return self.reader.tensor(out).float()
+        logits = self.reader.tensor(out).float()
+        # a graph's output buffer is overwritten by its next run: the caller gets its own copy
+        return logits.clone() if self.graphs is not None and logits.data_ptr() == out.data_ptr() else logits
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int = 32, greedy: bool = True, temperature: float = 1.0,
@@ -296,7 +343,7 @@ class Engine:
         new: list[int] = []
         self.experts.settle()  # the prompt's statistics are complete before decoding is counted
         before = self._decode_counters()
-        context = self.spec.model.max_position_embeddings
+        context = self.max_seq_len  # the model's context, or a shorter runtime.max_seq_len
         stopped = "max_new_tokens"
         t0 = time.perf_counter()
         while max_new_tokens:
@@ -313,6 +360,7 @@ class Engine:
                 stopped = "context"
                 break
             step, reads = time.perf_counter(), self.reader.reads
+            replays = self.graphs.replays if self.graphs is not None else 0
             token = choose(self._forward(torch.tensor([token]), self.length), len(new))
             if self.executor.compile and not self.decode_compiled:
                 # torch.compile traces and compiles the decode step on its first call (tens of seconds):
@@ -321,6 +369,8 @@ class Engine:
                 self.stats_.extra["compile_step_s"] = time.perf_counter() - step
                 t0 += time.perf_counter() - step
                 before["decode_host_syncs"] += self.reader.reads - reads
+                if self.graphs is not None:
+                    before["decode_graph_replays"] += self.graphs.replays - replays
                 continue
             self.stats_.decode_tokens += 1
         self.stats_.decode_s += time.perf_counter() - t0
@@ -342,6 +392,8 @@ class Engine:
         s = self.stats_
         counters = {"decode_bytes_h2d": s.bytes_h2d, "decode_stall_s": s.stall_s,
                     "decode_host_syncs": self.reader.reads}
+        if self.graphs is not None:
+            counters["decode_graph_replays"] = self.graphs.replays
         if "big_only_bytes_h2d" in s.extra:  # kept by offloading expert sets only
             counters["decode_big_only_bytes_h2d"] = s.extra["big_only_bytes_h2d"]
         return counters
@@ -353,6 +405,17 @@ class Engine:
     def reset_stats(self) -> None:
         self.stats_.reset()
         self.experts.reset_counters()
+        if self.graphs is not None:
+            self.graphs.reset_counters()
+
+
+def graphs_enabled(setting: str | None, spec: Spec, device: torch.device) -> bool:
+    """--cuda-graphs (else runtime.cuda_graphs): auto is on for CUDA and off for the CPU; on, on the
+    CPU, runs the static-buffer runner without capture (mobile.graphs)."""
+    setting = spec.runtime.cuda_graphs if setting is None else setting
+    if setting not in ("auto", "on", "off"):
+        raise MobileError(f"expected auto, on or off, got {setting!r}", key="--cuda-graphs")
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def refuse_emulated_link(device: torch.device, spec: Spec, link_gbps: float | None, link_ratio: float | None) -> None:

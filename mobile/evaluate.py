@@ -85,7 +85,8 @@ def evaluate_policy(engine: Engine, chunks: list[torch.Tensor], big_greedy: list
 
 def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: str | None = None,
              window: int = 256, max_tokens: int | None = None, device: str = "cpu",
-             expert_format: str | None = None, expert_group_size: int | None = None) -> list[dict]:
+             expert_format: str | None = None, expert_group_size: int | None = None,
+             cuda_graphs: str | None = None) -> list[dict]:
     """configs: (label, {name: policy, tau: ..., ...}) pairs. The big reference runs first.
 
     Policies run with every expert on the device, since offloading does not change what they
@@ -100,7 +101,7 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
     expert_format, expert_group_size: the configs run at this format (a config's own
     expert_format / expert_group_size keys win); the reference is native big decoding whatever the
     graph's format (a quantized checkpoint has no native experts: its own format is then the
-    reference, labelled so)."""
+    reference, labelled so). cuda_graphs: every engine's --cuda-graphs (mobile.graphs)."""
     native_ok = checkpoint_format(Path(weights or resolve_checkpoint(load_graph(graph), Path(graph)))) is None
     fmt = "native" if native_ok else None
     planned = [_plan(graph, label, options, expert_format, expert_group_size) for label, options in configs]
@@ -111,9 +112,9 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
     def big_engine(eviction: str | None) -> Engine:
         if eviction is None:  # big decoding with every expert on the device
             return Engine.load(graph, weights=weights, device=device, policy=policies.REFERENCE, track_use=True,
-                               expert_format=fmt)
+                               expert_format=fmt, cuda_graphs=cuda_graphs)
         return Engine.load(graph, weights=weights, device=device, policy="lru", policy_options={"eviction": eviction},
-                           link_gbps=FAST_LINK_GBPS, track_use=True, expert_format=fmt)
+                           link_gbps=FAST_LINK_GBPS, track_use=True, expert_format=fmt, cuda_graphs=cuda_graphs)
 
     # the greedy reference from a resident engine, so that no cache starts warm from it
     resident = big_engine(None)
@@ -130,7 +131,8 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
     for p in planned:
         engine = Engine.load(graph, weights=weights, device=device, policy=p["name"], policy_options=p["options"],
                              all_resident=not p["offloaded"], track_use=True,
-                             link_gbps=FAST_LINK_GBPS if p["offloaded"] else None, **p["format"])
+                             link_gbps=FAST_LINK_GBPS if p["offloaded"] else None, cuda_graphs=cuda_graphs,
+                             **p["format"])
         row = {"label": p["label"], **evaluate_policy(engine, chunks, greedy, desc=p["label"])}
         rows.append(compare(row, bigs.get(None), bigs[p["eviction"]] if p["offloaded"] else None))
     return rows

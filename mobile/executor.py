@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from mobile.ir import GRAPH_INPUTS, SYNC_OPS, Graph, Node, Op
 from mobile.kv import KVCache
 from mobile.spec import Spec
 from mobile.verify import verify
+
+if TYPE_CHECKING:
+    from mobile.graphs import GraphRunner
 
 Kernel = Callable[..., Any]
 MLA_LATENT_NORM_EPS = 1e-6
@@ -76,6 +79,10 @@ class StepContext:
     kv_len: int  # attend over cache rows [0, kv_len)
     last_only: bool = False  # the caller needs only the last position's logits: lm_head skips the rest
     all_visible: bool = False  # one token attending over exactly the rows before it: no mask needed
+    # a static context (mobile.graphs.StaticState): its tensors are persistent buffers, and the
+    # forward's compute segments run through the graph runner under this bucket
+    key: tuple | None = None
+    prologue: Callable[[], None] | None = None  # device work the forward's first segment does first (rope rows)
 
 
 class Kernels:
@@ -311,6 +318,9 @@ class Step:
     live_in: list[str]
     drop_after: list[str]  # values no later step reads
     little: bool  # runs little-variant experts: a token through it used the little set
+    # with CUDA graphs: the segment without the executor's bookkeeping (the node list, the trace),
+    # which a replay would skip; what the graph runner captures (fn itself when compiled)
+    graph_fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None = None
 
     @property
     def region(self) -> str | None:
@@ -349,13 +359,16 @@ def plan_steps(graph: Graph) -> list[list[Node]]:
 
 class Executor:
     def __init__(self, graph: Graph, kernels: Kernels, reader: HostReader, compile: bool = False,
-                 trace: list | None = None):
+                 trace: list | None = None, graphs: GraphRunner | None = None):
+        """graphs: run the compute segments of static contexts (StepContext.key) through this
+        runner (mobile.graphs); other forwards run as without it."""
         errors = verify(graph)
         if errors:
             more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
             raise GraphError(f"graph fails verification: {errors[0]}{more}", where=graph.name)
         self.graph, self.reader = graph, reader
         self.compile = compile
+        self.graphs = graphs
         # measured timeline: (name, op, stream, start_s, end_s, bytes) per node; eager runs only,
         # since inside a compiled segment nodes have no boundaries to time
         self.trace = trace if not compile else None
@@ -380,13 +393,18 @@ class Executor:
                 self.steps.append(Step(group, None, [kernels.build(n) for n in group], live_in, drop, little))
                 continue
             live_out = [n.name for n in group if last_use.get(n.name, -1) > si]
-            fn = self._segment_fn(group, [kernels.build(n) for n in group], live_out)
+            built = [kernels.build(n) for n in group]
+            fn = self._segment_fn(group, built, live_out)
             if compile:
-                fn = compiled(fn)
-            self.steps.append(Step(group, fn, None, live_in, drop, little))
+                fn = compiled(fn)  # compiled code keeps no bookkeeping: it is what the runner captures too
+            plain = None
+            if graphs is not None:
+                plain = fn if compile else self._segment_fn(group, built, live_out, bookkeeping=False)
+            self.steps.append(Step(group, fn, None, live_in, drop, little, plain))
 
-    def _segment_fn(self, nodes: list[Node], kernels: list[Kernel], live_out: list[str]):
-        """Generate one straight-line Python function per compute segment.
+    def _segment_fn(self, nodes: list[Node], kernels: list[Kernel], live_out: list[str], bookkeeping: bool = True):
+        """Generate one straight-line Python function per compute segment. bookkeeping: it records
+        the nodes it ran (eager) and their spans (with a trace); off for the graph runner's.
 
         Straight-line code (no loop over nodes, no dict shuffling) is what dynamo traces best, and a
         separate code object per segment gives each its own compile cache instead of piling
@@ -403,12 +421,12 @@ class Executor:
                     args.append(name)
                 ins.append(var[name])
             call = f"{var[node.name]} = k{i}(ctx, {', '.join(ins)})  # {node.name}"
-            if self.trace is not None:
+            if self.trace is not None and bookkeeping:
                 body += ["    t0 = clock()", f"    {call}",
                          f"    trace.append(({node.name!r}, {node.op.value!r}, 'compute', t0, clock(), 0))"]
             else:
                 body.append(f"    {call}")
-        if not self.compile:
+        if not self.compile and bookkeeping:
             body.append(f"    executed.extend({[n.name for n in nodes]!r})")
         outs = ", ".join(f"{n!r}: {var[n]}" for n in live_out)
         unpack = "".join(f"    {var[a]} = env[{a!r}]\n" for a in args)
@@ -463,7 +481,9 @@ class Executor:
         run = {"little": mode != "big", "big": mode == "big"}
         self.fell_back = False if mode in ("decode", "gate") else None
         self.ran_little = False
-        for step in self.steps:
+        static = self.graphs is not None and ctx.key is not None
+        first = True  # the first compute step of this forward (a static context's rope rows)
+        for si, step in enumerate(self.steps):
             region = step.region
             if region is not None and not run[region]:
                 continue
@@ -471,9 +491,30 @@ class Executor:
             if step.sync is not None:
                 if self._sync(step, ctx, env, run, mode):
                     return None
+            elif static:
+                env.update(self._graph_step(si, step, ctx, {k: env.get(k) for k in step.live_in}, first))
+                first = False
             else:
                 assert step.fn is not None
                 env.update(step.fn(ctx, {k: env.get(k) for k in step.live_in}))
             for v in step.drop_after:
                 env.pop(v, None)
         return env[self.graph.outputs[0]]
+
+    def _graph_step(self, si: int, step: Step, ctx: StepContext, inputs: dict[str, Any], first: bool
+                    ) -> dict[str, Any]:
+        """One compute step through the graph runner, with the bookkeeping its function leaves out:
+        the nodes it ran, and with a trace one span for the whole segment (a replay has no node
+        boundaries to time)."""
+        assert self.graphs is not None and step.graph_fn is not None
+        t0 = self._clock() if self.trace is not None else 0.0
+        out = self.graphs.run(si, step.nodes, step.graph_fn, ctx, inputs, first)
+        if self.trace is not None:
+            name = f"{step.nodes[0].name}..{step.nodes[-1].name}"
+            self.trace.append((name, "graph", "compute", t0, self._clock(), 0))
+        if not self.compile:
+            self.executed.extend(n.name for n in step.nodes)
+        return out
+
+    def _clock(self):
+        return clock_for(self.reader.device)()

@@ -3,6 +3,13 @@
 GQA layers keep k, v [L, n_kv, D]. MLA layers keep the compressed latent [L, 1, kv_lora_rank] in
 `k` and the shared rotated key [L, 1, rope_dim] in `v`, as transformers' DeepSeek-V2 cache does.
 Writing a position twice overwrites it: that is how a fallback recomputes a token.
+
+Two ways to hold it:
+- grown (the default): capacity grows in steps of GROW positions, each growth a new allocation
+  the old rows are copied into, up to max_seq_len;
+- preallocated (`fixed`, what CUDA graphs need: a captured kernel reads and writes the addresses it
+  saw at capture): max_seq_len positions at once, whose storage never moves. max_seq_len is
+  `runtime.max_seq_len`, by default the model's context capped at what fits in KV_BUDGET_BYTES.
 """
 
 from __future__ import annotations
@@ -11,9 +18,43 @@ from dataclasses import dataclass
 
 import torch
 
+from mobile.errors import MobileError
 from mobile.spec import Spec
+from mobile.weights import TORCH_DTYPES
 
 GROW = 256  # capacity grows in steps of this many positions, so compiled shapes rarely change
+# A preallocated cache's default size: the model's context, or as many positions as fit in this
+# many bytes (1 GiB: Qwen3-30B-A3B's 40,960-position context would take 3.75 GiB in bf16 and keep
+# 10,752 positions; the demo's whole 2,048 take 16 MiB). runtime.max_seq_len sets it explicitly.
+KV_BUDGET_BYTES = 1 << 30
+
+
+def position_shapes(spec: Spec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of one position's k and v entries in one layer."""
+    a = spec.model.attention
+    if a.kind == "mla":
+        return (1, a.kv_lora_rank), (1, a.qk_rope_head_dim)
+    return (a.num_kv_heads, a.head_dim), (a.num_kv_heads, a.head_dim)
+
+
+def bytes_per_position(spec: Spec) -> int:
+    """KV-cache bytes one position takes over every layer, in the spec's dtype."""
+    k, v = position_shapes(spec)
+    per_layer = (torch.Size(k).numel() + torch.Size(v).numel()) * TORCH_DTYPES[spec.dtype].itemsize
+    return per_layer * spec.model.num_layers
+
+
+def max_seq_len(spec: Spec, preallocated: bool) -> int:
+    """The longest sequence the runtime holds: runtime.max_seq_len when the spec gives it; else the
+    model's context, which a preallocated cache caps at KV_BUDGET_BYTES (whole GROW blocks, when
+    at least one fits)."""
+    if spec.runtime.max_seq_len is not None:
+        return spec.runtime.max_seq_len
+    context = spec.model.max_position_embeddings
+    if not preallocated:
+        return context
+    fits = KV_BUDGET_BYTES // bytes_per_position(spec)
+    return max(1, min(context, fits // GROW * GROW if fits >= GROW else fits))
 
 
 @dataclass
@@ -23,23 +64,31 @@ class LayerKV:
 
 
 class KVCache:
-    def __init__(self, spec: Spec, device: torch.device, dtype: torch.dtype, capacity: int = GROW):
-        a = spec.model.attention
-        if a.kind == "mla":
-            self.k_shape, self.v_shape = (1, a.kv_lora_rank), (1, a.qk_rope_head_dim)
-        else:
-            self.k_shape = self.v_shape = (a.num_kv_heads, a.head_dim)
+    def __init__(self, spec: Spec, device: torch.device, dtype: torch.dtype, capacity: int = GROW,
+                 limit: int | None = None, fixed: bool = False):
+        """limit: the most positions it may hold (default: the model's context). fixed: allocate
+        `limit` positions now and never move them."""
+        self.k_shape, self.v_shape = position_shapes(spec)
         self.device, self.dtype = device, dtype
-        self.max_positions = spec.model.max_position_embeddings
+        self.max_positions = limit if limit is not None else spec.model.max_position_embeddings
+        self.fixed = fixed
         self.capacity = 0
         self.layers = [LayerKV(torch.empty(0), torch.empty(0)) for _ in range(spec.model.num_layers)]
-        self.ensure(capacity)
+        if fixed:
+            self._allocate(self.max_positions)
+        else:
+            self.ensure(capacity)
 
     def ensure(self, length: int) -> None:
         """Make room for positions [0, length); keeps what is stored."""
         if length <= self.capacity:
             return
-        cap = min(max(-(-length // GROW) * GROW, GROW), max(self.max_positions, length))
+        if self.fixed:  # the engine refuses longer sequences first; a captured graph must never see it move
+            raise MobileError(f"a sequence of {length} positions exceeds the preallocated KV cache of "
+                              f"{self.capacity} (runtime.max_seq_len)", key="runtime.max_seq_len")
+        self._allocate(min(max(-(-length // GROW) * GROW, GROW), max(self.max_positions, length)))
+
+    def _allocate(self, cap: int) -> None:
         # always ordinary tensors, also when growing inside inference mode (decoding): an inference
         # tensor has other dispatch keys, and a compiled segment that reads the cache would recompile
         with torch.inference_mode(False):

@@ -233,6 +233,7 @@ class PlanSpec:
 
 
 ExpertFormat = Literal["native", "int8", "int4"]
+CudaGraphs = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,13 @@ class RuntimeSpec:
     expert_cache: ExpertCacheSpec = field(default_factory=ExpertCacheSpec)
     link: LinkSpec = field(default_factory=LinkSpec)
     plan: PlanSpec = field(default_factory=PlanSpec)
+    # the longest sequence (prompt and generated tokens) the KV cache holds. Default: the model's
+    # context; where the cache is preallocated (CUDA graphs on), capped so that it fits in
+    # mobile.kv.KV_BUDGET_BYTES (mobile.kv.max_seq_len)
+    max_seq_len: int | None = None
+    # decode compute segments captured as CUDA graphs and replayed (mobile.graphs); auto: on for
+    # CUDA, off for the CPU; on, on the CPU: the same static-buffer runner, without capture
+    cuda_graphs: CudaGraphs = "auto"
 
 
 @dataclass(frozen=True)
@@ -422,6 +430,8 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value, key, where)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads an unquoted on / off as true / false
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise SpecError(f"expected one of {choices}, got {value!r}", where=where, key=key)
@@ -551,6 +561,9 @@ def check_consistency(spec: Spec) -> None:
         problem = formats.group_error(r.expert_format, spec.expert_group, dims)
         need(problem is None, "runtime.expert_group_size", str(problem))
     need(c.staging_slots >= 0, "runtime.expert_cache.staging_slots", f"expected >= 0, got {c.staging_slots}")
+    need(r.max_seq_len is None or 1 <= r.max_seq_len <= m.max_position_embeddings, "runtime.max_seq_len",
+         f"expected 1 <= max_seq_len <= model.max_position_embeddings={m.max_position_embeddings}, "
+         f"got {r.max_seq_len}")
     link = spec.runtime.link
     need(link.gbps is None or link.gbps > 0, "runtime.link.gbps", f"expected a number > 0, got {link.gbps}")
     need(link.ratio is None or link.ratio > 0, "runtime.link.ratio", f"expected a number > 0, got {link.ratio}")

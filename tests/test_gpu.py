@@ -90,3 +90,91 @@ def test_second_device_waits_for_its_own_copies(tiny, tmp_path):
         assert engine.generate(PROMPT, 16, stop_ids=[]) == ref
     finally:
         engine.close()
+
+
+# -- CUDA graphs (mobile.graphs): capture and replay, written for a GPU, not yet run on one --------
+
+GRAPH_POLICIES = ["resident", "ondemand", "lru", "lru-prefetch", "little", "mobile", "layer-mass"]
+
+
+@pytest.mark.parametrize("policy", GRAPH_POLICIES)
+def test_graph_replay_equals_eager(tiny, policy):
+    t = tiny("qwen2_moe")
+    eager, graphed = (mobile.Engine.load(t.graph, device="cuda", policy=policy, cuda_graphs=mode)
+                      for mode in ("off", "on"))
+    try:
+        short = PROMPT[:6]  # through graphs too (GRAPH_MAX_TOKENS)
+        torch.testing.assert_close(graphed.logits(short), eager.logits(short), atol=1e-4, rtol=1e-4)
+        want = eager.generate(PROMPT, 40, stop_ids=[])
+        assert graphed.generate(PROMPT, 40, stop_ids=[]) == want
+        s, e = graphed.stats, eager.stats
+        assert s["cuda_graphs"] == "on" and s["graph_captures"] > 0 and s["graph_replays"] > 0
+        assert all("Rounds" in reason for reason in s["graph_eager_reasons"]), s["graph_eager_reasons"]
+        assert s["host_syncs_per_token"] == e["host_syncs_per_token"]  # graphs add no host read
+        assert graphed.kv.fixed and graphed.kv.capacity == graphed.max_seq_len
+    finally:
+        eager.close()
+        graphed.close()
+
+
+def test_resident_decode_token_is_one_graph_and_one_read(tiny):
+    t = tiny("olmoe")
+    engine = mobile.Engine.load(t.graph, device="cuda", policy="resident", cuda_graphs="auto")  # auto: on for CUDA
+    engine.generate(PROMPT, 32, stop_ids=[])
+    s = engine.stats
+    assert s["cuda_graphs"] == "on" and s["graph_replays_per_token"] == 1.0 and s["graph_eager_segments"] == 0
+    assert s["host_syncs_per_token"] == 1.0  # the sampled id only
+
+
+@pytest.mark.parametrize("policy", ["lru", "lru-prefetch", "mobile"])
+def test_graph_host_reads_per_token_stay_within_the_device_op_limit(tiny, tmp_path, policy):
+    """One read per MoE layer and one for the sampled id, with the segments between them replayed."""
+    t = tiny("olmoe")
+    graph = t.compile(tmp_path, "--policy", policy, slots_per_layer=4)  # copies every step
+    engine = mobile.Engine.load(graph, device="cuda", cuda_graphs="on")
+    try:
+        engine.generate(PROMPT, 24, stop_ids=[])
+        s = engine.stats
+        layers = len(engine.spec.moe_layers)
+        assert s["host_syncs_per_token"] <= layers + 1 and s["graph_replays_per_token"] >= layers
+        assert s["bytes_h2d"] > 0 and s["link"] == "real"
+    finally:
+        engine.close()
+
+
+def test_compiled_graphs_replay_without_recompiles(tiny):
+    t = tiny("qwen2_moe")
+    engine = mobile.Engine.load(t.graph, device="cuda", compile=True, cuda_graphs="on")
+    engine.generate(PROMPT, 4, stop_ids=[])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = engine.generate(PROMPT, 300, stop_ids=[])
+    eager = mobile.Engine.load(t.graph, device="cuda", cuda_graphs="off").generate(PROMPT, 300, stop_ids=[])
+    assert out[:32] == eager[:32]  # compiled kernels round differently: the first tokens agree
+    assert engine.stats["graph_replays_per_token"] == 1.0
+
+
+def test_a_segment_that_syncs_is_run_eagerly_not_captured():
+    from mobile.executor import StepContext
+    from mobile.graphs import GraphRunner
+    from mobile.ir import Node, Op
+
+    runner = GraphRunner(torch.device("cuda"))
+    z = torch.zeros(1, device="cuda")
+    ctx = StepContext(positions=z, cos=z, sin=z, kv_len=1, key=(1, 1, False))
+
+    def reads(ctx, env):  # .item() waits for the device: no graph may hold it
+        return {"y": env["x"] * float(env["x"].sum().item())}
+
+    out = runner.run(0, [Node.make("n", Op.ADD)], reads, ctx, {"x": torch.full((2,), 3.0, device="cuda")}, False)
+    assert out["y"].tolist() == [18.0, 18.0]
+    assert runner.eager == 1 and runner.replays == 0 and "syncs with the host" in next(iter(runner.reasons))
+
+
+def test_device_sampling_on_cuda_is_seeded_and_reads_once(tiny):
+    t = tiny("olmoe")
+    runs = []
+    for _ in range(2):
+        engine = mobile.Engine.load(t.graph, device="cuda", policy="resident")
+        runs.append(engine.generate(PROMPT, 24, greedy=False, temperature=0.8, top_p=0.9, seed=7, stop_ids=[]))
+        assert engine.stats["host_syncs_per_token"] == 1.0
+    assert runs[0] == runs[1]

@@ -121,5 +121,6 @@ def model_info(engine) -> ModelInfo:
         raise MobileError("mobile serve needs a tokenizer in the checkpoint folder (tokenizer.json or "
                           "tokenizer.model)", where=engine.store.dir) from None
     m = engine.spec.model
-    return ModelInfo(name=engine.graph.name, context=m.max_position_embeddings, vocab=m.vocab_size,
+    # the longest sequence the engine holds: the model's context, or a shorter runtime.max_seq_len
+    return ModelInfo(name=engine.graph.name, context=engine.max_seq_len, vocab=m.vocab_size,
                      eos_ids=tuple(engine.default_stop_ids()), tokenizer=tokenizer)
