@@ -29,8 +29,10 @@ class DeviceClock:
 
     def __call__(self, stream: torch.cuda.Stream | None = None) -> Mark:
         """Now: on CUDA, when the device reaches this point of `stream` (default: the current one)."""
-        if not self.cuda:
-            return time.perf_counter()
+        return self.event(stream) if self.cuda else time.perf_counter()
+
+    def event(self, stream: torch.cuda.Stream | None = None) -> torch.cuda.Event:
+        """CUDA: a timing event recorded on `stream` (default: the current one)."""
         event = torch.cuda.Event(enable_timing=True)
         event.record(stream if stream is not None else torch.cuda.current_stream(self.device))
         return event

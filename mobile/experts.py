@@ -420,7 +420,7 @@ class OffloadedExperts:
         if self.cuda:  # the same two orderings on the copy streams: the slot's last reader, a stale copy
             if layer in self.read_done:
                 after.append(self.read_done[layer])
-            if old is not None:
+            if old is not None and old.event is not None:
                 after.append(old.event)
         job = self.engine.submit(self.host[layer][expert], self.rows[layer][slot], priority,
                                  tag=f"L{layer}.e{expert}->s{slot}", after=after)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mobile.devclock import Mark, clock_for, union_seconds
+from mobile.devclock import clock_for, union_seconds
 
 DEMAND, PREFETCH = 0, 1  # job priorities: lower runs first
 PREFETCH_CHUNK_BYTES = 4 << 20  # CUDA: a prefetch is copied in pieces of this size (a demand copy gets in between)
@@ -63,7 +63,7 @@ class CopyJob:
         self.nbytes = src.numel() * src.element_size()
         self.done = threading.Event()
         self.event: torch.cuda.Event | None = None
-        self.start_mark: Mark | None = None  # CUDA: its start on the copy stream
+        self.start_mark: torch.cuda.Event | None = None  # CUDA: its start on the copy stream
         self.start_s = self.end_s = 0.0
         self.started = False  # set by the worker, under the engine's lock
         self.cancelled = False
@@ -90,7 +90,7 @@ class CopyEngine:
             self.streams = {DEMAND: torch.cuda.Stream(device, priority=-1),
                             PREFETCH: torch.cuda.Stream(device, priority=0)}
             self.timed: list[CopyJob] = []  # copies whose spans are not read yet (see collect)
-            self.stalls: list[tuple[Mark, Mark]] = []  # the compute stream's waits, likewise
+            self.stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # the compute stream's waits, likewise
             return
         self._queue: list[_Queued] = []
         self._seq = itertools.count()
@@ -109,7 +109,7 @@ class CopyEngine:
             stream = self.streams[priority]
             for event in after:
                 stream.wait_event(event)
-            job.start_mark = self.clock(stream)
+            job.start_mark = self.clock.event(stream)
             with torch.cuda.stream(stream):
                 if priority == PREFETCH and job.nbytes > PREFETCH_CHUNK_BYTES:
                     step = max(1, PREFETCH_CHUNK_BYTES // src.element_size())
@@ -118,7 +118,7 @@ class CopyEngine:
                         d[i:i + step].copy_(s[i:i + step], non_blocking=True)
                 else:
                     dst.copy_(src, non_blocking=True)
-            job.event = self.clock(stream)
+            job.event = self.clock.event(stream)
             job.done.set()  # issued: from here on the stream orders it
             self.timed.append(job)
             return job
@@ -135,10 +135,11 @@ class CopyEngine:
             return sum(job.wait() for job in jobs)
         if jobs:
             stream = torch.cuda.current_stream(self.device)
-            before = self.clock(stream)
+            before = self.clock.event(stream)
             for job in jobs:
+                assert job.event is not None  # issued on CUDA: recorded at submit
                 stream.wait_event(job.event)
-            self.stalls.append((before, self.clock(stream)))
+            self.stalls.append((before, self.clock.event(stream)))
         return 0.0
 
     def collect(self) -> float:
@@ -151,6 +152,7 @@ class CopyEngine:
         seconds = self.clock.seconds
         spans = []
         for job in self.timed:
+            assert job.start_mark is not None and job.event is not None
             job.start_s, job.end_s = seconds(job.start_mark), seconds(job.event)
             spans.append((job.start_s, job.end_s))
             if self.trace is not None:
