@@ -13,30 +13,32 @@ python3 -c "import torch, transformers, triton; print(torch.__version__, transfo
 #    reference, and over packed int8 / int4 experts (bf16 / fp16 tl.dot tiles, which the CPU
 #    interpreter never runs); every policy equals the CPU result (pinned host store, copy stream, events)
 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/pytest-gpu.log"
+echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 # 2. the Triton op against the native paths at OLMoE-1B-7B and Qwen3-30B-A3B layer shapes:
 #    us per layer at T = 1, 8, 512 and the HBM GB/s reached (decides DECODE_MAX_PAIRS and the prompt path),
 #    bf16 rows, then int8 and int4 (group 64) rows with their ratio to bf16
 python3 benchmarks/moe_kernels.py --dtype bfloat16 --formats int8,int4 --group 64 2>&1 | tee "$OUT/moe-kernels.txt"
+echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 # 3. the default CPU suite, on this machine's versions (torch 2.11, transformers 5.17)
 python3 -m pytest -q -x 2>&1 | tail -5 | tee "$OUT/pytest.log"
+echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 # 4. real PCIe: synthetic OLMoE-1B-7B layers in bf16, policies side by side (link: real)
 mobile synth specs/olmoe-1b-7b.yaml -o /tmp/synth8 --layers 8 --dtype bfloat16 > /dev/null
 mobile compile /tmp/synth8/spec.yaml -o /tmp/synth8/graph > /dev/null
 mobile bench --graph /tmp/synth8/graph --device cuda --policies ondemand,lru,lru-prefetch,little,resident \
   --tokens 64 --repeats 3 --json "$OUT/bench-olmoe8.json" 2>&1 | tail -9 | tee "$OUT/bench-olmoe8.txt"
+echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 # 4a. the link as mobile uses it: pinned H2D GB/s, link busy %, stall %, host reads per token, pinned/needed bytes
 python3 benchmarks/cuda_link.py --graph /tmp/synth8/graph --policies lru,lru-prefetch,mobile 2>&1 | tail -6 \
   | tee "$OUT/cuda-link.txt"
+echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 # 4b. the same layers at equal cache bytes (a budget of 12 bf16 experts per layer), bf16 against int8 and int4
 python3 -c "import yaml; p='/tmp/synth8/spec.yaml'; d=yaml.safe_load(open(p)); d['runtime']=dict(d.get('runtime') or {}, expert_cache={'budget': '1210MB'}); yaml.safe_dump(d, open(p, 'w'), sort_keys=False)"
 mobile compile /tmp/synth8/spec.yaml -o /tmp/synth8/graph-budget > /dev/null
 mobile bench --graph /tmp/synth8/graph-budget --device cuda --policies lru-prefetch,mobile --expert-format native,int8,int4 \
   --tokens 64 --repeats 3 --baseline "lru-prefetch native" --json "$OUT/bench-olmoe8-formats.json" 2>&1 | tail -9 \
   | tee "$OUT/bench-olmoe8-formats.txt"
-# 4c. a peer row: transformers with accelerate's CPU offload on the same random OLMoE-shaped weights, the device
-#     capped at 3 GiB for both (skipped in one line when accelerate is not installed)
-python3 benchmarks/hf_offload_peer.py --device cuda --layers 8 --gpu-memory 3GiB --tokens 16 2>&1 | tail -7 \
-  | tee "$OUT/hf-offload-peer.txt"
+echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 # 5. the demo model as its spec runs it (8 of 16 experts per layer cached, the same memory for every
 #    policy): mobile against the LRU baselines on a real link
 mobile compile specs/demo.yaml -o graphs/demo-gpu > /dev/null
@@ -44,9 +46,10 @@ for text in kjv py; do
   mobile bench --graph graphs/demo-gpu --device cuda --policies lru,lru-prefetch,little,mobile \
     --row "lru-prefetch eviction=lfu" --row "mobile eviction=lru" --row "mobile layer_rule=switch layer_tau=0.7" \
     --row "mobile tau=0.05" --row "mobile cached_complement=false tau=0.1 layer_tau=0.85 layer_rule=switch" \
-    --text demo/data/heldout_$text.txt --tokens 256 --prompt-len 32 --repeats 3 --baseline lru-prefetch 2>&1 | tail -12 \
+    --text demo/data/heldout_$text.txt --tokens 128 --prompt-len 32 --repeats 2 --baseline lru-prefetch 2>&1 | tail -12 \
     | tee "$OUT/bench-demo-$text.txt"
 done
+echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 # 6. CUDA graphs (mobile.graphs) on the demo: resident decode eager, with graphs, compiled, compiled with graphs
 #    (one decode token is one graph there), then per policy tok/s with graphs off and on
 mobile bench --graph graphs/demo-gpu --device cuda --policies resident --cuda-graphs off,on --text demo/data/heldout_kjv.txt \
@@ -58,6 +61,12 @@ mobile bench --graph graphs/demo-gpu --device cuda --policies resident --cuda-gr
 mobile bench --graph graphs/demo-gpu --device cuda --policies ondemand,lru,lru-prefetch,little,layer-mass,mobile \
   --cuda-graphs off,on --text demo/data/heldout_kjv.txt --tokens 128 --prompt-len 32 \
   --json "$OUT/bench-demo-policies-graphs.json" 2>&1 | tail -14 | tee "$OUT/bench-demo-policies-graphs.txt"
+echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
+# 7. a peer row: transformers with accelerate's CPU offload on the same random OLMoE-shaped weights, the device
+#     capped at 1.5 GiB for both; last of the benches, as the one that may be skipped (skipped in one line when accelerate is not installed)
+python3 benchmarks/hf_offload_peer.py --device cuda --layers 4 --gpu-memory 1536MiB --tokens 16 2>&1 | tail -7 \
+  | tee "$OUT/hf-offload-peer.txt"
+echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 # last: one table of every bench above (decode tok/s, graph replays and host reads per token, stall), also in $OUT
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, sys
@@ -71,3 +80,4 @@ for f in sorted(out.glob("bench-*.json")):
               f"{'-' if g is None else f'{g:.2f}':>10} {'-' if h is None else f'{h:.2f}':>9} "
               f"{r['stall_fraction']:>6.2f} {r['bytes_per_token'] / 2**20:>8.2f}")
 PY
+echo "-- ${SECONDS}s in all" | tee -a "$OUT/elapsed.txt"
