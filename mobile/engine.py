@@ -166,7 +166,9 @@ class Engine:
         g = self.graphs
         if g is not None:  # counts since the last reset_stats, which a server sums over its requests
             self.stats_.extra.update(graph_captures=g.captures, graph_replays=g.replays, graph_eager_segments=g.eager)
-        out = {"graph_captures": 0, "graph_replays": 0, "graph_eager_segments": 0, **self.stats_.as_dict()}
+        out = self.stats_.as_dict()
+        for key in ("graph_captures", "graph_replays", "graph_eager_segments"):  # always there, after the rest
+            out.setdefault(key, 0)
         # what describes the run rather than counts it, kept out of stats_ (a sum of it would mean nothing)
         out.update(max_seq_len=self.max_seq_len, cuda_graphs="off" if g is None else g.mode)
         if g is not None:
