@@ -23,7 +23,7 @@ from functools import partial
 
 import torch
 
-from mobile import moe, quant
+from mobile import formats, moe, quant
 
 SHAPES = {"olmoe-1b-7b": (2048, 1024, 64, 8), "qwen3-30b-a3b": (2048, 768, 128, 8)}
 
@@ -45,9 +45,8 @@ def time_us(fn, repeats: int) -> float:
 def packed_arena(layout: quant.Layout, arena: torch.Tensor) -> torch.Tensor:
     """A native arena [E, 3*H*I] -> its experts quantized as the engine loads them, [E, row_bytes] uint8."""
     gate_up, down = moe.arena_views(arena, layout.hidden)
-    I = layout.inter
-    rows = [quant.quantize_expert(layout, gu[:, :I].T, gu[:, I:].T, d.T) for gu, d in zip(gate_up, down, strict=True)]
-    return torch.stack(rows).to(arena.device)
+    rows = [quant.quantize_matrices(layout, gu, d) for gu, d in zip(gate_up, down, strict=True)]
+    return torch.stack(rows).to(arena.device)  # (packed rows are built in host memory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,9 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.formats = [f for f in args.formats.split(",") if f]
     if bad := set(args.formats) - {"int8", "int4"}:
         p.error(f"--formats: expected int8 and/or int4, got {', '.join(sorted(bad))}")
-    if "int4" in args.formats and (args.group <= 0 or args.group % 2 or any(
-            dim % args.group for H, inter, _, _ in SHAPES.values() for dim in (H, inter))):
-        p.error(f"--group: int4 needs an even group size dividing every H and I, got {args.group}")
+    for H, inter, _, _ in SHAPES.values():
+        if "int4" in args.formats and (problem := formats.group_error("int4", args.group, {"H": H, "I": inter})):
+            p.error(f"--group: {problem}")
     return args
 
 
@@ -74,22 +73,22 @@ def main(argv: list[str] | None = None) -> None:
     bench(args)
 
 
-def bench(args: argparse.Namespace, device: str = "cuda", timer=time_us) -> None:
+def bench(args: argparse.Namespace) -> None:
     from mobile.kernels import moe as kernels
 
     dtype = getattr(torch, args.dtype)
     print(f"{'model':<15} {'T':>4} {'path':<24} {'us/layer':>10} {'GB/s':>8} {'vs native':>10} "
           f"{'vs ' + args.dtype:>12}")
     for name, (H, inter, E, K) in SHAPES.items():
-        g = torch.Generator(device=device).manual_seed(0)
-        arena = (torch.randn(E, 3 * H * inter, device=device, generator=g) / H ** 0.5).to(dtype)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        arena = (torch.randn(E, 3 * H * inter, device="cuda", generator=g) / H ** 0.5).to(dtype)
         native_bytes = 3 * H * inter * arena.element_size()
         layouts = {fmt: quant.Layout(fmt, args.group if fmt == "int4" else 0, H, inter) for fmt in args.formats}
         rows = {fmt: packed_arena(layout, arena) for fmt, layout in layouts.items()}
         dequantized = {fmt: layout.dequantize_rows(rows[fmt], torch.float32) for fmt, layout in layouts.items()}
         for T in (1, 8, 512):
-            x = torch.randn(T, H, device=device, generator=g).to(dtype)
-            weights, ids = torch.topk(torch.rand(T, E, device=device, generator=g).softmax(-1), K, dim=-1)
+            x = torch.randn(T, H, device="cuda", generator=g).to(dtype)
+            weights, ids = torch.topk(torch.rand(T, E, device="cuda", generator=g).softmax(-1), K, dim=-1)
             slots = ids  # every expert resident, slot = expert
             experts_used = torch.unique(ids).numel()
             layer = (x, weights, slots, arena)
@@ -106,7 +105,7 @@ def bench(args: argparse.Namespace, device: str = "cuda", timer=time_us) -> None
             for label, fn, ref_arena, expert_bytes, versus in paths:
                 ref = moe.reference(x, weights, slots, ref_arena)
                 err = float((fn().float() - ref.float()).abs().max() / ref.float().abs().max())
-                us = times[label] = timer(fn, args.repeats)
+                us = times[label] = time_us(fn, args.repeats)
                 vs = f"{times[versus] / us:>11.2f}x" if versus else " " * 12
                 print(f"{name:<15} {T:>4} {label:<24} {us:>10.1f} {experts_used * expert_bytes / us / 1e3:>8.0f} "
                       f"{times['native'] / us:>9.2f}x {vs}  (max rel err {err:.1e})")

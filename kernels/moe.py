@@ -44,7 +44,7 @@ DECODE_MAX_PAIRS = 64  # up to this many (token, expert) pairs the decode varian
 # grouped kernels take their bf16 tiles to float32 first. On a GPU the tiles stay bf16.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 NATIVE, INT8, INT4 = 0, 1, 2  # the kernels' FMT
-FMT = {"native": NATIVE, "int8": INT8, "int4": INT4}
+FMT = {"int8": INT8, "int4": INT4}
 ACT = {"swiglu": 0, "clamped_swiglu": 1}  # the kernels' ACT
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -268,9 +268,9 @@ def experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena: 
     computes (default: SwiGLU without biases; a native arena's I then follows from its rows)."""
     T, K = slots.shape
     H = x.shape[1]
-    if layout is None or layout.fmt == "native":
+    if layout is None:
         mlp = mlp or ExpertMLP.of_arena(arena, H)
-        layout, fmt, group = None, NATIVE, 0
+        fmt, group = NATIVE, 0
     else:
         assert layout.hidden == H and arena.dtype == torch.uint8 and arena.shape[1] == layout.row_bytes, \
             f"a packed arena is [S, {layout.row_bytes}] uint8 for {layout}, got {list(arena.shape)} {arena.dtype}"

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from mobile import formats
@@ -129,9 +130,18 @@ def byte_flag(text: str | None, flag: str) -> int | None:
         raise MobileError(str(e), key=flag) from None
 
 
+def engine_options(args: argparse.Namespace) -> dict:
+    """Engine.load's arguments from the options run and serve share (add_engine_options and the rest)."""
+    return dict(graph_dir=args.graph, weights=args.weights, device=args.device, policy=args.policy,
+                policy_options=policy_changes(args), expert_format=args.expert_format,
+                expert_group_size=args.expert_group_size, compile=args.compile, link_gbps=args.link_gbps,
+                link_ratio=args.link_ratio, cuda_graphs=args.cuda_graphs)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
+    from mobile.detokenize import TextStream
     from mobile.engine import Engine
 
     if args.prompt is None and args.prompt_ids is None:
@@ -143,11 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                           "one or the other", key="--greedy")
     if args.trace is not None:
         writable_file(args.trace, "--trace")  # before the work, not after it
-    engine = Engine.load(args.graph, weights=args.weights, device=args.device, policy=args.policy,
-                         policy_options=policy_changes(args), expert_format=args.expert_format,
-                         expert_group_size=args.expert_group_size,
-                         compile=args.compile, progress=not args.json, link_gbps=args.link_gbps,
-                         link_ratio=args.link_ratio, trace=args.trace is not None, cuda_graphs=args.cuda_graphs)
+    engine = Engine.load(**engine_options(args), progress=not args.json, trace=args.trace is not None)
     if args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
@@ -164,17 +170,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         except MobileError:
             tok = None  # token ids in, token ids out
     stream = not args.json and tok is not None
-    printed = ""
-    new: list[int] = []
+    # incremental: on_token runs inside the timed decode loop, so it must not re-decode every token so far
+    pieces = TextStream(tok) if stream else None
 
     def on_token(t: int) -> None:
-        nonlocal printed
-        new.append(t)
-        if stream and tok is not None:
-            text = tok.decode(new, skip_special_tokens=True)
-            sys.stdout.write(text[len(printed):])
+        if pieces is not None and (piece := pieces.push(t)):
+            sys.stdout.write(piece)
             sys.stdout.flush()
-            printed = text
 
     if args.compile:
         print("mobile: compiling the prompt and decode steps with torch.compile (the first run of each takes a "
@@ -188,6 +190,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           temperature=1.0 if args.temperature is None else args.temperature,
                           top_p=1.0 if args.top_p is None else args.top_p,
                           seed=0 if args.seed is None else args.seed, on_token=on_token)
+    if pieces is not None:
+        sys.stdout.write(pieces.finish())
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
     stats = engine.stats
     engine.close()
@@ -235,10 +239,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           "'mobile-moe[serve]'") from None
     from mobile.engine import Engine
 
-    load = partial(Engine.load, args.graph, weights=args.weights, device=args.device, policy=args.policy,
-                   policy_options=policy_changes(args), expert_format=args.expert_format,
-                   expert_group_size=args.expert_group_size, compile=args.compile, progress=True,
-                   link_gbps=args.link_gbps, link_ratio=args.link_ratio, cuda_graphs=args.cuda_graphs)
+    load = partial(Engine.load, **engine_options(args), progress=True)
     api_key = args.api_key if args.api_key is not None else os.environ.get("MOBILE_API_KEY")
     service = Service(load, host=args.host, port=args.port, api_key=api_key or None, max_queue=args.max_queue,
                       drain_timeout_s=args.drain_timeout)
@@ -254,10 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from mobile.bench import run_bench
 
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    for p in policies:
-        if p not in POLICIES:
-            raise MobileError(f"unknown policy {p!r} (choose from {', '.join(POLICIES)})", key="--policies")
+    policies = names(args.policies, POLICIES, "policy", "--policies")
     rows = [parse_row(text) for text in args.row or []]
     taus = parse_floats(args.taus, "--tau") if args.taus else None
     if taus and any(not t >= 0 for t in taus):
@@ -265,39 +263,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     refreshes = parse_floats(args.kv_refreshes, "--kv-refresh") if args.kv_refreshes else None
     if refreshes and any(r < 0 or r != int(r) for r in refreshes):
         raise MobileError(f"expected comma-separated integers >= 0, got {args.kv_refreshes!r}", key="--kv-refresh")
+    expert_formats = (None if args.expert_formats is None
+                      else names(args.expert_formats, formats.FORMATS, "expert format", "--expert-format"))
     run_bench(args.graph, policies, weights=args.weights, device=args.device, tokens=args.tokens,
               prompt_len=args.prompt_len, link_gbps=args.link_gbps, link_ratio=args.link_ratio,
               seed=args.seed, json_out=args.json, taus=taus, baseline=args.baseline, text=args.text,
               kv_refreshes=[int(r) for r in refreshes] if refreshes else None, extra_rows=rows,
               policy_options=policy_changes(args), repeats=args.repeats, compile=args.compile,
-              expert_formats=formats_list(args.expert_formats), expert_group_size=args.expert_group_size,
+              expert_formats=expert_formats, expert_group_size=args.expert_group_size,
               cuda_graphs=graph_modes(args.cuda_graphs))
     return 0
+
+
+def names(text: str, choices: Sequence[str], what: str, flag: str) -> list[str]:
+    """A comma-separated list of names, each one of `choices` (empty items are skipped)."""
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    for name in out:
+        if name not in choices:
+            raise MobileError(f"unknown {what} {name!r} (choose from {', '.join(choices)})", key=flag)
+    return out
 
 
 def graph_modes(text: str | None) -> list[str] | None:
     if text is None:
         return None
-    modes = [t.strip() for t in text.split(",") if t.strip()]
-    for mode in modes:
-        if mode not in GRAPH_MODES:
-            raise MobileError(f"unknown CUDA-graphs mode {mode!r} (choose from {', '.join(GRAPH_MODES)})",
-                              key="--cuda-graphs")
+    modes = names(text, GRAPH_MODES, "CUDA-graphs mode", "--cuda-graphs")
     if not modes:
         raise MobileError(f"expected comma-separated modes ({', '.join(GRAPH_MODES)}), got {text!r}",
                           key="--cuda-graphs")
     return modes
-
-
-def formats_list(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    for name in names:
-        if name not in formats.FORMATS:
-            raise MobileError(f"unknown expert format {name!r} (choose from {', '.join(formats.FORMATS)})",
-                              key="--expert-format")
-    return names
 
 
 def parse_row(text: str) -> tuple[str, str, dict]:

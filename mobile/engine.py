@@ -256,10 +256,9 @@ class Engine:
             if T > GRAPH_MAX_TOKENS:  # a prompt: eagerly
                 ctx, tokens = self.static.gathered(ids, start, kv_len if self.executor.compile else start + T,
                                                    last_only)
-                return self.executor.forward(ctx, tokens, mode=mode)
-            # through the graph runner: the ids and positions written into the static state, and
-            # its context for this bucket
-            ctx, tokens = self.static.load(ids, start, kv_len, last_only)
+            else:  # through the graph runner: the ids and positions written into the static state, and
+                # its context for this bucket
+                ctx, tokens = self.static.load(ids, start, kv_len, last_only)
             return self.executor.forward(ctx, tokens, mode=mode)
         positions, cos, sin = (t[start:start + T] for t in self._tables())
         kv_len = self.kv.capacity if self.executor.compile else start + T
@@ -297,11 +296,10 @@ class Engine:
         vocab, context = self.spec.model.vocab_size, self.max_seq_len
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise MobileError(f"token ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}", key=key)
-        if ids.numel() > context and self._limit_name() == "max_position_embeddings":
-            raise MobileError(f"the prompt has {ids.numel()} tokens, more than the model's context of {context} "
-                              "(model.max_position_embeddings)", key=key)
         if ids.numel() > context:
-            raise MobileError(f"the prompt has {ids.numel()} tokens, more than runtime.max_seq_len={context}", key=key)
+            limit = f"the model's context of {context} (model.max_position_embeddings)" \
+                if self._limit_name() == "max_position_embeddings" else f"runtime.max_seq_len={context}"
+            raise MobileError(f"the prompt has {ids.numel()} tokens, more than {limit}", key=key)
         return ids
 
     @torch.inference_mode()

@@ -372,6 +372,9 @@ class Executor:
         # measured timeline: (name, op, stream, start_s, end_s, bytes) per node; eager runs only,
         # since inside a compiled segment nodes have no boundaries to time
         self.trace = trace if not compile else None
+        # the trace's clock: perf_counter on the CPU, CUDA events on a GPU (compute spans time
+        # the kernels, not their launches)
+        self.clock = clock_for(reader.device) if self.trace is not None else time.perf_counter
         self.executed: list[str] = []  # node names in the order the last eager forward ran them
         self.fell_back: bool | None = None  # decode and gate modes: whether a gate sent the token to the big pass
         self.ran_little = False  # the last forward ran little-variant experts
@@ -432,10 +435,7 @@ class Executor:
         unpack = "".join(f"    {var[a]} = env[{a!r}]\n" for a in args)
         src = f"def segment(ctx, env):\n{unpack}" + "\n".join(body) + f"\n    return {{{outs}}}\n"
         scope: dict[str, Any] = {f"k{i}": k for i, k in enumerate(kernels)}
-        # the trace's clock: perf_counter on the CPU, CUDA events on a GPU (compute spans time
-        # the kernels, not their launches)
-        clock = clock_for(self.reader.device) if self.trace is not None else time.perf_counter
-        scope.update(executed=self.executed, trace=self.trace, clock=clock)
+        scope.update(executed=self.executed, trace=self.trace, clock=self.clock)
         exec(compile(src, f"<mobile segment {nodes[0].name}..{nodes[-1].name}>", "exec"), scope)
         fn = scope["segment"]
         fn.source = src
@@ -507,14 +507,11 @@ class Executor:
         the nodes it ran, and with a trace one span for the whole segment (a replay has no node
         boundaries to time)."""
         assert self.graphs is not None and step.graph_fn is not None
-        t0 = self._clock() if self.trace is not None else 0.0
+        t0 = self.clock() if self.trace is not None else 0.0
         out = self.graphs.run(si, step.nodes, step.graph_fn, ctx, inputs, first)
         if self.trace is not None:
             name = f"{step.nodes[0].name}..{step.nodes[-1].name}"
-            self.trace.append((name, "graph", "compute", t0, self._clock(), 0))
+            self.trace.append((name, "graph", "compute", t0, self.clock(), 0))
         if not self.compile:
             self.executed.extend(n.name for n in step.nodes)
         return out
-
-    def _clock(self):
-        return clock_for(self.reader.device)()

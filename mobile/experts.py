@@ -49,8 +49,7 @@ from mobile.weights import EXPERT_PROJECTIONS, FUSED_BIASES, FUSED_MATRICES, Wei
 SHADOW_BATCH = 64  # forwards the big-only estimate buffers before it replays them
 
 
-def load_expert_rows(spec: Spec, store: WeightStore, layer: int, dtype: torch.dtype, pin: bool = False
-                     ) -> torch.Tensor:
+def load_expert_rows(spec: Spec, store: WeightStore, layer: int, dtype: torch.dtype) -> torch.Tensor:
     """All experts of one layer in the spec's expert format, one row each, in host memory: native,
     [E, native_row_elems] in `dtype` (mobile.moe.arena_views, biases after the matrices); int8 /
     int4, [E, row_bytes] uint8 (mobile.quant), read packed from a quantized checkpoint or quantized
@@ -59,7 +58,7 @@ def load_expert_rows(spec: Spec, store: WeightStore, layer: int, dtype: torch.dt
     i = moe.intermediate_size
     if spec.runtime.expert_format != "native":
         layout = expert_layout(spec)
-        rows = torch.empty(moe.num_experts, layout.row_bytes, dtype=torch.uint8, pin_memory=pin)
+        rows = torch.empty(moe.num_experts, layout.row_bytes, dtype=torch.uint8)
         if store.expert_format is not None:
             for e, tensors in enumerate(expert_tensor_names(spec, layer)):
                 rows[e] = load_packed_expert(spec, store, layout, tensors)
@@ -67,15 +66,16 @@ def load_expert_rows(spec: Spec, store: WeightStore, layer: int, dtype: torch.dt
             for e, (gate_up, down, biases) in enumerate(expert_matrices(spec, store, layer)):
                 rows[e] = quant.quantize_matrices(layout, gate_up, down, biases)
         return rows
-    rows = torch.empty(moe.num_experts, quant.native_row_elems(h, i, moe.expert_bias), dtype=dtype, pin_memory=pin)
+    rows = torch.empty(moe.num_experts, quant.native_row_elems(h, i, moe.expert_bias), dtype=dtype)
     rows[:, 3 * h * i + (2 * i + h if moe.expert_bias else 0):].zero_()  # the padding (quant.native_row_elems)
     gate_up, down = arena_views(rows, h, i)
-    mlp = ExpertMLP(h, i, moe.expert_bias)
+    bias_rows = bias_views(rows, ExpertMLP(h, i, bias=True)) if moe.expert_bias else ()
     for e, (gu, d, biases) in enumerate(expert_matrices(spec, store, layer)):
         gate_up[e].copy_(gu)
         down[e].copy_(d)
-        for view, b in zip(bias_views(rows, mlp) if biases else (), biases or (), strict=True):
-            view[e].copy_(b)
+        if biases is not None:
+            for view, b in zip(bias_rows, biases, strict=True):
+                view[e].copy_(b)
     return rows
 
 
@@ -502,6 +502,7 @@ class OffloadedExperts:
     def reset_counters(self) -> None:
         self.settle()
         self.shadow.bytes = 0
+        self.engine.busy_s = 0.0
         for t in self.tables.values():
             t.counters = type(t.counters)()
 

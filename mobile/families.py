@@ -8,6 +8,7 @@ and {expert}. A spec may override any entry under `checkpoint.tensor_names`.
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,11 +155,16 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
     path = config_dir / "config.json" if config_dir.is_dir() else config_dir
     where = str(path)
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SpecError("no config.json here", where=where) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start}", where=where) from None
     except json.JSONDecodeError as e:
         raise SpecError(f"malformed JSON: line {e.lineno}, column {e.colno}: {e.msg}", where=where) from None
+    if not isinstance(cfg, dict):
+        raise SpecError(f"expected a JSON object, got {type(cfg).__name__}", where=where)
+    cfg = typing.cast(dict[str, Any], cfg)
     model_type = cfg.get("model_type")
     if model_type not in MODEL_TYPES:
         raise SpecError(f"unsupported model_type {model_type!r} (supported: {', '.join(MODEL_TYPES)})",
@@ -191,14 +197,12 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
     if family == "mixtral":
         moe.update(num_experts=g("num_local_experts"), intermediate_size=g("intermediate_size"),
                    norm_topk_prob=True)
-        model["intermediate_size"] = 0
     elif family == "olmoe":
         moe.update(num_experts=g("num_experts"), intermediate_size=g("intermediate_size"),
                    norm_topk_prob=bool(g("norm_topk_prob", False)))
         attention.update(qk_norm="full", qkv_bias=bool(g("attention_bias", False)))
         if cfg.get("clip_qkv") is not None:
             attention["clip_qkv"] = float(cfg["clip_qkv"])
-        model["intermediate_size"] = 0
     elif family in ("qwen2_moe", "qwen3_moe"):
         step = g("decoder_sparse_step", 1)
         mlp_only = list(g("mlp_only_layers", []))
@@ -215,8 +219,6 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         if g("use_sliding_window", False):
             raise SpecError("sliding-window attention is not supported yet", where=where,
                             key="use_sliding_window")
-        if not dense:
-            model["intermediate_size"] = 0
     elif family == "deepseek_v2":
         if g("topk_method", "greedy") != "greedy":
             raise SpecError(f"only topk_method 'greedy' is supported, got {cfg['topk_method']!r}",
@@ -231,8 +233,6 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         _shared_experts(moe, g)
         attention = _mla_attention(cfg, g, heads)
         interleaved = True
-        if not dense:
-            model["intermediate_size"] = 0
     elif family == "deepseek_v3":
         _refuse_v3_variants(cfg, g, where)
         moe.update(_sigmoid_moe(g, num_layers))
@@ -248,8 +248,8 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         partial_rotary = float((cfg.get("rope_parameters") or {}).get(
             "partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5)))
     elif family == "gpt_oss":
-        _gpt_oss(cfg, where, g, model, attention, moe)
-    if family in ("deepseek_v3", "glm4_moe") and not moe["dense_layers"]:
+        _gpt_oss(g, where, num_layers, attention, moe)
+    if not moe.get("dense_layers"):  # no dense MLP layers: a config's intermediate_size is the experts' (or unused)
         model["intermediate_size"] = 0
     model["attention"] = attention
     model["rope"] = _rope(cfg, where, interleaved)
@@ -312,10 +312,9 @@ def _refuse_v3_variants(cfg: dict, g: Callable[..., Any], where: str) -> None:
         raise SpecError("attention biases are not supported with MLA attention", where=where, key="attention_bias")
 
 
-def _gpt_oss(cfg: dict, where: str, g, model: dict, attention: dict, moe: dict) -> None:
+def _gpt_oss(g: Callable[..., Any], where: str, layers: int, attention: dict, moe: dict) -> None:
     """gpt-oss: a router with a bias and a softmax over its top-k logits; experts with biases and
     the clamped SwiGLU; attention with q/k/v/o biases, sinks, and sliding-window layers."""
-    layers = model["num_layers"]
     # transformers' default when a config lists no layer_types: even layers slide, odd ones are full
     types = g("layer_types", ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
     if not isinstance(types, list) or len(types) != layers:
@@ -334,19 +333,18 @@ def _gpt_oss(cfg: dict, where: str, g, model: dict, attention: dict, moe: dict) 
                # configs written before transformers made alpha a config field have none: 1.702 was fixed
                activation="clamped_swiglu", swiglu_alpha=float(g("swiglu_alpha", 1.702)),
                swiglu_limit=float(g("swiglu_limit")))
-    model["intermediate_size"] = 0
 
 
 def _expert_format(config: Path, cfg: dict) -> dict[str, Any]:
     """A checkpoint quantized by `mobile quantize` records its expert format; the spec says so too.
     An FP8 checkpoint's shapes are the model's: its spec imports and compiles weight-free, and
-    loading its weights is refused there (mobile.weights.checkpoint_format)."""
-    from mobile.weights import checkpoint_format
+    loading its weights is refused there (mobile.weights.expert_format_of)."""
+    from mobile.weights import expert_format_of
 
     quant = cfg.get("quantization_config")
-    if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
+    if not isinstance(quant, dict) or quant.get("quant_method") == "fp8":
         return {}
-    found = checkpoint_format(config.parent)
+    found = expert_format_of(quant, config)
     return {} if found is None else {"expert_format": found[0], "expert_group_size": found[1]}
 
 

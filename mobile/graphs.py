@@ -209,18 +209,19 @@ def identity(t: torch.Tensor) -> tuple:
 class Entry:
     """One (segment, bucket): what it reads, what it writes, and on CUDA its graph."""
 
-    in_names: list[str]
-    in_structure: list[Any]
     inputs: list[Any]  # the leaves the segment reads: persistent tensors, buffers of its own, Python values
     copied: list[int]  # leaves copied into their buffer before each run
-    out_names: list[str]
-    out_structure: list[Any]
-    outputs: list[torch.Tensor | None]  # its persistent output leaves
+    body: Callable[[], dict[str, Any]]  # the segment on `inputs` (the rope rows first): what a graph captures
+    result: dict[str, Any]  # what every run returns: its persistent outputs, by name
+    outputs: list[torch.Tensor | None]  # the same, as leaves
     graph: Any = None  # torch.cuda.CUDAGraph
     passthrough: bool = False  # every output is one of its inputs (`select`, `fallback`): nothing to run
 
-    def env(self) -> dict[str, Any]:
-        return dict(zip(self.in_names, unflatten(self.inputs, self.in_structure), strict=True))
+
+def prologue(ctx: StepContext, first: bool) -> None:
+    """The forward's first compute step does the context's device work first (the rope rows)."""
+    if first and ctx.prologue is not None:
+        ctx.prologue()
 
 
 class GraphRunner:
@@ -278,14 +279,13 @@ class GraphRunner:
             for i in entry.copied:
                 entry.inputs[i].copy_(leaves[i])
             if entry.passthrough:
-                if first and ctx.prologue is not None:
-                    ctx.prologue()
+                prologue(ctx, first)
             elif entry.graph is not None:
                 entry.graph.replay()
             else:
-                self._run_static(entry, fn, ctx, first)
+                self._run_static(entry)
         self.replays += not entry.passthrough
-        return dict(zip(entry.out_names, unflatten(entry.outputs, entry.out_structure), strict=True))
+        return entry.result  # the same dict every run, as its tensors are: the caller reads it, never changes it
 
     # -- internals ------------------------------------------------------------------------------
     def _leaf_key(self, t: Any) -> tuple:
@@ -301,8 +301,7 @@ class GraphRunner:
     def _eager(self, reason: str, fn: Callable, ctx: StepContext, inputs: dict[str, Any], first: bool) -> dict:
         self.eager += 1
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
-        if first and ctx.prologue is not None:
-            ctx.prologue()
+        prologue(ctx, first)
         return fn(ctx, inputs)
 
     def _set_up(self, key: tuple, names: list[str], leaves: list[Any], structure: list[Any],
@@ -318,33 +317,30 @@ class GraphRunner:
                 else:
                     inputs.append(t.clone())
                     copied.append(i)
-        entry = Entry(names, structure, inputs, copied, [], [], [])
-        env = entry.env()
+        env = dict(zip(names, unflatten(inputs, structure), strict=True))
 
         def body() -> dict[str, Any]:
-            if first and ctx.prologue is not None:
-                ctx.prologue()
+            prologue(ctx, first)
             return fn(ctx, env)
 
         out = body()  # on CUDA also the one-time costs (kernel selection, Triton's compile), which may sync
-        entry.out_names = list(out)
-        entry.outputs, entry.out_structure = flatten(out.values())
+        outputs, _ = flatten(out.values())
         held = {identity(t) for t in inputs if isinstance(t, torch.Tensor)}
-        entry.passthrough = all(t is None or identity(t) in held for t in entry.outputs)
-        if self.capture and not entry.passthrough:
-            entry.graph, out = self._capture(body)
-            entry.outputs, _ = flatten(out.values())
+        passthrough = all(t is None or identity(t) in held for t in outputs)
+        graph = None
+        if self.capture and not passthrough:
+            graph, out = self._capture(body)
+            outputs, _ = flatten(out.values())
+        entry = Entry(inputs, copied, body, out, outputs, graph, passthrough)
         self.entries[key] = entry
         self.captures += not entry.passthrough
         # what later segments read in place: this entry's outputs and input buffers
         self.register(t for t in (*entry.outputs, *inputs) if isinstance(t, torch.Tensor))
         return entry
 
-    def _run_static(self, entry: Entry, fn: Callable, ctx: StepContext, first: bool) -> None:
+    def _run_static(self, entry: Entry) -> None:
         """The CPU's replay: the segment on the entry's inputs, its results into the entry's outputs."""
-        if first and ctx.prologue is not None:
-            ctx.prologue()
-        fresh, _ = flatten(fn(ctx, entry.env()).values())
+        fresh, _ = flatten(entry.body().values())
         for buf, value in zip(entry.outputs, fresh, strict=True):
             if buf is not None and value is not None and value.data_ptr() != buf.data_ptr():
                 buf.copy_(value)

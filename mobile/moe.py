@@ -345,17 +345,17 @@ def _grouped(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena:
     order, counts = sort_by_slot(slots, arena.shape[0])
     ends = counts.cumsum(0).to(torch.int32)  # [S] group ends; dropped pairs lie past the last one
     tok = order // K  # [P]: the token of each pair, grouped by slot
-    slot = slots.flatten()[order].clamp(min=0)  # [P] (dropped pairs: masked below)
+    slot = slots.flatten()[order]  # [P], -1 for the dropped pairs (masked below)
+    safe = slot.clamp(min=0)
     h = F.grouped_mm(x[tok], gate_up, offs=ends)  # [P, 2I]
     if bias:
         gu_bias, down_bias = bias_views(arena, mlp)
-        h = h + gu_bias[slot]
+        h = h + gu_bias[safe]
     y = F.grouped_mm(mlp.activate(h), down, offs=ends)  # [P, H]
     if bias:
-        y = y + down_bias[slot]
+        y = y + down_bias[safe]
     # rows past the last group are left unwritten by grouped_mm: select, never multiply, them away
-    valid = slots.flatten()[order] >= 0
-    y = torch.where(valid[:, None], y * weights.flatten()[order, None].to(y.dtype), 0)
+    y = torch.where((slot >= 0)[:, None], y * weights.flatten()[order, None].to(y.dtype), 0)
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 
@@ -386,14 +386,14 @@ DEQUANT_SLOTS = 8
 
 
 def dequantizing(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena: torch.Tensor,
-                 layout: quant.Layout, mlp: ExpertMLP | None = None) -> torch.Tensor:
+                 layout: quant.Layout, mlp: ExpertMLP) -> torch.Tensor:
     """`native` over a packed arena (uint8 [S, layout.row_bytes]), in plain torch, for the CPU (and
-    CUDA without Triton). Only the experts that can run are dequantized, into a scratch arena that
-    lives for this call: one decoded token's K pairs gather their packed rows first (so the bytes
-    read are packed ones); a prompt goes DEQUANT_SLOTS slots at a time, each chunk's pairs through
-    `native`. No host sync, no data-dependent Python loop."""
+    CUDA without Triton). The experts are dequantized into a scratch arena reused call after call:
+    one decoded token's K pairs gather their packed rows first (so only the experts that can run are
+    dequantized, and the bytes read are packed ones); a prompt goes through every slot,
+    DEQUANT_SLOTS at a time, each chunk's pairs through `native`. No host sync, no data-dependent
+    Python loop."""
     T, K = slots.shape
-    mlp = mlp or ExpertMLP(layout.hidden, layout.inter, layout.bias)
 
     def dense(rows: torch.Tensor) -> torch.Tensor:
         # one scratch per shape, reused call after call: a fresh multi-MB tensor each call costs

@@ -129,6 +129,10 @@ class Section:
         return self.shape[0] * self.shape[1] * self.dtype.itemsize
 
 
+def _align(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 def part_shapes(fmt: str, group: int, rows: int, cols: int) -> dict[str, tuple[torch.dtype, tuple[int, int]]]:
     """The packed parts of one input-major [rows, cols] matrix: part -> (dtype, shape)."""
     groups = rows // _groups(rows, group)
@@ -165,22 +169,21 @@ class Layout:
 
     @functools.cached_property
     def sections(self) -> dict[str, Section]:
+        shapes = {"gate_up": (self.hidden, 2 * self.inter), "down": (self.inter, self.hidden)}
+        parts = [(f"{m}.{part}", dtype, shape) for m in MATRICES
+                 for part, (dtype, shape) in part_shapes(self.fmt, self.group, *shapes[m]).items()]
+        parts += [(f"{m}.bias", torch.float16, (1, shapes[m][1])) for m in MATRICES if self.bias]
         out: dict[str, Section] = {}
         offset = 0
-        shapes = {"gate_up": (self.hidden, 2 * self.inter), "down": (self.inter, self.hidden)}
-        for m in MATRICES:
-            for part, (dtype, shape) in part_shapes(self.fmt, self.group, *shapes[m]).items():
-                out[f"{m}.{part}"] = s = Section(offset, dtype, shape)
-                offset = -(-(offset + s.nbytes) // ALIGN) * ALIGN
-        for m in MATRICES if self.bias else ():
-            out[f"{m}.bias"] = s = Section(offset, torch.float16, (1, shapes[m][1]))
-            offset = -(-(offset + s.nbytes) // ALIGN) * ALIGN
+        for name, dtype, shape in parts:
+            out[name] = s = Section(offset, dtype, shape)
+            offset = _align(offset + s.nbytes)
         return out
 
     @functools.cached_property
     def row_bytes(self) -> int:
         last = list(self.sections.values())[-1]
-        return -(-(last.offset + last.nbytes) // ALIGN) * ALIGN
+        return _align(last.offset + last.nbytes)
 
     def view(self, rows: torch.Tensor, name: str) -> torch.Tensor:
         """rows [S, row_bytes] uint8 -> section `name` of every row, typed: [S, *shape] (no copy)."""
@@ -242,16 +245,13 @@ def quantize_matrices(layout: Layout, gate_up: torch.Tensor, down: torch.Tensor,
                       biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One expert as input-major matrices (gate_up [H, 2I]: gate columns, then up; down [I, H])
     and, with layout.bias, its biases ([2I], [H]) -> its packed row. Groups run along the input
-    dimension, so this packs gate_up as quantize_expert packs gate and up apart."""
+    dimension, so gate_up packs as gate and up packed apart would, side by side (`concat`)."""
     return layout.pack(quantize(gate_up, layout.fmt, layout.group), quantize(down, layout.fmt, layout.group), biases)
 
 
 def quantize_expert(layout: Layout, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One expert's checkpoint tensors (gate, up [I, H], down [H, I]: [out, in]) -> its packed row.
-    Gate and up are quantized apart, as the checkpoint stores them; their groups run along the
-    shared input dimension, so that equals quantizing gate_up at once."""
-    g, u = (quantize(t.T, layout.fmt, layout.group) for t in (gate, up))
-    return layout.pack(concat(g, u), quantize(down.T, layout.fmt, layout.group))
+    """One expert's checkpoint tensors (gate, up [I, H], down [H, I]: [out, in]) -> its packed row."""
+    return quantize_matrices(layout, torch.cat((gate.T, up.T), dim=1), down.T)
 
 
 def concat(gate: Packed, up: Packed) -> Packed:

@@ -29,7 +29,7 @@ from mobile import formats, quant
 from mobile.emit import replace_dir
 from mobile.errors import CheckpointError, MobileError
 from mobile.families import spec_from_hf_config
-from mobile.spec import Spec, spec_from_dict
+from mobile.spec import Spec, load_spec, spec_from_dict
 from mobile.weights import QUANT_METHOD, SAFETENSORS_DTYPES, WeightStore, expert_tensor_names
 
 
@@ -88,8 +88,6 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
                         spec_path: str | Path | None = None, progress: bool = True) -> Path:
     """Write `out`: the checkpoint at `src` with its routed experts packed. Streams one layer at a
     time (the source is memory-mapped), into a temporary sibling folder renamed into place."""
-    from mobile.spec import load_spec
-
     src, out = Path(src), Path(out)
     store = WeightStore(src)
     if out.resolve() == src.resolve():
@@ -108,7 +106,6 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
                                              m.moe.intermediate_size})
     if problem:
         raise MobileError(problem, key="--group-size")
-    layout = quant.Layout(fmt, group, m.hidden_size, m.moe.intermediate_size)
     experts = {layer: expert_tensor_names(spec, layer) for layer in spec.moe_layers}
     expert_names = {n for per_layer in experts.values() for per_e in per_layer for n in per_e.values()}
     for name in sorted(expert_names):
@@ -124,7 +121,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
     for layer_experts in experts.values():
         for per_e in layer_experts:
             for proj, name in per_e.items():
-                shapes = quant.part_shapes(layout.fmt, layout.group, *_input_major(spec, proj))
+                shapes = quant.part_shapes(fmt, group, *_input_major(spec, proj))
                 entries += [(packed_names(name)[part], dtype, shape) for part, (dtype, shape) in shapes.items()]
 
     def tensors() -> Iterator[torch.Tensor]:

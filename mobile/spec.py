@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mobile import formats
+from mobile import families, formats
 from mobile import policy as policies
 from mobile.errors import SpecError
 
@@ -524,6 +524,10 @@ def check_consistency(spec: Spec) -> None:
             need(0 <= layer < m.num_layers, f"model.moe.dense_layers[{i}]",
                  f"expected a layer index in [0, {m.num_layers}), got {layer}")
         _check_routing(moe, need)
+        fused = [f for f, storage in families.EXPERT_STORAGE.items() if storage != "per_expert"]
+        # the bias part of an expert's row comes only from a fused checkpoint's bias tensors
+        need(not moe.expert_bias or m.family in fused, "model.moe.expert_bias",
+             f"family {m.family} has no expert biases (only {', '.join(fused)} do)")
         if moe.activation == "clamped_swiglu":
             for key in ("swiglu_alpha", "swiglu_limit"):
                 need(getattr(moe, key) > 0, f"model.moe.{key}", f"expected a number > 0, got {getattr(moe, key)}")
@@ -577,7 +581,7 @@ def _check_routing(moe: MoESpec, need: Callable[[bool, str, str], None]) -> None
         need(moe.n_group == 1, "model.moe.n_group", "group-limited top-k needs model.moe.scoring sigmoid")
     need(moe.n_group >= 1 and moe.num_experts % moe.n_group == 0, "model.moe.n_group",
          f"expected a divisor of num_experts={moe.num_experts}, got {moe.n_group}")
-    per_group = moe.num_experts // max(moe.n_group, 1)
+    per_group = moe.num_experts // moe.n_group  # n_group >= 1: need raised otherwise
     if moe.n_group > 1:  # a group scores the sum of its top 2
         need(per_group >= 2, "model.moe.n_group", f"expected groups of at least 2 experts, got {per_group}")
     need(1 <= moe.topk_group <= moe.n_group, "model.moe.topk_group",

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# keys of Stats.extra that describe the setup rather than count work (the link's rate and its
+# calibration, the expert format, the cache's size, the host store): a reset keeps them
+SETUP_KEYS = frozenset({"link_gbps", "link_ratio", "expert_compute_us", "expert_format", "expert_bytes",
+                        "cache_slots_per_layer", "host_expert_bytes", "pinned_host_bytes"})
+
 
 @dataclass
 class Stats:
@@ -21,9 +26,8 @@ class Stats:
     extra: dict = field(default_factory=dict)
 
     def reset(self) -> None:
-        """Zero the counters; keep what describes the setup (link kind and rate)."""
-        setup = ("link_", "expert_compute", "expert_format", "expert_bytes", "cache_slots")
-        link, keep = self.link, {k: v for k, v in self.extra.items() if k.startswith(setup)}
+        """Zero the counters; keep what describes the setup (SETUP_KEYS)."""
+        link, keep = self.link, {k: v for k, v in self.extra.items() if k in SETUP_KEYS}
         self.__init__()  # type: ignore[misc]
         self.link, self.extra = link, keep
 

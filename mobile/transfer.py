@@ -155,9 +155,7 @@ class CopyEngine:
             assert job.start_mark is not None and job.event is not None
             job.start_s, job.end_s = seconds(job.start_mark), seconds(job.event)
             spans.append((job.start_s, job.end_s))
-            if self.trace is not None:
-                self.trace.append((job.tag, "prefetch" if job.priority == PREFETCH else "fetch", "copy",
-                                   job.start_s, job.end_s, job.nbytes))
+            self._traced(job)
         self.busy_s += union_seconds(spans)
         stall = sum(max(0.0, seconds(b) - seconds(a)) for a, b in self.stalls)
         self.timed.clear()
@@ -188,10 +186,14 @@ class CopyEngine:
             job.start_s, job.end_s = start, max(end, time.perf_counter())
             self._link_free = job.end_s
             self.busy_s += job.end_s - job.start_s
-            if self.trace is not None:
-                self.trace.append((job.tag, "prefetch" if job.priority == PREFETCH else "fetch", "copy",
-                                   job.start_s, job.end_s, job.nbytes))
+            self._traced(job)
             job.done.set()
+
+    def _traced(self, job: CopyJob) -> None:
+        """A timed copy's span in the measured trace (the executor's format: mobile.engine.write_trace)."""
+        if self.trace is not None:
+            self.trace.append((job.tag, "prefetch" if job.priority == PREFETCH else "fetch", "copy",
+                               job.start_s, job.end_s, job.nbytes))
 
     def promote(self, job: CopyJob) -> None:
         """A queued prefetch is now needed by compute: give it demand priority (CPU; on CUDA it is

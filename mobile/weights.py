@@ -44,18 +44,16 @@ def _quantization_config(ckpt_dir: Path) -> dict | None:
     return q if isinstance(q, dict) else None
 
 
-def has_mxfp4_experts(ckpt_dir: Path) -> bool:
-    """The checkpoint's config says its routed experts are MXFP4 (a published gpt-oss checkpoint)."""
-    q = _quantization_config(ckpt_dir)
-    return q is not None and q.get("quant_method") == MXFP4_METHOD
-
-
 def checkpoint_format(ckpt_dir: Path) -> tuple[str, int] | None:
-    """(format, group size) of a checkpoint quantized by `mobile quantize`, or None for a native one.
-    MXFP4 experts count as native: they are decoded to the compute dtype at load (mobile.mxfp4), so
-    the checkpoint runs at the spec's format, as a native one does."""
-    path = Path(ckpt_dir) / "config.json"
-    q = _quantization_config(ckpt_dir)
+    """(format, group size) of a checkpoint quantized by `mobile quantize`, or None for a native one."""
+    return expert_format_of(_quantization_config(ckpt_dir), Path(ckpt_dir) / "config.json")
+
+
+def expert_format_of(q: dict | None, path: Path) -> tuple[str, int] | None:
+    """checkpoint_format from config.json's quantization_config `q` (None: there is none); path: the
+    config.json it is from, for the errors. MXFP4 experts count as native: they are decoded to the
+    compute dtype at load (mobile.mxfp4), so the checkpoint runs at the spec's format, as a native
+    one does."""
     if q is None or q.get("quant_method") == MXFP4_METHOD:
         return None
     key = "quantization_config"
@@ -181,9 +179,11 @@ class WeightStore:
             self.files[shard] = f
             for name, info in f.tensors.items():
                 self.index[name] = (f, info)
+        q = _quantization_config(self.dir)
         # (format, group size) when `mobile quantize` packed the routed experts, else None
-        self.expert_format = checkpoint_format(self.dir)
-        self.mxfp4 = has_mxfp4_experts(self.dir)  # gpt-oss's routed experts as MXFP4 blocks and scales
+        self.expert_format = expert_format_of(q, self.dir / "config.json")
+        # gpt-oss's routed experts as MXFP4 blocks and scales (a published checkpoint)
+        self.mxfp4 = q is not None and q.get("quant_method") == MXFP4_METHOD
 
     def __contains__(self, name: str) -> bool:
         return name in self.index
@@ -295,10 +295,11 @@ def required_tensors(spec: Spec, native_experts: bool = True, mxfp4_experts: boo
                 need("router_bias", (moe.num_experts,), i)
             if fused:
                 out.extend(fused_expert_tensors(spec, i, name_of, mxfp4_experts))
-            for e in range(moe.num_experts if native_experts and not fused else 0):
-                need("expert_gate", (moe.intermediate_size, h), i, e)
-                need("expert_up", (moe.intermediate_size, h), i, e)
-                need("expert_down", (h, moe.intermediate_size), i, e)
+            elif native_experts:
+                for e in range(moe.num_experts):
+                    need("expert_gate", (moe.intermediate_size, h), i, e)
+                    need("expert_up", (moe.intermediate_size, h), i, e)
+                    need("expert_down", (h, moe.intermediate_size), i, e)
             s = moe.shared_expert.intermediate_size
             if s:
                 need("shared_gate", (s, h), i)
@@ -331,8 +332,9 @@ def fused_expert_tensors(spec: Spec, layer: int, name_of, mxfp4_experts: bool) -
                     for n, shape in zip(mxfp4.parts(name), (blocks, scales), strict=True)]
         else:
             out.append(TensorNeed(key, name, (E, rows, cols), layer, ALL_EXPERTS))
-    for key, n in zip(FUSED_BIASES if moe.expert_bias else (), (i2, h), strict=False):
-        out.append(TensorNeed(key, name_of(key, layer), (E, n), layer, ALL_EXPERTS))
+    if moe.expert_bias:
+        out += [TensorNeed(key, name_of(key, layer), (E, n), layer, ALL_EXPERTS)
+                for key, n in zip(FUSED_BIASES, (i2, h), strict=True)]
     return out
 
 

@@ -29,12 +29,16 @@ class Tiny:
     def __init__(self, root: Path, family: str):
         self.root, self.family = root, family
         self.ckpt = root / "ckpt"
-        self.model = build_tiny(family, self.ckpt)
+        self.model = self.build(self.ckpt)
         save_char_tokenizer(self.ckpt)
         self.spec = root / "spec.yaml"
         self.graph = root / "graph"
         assert run_cli("import-hf", self.ckpt, "-o", self.spec) == 0
         assert run_cli("compile", self.spec, "-o", self.graph) == 0
+
+    def build(self, ckpt: Path):
+        """Save the tiny checkpoint to ckpt/; returns the transformers model (subclasses build others)."""
+        return build_tiny(self.family, ckpt)
 
     def compile(self, out: Path, *options: str, slots_per_layer: int) -> Path:
         """This checkpoint's spec with a bounded expert cache, compiled into out/ (extra CLI options
@@ -47,13 +51,18 @@ class Tiny:
         return out / "graph"
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
+def tiny_cache(tmp_path_factory, make=Tiny):
+    """name -> make(a fresh folder, name), each built once: what a `tiny` fixture returns."""
     cache: dict[str, Tiny] = {}
 
-    def get(family: str) -> Tiny:
-        if family not in cache:
-            cache[family] = Tiny(tmp_path_factory.mktemp(family), family)
-        return cache[family]
+    def get(name: str) -> Tiny:
+        if name not in cache:
+            cache[name] = make(tmp_path_factory.mktemp(name), name)
+        return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return tiny_cache(tmp_path_factory)

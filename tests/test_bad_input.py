@@ -38,6 +38,9 @@ CORPUS = [
     (["compile", "{small_budget}", "-o", "{tmp}/g"], 2, "runtime.expert_cache.budget: the expert cache is below the "
      "minimum working set"),
     (["compile", "{small_budget}", "-o", "{tmp}/g"], 2, "the minimum is 8 slots per layer = 1.5GiB"),
+    (["compile", "{bias_per_expert}", "-o", "{tmp}/g"], 2, "model.moe.expert_bias: family olmoe has no expert "
+     "biases (only gpt_oss do)"),
+    (["import-hf", "{list_config}"], 2, "config.json: expected a JSON object, got list"),
     (["compile", "{fp8_format}", "-o", "{tmp}/g"], 2, "runtime.expert_format: expected one of 'native', 'int8', "
      "'int4', got 'fp8'"),
     (["compile", "{tmp}/missing.yaml"], 2, "missing.yaml: no such file"),
@@ -117,6 +120,7 @@ SPECS = {
     "small_budget": (OLMOE, lambda t: t.replace("runtime:\n", "runtime:\n  expert_cache:\n    budget: 1GiB\n")
                      .replace("name: resident", "name: lru")),
     "fp8_format": ("{spec}", lambda t: t.replace("runtime:\n", "runtime:\n  expert_format: fp8\n")),
+    "bias_per_expert": ("{spec}", lambda t: t.replace("  moe:\n", "  moe:\n    expert_bias: true\n")),
 }
 
 
@@ -171,8 +175,11 @@ def places(tiny, tmp_path_factory):
     shutil.copytree(t.graph, tmp / "deeper" / "moved")  # its relative checkpoint path now points nowhere
     (tmp / "bad_graph").mkdir()
     (tmp / "bad_graph" / "graph.json").write_bytes(b'{"format": "caf\xff"}')
+    (tmp / "list_config").mkdir()
+    (tmp / "list_config" / "config.json").write_text("[]")
     found = {"graph": t.graph, "ckpt": t.ckpt, "q": q, "tmp": tmp, "bad_utf8": tmp / "bad_utf8.yaml",
-             "text": tmp / "text.txt", "moved": tmp / "deeper" / "moved", "bad_graph": tmp / "bad_graph"}
+             "text": tmp / "text.txt", "moved": tmp / "deeper" / "moved", "bad_graph": tmp / "bad_graph",
+             "list_config": tmp / "list_config"}
     tiny_spec = t.spec.read_text().replace("path: ckpt", f"path: {t.ckpt}")
     for name, (start, edit) in SPECS.items():
         text = edit if start is None else edit(tiny_spec if start == "{spec}" else open(start).read())

@@ -13,8 +13,11 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import Tiny, run_cli
-from tiny import SIGMOID_VARIANTS, build_tiny_sigmoid, save_char_tokenizer
+from conftest import Tiny, run_cli, tiny_cache
+from test_offload import offloading_matches_resident
+from test_vs_transformers import test_greedy_matches_generate as greedy_matches_generate
+from test_vs_transformers import test_logits_match as logits_match
+from tiny import SIGMOID_VARIANTS, build_tiny_sigmoid
 
 import mobile
 from mobile import ops
@@ -28,28 +31,15 @@ PUBLISHED = ["deepseek-v3", "kimi-k2-instruct", "glm-4.5-air"]
 
 
 class SigmoidTiny(Tiny):
-    """conftest's Tiny, built from a SIGMOID_VARIANTS variant."""
+    """conftest's Tiny, built from a SIGMOID_VARIANTS variant (its `family`)."""
 
-    def __init__(self, root, variant: str):
-        self.root, self.family = root, variant
-        self.ckpt = root / "ckpt"
-        self.model = build_tiny_sigmoid(variant, self.ckpt)
-        save_char_tokenizer(self.ckpt)
-        self.spec, self.graph = root / "spec.yaml", root / "graph"
-        assert run_cli("import-hf", self.ckpt, "-o", self.spec) == 0
-        assert run_cli("compile", self.spec, "-o", self.graph) == 0
+    def build(self, ckpt):
+        return build_tiny_sigmoid(self.family, ckpt)
 
 
 @pytest.fixture(scope="module")
 def sigmoid_tiny(tmp_path_factory):
-    cache: dict[str, SigmoidTiny] = {}
-
-    def get(variant: str) -> SigmoidTiny:
-        if variant not in cache:
-            cache[variant] = SigmoidTiny(tmp_path_factory.mktemp(variant), variant)
-        return cache[variant]
-
-    return get
+    return tiny_cache(tmp_path_factory, SigmoidTiny)
 
 
 # -- exact against transformers ------------------------------------------------------------------
@@ -57,17 +47,8 @@ def sigmoid_tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", SIGMOID_VARIANTS)
 def test_logits_and_greedy_match_transformers(sigmoid_tiny, variant):
-    t = sigmoid_tiny(variant)
-    engine = mobile.Engine.load(t.graph)
-    ours = engine.logits(PROMPT)
-    with torch.no_grad():
-        ref = t.model(PROMPT[None]).logits[0].float()
-        greedy = t.model.generate(PROMPT[None], max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, PROMPT.numel():].tolist()
-    diff = (ours - ref).abs().max().item()
-    print(f"{variant}: max |logits - transformers| = {diff:.3g}")
-    assert ours.shape == (PROMPT.numel(), 97) and diff < 1e-4
-    assert engine.generate(PROMPT, max_new_tokens=16, stop_ids=[]) == greedy
+    logits_match(sigmoid_tiny, variant)
+    greedy_matches_generate(sigmoid_tiny, variant)
 
 
 def test_imported_variants_carry_their_quirks(sigmoid_tiny):
@@ -141,15 +122,7 @@ def test_little_set_follows_the_corrected_order(sigmoid_tiny, tmp_path):
 @pytest.mark.parametrize("variant", ["deepseek_v3", "glm4_moe"])
 @pytest.mark.parametrize("policy", OFFLOAD)
 def test_offloading_gives_residents_tokens(sigmoid_tiny, variant, policy):
-    t = sigmoid_tiny(variant)
-    resident = mobile.Engine.load(t.graph)
-    engine = mobile.Engine.load(t.graph, policy=policy, link_gbps=50.0)
-    try:
-        torch.testing.assert_close(engine.logits(PROMPT), resident.logits(PROMPT), atol=1e-5, rtol=1e-5)
-        assert engine.generate(PROMPT, 16, stop_ids=[]) == resident.generate(PROMPT, 16, stop_ids=[])
-        assert engine.stats["bytes_h2d"] > 0 and engine.stats["expert_misses"] > 0
-    finally:
-        engine.close()
+    offloading_matches_resident(sigmoid_tiny(variant), policy, PROMPT)
 
 
 def policy_engine(t, tmp_path, policy: str, **fields) -> mobile.Engine:

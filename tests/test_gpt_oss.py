@@ -19,7 +19,7 @@ import torch
 import yaml
 from conftest import Tiny, run_cli
 from safetensors.torch import load_file, save_file
-from tiny import build_tiny_gpt_oss, gpt_oss_config, save_char_tokenizer
+from tiny import build_tiny_gpt_oss, gpt_oss_config
 
 import mobile
 from mobile import moe, mxfp4, quant
@@ -38,15 +38,14 @@ class TinyGptOss(Tiny):
     experts are what transformers' dequantizer makes of them."""
 
     def __init__(self, root: Path, mxfp4_experts: bool = False):
-        self.root, self.family = root, "gpt_oss"
-        self.ckpt = root / "ckpt"
-        self.model = build_tiny_gpt_oss(self.ckpt)
-        if mxfp4_experts:
-            to_mxfp4(self.ckpt, self.model)
-        save_char_tokenizer(self.ckpt)
-        self.spec, self.graph = root / "spec.yaml", root / "graph"
-        assert run_cli("import-hf", self.ckpt, "-o", self.spec) == 0
-        assert run_cli("compile", self.spec, "-o", self.graph) == 0
+        self.mxfp4_experts = mxfp4_experts
+        super().__init__(root, "gpt_oss")
+
+    def build(self, ckpt: Path):
+        model = build_tiny_gpt_oss(ckpt)
+        if self.mxfp4_experts:
+            to_mxfp4(ckpt, model)
+        return model
 
 
 @pytest.fixture(scope="module")

@@ -90,12 +90,9 @@ def test_native_paths_match_the_reference(T, K, E, dtype):
 
 
 def packed(layout: quant.Layout, arena: torch.Tensor) -> torch.Tensor:
-    """A native arena [S, 3*H*I] -> the same experts quantized, one packed row per slot [S, row_bytes],
-    each from its checkpoint tensors (gate, up [I, H], down [H, I]) as the engine loads them."""
+    """A native arena [S, 3*H*I] -> the same experts quantized, one packed row per slot [S, row_bytes]."""
     gate_up, down = moe.arena_views(arena, layout.hidden)
-    I = layout.inter
-    rows = [quant.quantize_expert(layout, gu[:, :I].T, gu[:, I:].T, d.T) for gu, d in zip(gate_up, down, strict=True)]
-    return torch.stack(rows)
+    return torch.stack([quant.quantize_matrices(layout, gu, d) for gu, d in zip(gate_up, down, strict=True)])
 
 
 # (fmt, group, H, I, block, T, K, dtype): the group divides H and I; blocks that do not divide H or

@@ -28,9 +28,9 @@ import torch
 from conftest import run_cli
 
 import mobile
+from mobile.detokenize import TextStream
 from mobile.serve.chat import FALLBACK_STOPS, chat_prompt, fallback_text
 from mobile.serve.server import Service
-from mobile.serve.text import TextStream
 
 KEY = "test-key"
 TIMEOUT = 30.0

@@ -6,13 +6,13 @@ The layers, from the socket inward:
     app.py        the HTTP layer (FastAPI): endpoints, auth, Server-Sent Events, OpenAI-style errors
     protocol.py   request bodies -> validated GenerationRequest; response and chunk bodies
     chat.py       chat messages -> a prompt (the tokenizer's chat template, or a plain fallback)
-    text.py       token ids -> text deltas, cut at stop strings (runs on the event loop)
     scheduler.py  the engine worker: a bounded queue and one thread that owns the Engine
 
-The HTTP layer talks to the scheduler only through `Job` (token ids in; Token, Done and Failed
-events out, delivered on the event loop) and `Scheduler.submit` / `Job.stop`. The scheduler knows
-nothing of text or HTTP, so a batching scheduler can replace the serial queue behind the same
-interface.
+Token ids become text deltas, cut at stop strings, in mobile.detokenize (on the event loop;
+`mobile run` streams through it too). The HTTP layer talks to the scheduler only through `Job`
+(token ids in; Token, Done and Failed events out, delivered on the event loop) and
+`Scheduler.submit` / `Job.stop`. The scheduler knows nothing of text or HTTP, so a batching
+scheduler can replace the serial queue behind the same interface.
 
 Needs the `serve` extra: pip install -e '.[serve]'.
 """

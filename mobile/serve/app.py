@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from mobile.detokenize import TextStream
 from mobile.serve.protocol import (
     APIError,
     GenerationRequest,
@@ -35,7 +36,6 @@ from mobile.serve.protocol import (
     usage,
 )
 from mobile.serve.scheduler import Done, Failed, Job, QueueFull, Scheduler, Token, with_hit_rate
-from mobile.serve.text import TextStream
 
 CLOSE_TIMEOUT_S = 10.0  # at shutdown, how long to wait for the engine to end its current token
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
-from mobile.stats import Stats
+from mobile.stats import SETUP_KEYS, Stats
 
 if TYPE_CHECKING:  # the worker imports torch only once it runs
     from mobile.engine import Engine
@@ -151,10 +151,9 @@ class EngineWorker:
     def close(self, timeout_s: float) -> None:
         with self._cond:
             self._closed = True
-            for job in [*self._waiting, *([self._running] if self._running else [])]:
-                if job.stop_reason is None:
-                    job.stop_reason = "shutdown"
-            while self._waiting:
+            if self._running is not None and self._running.stop_reason is None:
+                self._running.stop_reason = "shutdown"
+            while self._waiting:  # they never run
                 self._waiting.popleft().post(Done("shutdown", {}))
             self._cond.notify()
         self._thread.join(timeout_s)
@@ -185,8 +184,6 @@ class EngineWorker:
             return self._running
 
     def _run(self, engine: Engine, job: Job) -> None:
-        import torch
-
         job.started = time.monotonic()
 
         def on_token(token: int) -> bool:
@@ -199,7 +196,7 @@ class EngineWorker:
         outcome = "failed"
         try:
             s = job.sampling
-            engine.generate(torch.tensor(job.prompt), job.max_tokens, greedy=s.greedy, temperature=s.temperature,
+            engine.generate(job.prompt, job.max_tokens, greedy=s.greedy, temperature=s.temperature,
                             top_p=s.top_p, seed=s.seed, stop_ids=job.stop_ids, on_token=on_token)
             stats = engine.stats
             # "stop": the HTTP layer matched a stop string, a normal end; cancelled, shutdown: cut
@@ -222,22 +219,23 @@ class EngineWorker:
             self.totals.count(outcome)
 
 
-# keys of Stats.extra that describe the setup rather than count work (Stats.reset keeps the same)
-SETUP = ("link_", "expert_compute", "expert_format", "expert_bytes", "cache_slots", "eviction")
+# keys of Stats.extra that describe the setup rather than count work: those Stats.reset keeps, and the
+# eviction rule, which the expert sets write anew at each collect_stats
+SETUP = SETUP_KEYS | {"eviction"}
 
 
 class Totals:
     """The engine's statistics summed over every request the server ran (finished, cut or failed),
     with the rates taken over the sums, plus request counts by outcome."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.stats = Stats()
         self.requests: dict[str, int] = {}
         self.mean_request_s: float | None = None  # a running mean, for Retry-After
 
     def describe(self, setup: Stats) -> None:
         self.stats.link = setup.link
-        self.stats.extra.update({k: v for k, v in setup.extra.items() if k.startswith(SETUP)})
+        self.stats.extra.update({k: v for k, v in setup.extra.items() if k in SETUP})
 
     def count(self, outcome: str) -> None:
         self.requests[outcome] = self.requests.get(outcome, 0) + 1
@@ -245,10 +243,10 @@ class Totals:
     def add(self, one: Stats, seconds: float) -> None:
         t = self.stats
         for f in fields(Stats):
-            if f.type in ("int", "float"):
-                setattr(t, f.name, getattr(t, f.name) + getattr(one, f.name))
+            if isinstance(value := getattr(one, f.name), int | float):  # the counters, not link or extra
+                setattr(t, f.name, getattr(t, f.name) + value)
         for key, value in one.extra.items():
-            if key.startswith(SETUP):
+            if key in SETUP:
                 t.extra[key] = value
             elif isinstance(value, int | float) and not isinstance(value, bool) and key != "host_syncs_per_token":
                 t.extra[key] = t.extra.get(key, 0) + value

@@ -98,16 +98,13 @@ class Service:
             # handlers it found and raises the signal again through them. The ones found are these,
             # which only ask for an exit, so that a drained server returns (exit 0) instead of being
             # killed by SIGTERM or raising KeyboardInterrupt on SIGINT.
-            previous = {sig: signal.signal(sig, self._exit_asked) for sig in (signal.SIGINT, signal.SIGTERM)}
+            previous = {sig: signal.signal(sig, lambda *_: self.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.server.run(sockets=[self.sock])
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.sock.close()
-
-    def _exit_asked(self, sig: int, frame) -> None:
-        self.server.should_exit = True
 
     def stop(self) -> None:
         """What a signal does, from any thread."""

@@ -1,4 +1,5 @@
-"""Token ids -> text as it becomes final, cut at the first stop string."""
+"""Token ids -> text as it becomes final, cut at the first stop string (`mobile serve`'s streams and
+`mobile run`'s plain output)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class TextStream:
             self.prefix, self.read = self.read, len(self.ids)
 
     def _emit(self, final: bool) -> str:
-        if self.stops and not self.done:
+        if self.stops:  # not done here: push and finish return early once it is
             # a stop string cannot start before `sent`: text that could begin one was held back
             found = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
             if found:
