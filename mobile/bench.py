@@ -16,10 +16,10 @@ import sys
 import torch
 
 from mobile import policy as registry
-from mobile.emit import atomic_write_text
 from mobile.engine import Engine
 from mobile.errors import MobileError
 from mobile.evaluate import load_ids
+from mobile.outputs import atomic_write_text
 
 
 def measure(engine: Engine, label: str, tokens: int, prompt_len: int, text: str | None, seed: int) -> dict:
@@ -150,5 +150,5 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
               "would have moved on the same routes in the same run (an estimate: mobile.experts.BigOnlyShadow)",
               file=out)
     if json_out:
-        atomic_write_text(json_out, json.dumps({"link": link, "rows": rows}, indent=1))
+        atomic_write_text(json_out, json.dumps({"written_by": "mobile bench", "link": link, "rows": rows}, indent=1))
     return rows

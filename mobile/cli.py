@@ -10,7 +10,8 @@
     mobile quantize CKPT -o DIR --format F   a copy of a checkpoint with int8 / int4 routed experts
 
 Errors a user can fix print one line, `mobile: error: FILE: KEY: what was expected`, and exit 2;
---debug shows the traceback instead.
+a run that cannot go on (non-finite logits, a failed worker thread) prints one line and exits 1;
+Ctrl-C exits 130. --debug shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from pathlib import Path
 from mobile import formats
 from mobile import policy as policies
 from mobile.errors import MobileError
+from mobile.outputs import atomic_write_text, check_file
 
 POLICIES = list(policies.NAMES)
 GRAPH_MODES = ["auto", "on", "off"]
-MIN_LINK_GBPS = 1e-3  # below 1 MB/s one expert would take hours on the emulated link: a typo, not a setting
 
 
 class Parser(argparse.ArgumentParser):
@@ -67,11 +68,16 @@ def device_name(text: str) -> str:
     return text
 
 
-def parse_floats(text: str, flag: str) -> list[float]:
+def parse_floats(text: str, flag: str, lo: float = 0.0, hi: float = 1.0) -> list[float]:
+    """A comma-separated list of numbers in [lo, hi], at least one."""
+    expected = f"expected comma-separated numbers in [{lo:g}, {hi:g}], got {text!r}"
     try:
-        return [float(t) for t in text.split(",") if t.strip()]
+        values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise MobileError(f"expected comma-separated numbers, got {text!r}", key=flag) from None
+        raise MobileError(expected, key=flag) from None
+    if not values or not all(lo <= v <= hi for v in values):  # nan fails both
+        raise MobileError(expected, key=flag)
+    return values
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -88,7 +94,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                               key="--strict")
 
     out, g = compile_to_dir(args.spec, args.out, policy=args.policy, policy_options=policy_changes(args),
-                            runtime=runtime, check=check)
+                            runtime=runtime, check=check, force=args.force)
     spec = spec_of(g)
     problems = memory_problems(spec, device_memory, host_ram)
     from mobile.emit import summarize
@@ -105,18 +111,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"mobile: warning: {problem}", file=sys.stderr)
     return 0
-
-
-def writable_file(path: str, flag: str) -> None:
-    """A file the run can write at its end: not a folder, in a folder that exists and is writable."""
-    p = Path(path)
-    if p.is_dir():
-        raise MobileError(f"{path} is a folder; expected a file path", key=flag)
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise MobileError(f"the folder {parent} does not exist", key=flag)
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise MobileError(f"{path} is not writable", key=flag)
 
 
 def byte_flag(text: str | None, flag: str) -> int | None:
@@ -142,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from mobile.detokenize import TextStream
-    from mobile.engine import Engine
+    from mobile.engine import Engine, GenerationInterrupted
 
     if args.prompt is None and args.prompt_ids is None:
         raise MobileError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3", key="--prompt")
@@ -152,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise MobileError(f"--greedy decodes without sampling, so {', '.join(sampling)} would be ignored; drop "
                           "one or the other", key="--greedy")
     if args.trace is not None:
-        writable_file(args.trace, "--trace")  # before the work, not after it
+        check_file(args.trace, "run", args.force, key="--trace")  # before the work, not after it
     engine = Engine.load(**engine_options(args), progress=not args.json, trace=args.trace is not None)
     if args.prompt_ids is not None:
         try:
@@ -186,10 +180,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     # --temperature / --top-p / --seed imply sampling unless --greedy is given
     sample = not args.greedy and (args.sample or args.temperature is not None or args.top_p is not None
                                   or args.seed is not None)
-    out = engine.generate(torch.tensor(ids), max_new_tokens=args.max_new_tokens, greedy=not sample,
-                          temperature=1.0 if args.temperature is None else args.temperature,
-                          top_p=1.0 if args.top_p is None else args.top_p,
-                          seed=0 if args.seed is None else args.seed, on_token=on_token)
+    try:
+        out = engine.generate(torch.tensor(ids), max_new_tokens=args.max_new_tokens, greedy=not sample,
+                              temperature=1.0 if args.temperature is None else args.temperature,
+                              top_p=1.0 if args.top_p is None else args.top_p,
+                              seed=0 if args.seed is None else args.seed, on_token=on_token)
+        code = 0
+    except GenerationInterrupted as e:  # Ctrl-C: what was made is printed as usual (stopped: interrupted)
+        out, code = e.new_ids, 130
     if pieces is not None:
         sys.stdout.write(pieces.finish())
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
@@ -207,24 +205,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompt_text = tok.decode(ids, skip_special_tokens=True) if tok is not None else None
         print(json.dumps({"prompt_ids": list(ids), "ids": out, "text": None if text is None else prompt_text + text,
                           "new_text": text, "stats": stats}))
-        return 0
-    if stream:
-        print()
     else:
-        print(" ".join(str(t) for t in out))
-    if args.stats:
-        from mobile.emit import human_bytes
-
-        for k, v in stats.items():
-            if "bytes" in k and isinstance(v, int):  # plain mode reads in KiB/MiB/GiB; --json keeps the counts
-                v = human_bytes(v) if v else "0"
-            print(f"{k:>26}: {v:.2f}" if isinstance(v, float) else f"{k:>26}: {v}", file=sys.stderr)
-        if stats["link"] == "emulated":
-            print("(link: emulated on this machine; transfer times are modeled, not a real PCIe link)",
-                  file=sys.stderr)
+        print("" if stream else " ".join(str(t) for t in out))  # the streamed text ends with a newline
+        if args.stats:
+            print_stats(stats)
     if args.trace is not None:
         print(f"wrote measured trace {args.trace}", file=sys.stderr)
-    return 0
+    if code == 130:
+        print("mobile: interrupted", file=sys.stderr)
+    return code
+
+
+def print_stats(stats: dict) -> None:
+    """--stats in plain mode: one key a line on stderr, bytes in KiB/MiB/GiB (--json keeps the counts)."""
+    from mobile.emit import human_bytes
+
+    for k, v in stats.items():
+        if "bytes" in k and isinstance(v, int):
+            v = human_bytes(v) if v else "0"
+        print(f"{k:>26}: {v:.2f}" if isinstance(v, float) else f"{k:>26}: {v}", file=sys.stderr)
+    if stats["link"] == "emulated":
+        print("(link: emulated on this machine; transfer times are modeled, not a real PCIe link)", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -255,12 +256,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from mobile.bench import run_bench
 
+    if args.json is not None:
+        check_file(args.json, "bench", args.force, key="--json")
     policies = names(args.policies, POLICIES, "policy", "--policies")
     rows = [parse_row(text) for text in args.row or []]
-    taus = parse_floats(args.taus, "--tau") if args.taus else None
-    if taus and any(not t >= 0 for t in taus):
-        raise MobileError(f"expected comma-separated numbers >= 0, got {args.taus!r}", key="--tau")
-    refreshes = parse_floats(args.kv_refreshes, "--kv-refresh") if args.kv_refreshes else None
+    taus = parse_floats(args.taus, "--tau") if args.taus is not None else None
+    refreshes = parse_floats(args.kv_refreshes, "--kv-refresh", 0, 2**31) if args.kv_refreshes is not None else None
     if refreshes and any(r < 0 or r != int(r) for r in refreshes):
         raise MobileError(f"expected comma-separated integers >= 0, got {args.kv_refreshes!r}", key="--kv-refresh")
     expert_formats = (None if args.expert_formats is None
@@ -276,8 +277,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def names(text: str, choices: Sequence[str], what: str, flag: str) -> list[str]:
-    """A comma-separated list of names, each one of `choices` (empty items are skipped)."""
+    """A comma-separated list of at least one name, each one of `choices` (empty items are skipped)."""
     out = [t.strip() for t in text.split(",") if t.strip()]
+    if not out:
+        raise MobileError(f"expected at least one {what}, comma-separated ({', '.join(choices)}), got {text!r}",
+                          key=flag)
     for name in out:
         if name not in choices:
             raise MobileError(f"unknown {what} {name!r} (choose from {', '.join(choices)})", key=flag)
@@ -285,13 +289,7 @@ def names(text: str, choices: Sequence[str], what: str, flag: str) -> list[str]:
 
 
 def graph_modes(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    modes = names(text, GRAPH_MODES, "CUDA-graphs mode", "--cuda-graphs")
-    if not modes:
-        raise MobileError(f"expected comma-separated modes ({', '.join(GRAPH_MODES)}), got {text!r}",
-                          key="--cuda-graphs")
-    return modes
+    return None if text is None else names(text, GRAPH_MODES, "CUDA-graphs mode", "--cuda-graphs")
 
 
 def parse_row(text: str) -> tuple[str, str, dict]:
@@ -319,15 +317,19 @@ def parse_row(text: str) -> tuple[str, str, dict]:
 def cmd_synth(args: argparse.Namespace) -> int:
     from mobile.synth import write_synthetic_checkpoint
 
-    out = write_synthetic_checkpoint(args.spec, args.out, layers=args.layers, seed=args.seed, dtype=args.dtype)
+    out = write_synthetic_checkpoint(args.spec, args.out, layers=args.layers, seed=args.seed, dtype=args.dtype,
+                                     force=args.force)
     print(f"wrote synthetic checkpoint {out} and its spec {out / 'spec.yaml'}", file=sys.stderr)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mobile.emit import atomic_write_text, load_graph
+    from mobile.emit import load_graph
     from mobile.evaluate import KEYS, format_rows, plot_rows, run_eval
 
+    for path, flag in ((args.out, "--out"), (args.plot, "--plot")):
+        if path is not None:
+            check_file(path, "eval", args.force, key=flag)
     policy = args.policy or load_graph(args.graph).spec.get("policy", {}).get("name", policies.REFERENCE)
     base = {"name": policy, **policy_changes(args)}
     if args.sweep_tau:
@@ -356,7 +358,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             print("matplotlib is not installed (pip install 'mobile-moe[plot]'); no plot written", file=sys.stderr)
     if args.out:
-        atomic_write_text(args.out, json.dumps(rows, indent=1))
+        atomic_write_text(args.out, json.dumps({"written_by": "mobile eval", "rows": rows}, indent=1))
     return 0
 
 
@@ -375,10 +377,12 @@ def policy_changes(args: argparse.Namespace) -> dict:
 
 def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> None:
     if tau_list:
-        p.add_argument("--tau", dest="taus", help="comma-separated taus: one mobile / layer-mass row each")
+        p.add_argument("--tau", dest="taus", metavar="TAU,...", help="comma-separated taus in [0, 1]: one mobile / "
+                       "layer-mass row each")
     else:
-        p.add_argument("--tau", type=number(float, 0), help="importance threshold (mobile: falls back below this max "
-                       "probability; default 0: off, the per-layer rule decides) or little-mass share (layer-mass)")
+        p.add_argument("--tau", type=number(float, 0, 1), help="importance threshold in [0, 1] (mobile: a token "
+                       "falls back below this confidence, --signal; default 0: never, the per-layer rule decides; 1: "
+                       "always) or little-mass share (layer-mass)")
     p.add_argument("--little-k", type=number(int, 1), help="experts in the little set (default ceil(top_k / 2))")
     p.add_argument("--layer-tau", type=number(float, 0, 1), help="mobile: a layer uses more than the little set in the "
                    "little pass when the little set carries less than this share of the big set's router mass "
@@ -442,11 +446,18 @@ def add_format_options(p: argparse.ArgumentParser, many: bool = False) -> None:
                    "(default: 64 for int4; 0, one scale per output column, for int8)")
 
 
+def add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace {what} even when mobile did not write it (by "
+                   "default mobile writes only where nothing is, or over its own earlier output of this command)")
+
+
 def add_link_options(p: argparse.ArgumentParser) -> None:
+    from mobile.spec import LINK_GBPS, LINK_RATIO  # what a link can physically be
+
     link = p.add_mutually_exclusive_group()
-    link.add_argument("--link-gbps", type=number(float, MIN_LINK_GBPS),
+    link.add_argument("--link-gbps", type=number(float, *LINK_GBPS),
                       help="emulated host-to-device link bandwidth in GB/s (CPU runs)")
-    link.add_argument("--link-ratio", type=number(float, 0, lo_open=True), metavar="R",
+    link.add_argument("--link-ratio", type=number(float, *LINK_RATIO), metavar="R",
                       help="calibrated emulated link: moving one expert takes R times as long as computing it "
                       "for one token on this machine (about 40 for an RTX 4090 on PCIe 4.0, 87 for an H200)")
 
@@ -454,7 +465,8 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from mobile.quantize import quantize_checkpoint
 
-    out = quantize_checkpoint(args.ckpt, args.out, args.format, group=args.group_size, spec_path=args.spec)
+    out = quantize_checkpoint(args.ckpt, args.out, args.format, group=args.group_size, spec_path=args.spec,
+                              force=args.force)
     print(f"wrote {args.format} checkpoint {out}", file=sys.stderr)
     return 0
 
@@ -462,12 +474,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_import_hf(args: argparse.Namespace) -> int:
     import yaml
 
-    from mobile.emit import atomic_write_text
     from mobile.families import spec_from_hf_config
     from mobile.spec import spec_from_dict
 
     src = Path(args.dir)
     if args.out:
+        check_file(args.out, "import-hf", args.force)
         ckpt = os.path.relpath(src.resolve(), Path(args.out).resolve().parent)
     else:
         ckpt = str(src.resolve())
@@ -497,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "scheduling, segments, planned timeline) and write DIR/graph.json, schedule.txt, "
                        "schedule.trace.json and graph.dot. Needs no weights.")
     c.add_argument("spec", help="the model spec (YAML), e.g. specs/demo.yaml")
-    c.add_argument("-o", "--out", help="output folder (default: graphs/<spec name>/)")
+    c.add_argument("-o", "--out", metavar="DIR", help="output folder (default: graphs/<spec name>/)")
     c.add_argument("--policy", choices=POLICIES, help="override the spec's policy.name")
     add_policy_options(c)
     add_format_options(c)
@@ -506,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--host-ram", metavar="BYTES", help="host RAM the expert store must fit in, e.g. 32GiB")
     c.add_argument("--strict", action="store_true", help="refuse (exit 2) when the memory plan does not fit, "
                    "instead of warning")
+    add_force(c, "DIR")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate text with a compiled graph",
@@ -532,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                    'tokens), "text" (the prompt and what follows it, as plain mode prints it), "new_text", "stats"')
     r.add_argument("--trace", metavar="FILE", help="write the measured timeline (Chrome trace, like "
                    "schedule.trace.json) to FILE")
+    add_force(r, "the --trace FILE")
     add_link_options(r)
     r.set_defaults(fn=cmd_run)
 
@@ -585,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=number(int, 0), default=0, help="prompt seed (default 0)")
     b.add_argument("--repeats", type=number(int, 1), default=1,
                    help="runs per row, round-robin; report medians (default 1)")
-    b.add_argument("--json", help="also write the rows as JSON to this file")
+    b.add_argument("--json", metavar="FILE", help="also write the rows as JSON to this file")
+    add_force(b, "the --json FILE")
     b.add_argument("--compile", action="store_true", help="run compute segments through torch.compile (each "
                    "row's warm-up compiles them)")
     add_link_options(b)
@@ -604,21 +619,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--policy", choices=POLICIES, help="policy to evaluate (default: the graph's)")
     add_policy_options(e)
     add_format_options(e)
-    e.add_argument("--sweep-tau", help="comma-separated taus: one row each (a Pareto table)")
+    e.add_argument("--sweep-tau", metavar="TAU,...", help="comma-separated taus in [0, 1]: one row each (a Pareto "
+                   "table)")
     e.add_argument("--plot", help="with --sweep-tau: write a PNG of quality against bytes (needs matplotlib)")
     e.add_argument("--window", type=number(int, 2), default=256, help="tokens per window; the KV cache restarts "
                    "at each (default 256)")
     e.add_argument("--max-tokens", type=number(int, 2), help="evaluate only the first N tokens of the text")
     e.add_argument("--json", action="store_true", help="print JSON: {ppl, accuracy, agreement, fallback_rate, "
                    "bytes_per_token} (a list with --sweep-tau)")
-    e.add_argument("--out", help="also write every row as JSON to this file")
+    e.add_argument("--out", metavar="FILE", help="also write every row as JSON to this file")
+    add_force(e, "the --out and --plot files")
     e.set_defaults(fn=cmd_eval)
 
     y = sub.add_parser("synth", help="write a random checkpoint at a spec's real shapes (for benchmarks)",
                        description="Write random weights in Hugging Face layout with the spec's shapes, "
                        "optionally with fewer layers, plus a spec pointing at them.")
     y.add_argument("spec", help="the model spec (YAML)")
-    y.add_argument("-o", "--out", required=True, help="checkpoint folder to write")
+    y.add_argument("-o", "--out", required=True, metavar="DIR", help="checkpoint folder to write")
+    add_force(y, "DIR")
     y.add_argument("--layers", type=number(int, 1), help="keep only this many layers (default: all)")
     y.add_argument("--seed", type=number(int, 0), default=0)
     y.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -633,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "copied. Other weights keep their dtype. Streams one layer at a time and writes atomically. "
                        "run, eval, bench, compile and import-hf take DIR as it is.")
     q.add_argument("ckpt", help="the native checkpoint folder")
-    q.add_argument("-o", "--out", required=True, help="the folder to write")
+    q.add_argument("-o", "--out", required=True, metavar="DIR", help="the folder to write")
+    add_force(q, "DIR")
     q.add_argument("--format", required=True, choices=["int8", "int4"], help="the expert format")
     q.add_argument("--group-size", type=number(int, 0), metavar="G", help="input rows per scale (default: 64 for "
                    "int4; 0, one scale per output column, for int8)")
@@ -644,7 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read DIR/config.json (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
                        "DeepSeek-V2) and write a mobile spec whose checkpoint is DIR.")
     i.add_argument("dir", help="a Hugging Face checkpoint folder (or just its config.json)")
-    i.add_argument("-o", "--out", help="spec file to write (default: print to stdout)")
+    i.add_argument("-o", "--out", metavar="FILE", help="spec file to write (default: print to stdout)")
+    add_force(i, "FILE")
     i.add_argument("--name", help="spec name (default: from the config or folder name)")
     i.add_argument("--no-checkpoint", dest="with_checkpoint", action="store_false",
                    help="leave checkpoint.path empty (for specs of models you don't have)")
@@ -664,8 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     except MobileError as e:
         if args.debug:
             raise
-        print(f"mobile: error: {e.one_line()}", file=sys.stderr)
-        return 2
+        hint = " (--debug shows where)" if e.__cause__ is not None and e.exit_code == 1 else ""
+        print(f"mobile: error: {e.one_line()}{hint}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("mobile: interrupted", file=sys.stderr)
         return 130

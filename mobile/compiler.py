@@ -9,18 +9,19 @@ from pathlib import Path
 
 from mobile.budget import CachePlan, cache_plan
 from mobile.costs import DTYPE_BYTES, attention_params, expert_bytes
-from mobile.emit import human_bytes, write_graph_dir
+from mobile.emit import GRAPH_FILES, human_bytes, write_graph_dir
 from mobile.ir import Graph
+from mobile.outputs import check_folder
 from mobile.passes import compile_spec
 from mobile.spec import Spec, load_spec, with_policy, with_runtime
 
 
 def compile_to_dir(spec_path: str | Path, out_dir: str | Path | None = None,
                    policy: str | None = None, policy_options: dict | None = None,
-                   runtime: dict | None = None, check=None) -> tuple[Path, Graph]:
+                   runtime: dict | None = None, check=None, force: bool = False) -> tuple[Path, Graph]:
     """policy_options: other policy fields to override (tau, little_k, layer_tau, ...); runtime:
     runtime fields (expert_format, expert_group_size); check(spec): may refuse before anything is
-    written."""
+    written; force: replace the output folder even when an earlier compile did not write it."""
     spec = load_spec(spec_path)
     changes = dict(policy_options or {})
     if policy is not None:
@@ -32,6 +33,7 @@ def compile_to_dir(spec_path: str | Path, out_dir: str | Path | None = None,
     if check is not None:
         check(spec)
     out = Path(out_dir) if out_dir is not None else Path("graphs") / spec.name
+    check_folder(out, "compile", force, known=GRAPH_FILES)
     spec = _relocate_checkpoint(spec, out)
     graph = compile_spec(spec)
     return write_graph_dir(graph, out), graph

@@ -5,22 +5,19 @@
     schedule.trace.json  the planned timeline as a Chrome trace (open in Perfetto or chrome://tracing)
     graph.dot            Graphviz
 
-The folder is written to a temporary sibling and renamed into place, so an interrupted compile
-never leaves a half-written graph.
+The folder is written to a temporary sibling and renamed into place (mobile.outputs), so an
+interrupted compile never leaves a half-written graph, and it replaces only an earlier compile's.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from mobile.errors import GraphError
 from mobile.ir import GRAPH_FORMAT, GRAPH_VERSION, Graph, Op
+from mobile.outputs import new_folder, stamp, write_text
 
 GRAPH_FILES = ("graph.json", "schedule.txt", "schedule.trace.json", "graph.dot")
 STREAM_TIDS = {"compute": 1, "copy": 2}
@@ -99,8 +96,9 @@ def render_schedule(g: Graph) -> str:
     return "\n".join(lines) + "\n"
 
 
-def trace_events(spans: list[dict[str, Any]], process: str) -> dict[str, Any]:
-    """Chrome-trace JSON from spans {name, cat, stream, ts_us, dur_us, args}; shared with measured traces."""
+def trace_events(spans: list[dict[str, Any]], process: str, command: str) -> dict[str, Any]:
+    """Chrome-trace JSON from spans {name, cat, stream, ts_us, dur_us, args}; shared with measured traces.
+    command: the mobile command that writes it (its stamp comes first: mobile.outputs)."""
     events: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": process}}]
     for stream, tid in STREAM_TIDS.items():
         events.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": stream}})
@@ -108,7 +106,7 @@ def trace_events(spans: list[dict[str, Any]], process: str) -> dict[str, Any]:
         events.append({"name": s["name"], "cat": s["cat"], "ph": "X", "pid": 1,
                        "tid": STREAM_TIDS.get(s["stream"], 3), "ts": s["ts_us"], "dur": s["dur_us"],
                        "args": s.get("args", {})})
-    return {"traceEvents": events, "displayTimeUnit": "ns"}
+    return {"otherData": {"written_by": stamp(command)}, "traceEvents": events, "displayTimeUnit": "ns"}
 
 
 def render_trace(g: Graph) -> str:
@@ -117,7 +115,7 @@ def render_trace(g: Graph) -> str:
               "args": {"step": i, "inputs": list(n.inputs), "bytes": n.attr("bytes", 0),
                        "h2d_bytes": n.attr("h2d_bytes", 0)}}
              for i, n in enumerate(g.nodes) if n.attr("start_us") is not None]
-    return json.dumps(trace_events(spans, f"{g.name} (planned)"), indent=0)
+    return json.dumps(trace_events(spans, f"{g.name} (planned)", "compile"), indent=0)
 
 
 _DOT_STYLE = {Op.FETCH: "shape=cds,color=blue", Op.PREFETCH: "shape=cds,style=dashed,color=blue",
@@ -138,69 +136,14 @@ def render_dot(g: Graph) -> str:
     return "\n".join(lines) + "\n"
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so readers see the old content or the new, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _mode(0o666))  # mkstemp's 0600 would make a trace or a table private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_graph_dir(g: Graph, out_dir: str | Path) -> Path:
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with new_folder(out, "compile") as tmp:
         files = {"graph.json": g.dumps(), "schedule.txt": render_schedule(g),
                  "schedule.trace.json": render_trace(g), "graph.dot": render_dot(g)}
         for name, text in files.items():
-            with open(tmp / name, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_text(tmp / name, text)
     return out
-
-
-def replace_dir(tmp: Path, out: Path, attempts: int = 20) -> None:
-    """Move the finished folder `tmp` to `out`, replacing what was there, so that `out` is always
-    one whole folder, never a mix. Safe when several writers race for the same `out` (two
-    `mobile compile -o X` at once): a rename onto a taken name moves the occupant aside and tries
-    again, and the last writer's folder is what stays."""
-    os.chmod(tmp, _mode(0o777))  # mkdtemp made it private; the result is an ordinary folder
-    for attempt in range(attempts):
-        try:
-            os.replace(tmp, out)  # atomic; fails while another folder holds the name
-            return
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
-                raise
-        aside = out.with_name(f".{out.name}.old-{os.getpid()}-{attempt}-{os.urandom(3).hex()}")
-        try:
-            os.replace(out, aside)
-        except FileNotFoundError:
-            continue  # another writer moved it first: the name may be free now
-        shutil.rmtree(aside, ignore_errors=True)
-    raise GraphError(f"{attempts} tries to put the folder in place lost to other writers of it", where=out)
-
-
-def _mode(full: int) -> int:
-    """`full` (0o777 for folders, 0o666 for files) less this process's umask, as open() would give."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return full & ~umask
 
 
 def load_graph(graph_dir: str | Path) -> Graph:

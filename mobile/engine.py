@@ -21,8 +21,8 @@ from mobile import moe
 from mobile.budget import cache_plan
 from mobile.costs import expert_bytes, native_expert_bytes
 from mobile.devclock import clock_for
-from mobile.emit import atomic_write_text, load_graph, trace_events
-from mobile.errors import CheckpointError, MobileError, SpecError
+from mobile.emit import load_graph, trace_events
+from mobile.errors import CheckpointError, MobileError, RunError, SpecError
 from mobile.executor import Executor, Kernels, StepContext
 from mobile.experts import OffloadedExperts, ResidentExperts, expert_compute_seconds
 from mobile.graphs import GRAPH_MAX_TOKENS, GraphRunner, StaticState, kv_bucket
@@ -30,12 +30,22 @@ from mobile.hostio import HostReader
 from mobile.ir import Graph
 from mobile.kv import KVCache, max_seq_len
 from mobile.ops import rope_inv_freq, rope_tables
+from mobile.outputs import atomic_write_text
 from mobile.passes import compile_spec
 from mobile.sampling import Sampler
 from mobile.spec import Spec, format_changes, spec_from_dict, with_policy, with_runtime
 from mobile.stats import Stats
 from mobile.transfer import LinkModel
 from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended Engine.generate: `new_ids` are the tokens it made, and the engine's stats are
+    complete (stopped: interrupted)."""
+
+    def __init__(self, new_ids: list[int]):
+        super().__init__()
+        self.new_ids = new_ids
 
 
 class Engine:
@@ -188,8 +198,8 @@ class Engine:
             start, end = clock.seconds(start), clock.seconds(end)  # CUDA compute spans are events
             spans.append({"name": name, "cat": cat, "stream": stream, "ts_us": (start - self.t0) * 1e6,
                           "dur_us": (end - start) * 1e6, "args": {"bytes": nbytes} if nbytes else {}})
-        atomic_write_text(path, json.dumps(trace_events(spans, f"{self.graph.name} (measured, "
-                                                               f"link {self.stats_.link})")))
+        atomic_write_text(path, json.dumps(trace_events(spans, f"{self.graph.name} (measured, link "
+                                                               f"{self.stats_.link})", "run")))
 
     def close(self) -> None:
         self.experts.close()
@@ -323,7 +333,11 @@ class Engine:
         is made; when it returns True, generation ends there (stats: stopped: callback), with the
         run's statistics complete and the engine ready for the next call (a server's stop strings
         and cancelled requests). forced: teacher-forced decoding, for benchmarks: step i feeds
-        forced[i] instead of a sampled token, so every policy runs the same tokens."""
+        forced[i] instead of a sampled token, so every policy runs the same tokens.
+
+        Ctrl-C (KeyboardInterrupt) ends generation with its statistics complete (stopped:
+        interrupted) and raises GenerationInterrupted, which carries the tokens made so far.
+        Non-finite logits raise a RunError naming the first layer whose weights are not finite."""
         ids = self.check_ids(input_ids)
         if max_new_tokens < 0:
             raise MobileError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -334,57 +348,79 @@ class Engine:
         stops = set(self.default_stop_ids() if stop_ids is None else stop_ids)
 
         def choose(logits: torch.Tensor, i: int) -> int:
-            return int(forced[i]) if forced is not None else sampler(logits[-1], self.reader)
+            if forced is not None:
+                return int(forced[i])
+            token = sampler(logits[-1], self.reader)
+            if token is None:
+                raise self._nonfinite(ids.numel() - 1 + i)
+            return token
 
-        t0 = time.perf_counter()
-        token = choose(self._forward(ids, 0, last_only=True), 0)  # the prompt's next token
-        self.stats_.prefill_tokens += ids.numel()
-        self.stats_.prefill_s += time.perf_counter() - t0
         new: list[int] = []
-        self.experts.settle()  # the prompt's statistics are complete before decoding is counted
-        before = self._decode_counters()
+        before: dict[str, float] | None = None  # the counters when decoding began
         context = self.max_seq_len  # the model's context, or a shorter runtime.max_seq_len
         stopped = "max_new_tokens"
         t0 = time.perf_counter()
-        while max_new_tokens:
-            new.append(token)
-            if on_token is not None and on_token(token):
-                stopped = "callback"
-                break
-            if token in stops:
-                stopped = "stop_token"
-                break
-            if len(new) >= max_new_tokens:
-                break
-            if self.length >= context:  # the next token would need position `context`: keep what was made
-                stopped = "context"
-                break
-            step, reads = time.perf_counter(), self.reader.reads
-            replays = self.graphs.replays if self.graphs is not None else 0
-            token = choose(self._forward(torch.tensor([token]), self.length), len(new))
-            if self.executor.compile and not self.decode_compiled:
-                # torch.compile traces and compiles the decode step on its first call (tens of seconds):
-                # that step (its time, its token, its host reads) is reported apart, not as decoding
-                self.decode_compiled = True
-                self.stats_.extra["compile_step_s"] = time.perf_counter() - step
-                t0 += time.perf_counter() - step
-                before["decode_host_syncs"] += self.reader.reads - reads
-                if self.graphs is not None:
-                    before["decode_graph_replays"] += self.graphs.replays - replays
-                continue
-            self.stats_.decode_tokens += 1
-        self.stats_.decode_s += time.perf_counter() - t0
+        try:
+            token = choose(self._forward(ids, 0, last_only=True), 0)  # the prompt's next token
+            self.stats_.prefill_tokens += ids.numel()
+            self.stats_.prefill_s += time.perf_counter() - t0
+            self.experts.settle()  # the prompt's statistics are complete before decoding is counted
+            before = self._decode_counters()
+            t0 = time.perf_counter()
+            while max_new_tokens:
+                new.append(token)
+                if on_token is not None and on_token(token):
+                    stopped = "callback"
+                    break
+                if token in stops:
+                    stopped = "stop_token"
+                    break
+                if len(new) >= max_new_tokens:
+                    break
+                if self.length >= context:  # the next token would need position `context`: keep what was made
+                    stopped = "context"
+                    break
+                step, reads = time.perf_counter(), self.reader.reads
+                replays = self.graphs.replays if self.graphs is not None else 0
+                token = choose(self._forward(torch.tensor([token]), self.length), len(new))
+                if self.executor.compile and not self.decode_compiled:
+                    # torch.compile traces and compiles the decode step on its first call (tens of seconds):
+                    # that step (its time, its token, its host reads) is reported apart, not as decoding
+                    self.decode_compiled = True
+                    self.stats_.extra["compile_step_s"] = time.perf_counter() - step
+                    t0 += time.perf_counter() - step
+                    before["decode_host_syncs"] += self.reader.reads - reads
+                    if self.graphs is not None:
+                        before["decode_graph_replays"] += self.graphs.replays - replays
+                    continue
+                self.stats_.decode_tokens += 1
+        except KeyboardInterrupt:
+            stopped = "interrupted"  # what was made so far, with its statistics, is the caller's
+        if before is not None:
+            self.stats_.decode_s += time.perf_counter() - t0
         self.experts.settle()  # bookkeeping that decoding left for later (outside the timed loop)
         extra = self.stats_.extra
-        extra["stopped"] = stopped  # stop_token, max_new_tokens, context or callback
-        for key, value in self._decode_counters().items():
-            extra[key] = extra.get(key, 0) + value - before.get(key, 0)
+        extra["stopped"] = stopped  # stop_token, max_new_tokens, context, callback or interrupted
+        if before is not None:
+            for key, value in self._decode_counters().items():
+                extra[key] = extra.get(key, 0) + value - before.get(key, 0)
         extra["decode_s"] = self.stats_.decode_s
         # host reads of device values per decoded token: one per MoE layer and the sampled token,
         # more when a gate can fire or a prompt-sized step runs in rounds (mobile.hostio)
         decoded = self.stats_.decode_tokens
-        extra["host_syncs_per_token"] = extra["decode_host_syncs"] / decoded if decoded else None
+        extra["host_syncs_per_token"] = extra.get("decode_host_syncs", 0) / decoded if decoded else None
+        if stopped == "interrupted":
+            raise GenerationInterrupted(new)
         return new
+
+    def _nonfinite(self, position: int) -> RunError:
+        """The error that ends a run whose logits are not finite, with where the weights first are not."""
+        from mobile.diagnose import first_nonfinite_weight
+
+        where = first_nonfinite_weight(self)
+        cause = (f"the first weights that are not finite are in {where}" if where is not None else
+                 f"every weight is finite, so an activation left {self.spec.dtype}'s range")
+        return RunError(f"the logits after position {position} are NaN or infinite: {cause}", where=self.store.dir)
 
     def _decode_counters(self) -> dict[str, float]:
         """Running totals whose decode-phase share is reported apart, under these keys (prefill

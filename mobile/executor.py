@@ -195,7 +195,8 @@ class Kernels:
                 return [(share < tau).any()]
         else:
             def read(ctx, logits):  # the little pass is not confident about the next token
-                return [ops.confidence(logits[-1], signal) < tau]
+                # tau 1 sends every token back, even one whose distribution is exactly one-hot
+                return [ops.confidence(logits[-1], signal) < tau if tau < 1 else logits.new_ones((), dtype=torch.bool)]
 
         return SyncKernel(lambda ctx, values, _: bool(values[0][0]), read)
 

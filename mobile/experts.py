@@ -209,6 +209,7 @@ class ResidentExperts:
 
     link = "none"
     tracks_routes = False  # nothing moves, so no big-only estimate
+    failure = None  # no worker thread to fail
 
     def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
                  reader, progress=None, track_use: bool = False):
@@ -256,6 +257,10 @@ class ResidentExperts:
 
     def arena(self, layer: int) -> torch.Tensor:
         return self.rows[layer]
+
+    def expert_rows(self, layer: int) -> torch.Tensor | None:
+        """Every expert of `layer` as stored, one row each (None for a layer without experts)."""
+        return self.rows.get(layer)
 
     def begin_forward(self) -> None:
         if self.track_use:
@@ -465,6 +470,10 @@ class OffloadedExperts:
     def arena(self, layer: int) -> torch.Tensor:
         return self.rows[layer]
 
+    def expert_rows(self, layer: int) -> torch.Tensor | None:
+        """Every expert of `layer` as the host store holds it, one row each (None without experts)."""
+        return self.host.get(layer)
+
     # -- bookkeeping ----------------------------------------------------------------------------
     def note_route(self, layer: int, ids: list[int], k: int) -> None:
         """ids [T*K], K per token: the router's big set, whatever this pass uses of it."""
@@ -505,6 +514,11 @@ class OffloadedExperts:
         self.engine.busy_s = 0.0
         for t in self.tables.values():
             t.counters = type(t.counters)()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """What ended the copy worker, if it failed: no copy lands any more."""
+        return self.engine.failure
 
     def close(self) -> None:
         self.engine.close()

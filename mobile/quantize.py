@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from mobile import formats, quant
-from mobile.emit import replace_dir
 from mobile.errors import CheckpointError, MobileError
 from mobile.families import spec_from_hf_config
+from mobile.outputs import check_folder, new_folder
 from mobile.spec import Spec, load_spec, spec_from_dict
 from mobile.weights import QUANT_METHOD, SAFETENSORS_DTYPES, WeightStore, expert_tensor_names
 
@@ -85,13 +84,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int | None = None,
-                        spec_path: str | Path | None = None, progress: bool = True) -> Path:
+                        spec_path: str | Path | None = None, progress: bool = True, force: bool = False) -> Path:
     """Write `out`: the checkpoint at `src` with its routed experts packed. Streams one layer at a
-    time (the source is memory-mapped), into a temporary sibling folder renamed into place."""
+    time (the source is memory-mapped), into a temporary sibling folder renamed into place; `out`
+    may hold an earlier quantize's output only, unless force (mobile.outputs)."""
     src, out = Path(src), Path(out)
     store = WeightStore(src)
     if out.resolve() == src.resolve():
         raise MobileError("the output folder is the checkpoint itself; write the quantized copy elsewhere", key="-o")
+    check_folder(out, "quantize", force)
     if store.expert_format is not None:
         raise MobileError("this checkpoint is quantized already; quantize its native original", where=src)
     if spec_path is not None:
@@ -136,9 +137,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
                         yield from (t for t in (p.q, p.scale, p.zero) if t is not None)
                 bar.update(1)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with new_folder(out, "quantize") as tmp:
         write_safetensors(tmp / "model.safetensors", entries, tensors())
         for f in src.iterdir():  # tokenizer, generation config, notes: everything but the weights
             if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
@@ -148,10 +147,6 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
         cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format": fmt, "group_size": group,
                                       "layout_version": formats.LAYOUT_VERSION, "modules": "routed experts"}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

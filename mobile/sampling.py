@@ -1,10 +1,11 @@
 """Next-token choice: greedy, or seeded temperature / top-p (nucleus) sampling.
 
 The choice is made on the logits' device; the host reads one thing per token, the chosen id (it
-needs it for stop tokens and for streaming). One sample is drawn as torch.multinomial draws it on
-the CPU, the argmax of the probabilities over exponential noise, written out here because it needs
-no host sync on any device (torch.multinomial may check its input on the host first): on the CPU a
-seed gives the tokens the host-side sampler gave before, and on a GPU only the id crosses the link.
+needs it for stop tokens and for streaming), with whether every logit was finite riding along.
+One sample is drawn as torch.multinomial draws it on the CPU, the argmax of the probabilities over
+exponential noise, written out here because it needs no host sync on any device (torch.multinomial
+may check its input on the host first): on the CPU a seed gives the tokens the host-side sampler
+gave before, and on a GPU only the id crosses the link.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ class Sampler:
         self.seed = seed if seed is not None else 0
         self.generator = torch.Generator().manual_seed(self.seed)  # the CPU's; a GPU gets its own (generator_for)
 
-    def __call__(self, logits: torch.Tensor, reader: HostReader) -> int:
-        """logits [V] -> token id, with one read of the device through `reader`."""
-        return reader.ints([self.choose(logits)])[0][0]
+    def __call__(self, logits: torch.Tensor, reader: HostReader) -> int | None:
+        """logits [V] -> token id, with one read of the device through `reader`; None when a logit
+        is NaN or infinite (whether all are finite rides on the same read, so it costs no sync)."""
+        (token,), (finite,) = reader.ints([self.choose(logits), torch.isfinite(logits).all()])
+        return token if finite else None
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [V] -> the chosen id, on the logits' device (0-dim or [1], int64)."""

@@ -148,7 +148,7 @@ class PolicySpec:
     little_weights: Literal["rescale", "raw"] = "raw"
     # the confidence the gate reads, each in [0, 1] (mobile.ops.confidence): the top probability, the
     # top probability minus the second, or one minus the normalized entropy; a token is important
-    # when it is below tau, so tau 0 never falls back, whatever the signal
+    # when it is below tau, so tau 0 never falls back, whatever the signal, and tau 1 always does
     signal: Literal["max_prob", "entropy", "margin"] = "max_prob"
     tau: float = 0.0
     layer_tau: float | None = 0.85
@@ -216,6 +216,11 @@ class ExpertCacheSpec:
 
 @dataclass(frozen=True)
 class LinkSpec:
+    """The host link. The emulated one's settings are bounded by what a link can physically be:
+    LINK_GBPS (1 MB/s, a typo below; 1 TB/s, above NVLink-C2C's 900 GB/s) and LINK_RATIO (R: an
+    expert's transfer over its compute time, about 40 for an RTX 4090 on PCIe 4.0, 87 for an H200).
+    Past them a copy's emulated time stops meaning anything, or overflows."""
+
     kind: Literal["none", "real", "emulated"] = "none"
     gbps: float | None = None  # emulated link bandwidth, GB/s
     latency_us: float = 10.0  # fixed cost per copy on the emulated link
@@ -231,6 +236,10 @@ class PlanSpec:
     hbm_gbps: float = 1008.0
     link_gbps: float = 25.0
 
+
+LINK_GBPS = (1e-3, 1e3)
+LINK_RATIO = (1e-3, 1e4)
+LINK_LATENCY_US = (0.0, 1e6)
 
 ExpertFormat = Literal["native", "int8", "int4"]
 CudaGraphs = Literal["auto", "on", "off"]
@@ -547,7 +556,7 @@ def check_consistency(spec: Spec) -> None:
         value = getattr(p, key)
         need(value is None or 0.0 <= value <= 1.0, f"policy.{key}", f"expected a number in [0, 1], got {value}")
     need(p.kv_refresh >= 0, "policy.kv_refresh", f"expected an integer >= 0, got {p.kv_refresh}")
-    need(p.tau >= 0, "policy.tau", f"expected a number >= 0, got {p.tau}")
+    need(0.0 <= p.tau <= 1.0, "policy.tau", f"expected a number in [0, 1], got {p.tau}")
     c = spec.runtime.expert_cache
     if c.budget is not None:
         try:
@@ -569,9 +578,10 @@ def check_consistency(spec: Spec) -> None:
          f"expected 1 <= max_seq_len <= model.max_position_embeddings={m.max_position_embeddings}, "
          f"got {r.max_seq_len}")
     link = spec.runtime.link
-    need(link.gbps is None or link.gbps > 0, "runtime.link.gbps", f"expected a number > 0, got {link.gbps}")
-    need(link.ratio is None or link.ratio > 0, "runtime.link.ratio", f"expected a number > 0, got {link.ratio}")
-    need(link.latency_us >= 0, "runtime.link.latency_us", f"expected a number >= 0, got {link.latency_us}")
+    for key, (lo, hi) in (("gbps", LINK_GBPS), ("ratio", LINK_RATIO), ("latency_us", LINK_LATENCY_US)):
+        value = getattr(link, key)
+        need(value is None or lo <= value <= hi, f"runtime.link.{key}", f"expected a number in [{lo:g}, {hi:g}], "
+             f"got {value}")
 
 
 def _check_routing(moe: MoESpec, need: Callable[[bool, str, str], None]) -> None:

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mobile.errors import SpecError
+from mobile.outputs import check_folder, new_folder
 from mobile.spec import load_spec, spec_from_dict
 from mobile.weights import required_tensors
 
@@ -34,7 +35,8 @@ def changed_fields(obj) -> dict:
 
 
 def write_synthetic_checkpoint(spec_path: str | Path, out: str | Path, layers: int | None = None,
-                               seed: int = 0, std: float = 0.02, dtype: str | None = None) -> Path:
+                               seed: int = 0, std: float = 0.02, dtype: str | None = None, force: bool = False) -> Path:
+    """Write `out` (atomically; over an earlier synth's output only, unless force)."""
     spec = load_spec(spec_path)
     if dtype is not None:
         spec = dataclasses.replace(spec, dtype=dtype)  # type: ignore[arg-type]
@@ -46,31 +48,32 @@ def write_synthetic_checkpoint(spec_path: str | Path, out: str | Path, layers: i
         model = dataclasses.replace(m, num_layers=layers, moe=dataclasses.replace(m.moe, dense_layers=dense))
         spec = dataclasses.replace(spec, model=model)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_folder(out, "synth", force)
     gen = torch.Generator().manual_seed(seed)
     needs = required_tensors(spec)
     shards: dict[str, list] = {}
     for t in needs:  # one shard per layer keeps each write small
         shards.setdefault("other" if t.layer is None else f"layer{t.layer:03d}", []).append(t)
-    weight_map = {}
-    for i, (_, tensors) in enumerate(tqdm(sorted(shards.items()), desc="writing shards", unit="shard")):
-        data = {}
-        for t in tensors:
-            if "norm" in t.key:
-                data[t.name] = torch.ones(t.shape, dtype=torch.bfloat16)
-            else:
-                w = torch.randn(t.shape, generator=gen) * (0.5 if t.key == "router" else std)
-                data[t.name] = w.to(torch.bfloat16)
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(data, out / fname)
-        weight_map.update({n: fname for n in data})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     spec_data = spec.to_dict()
     spec_data["name"] = f"{spec.name}-synth{'' if layers is None else f'-{layers}l'}"
     spec_data["checkpoint"]["path"] = "."
     # only what the source spec changed: a written-out default would pin today's defaults forever
     spec_data["policy"], spec_data["runtime"] = changed_fields(spec.policy), changed_fields(spec.runtime)
     spec_from_dict(spec_data)  # still valid
-    (out / "spec.yaml").write_text("# random weights at real shapes, written by `mobile synth`\n"
-                                   + yaml.safe_dump(spec_data, sort_keys=False, width=100))
+    with new_folder(out, "synth") as tmp:
+        weight_map = {}
+        for i, (_, tensors) in enumerate(tqdm(sorted(shards.items()), desc="writing shards", unit="shard")):
+            data = {}
+            for t in tensors:
+                if "norm" in t.key:
+                    data[t.name] = torch.ones(t.shape, dtype=torch.bfloat16)
+                else:
+                    w = torch.randn(t.shape, generator=gen) * (0.5 if t.key == "router" else std)
+                    data[t.name] = w.to(torch.bfloat16)
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(data, tmp / fname)
+            weight_map.update({n: fname for n in data})
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (tmp / "spec.yaml").write_text("# random weights at real shapes, written by `mobile synth`\n"
+                                       + yaml.safe_dump(spec_data, sort_keys=False, width=100))
     return out

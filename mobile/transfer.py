@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mobile.devclock import clock_for, union_seconds
+from mobile.errors import worker_failure
 
 DEMAND, PREFETCH = 0, 1  # job priorities: lower runs first
 PREFETCH_CHUNK_BYTES = 4 << 20  # CUDA: a prefetch is copied in pieces of this size (a demand copy gets in between)
@@ -67,13 +68,15 @@ class CopyJob:
         self.start_s = self.end_s = 0.0
         self.started = False  # set by the worker, under the engine's lock
         self.cancelled = False
+        self.error: BaseException | None = None  # the worker failed: the copy never landed
 
     def wait(self) -> float:
-        """CPU: block until the copy has landed; returns seconds the host spent blocked."""
-        if self.done.is_set():
-            return 0.0
+        """CPU: block until the copy has landed; returns seconds the host spent blocked. Raises
+        what the worker failed with, if it did."""
         t0 = time.perf_counter()
         self.done.wait()
+        if self.error is not None:
+            raise worker_failure(self.error, "copy worker") from self.error
         return time.perf_counter() - t0
 
 
@@ -96,6 +99,7 @@ class CopyEngine:
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
+        self._failed: BaseException | None = None  # what ended the worker; every copy then fails with it
         self._link_free = 0.0
         self._worker = threading.Thread(target=self._run, name="mobile-copy", daemon=True)
         self._worker.start()
@@ -123,6 +127,8 @@ class CopyEngine:
             self.timed.append(job)
             return job
         with self._cv:
+            if self._failed is not None:
+                raise worker_failure(self._failed, "copy worker") from self._failed
             heapq.heappush(self._queue, _Queued(priority, next(self._seq), job))
             self._cv.notify()
         return job
@@ -163,31 +169,55 @@ class CopyEngine:
         return stall
 
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._closed:
-                    self._cv.wait()
-                if self._closed and not self._queue:
-                    return
-                job = heapq.heappop(self._queue).job
-                if job.started or job.done.is_set():
-                    continue  # a duplicate entry left by promote()
-                if job.cancelled:
-                    job.done.set()
-                    continue
-                job.started = True
-            start = time.perf_counter()
-            job.dst.copy_(job.src)
-            # The emulated link is serial: this copy ends `duration` after it could start.
-            end = max(start, self._link_free) + self.link.duration(job.nbytes)
-            now = time.perf_counter()
-            if end > now:
-                time.sleep(end - now)
-            job.start_s, job.end_s = start, max(end, time.perf_counter())
-            self._link_free = job.end_s
-            self.busy_s += job.end_s - job.start_s
-            self._traced(job)
-            job.done.set()
+        job = None
+        try:
+            while True:
+                with self._cv:
+                    while not self._queue and not self._closed:
+                        self._cv.wait()
+                    if self._closed and not self._queue:
+                        return
+                    job = heapq.heappop(self._queue).job
+                    if job.started or job.done.is_set():
+                        continue  # a duplicate entry left by promote()
+                    if job.cancelled:
+                        job.done.set()
+                        continue
+                    job.started = True
+                self._copy(job)
+        except BaseException as e:  # whatever it is, the threads waiting for a copy must hear of it
+            self._fail(e, job)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """What the worker failed with (CPU), or None."""
+        return None if self.cuda else self._failed
+
+    def _fail(self, error: BaseException, current: CopyJob | None) -> None:
+        """The worker is ending with `error`: the copy in hand and every queued one fail with it,
+        and so does every later submit, so that no wait() blocks forever."""
+        with self._cv:
+            self._failed = error
+            jobs = [q.job for q in self._queue] + ([current] if current is not None else [])
+            self._queue.clear()
+        for job in jobs:
+            if not job.done.is_set():
+                job.error = error
+                job.done.set()
+
+    def _copy(self, job: CopyJob) -> None:
+        start = time.perf_counter()
+        job.dst.copy_(job.src)
+        # The emulated link is serial: this copy ends `duration` after it could start.
+        end = max(start, self._link_free) + self.link.duration(job.nbytes)
+        now = time.perf_counter()
+        if end > now:
+            time.sleep(end - now)
+        job.start_s, job.end_s = start, max(end, time.perf_counter())
+        self._link_free = job.end_s
+        self.busy_s += job.end_s - job.start_s
+        self._traced(job)
+        job.done.set()
 
     def _traced(self, job: CopyJob) -> None:
         """A timed copy's span in the measured trace (the executor's format: mobile.engine.write_trace)."""

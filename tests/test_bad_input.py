@@ -60,14 +60,36 @@ CORPUS = [
     ([*RUN, "--top-p", "1.5"], 2, "argument --top-p: expected a number > 0 and <= 1, got '1.5'"),
     ([*RUN, "--greedy", "--temperature", "0.5"], 2, "--greedy: --greedy decodes without sampling"),
     ([*RUN, "--max-new-tokens", "-1"], 2, "argument --max-new-tokens: expected an integer >= 0"),
-    ([*RUN, "--link-ratio", "0"], 2, "argument --link-ratio: expected a number > 0, got '0'"),
-    ([*RUN, "--link-gbps", "0"], 2, "argument --link-gbps: expected a number >= 0.001, got '0'"),
+    ([*RUN, "--link-ratio", "0"], 2, "argument --link-ratio: expected a number >= 0.001 and <= 10000, got '0'"),
+    ([*RUN, "--link-ratio", "1e308"], 2, "argument --link-ratio: expected a number >= 0.001 and <= 10000, got '1e308'"),
+    ([*RUN, "--link-gbps", "0"], 2, "argument --link-gbps: expected a number >= 0.001 and <= 1000, got '0'"),
     ([*RUN, "--link-gbps", "-1"], 2, "argument --link-gbps: expected a number >= 0.001"),
-    ([*RUN, "--link-gbps", "nan"], 2, "argument --link-gbps: expected a number >= 0.001, got 'nan'"),
-    ([*RUN, "--link-gbps", "1e-9"], 2, "argument --link-gbps: expected a number >= 0.001, got '1e-9'"),
+    ([*RUN, "--link-gbps", "nan"], 2, "argument --link-gbps: expected a number >= 0.001 and <= 1000, got 'nan'"),
+    ([*RUN, "--link-gbps", "1e-9"], 2, "argument --link-gbps: expected a number >= 0.001 and <= 1000, got '1e-9'"),
+    ([*RUN, "--link-gbps", "1e308"], 2, "argument --link-gbps: expected a number >= 0.001 and <= 1000, got '1e308'"),
+    ([*RUN, "--tau", "2"], 2, "argument --tau: expected a number >= 0 and <= 1, got '2'"),
+    ([*EVAL, "--policy", "mobile", "--sweep-tau", "0,2"], 2, "--sweep-tau: expected comma-separated numbers in [0, 1]"),
+    ([*BENCH, "--tau", "1.5"], 2, "--tau: expected comma-separated numbers in [0, 1], got '1.5'"),
+    (["bench", "--graph", "{graph}", "--policies", ""], 2, "--policies: expected at least one policy"),
+    (["bench", "--graph", "{graph}", "--policies", " , "], 2, "--policies: expected at least one policy"),
+    ([*RUN, "--trace", "/proc/foo"], 2, "--trace: cannot write in the folder /proc"),
+    (["compile", "{spec}", "-o", "/proc/foo"], 2, "-o: cannot write in the folder /proc"),
+    (["compile", "{spec}", "-o", "{user_dir}"], 2, "user_dir holds files that `mobile compile` did not write; "
+     "choose another folder, or pass --force"),
+    (["compile", "{spec}", "-o", "{user_file}"], 2, "user_file.txt is a file, not a folder"),
+    (["compile", "{spec}", "-o", "{stray_graph}"], 2, "stray_graph holds notes.txt, which `mobile compile` did not "
+     "write"),
+    (["quantize", "{ckpt}", "-o", "{user_dir}", "--format", "int4"], 2, "holds files that `mobile quantize` did not "
+     "write"),
+    (["synth", "{spec}", "-o", "{graph}"], 2, "holds files that `mobile synth` did not write"),
+    (["import-hf", "{ckpt}", "-o", "{user_file}"], 2, "user_file.txt exists and `mobile import-hf` did not write it"),
+    ([*RUN, "--trace", "{user_file}"], 2, "--trace: {user_file} exists and `mobile run` did not write it"),
+    ([*EVAL, "--out", "{user_file}"], 2, "--out: {user_file} exists and `mobile eval` did not write it"),
+    ([*BENCH, "--json", "{user_file}"], 2, "--json: {user_file} exists and `mobile bench` did not write it"),
     ([*RUN, "--device", "tpu"], 2, "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
     ([*RUN, "--trace", "{tmp}"], 2, "--trace: {tmp} is a folder; expected a file path"),
-    ([*RUN, "--trace", "{tmp}/no/such/dir/t.json"], 2, "--trace: the folder {tmp}/no/such/dir does not exist"),
+    ([*RUN, "--trace", "{user_file}/dir/t.json"], 2, "--trace: {user_file} is a file, not a folder"),
+    (["compile", "{spec}", "-o", "{user_file}/g"], 2, "-o: {user_file} is a file, not a folder"),
     ([*RUN, "--layer-tau", "1.5"], 2, "argument --layer-tau: expected a number >= 0 and <= 1, got '1.5'"),
     ([*RUN, "--little-k", "0"], 2, "argument --little-k: expected an integer >= 1, got '0'"),
     ([*RUN, "--expert-format", "int3"], 2, "argument --expert-format: invalid choice: 'int3'"),
@@ -76,11 +98,11 @@ CORPUS = [
     ([*EVAL, "--window", "1"], 2, "argument --window: expected an integer >= 2, got '1'"),
     ([*EVAL, "--max-tokens", "-5"], 2, "argument --max-tokens: expected an integer >= 2, got '-5'"),
     ([*EVAL, "--max-tokens", "0"], 2, "argument --max-tokens: expected an integer >= 2, got '0'"),
-    ([*EVAL, "--tau", "-1"], 2, "argument --tau: expected a number >= 0, got '-1'"),
+    ([*EVAL, "--tau", "-1"], 2, "argument --tau: expected a number >= 0 and <= 1, got '-1'"),
     ([*BENCH, "--prompt-len", "-3"], 2, "argument --prompt-len: expected an integer >= 1, got '-3'"),
     ([*BENCH, "--tokens", "0"], 2, "argument --tokens: expected an integer >= 1, got '0'"),
     ([*BENCH, "--repeats", "0"], 2, "argument --repeats: expected an integer >= 1, got '0'"),
-    ([*BENCH, "--tau", "0.1,-2"], 2, "--tau: expected comma-separated numbers >= 0"),
+    ([*BENCH, "--tau", "0.1,-2"], 2, "--tau: expected comma-separated numbers in [0, 1]"),
     ([*BENCH, "--baseline", "mobile"], 2, "--baseline: no row is labelled 'mobile' (the rows: lru)"),
     ([*BENCH[:3], "--policies", "lru,fast"], 2, "--policies: unknown policy 'fast'"),
     (["compile", "specs/demo.yaml", "-o", "{tmp}/g", "--device-memory", "lots"], 2,
@@ -177,9 +199,15 @@ def places(tiny, tmp_path_factory):
     (tmp / "bad_graph" / "graph.json").write_bytes(b'{"format": "caf\xff"}')
     (tmp / "list_config").mkdir()
     (tmp / "list_config" / "config.json").write_text("[]")
+    (tmp / "user_dir").mkdir()  # what a user wrote: no command may replace it without --force
+    (tmp / "user_dir" / "thesis.tex").write_text("mine\n")
+    (tmp / "user_file.txt").write_text("mine\n")
+    shutil.copytree(t.graph, tmp / "stray_graph")  # an earlier compile's output, plus a user's file
+    (tmp / "stray_graph" / "notes.txt").write_text("mine\n")
     found = {"graph": t.graph, "ckpt": t.ckpt, "q": q, "tmp": tmp, "bad_utf8": tmp / "bad_utf8.yaml",
              "text": tmp / "text.txt", "moved": tmp / "deeper" / "moved", "bad_graph": tmp / "bad_graph",
-             "list_config": tmp / "list_config"}
+             "list_config": tmp / "list_config", "spec": t.spec, "user_dir": tmp / "user_dir",
+             "user_file": tmp / "user_file.txt", "stray_graph": tmp / "stray_graph"}
     tiny_spec = t.spec.read_text().replace("path: ckpt", f"path: {t.ckpt}")
     for name, (start, edit) in SPECS.items():
         text = edit if start is None else edit(tiny_spec if start == "{spec}" else open(start).read())
@@ -205,6 +233,9 @@ def test_bad_input_gets_one_clean_line(places, capsys, argv, code, message):
     assert got == code, (args, err)
     assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("mobile: error: "), err
     assert message.format(**fill) in lines[0], (message, lines[0])
+    # a refusal touches nothing a user wrote
+    assert (places["user_dir"] / "thesis.tex").read_text() == "mine\n" and len(list(places["user_dir"].iterdir())) == 1
+    assert places["user_file"].read_text() == "mine\n" and (places["stray_graph"] / "notes.txt").exists()
 
 
 def test_generation_stops_at_the_context_and_keeps_its_work(places, capsys):
@@ -235,6 +266,7 @@ def test_racing_compiles_into_one_folder_leave_one_whole_graph(tmp_path):
 
     from mobile.compiler import compile_to_dir
     from mobile.emit import GRAPH_FILES, load_graph
+    from mobile.outputs import MARKER
 
     out, errors = tmp_path / "g", []
     start = threading.Barrier(8)
@@ -252,7 +284,7 @@ def test_racing_compiles_into_one_folder_leave_one_whole_graph(tmp_path):
     for t in threads:
         t.join()
     assert errors == []
-    assert sorted(p.name for p in out.iterdir()) == sorted(GRAPH_FILES) and load_graph(out).name == "demo"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*GRAPH_FILES, MARKER]) and load_graph(out).name == "demo"
     assert [p.name for p in tmp_path.iterdir()] == ["g"]  # nothing left aside
     umask = os.umask(0)
     os.umask(umask)

@@ -13,7 +13,7 @@ def test_eval_json_keys_and_big_reference(tiny, tmp_path, capsys):
     t = tiny("olmoe")
     (tmp_path / "text.txt").write_text(TEXT)
     capsys.readouterr()
-    assert run_cli("eval", "--graph", t.graph, "--data", tmp_path / "text.txt", "--policy", "mobile", "--tau", "1.01",
+    assert run_cli("eval", "--graph", t.graph, "--data", tmp_path / "text.txt", "--policy", "mobile", "--tau", "1",
                    "--json", "--window", "64") == 0
     out = json.loads(capsys.readouterr().out)
     assert {"ppl", "accuracy", "agreement", "fallback_rate", "bytes_per_token"} <= set(out)
@@ -26,11 +26,11 @@ def test_eval_sweep_table(tiny, tmp_path, capsys):
     (tmp_path / "text.txt").write_text(TEXT)
     capsys.readouterr()
     assert run_cli("eval", "--graph", t.graph, "--data", tmp_path / "text.txt", "--policy", "mobile",
-                   "--sweep-tau", "0,1.01", "--window", "64", "--cached-complement", "off",
+                   "--sweep-tau", "0,1", "--window", "64", "--cached-complement", "off",
                    "--out", tmp_path / "rows.json") == 0
     text = capsys.readouterr().out
-    assert "mobile tau=0" in text and "mobile tau=1.01" in text and text.splitlines()[1].startswith("big")
-    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert "mobile tau=0" in text and "mobile tau=1" in text and text.splitlines()[1].startswith("big")
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     never, always = rows[1], rows[2]
     assert never["fallback_rate"] == 0.0 and always["fallback_rate"] == 1.0
     # a fallback token pays for the big set plus whatever its little pass used outside it (past
@@ -41,10 +41,10 @@ def test_eval_sweep_table(tiny, tmp_path, capsys):
 def test_bench_table_with_taus(tiny, capsys):
     t = tiny("qwen2_moe")
     capsys.readouterr()
-    assert run_cli("bench", "--graph", t.graph, "--policies", "lru-prefetch,little,mobile", "--tau", "0,1.01",
+    assert run_cli("bench", "--graph", t.graph, "--policies", "lru-prefetch,little,mobile", "--tau", "0,1",
                    "--tokens", "6", "--link-gbps", "20") == 0
     out = capsys.readouterr().out
-    assert "link EMULATED" in out and "mobile tau=0" in out and "mobile tau=1.01" in out and "little" in out
+    assert "link EMULATED" in out and "mobile tau=0" in out and "mobile tau=1" in out and "little" in out
 
 
 def test_bench_rows_with_their_own_options(tiny, tmp_path, capsys):
@@ -52,10 +52,10 @@ def test_bench_rows_with_their_own_options(tiny, tmp_path, capsys):
     graph = t.compile(tmp_path, slots_per_layer=6)
     capsys.readouterr()
     assert run_cli("bench", "--graph", graph, "--policies", "lru", "--tokens", "6", "--link-gbps", "20",
-                   "--row", "mobile tau=1.01 cached_complement=off", "--row", "layer-mass tau=0",
+                   "--row", "mobile tau=1 cached_complement=off", "--row", "layer-mass tau=0",
                    "--json", tmp_path / "b.json") == 0
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert [r["policy"] for r in rows] == ["lru", "mobile tau=1.01 cached_complement=off", "layer-mass tau=0"]
+    assert [r["policy"] for r in rows] == ["lru", "mobile tau=1 cached_complement=off", "layer-mass tau=0"]
     assert rows[1]["fallback_rate"] == 1.0  # its own tau, not the spec's
     assert run_cli("bench", "--graph", graph, "--policies", "lru", "--row", "mobile speed=3") == 2
     assert "--row: expected key=value" in capsys.readouterr().err

@@ -124,7 +124,7 @@ def test_offloading_policies_give_resident_tokens(tiny, tmp_path, policy):
     """With 3 slots per layer (top_k, the minimum) every token evicts; the biases travel with their
     experts. mobile falls back on every token here (tau above any probability), so it decodes big."""
     resident = mobile.Engine.load(tiny.graph).generate(PROMPT, 16, stop_ids=[])
-    fields = {"tau": 1.01} if policy == "mobile" else {}
+    fields = {"tau": 1.0} if policy == "mobile" else {}
     engine = policy_engine(tiny, tmp_path, policy, slots=3, **fields)
     try:
         assert engine.generate(PROMPT, 16, stop_ids=[]) == resident
@@ -154,7 +154,7 @@ def test_mobile_at_the_tau_extremes(tiny, tmp_path):
     per-layer rule (at top-3 its default keeps all three experts for most tokens)."""
     opts = {"cached_complement": False, "layer_tau": None}
     big = policy_engine(tiny, tmp_path, "lru-prefetch").generate(PROMPT, 16, stop_ids=[])
-    always = policy_engine(tiny, tmp_path, "mobile", tau=1.01, **opts)
+    always = policy_engine(tiny, tmp_path, "mobile", tau=1, **opts)
     assert always.generate(PROMPT, 16, stop_ids=[]) == big and always.stats["fallback_tokens"] == 15
     little = policy_engine(tiny, tmp_path, "little", **opts).generate(PROMPT, 16, stop_ids=[])
     never = policy_engine(tiny, tmp_path, "mobile", tau=0.0, prefill="little", **opts)

@@ -40,7 +40,7 @@ def test_node_is_immutable_and_round_trips():
 def test_published_specs_compile_without_weights(tmp_path, name):
     out, g = compile_to_dir(f"specs/{name}.yaml", tmp_path / name, policy="lru-prefetch")
     assert sorted(p.name for p in out.iterdir()) == sorted(["graph.json", "schedule.txt", "schedule.trace.json",
-                                                            "graph.dot"])
+                                                            "graph.dot", ".mobile-output.json"])
     assert verify(load_graph(out)) == []
     assert load_graph(out) == g
     trace = json.loads((out / "schedule.trace.json").read_text())

@@ -354,6 +354,29 @@ def test_an_engine_fault_fails_that_request_with_500_and_the_server_stays_up(ser
     assert stats(server)["requests"]["failed"] >= 2
 
 
+def test_a_failed_copy_worker_answers_500_and_the_server_reloads_its_engine(tiny, tmp_path):
+    """The copy worker thread itself dies: the request waiting for it fails at once (no hang), and
+    the server loads a fresh engine for the next one."""
+    graph = tiny("olmoe").compile(tmp_path, "--policy", "ondemand", slots_per_layer=6)  # a copy every forward
+    body = {"model": "x", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with live(graph) as service:
+        body["model"] = service.model.name
+        good = post(service, "/v1/completions", body).json()["choices"][0]["text"]
+        broken = service.engine
+
+        def fail(job):
+            raise OverflowError("injected: the copy worker died")
+
+        broken.experts.engine._copy = fail  # runs in the copy worker's thread
+        started = time.monotonic()
+        r = post(service, "/v1/completions", body)
+        assert r.status_code == 500 and time.monotonic() - started < 10
+        assert "internal error in the copy worker: OverflowError: injected" in r.json()["error"]["message"]
+        again = post(service, "/v1/completions", body)
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == good
+        assert service.engine is not broken
+
+
 def test_stats_cover_the_whole_server(server):
     s = stats(server)
     assert s["model"] == server.model.name and s["requests"]["completed"] >= 1

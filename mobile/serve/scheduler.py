@@ -171,6 +171,8 @@ class EngineWorker:
         try:
             while (job := self._next()) is not None:
                 self._run(engine, job)
+                if engine.experts.failure is not None:
+                    engine = self._reload(engine)
         finally:
             engine.close()
 
@@ -217,6 +219,14 @@ class EngineWorker:
             # a failed or cut request counts too: the bytes it moved were moved
             self.totals.add(engine.stats_, time.monotonic() - job.started)
             self.totals.count(outcome)
+
+    def _reload(self, engine: Engine) -> Engine:
+        """A worker thread of the engine (the copy worker) failed, so no later request could run on
+        it: load a fresh one in its place. Requests that arrive meanwhile wait in the queue."""
+        print("mobile: serve: an engine worker thread failed; reloading the engine", file=sys.stderr, flush=True)
+        engine.close()
+        self.engine = engine = self._load()
+        return engine
 
 
 # keys of Stats.extra that describe the setup rather than count work: those Stats.reset keeps, and the

@@ -75,7 +75,6 @@ class Service:
             self.worker.close(1.0)
             self.sock.close()
             raise
-        self.engine = engine  # for tests and reports only: the worker thread owns it
         app = create_app(self.worker, self.model, api_key=api_key)
         # uvicorn types the drain timeout as an int; it only reaches asyncio.wait_for, which takes a float
         config = uvicorn.Config(app, log_level="warning", lifespan="on",
@@ -84,6 +83,11 @@ class Service:
         if not is_loopback(host) and api_key is None:
             print(f"mobile: warning: listening on {host} without --api-key: whoever reaches this port can use it",
                   file=sys.stderr)
+
+    @property
+    def engine(self):
+        """For tests and reports only: the worker thread owns it (and replaces it if it breaks)."""
+        return self.worker.engine
 
     @property
     def url(self) -> str:

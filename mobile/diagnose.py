@@ -1,0 +1,60 @@
+"""Where a non-finite value enters the model, for the one-line error that ends a run whose logits
+are NaN or infinite (the check itself rides on the sampled token's read: mobile.sampling).
+
+The weights the engine holds are scanned in the order a token meets them: the embedding, then
+each layer's dense weights and its routed experts, then the final norm and the head. Packed experts
+are judged by their float sections (scales, zeros, biases), which a NaN weight poisons when it is
+quantized. One pass over the weights, run only after a failure.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from mobile.experts import expert_layout
+
+if TYPE_CHECKING:
+    from mobile.engine import Engine
+
+
+def first_nonfinite_weight(engine: Engine) -> str | None:
+    """'layer 1 (expert 3)', 'layer 0 (q_proj)', 'the embedding', ...: the first place, in the
+    order a token meets it, whose weights hold a NaN or an infinity; None when none does."""
+    weights = engine.kernels.w
+    by_layer: dict[int | None, list[str]] = {}
+    for key, layer in weights:
+        by_layer.setdefault(layer, []).append(key)
+
+    def bad(key: str, layer: int | None) -> bool:
+        return not bool(torch.isfinite(weights[(key, layer)]).all())
+
+    if ("embed", None) in weights and bad("embed", None):
+        return "the embedding (embed)"
+    for layer in range(engine.spec.model.num_layers):
+        dense = [k for k in by_layer.get(layer, []) if bad(k, layer)]
+        if dense:
+            return f"layer {layer} ({', '.join(dense)})"
+        experts = nonfinite_experts(engine, layer)
+        if experts:
+            more = f" and {len(experts) - 1} more" if len(experts) > 1 else ""
+            return f"layer {layer} (routed expert {experts[0]}{more})"
+    tail = [k for k in by_layer.get(None, []) if k != "embed" and bad(k, None)]
+    return f"the model's head ({', '.join(tail)})" if tail else None
+
+
+def nonfinite_experts(engine: Engine, layer: int) -> list[int]:
+    """The routed experts of `layer` whose stored rows hold a non-finite value."""
+    rows = engine.experts.expert_rows(layer)
+    if rows is None:
+        return []
+    if rows.dtype.is_floating_point:
+        finite = torch.isfinite(rows).all(dim=1)
+    else:  # packed: the scale, zero and bias sections are the float ones
+        layout = expert_layout(engine.spec)
+        finite = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+        for name, section in layout.sections.items():
+            if section.dtype.is_floating_point:
+                finite &= torch.isfinite(layout.view(rows, name)).flatten(1).all(dim=1)
+    return torch.nonzero(~finite).flatten().tolist()
