@@ -8,7 +8,7 @@ fresh machine with this project installed has.
   out-of-domain text that results are *reported* on; nothing is tuned on it.
 - thirdparty_py.txt: Python source from outside the standard library the demo trained on, the
   installed `yaml` (PyYAML) and `tqdm` packages, both dependencies of mobile. The text defaults
-  are *chosen* on (README, "Quantized experts"), so that the demo's held-out KJV and Python texts
+  are *chosen* on (docs/quantized-experts.md), so that the demo's held-out KJV and Python texts
   and licenses.txt report them.
 """
 

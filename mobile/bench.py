@@ -69,6 +69,10 @@ def median_row(runs: list[dict]) -> dict:
     return row
 
 
+# under this many decode tokens per run, or with one run per row, warm-up and noise swamp the ratios
+MIN_TOKENS = 128
+
+
 def run_bench(graph: str, policies: list[str], weights: str | None = None, device: str = "cpu", tokens: int = 32,
               prompt_len: int = 8, link_gbps: float | None = None, link_ratio: float | None = None, seed: int = 0,
               json_out: str | None = None, taus: list[float] | None = None, baseline: str | None = None,
@@ -103,6 +107,11 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     samples: dict[str, list[dict]] = {label: [] for label, *_ in rowed}
     if baseline is not None and baseline not in samples:  # checked before an hour of runs, not after
         raise MobileError(f"no row is labelled {baseline!r} (the rows: {', '.join(samples)})", key="--baseline")
+    short = [f"{tokens} decode tokens per run (under {MIN_TOKENS})"] if tokens < MIN_TOKENS else []
+    short += ["one run per row (--repeats 1)"] if repeats == 1 else []
+    if short:
+        print(f"mobile: warning: {' and '.join(short)}: too short for the ratios to mean much; use --tokens "
+              f"{MIN_TOKENS} or more and --repeats 3", file=sys.stderr)
     for _ in range(repeats):
         for label, policy, options, fmt, mode in rowed:
             engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,

@@ -35,7 +35,7 @@ def cache_plan(spec: Spec) -> CachePlan | None:
     unit = expert_bytes(spec)
     # One unused prefetch per layer by default: with the link as the bottleneck, every wrong guess
     # costs a copy that demand needed (measured: a cap of k made lru-prefetch 16% slower than lru on
-    # the demo model, a cap of 1 only 3%; see the README). `staging_slots` raises it.
+    # the demo model, a cap of 1 only 3%). `staging_slots` raises it.
     staging = (cfg.staging_slots or 1) if policy.prefetch else 0  # nothing else stages
     if not policy.reuses_cache:
         main, staging = k, 0  # nothing is reused, so K slots hold one use

@@ -102,8 +102,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     s = summarize(g)
     segments = len({n.attr("seg") for n in g.nodes if n.attr("seg") is not None})
     print(f"compiled {g.name}: {len(g.nodes)} nodes, {segments} compute segments -> {out}/")
-    print(f"  planned decode step on {g.spec['runtime']['plan']['device']}: {s['step_us']:.1f} us "
-          f"(compute {s['compute_us']:.1f}, copy {s['copy_us']:.1f}, stall {s['stall_us']:.1f})")
+    plan = g.spec["runtime"]["plan"]
+    print(f"  planned decode step on {plan['device']}: {s['step_us']:.1f} us (compute {s['compute_us']:.1f}, copy "
+          f"{s['copy_us']:.1f}, stall {s['stall_us']:.1f})")
+    print(f"    a cost model of the card the spec plans for (runtime.plan.device), not of this machine: "
+          f"{plan['compute_tflops']:g} TFLOP/s, {plan['hbm_gbps']:g} GB/s memory, {plan['link_gbps']:g} GB/s host link")
     if any(n.attr("prompt_only") for n in g.nodes):
         print("  no importance gate can fire (tau 0): removed; the big pass runs for prompts only")
     for line in memory_lines(spec):
@@ -147,14 +150,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                           "one or the other", key="--greedy")
     if args.trace is not None:
         check_file(args.trace, "run", args.force, key="--trace")  # before the work, not after it
-    engine = Engine.load(**engine_options(args), progress=not args.json, trace=args.trace is not None)
-    if args.prompt_ids is not None:
+    if args.prompt_ids is not None:  # before anything heavy loads
         try:
             ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:
             raise MobileError(f"expected comma-separated integers, got {args.prompt_ids!r}",
                               key="--prompt-ids") from None
-    else:
+    engine = Engine.load(**engine_options(args), progress=not args.json, trace=args.trace is not None)
+    if args.prompt_ids is None:
         ids = engine.tokenizer.encode(args.prompt)
     engine.check_ids(ids, key="--prompt-ids")  # before any of them is decoded back to text
     tok = None
@@ -523,8 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="generate text with a compiled graph",
                        description="Load a compiled graph and its weights, and generate from a prompt.",
-                       epilog="--stats keys are described in the README (\"Commands\"); generation stops at the "
-                       "model's context and keeps what it made (stats: stopped: context).")
+                       epilog="--stats keys are described in docs/stats.md; generation stops at the model's context "
+                       "and keeps what it made (stats: stopped: context). Ctrl-C stops it too and prints what it "
+                       "made, --stats and --json included (stopped: interrupted; exit 130). Non-finite logits end "
+                       "the run naming the first layer whose weights are not finite (exit 1).")
     add_engine_options(r)
     src = r.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint folder)")
@@ -555,8 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the one engine and run one at a time. SIGINT or SIGTERM drains: requests in flight finish "
                        "(or are cut after --drain-timeout), then the server exits 0. Needs the serve extra: "
                        "pip install 'mobile-moe[serve]'.",
-                       epilog="The README (\"Serving\") describes the request fields, the chat fallback for "
-                       "checkpoints without a chat template, and the \"mobile\" statistics in every response.")
+                       epilog="docs/serving.md describes the request fields, the chat fallback for checkpoints "
+                       "without a chat template, and the \"mobile\" statistics in every response.")
     add_engine_options(v)
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port (default 8000; 0: any free one, "

@@ -35,6 +35,7 @@ from mobile.passes import compile_spec
 from mobile.sampling import Sampler
 from mobile.spec import Spec, format_changes, spec_from_dict, with_policy, with_runtime
 from mobile.stats import Stats
+from mobile.tokenizer import load_tokenizer
 from mobile.transfer import LinkModel
 from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
 
@@ -89,7 +90,7 @@ class Engine:
                 link = LinkModel("emulated", latency_s=spec.runtime.link.latency_us * 1e-6) if emulate \
                     else LinkModel("real")
                 self.experts = OffloadedExperts(spec, store, self.device, self.dtype, self.stats_, plan, link,
-                                                trace=self.trace, progress=bar)
+                                                trace=self.trace, progress=bar, compiled=compile)
                 if emulate:
                     self._set_link_rate(link, link_gbps, link_ratio)
         self.stats_.link = self.experts.link
@@ -100,7 +101,8 @@ class Engine:
         # the longest sequence held: with graphs the KV cache is preallocated to it (storage a
         # captured graph may keep reading), else it grows as the sequence does
         self.max_seq_len = max_seq_len(spec, preallocated=self.graphs_on)
-        self.kv = KVCache(spec, self.device, self.dtype, limit=self.max_seq_len, fixed=self.graphs_on)
+        self.kv = KVCache(spec, self.device, self.dtype, limit=self.max_seq_len, fixed=self.graphs_on,
+                          compiled=compile)
         self.kernels = Kernels(spec, weights, self.kv, self.experts)
         self.graphs = GraphRunner(self.device) if self.graphs_on else None
         self.executor = Executor(graph, self.kernels, self.reader, compile=compile, trace=self.trace,
@@ -285,7 +287,8 @@ class Engine:
             with torch.inference_mode(False):  # ordinary tensors, as the KV cache's (see mobile.kv)
                 every = torch.arange(self.kv.capacity, device=self.device)
                 self.tables = (every, *rope_tables(every, self.inv_freq, self.rope_scale, self.rope_interleaved))
-                for t in self.tables:  # they grow with the KV cache: compiled code must not specialize on it
+                # they grow with the KV cache: compiled code must not specialize on their length
+                for t in self.tables if self.executor.compile else ():
                     torch._dynamo.maybe_mark_dynamic(t, 0)
         return self.tables
 
@@ -529,16 +532,3 @@ def read_eos_ids(ckpt_dir: Path) -> list[int]:
             if eos is not None:
                 return list(eos) if isinstance(eos, list) else [int(eos)]
     return []
-
-
-def load_tokenizer(ckpt_dir: Path):
-    has_files = any((ckpt_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-    if not has_files:
-        raise CheckpointError("no tokenizer in the checkpoint folder (expected tokenizer.json or "
-                              "tokenizer.model); pass token ids with --prompt-ids instead", where=ckpt_dir)
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(ckpt_dir), local_files_only=True)
-    except Exception as e:  # transformers raises many types here; all mean "cannot load it"
-        raise CheckpointError(f"cannot load the tokenizer: {type(e).__name__}: {e}", where=ckpt_dir) from None

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from mobile import policy as policies
 from mobile.emit import load_graph
 from mobile.engine import Engine, resolve_checkpoint, resolve_policy
 from mobile.errors import MobileError
+from mobile.progress import progress
 from mobile.weights import checkpoint_format
 
 KEYS = ("ppl", "accuracy", "agreement", "fallback_rate", "bytes_per_token", "bytes_ratio", "moved_per_token",
@@ -61,7 +61,7 @@ def evaluate_policy(engine: Engine, chunks: list[torch.Tensor], big_greedy: list
     engine.reset_stats()
     nll, correct, agree, n = 0.0, 0, 0, 0
     total = sum(c.numel() - 1 for c in chunks)
-    with tqdm(total=total, desc=desc, unit="tok", leave=False, disable=None) as bar:
+    with progress(total, desc, "tok") as bar:
         for chunk, ref in zip(chunks, big_greedy, strict=True):
             for t in range(chunk.numel() - 1):
                 logits = engine.reader.tensor(engine._forward(chunk[t:t + 1], t, mode="decode")[-1]).float()

@@ -302,7 +302,7 @@ class OffloadedExperts:
     track_use = False  # its fetches count what each forward uses (ResidentExperts needs asking)
 
     def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
-                 plan: CachePlan, link: LinkModel, trace: list | None = None, progress=None):
+                 plan: CachePlan, link: LinkModel, trace: list | None = None, progress=None, compiled: bool = False):
         self.spec, self.stats, self.plan, self.device = spec, stats, plan, device
         self.reuses = spec.policy.traits.reuses_cache
         self.num_experts = E = spec.model.moe.num_experts
@@ -347,6 +347,9 @@ class OffloadedExperts:
         stats.extra.update(host_expert_bytes=self.store.nbytes, pinned_host_bytes=self.store.pinned_bytes)
         self.shadow = BigOnlyShadow(spec.moe_layers, plan.main + plan.staging, expert_bytes(spec), eviction)
         self.deferred: list[tuple[int, list[int], str]] = []  # prefetches waiting for the next wait
+        if compiled:  # host work (copies, the slot table): a compiled expert segment must call it eagerly
+            # (on the instance, only with compile: torch.compiler.disable imports torch._dynamo, a second)
+            self.load_round = torch.compiler.disable(self.load_round)  # type: ignore[method-assign]
 
     # -- the slot map ---------------------------------------------------------------------------
     def slot_map(self, layer: int) -> torch.Tensor:
@@ -443,7 +446,6 @@ class OffloadedExperts:
         self.released = handle.layer
         return Rounds(self, handle) if handle.rounds else self.slot_map(handle.layer)
 
-    @torch.compiler.disable  # host work (copies, the slot table): a compiled expert segment calls it eagerly
     def load_round(self, layer: int, members: list[int]) -> None:
         """The previous round's experts are done: unpin them, load the next round, wait for it."""
         self._mark_read()  # the previous round's op is queued: the next round's copies follow it

@@ -7,7 +7,7 @@ from __future__ import annotations
 FORMATS = ("native", "int8", "int4")
 LAYOUT_VERSION = 1
 # groups along the input dimension when the spec gives none. int4: 64, measured on the demo model
-# against 32 and 128 (README, "Quantized experts"); int8: one scale per output column, which held
+# against 32 and 128 (docs/quantized-experts.md); int8: one scale per output column, which held
 # int8 within +0.02% perplexity there, so per-group scales would buy nothing
 DEFAULT_GROUP = {"int8": 0, "int4": 64}
 

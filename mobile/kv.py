@@ -65,11 +65,13 @@ class LayerKV:
 
 class KVCache:
     def __init__(self, spec: Spec, device: torch.device, dtype: torch.dtype, capacity: int = GROW,
-                 limit: int | None = None, fixed: bool = False):
+                 limit: int | None = None, fixed: bool = False, compiled: bool = False):
         """limit: the most positions it may hold (default: the model's context). fixed: allocate
-        `limit` positions now and never move them."""
+        `limit` positions now and never move them. compiled: torch.compile reads it (its length is
+        then marked dynamic; without compile that would import torch._dynamo for nothing: a second)."""
         self.k_shape, self.v_shape = position_shapes(spec)
         self.device, self.dtype = device, dtype
+        self.compiled = compiled
         self.max_positions = limit if limit is not None else spec.model.max_position_embeddings
         self.fixed = fixed
         self.capacity = 0
@@ -100,7 +102,8 @@ class KVCache:
                     v[: self.capacity].copy_(layer.v)
                 # its length grows with the sequence: compiled code must not specialize on it (each
                 # growth would be a recompile, and past the recompile limit torch falls back to eager)
-                torch._dynamo.maybe_mark_dynamic(k, 0)
-                torch._dynamo.maybe_mark_dynamic(v, 0)
+                if self.compiled:
+                    torch._dynamo.maybe_mark_dynamic(k, 0)
+                    torch._dynamo.maybe_mark_dynamic(v, 0)
                 layer.k, layer.v = k, v
         self.capacity = cap

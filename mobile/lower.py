@@ -54,7 +54,7 @@ def lower(spec: Spec) -> Graph:
     policy, K, k = spec.policy.traits, spec.model.moe.top_k, spec.little_k
     mode = spec.policy.prefetch
     if mode == "auto":
-        # measured on the demo model (README): once the little pass takes what the cache holds,
+        # measured on the demo model (docs/big-little-quality.md): once the little pass takes what the cache holds,
         # speculative copies cost more link time and cache room than they save
         mode = "none" if spec.policy.cache_aware else "both"
     predicted = plan is not None and "predicted" in policy.prefetch and mode in ("both", "predicted")

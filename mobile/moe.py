@@ -180,14 +180,26 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_
     return native(x, w, slots, arena, mlp)
 
 
+# The ops are defined through torch.library.Library rather than the custom_op decorator: that one
+# wraps every call in a lazy torch.compiler.disable, so the first call imports torch._dynamo (about a
+# second at start-up) even in a run that never compiles. An op with a fake is opaque to torch.compile
+# all the same.
 _LIB = torch.library.Library("mobile", "DEF")
 _LIB.define("moe_experts(Tensor x, Tensor weights, Tensor ids, Tensor slot_map, Tensor arena, str rule, int n, "
             "float tau, bool rescale, bool cached, str fmt=\"native\", int group=0, int inter=0, bool bias=False, "
             "str act=\"swiglu\", float alpha=1.702, float limit=7.0) -> Tensor")
 _LIB.impl("moe_experts", moe_experts, "CompositeImplicitAutograd")
+_LIB.define("triton_experts(Tensor x, Tensor weights, Tensor slots, Tensor arena, str fmt, int group, int inter, "
+            "bool bias, str act, float alpha, float limit) -> Tensor")
+_LIB.define("grouped_experts(Tensor x, Tensor weights, Tensor slots, Tensor arena, int inter=0, bool bias=False, "
+            "str act=\"swiglu\", float alpha=1.702, float limit=7.0) -> Tensor")
 
 
-@torch.library.custom_op("mobile::triton_experts", mutates_args=(), device_types="cuda")
+def _same_as_x(x, *args, **kwargs):
+    """The fake of the expert MLP ops: their output is shaped as their input."""
+    return torch.empty_like(x)
+
+
 def triton_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena: torch.Tensor,
                    fmt: str, group: int, inter: int, bias: bool, act: str, alpha: float, limit: float
                    ) -> torch.Tensor:
@@ -196,9 +208,8 @@ def triton_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, 
     return _triton_kernels().experts(x, weights, slots, arena, layout=layout, mlp=mlp)
 
 
-@triton_experts.register_fake
-def _(x, weights, slots, arena, fmt, group, inter, bias, act, alpha, limit):
-    return torch.empty_like(x)
+_LIB.impl("triton_experts", triton_experts, "CUDA")
+torch.library.register_fake("mobile::triton_experts", _same_as_x, lib=_LIB)
 
 
 @functools.cache
@@ -330,8 +341,6 @@ def _grouped_mm_ok(x: torch.Tensor, arena: torch.Tensor, mlp: ExpertMLP) -> bool
     return arena.is_contiguous() and x.shape[1] % row == 0 and mlp.inter % row == 0 and arena.shape[1] % row == 0
 
 
-# opaque to torch.compile: the group sizes are data, and grouped_mm's fake is 16-bit only
-@torch.library.custom_op("mobile::grouped_experts", mutates_args=(), device_types="cpu")
 def _grouped(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena: torch.Tensor, inter: int = 0,
              bias: bool = False, act: str = "swiglu", alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     """Pairs sorted by slot, each slot's rows one group of torch's grouped_mm over the whole arena,
@@ -359,9 +368,9 @@ def _grouped(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena:
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 
-@_grouped.register_fake
-def _(x, weights, slots, arena, inter=0, bias=False, act="swiglu", alpha=1.702, limit=7.0):
-    return torch.empty_like(x)
+# opaque to torch.compile: the group sizes are data, and grouped_mm's fake is 16-bit only
+_LIB.impl("grouped_experts", _grouped, "CPU")
+torch.library.register_fake("mobile::grouped_experts", _same_as_x, lib=_LIB)
 
 
 def _gathered(x, weights, slots, arena, mlp: ExpertMLP | None = None):

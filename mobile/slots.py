@@ -17,7 +17,7 @@ its history.
 
 (An earlier layout reserved `staging` slots for prefetches only. With the link as the bottleneck it
 made `lru-prefetch` move 2-3x the bytes of plain LRU at equal memory on the first demo model,
-because the reserved slots were lost to reuse; see the README's offloading notes.)
+because the reserved slots were lost to reuse; see docs/offloading-baselines.md.)
 """
 
 from __future__ import annotations

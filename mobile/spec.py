@@ -139,7 +139,7 @@ class PolicySpec:
     # (cached_complement), the per-layer rule (prefix) meets the quality targets by itself, and the
     # confidence gate (tau 0.05: 2-7% fallbacks, each a second pass) bought at most +0.003 agreement
     # for up to 13% of decode speed on the demo's held-out text, so it is off (tau 0) by default.
-    # layer_tau was chosen on one text and is reported on others (README, "Quantized experts"):
+    # layer_tau was chosen on one text and is reported on others (docs/quantized-experts.md):
     # on Python from outside the demo's training data (benchmarks/texts.py), the smallest layer_tau
     # with agreement >= 0.965 (a margin over the 0.95 target for texts it was not chosen on) and
     # perplexity within +0.5% was 0.85 (0.75: 0.960, +0.4%). Raw weights matched or beat rescaled
@@ -155,7 +155,7 @@ class PolicySpec:
     # how the per-layer rule picks a token's experts (mobile.ops.expert_choice): switch, the little
     # set or the whole big set; prefix, the fewest top experts (at least little_k) that carry
     # layer_tau of the big set's mass. auto: prefix for mobile, where it measured 6-8% fewer bytes
-    # at the same quality (README); switch for layer-mass, as DESIGN.md defines that policy
+    # at the same quality (docs/big-little-quality.md); switch for layer-mass, as DESIGN.md defines that policy
     layer_rule: Literal["auto", "switch", "prefix"] = "auto"
     # mobile: the gate also calls a token important (and aborts its little pass there) when, at any
     # MoE layer, the little set carries less than this share of the big set's router mass
@@ -175,7 +175,7 @@ class PolicySpec:
     cached_complement: bool = True
     # which cached expert a miss evicts (mobile.slots): lru, or lfu (fewest recent uses, decayed).
     # auto: lru for the baselines named after it (ondemand, lru, lru-prefetch), lfu for the
-    # big-little policies, where it measured fewer misses and faster decoding (README, "Eviction")
+    # big-little policies, where it measured fewer misses and faster decoding (docs/eviction.md)
     eviction: Literal["auto", "lru", "lfu"] = "auto"
     # top: the little set is the top little_k; random: a random little_k of the top-K (a baseline
     # that shows what choosing by router weight is worth)

@@ -43,8 +43,11 @@ def test_bench_table_with_taus(tiny, capsys):
     capsys.readouterr()
     assert run_cli("bench", "--graph", t.graph, "--policies", "lru-prefetch,little,mobile", "--tau", "0,1",
                    "--tokens", "6", "--link-gbps", "20") == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "link EMULATED" in out and "mobile tau=0" in out and "mobile tau=1" in out and "little" in out
+    assert "mobile: warning: 6 decode tokens per run (under 128) and one run per row (--repeats 1): too short" \
+        in captured.err
 
 
 def test_bench_rows_with_their_own_options(tiny, tmp_path, capsys):
@@ -114,3 +117,15 @@ def test_eval_used_bytes_against_resident_big(tiny, tmp_path, capsys):
     big, little = rows
     assert big["label"] == "big" and big["bytes_ratio"] == 1.0 and "moved_per_token" not in big
     assert little["bytes_ratio"] == little["bytes_per_token"] / big["bytes_per_token"] == 0.5
+
+
+def test_progress_off_a_terminal_is_a_line_every_few_seconds(capsys, monkeypatch):
+    from mobile import progress
+
+    monkeypatch.setattr(progress.time, "monotonic", iter([0.0, 1.0, 6.0, 7.0, 12.5]).__next__)
+    with progress.progress(100, "eval", "tok") as bar:  # stderr is captured: not a terminal
+        for _ in range(4):
+            bar.update(10)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["eval: 20/100 tok (20%, 3.3 tok/s, about 24 s left)",
+                     "eval: 40/100 tok (40%, 3.2 tok/s, about 19 s left)"]

@@ -482,8 +482,10 @@ def test_text_stream_holds_back_a_possible_stop_string(reference):
     assert "".join(stream.push(t) for t in tok.encode("hello")) + stream.finish() == "hello"
 
 
-def test_chat_prompt_uses_the_template_when_there_is_one(reference):
-    tok = reference.tokenizer
+def test_chat_prompt_uses_the_template_when_there_is_one(server):
+    from mobile.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(server.engine.store.dir, full=True)  # as the server loads it: chat templates need it
     messages = [{"role": "user", "content": "Hi"}]
     assert chat_prompt(tok, messages) == (tok.encode("User: Hi\nAssistant:"), ["\nUser:"])
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"

@@ -15,11 +15,11 @@ import threading
 
 import uvicorn
 
-from mobile.engine import load_tokenizer
 from mobile.errors import MobileError
 from mobile.serve.app import create_app
 from mobile.serve.protocol import ModelInfo
 from mobile.serve.scheduler import EngineWorker
+from mobile.tokenizer import load_tokenizer
 
 
 class DrainingServer(uvicorn.Server):
@@ -117,7 +117,8 @@ class Service:
 
 def model_info(engine) -> ModelInfo:
     try:
-        tokenizer = load_tokenizer(engine.store.dir)  # the event loop's own: the worker's engine has another
+        # the event loop's own (the worker's engine has another), with what chat templates need
+        tokenizer = load_tokenizer(engine.store.dir, full=True)
     except MobileError:
         raise MobileError("mobile serve needs a tokenizer in the checkpoint folder (tokenizer.json or "
                           "tokenizer.model)", where=engine.store.dir) from None
