@@ -9,20 +9,18 @@ quantized. One pass over the weights, run only after a failure.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from mobile.experts import expert_layout
+from mobile.experts import OffloadedExperts, ResidentExperts, expert_layout
+from mobile.spec import Spec
 
-if TYPE_CHECKING:
-    from mobile.engine import Engine
+Weights = dict[tuple[str, int | None], torch.Tensor]
 
 
-def first_nonfinite_weight(engine: Engine) -> str | None:
-    """'layer 1 (expert 3)', 'layer 0 (q_proj)', 'the embedding', ...: the first place, in the
-    order a token meets it, whose weights hold a NaN or an infinity; None when none does."""
-    weights = engine.kernels.w
+def first_nonfinite_weight(spec: Spec, weights: Weights, experts: ResidentExperts | OffloadedExperts) -> str | None:
+    """'layer 1 (routed expert 3)', 'layer 0 (qkv_proj)', 'the embedding (embed)', ...: the first
+    place, in the order a token meets it, whose weights (the dense ones, keyed (name, layer), and
+    the routed experts' rows) hold a NaN or an infinity; None when none does."""
     by_layer: dict[int | None, list[str]] = {}
     for key, layer in weights:
         by_layer.setdefault(layer, []).append(key)
@@ -32,27 +30,25 @@ def first_nonfinite_weight(engine: Engine) -> str | None:
 
     if ("embed", None) in weights and bad("embed", None):
         return "the embedding (embed)"
-    for layer in range(engine.spec.model.num_layers):
+    for layer in range(spec.model.num_layers):
         dense = [k for k in by_layer.get(layer, []) if bad(k, layer)]
         if dense:
             return f"layer {layer} ({', '.join(dense)})"
-        experts = nonfinite_experts(engine, layer)
-        if experts:
-            more = f" and {len(experts) - 1} more" if len(experts) > 1 else ""
-            return f"layer {layer} (routed expert {experts[0]}{more})"
+        rows = experts.expert_rows(layer)
+        poisoned = [] if rows is None else nonfinite_rows(spec, rows)
+        if poisoned:
+            more = f" and {len(poisoned) - 1} more" if len(poisoned) > 1 else ""
+            return f"layer {layer} (routed expert {poisoned[0]}{more})"
     tail = [k for k in by_layer.get(None, []) if k != "embed" and bad(k, None)]
     return f"the model's head ({', '.join(tail)})" if tail else None
 
 
-def nonfinite_experts(engine: Engine, layer: int) -> list[int]:
-    """The routed experts of `layer` whose stored rows hold a non-finite value."""
-    rows = engine.experts.expert_rows(layer)
-    if rows is None:
-        return []
+def nonfinite_rows(spec: Spec, rows: torch.Tensor) -> list[int]:
+    """The experts (rows of a layer's store) that hold a non-finite value."""
     if rows.dtype.is_floating_point:
         finite = torch.isfinite(rows).all(dim=1)
     else:  # packed: the scale, zero and bias sections are the float ones
-        layout = expert_layout(engine.spec)
+        layout = expert_layout(spec)
         finite = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
         for name, section in layout.sections.items():
             if section.dtype.is_floating_point:

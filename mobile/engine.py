@@ -21,6 +21,7 @@ from mobile import moe
 from mobile.budget import cache_plan
 from mobile.costs import expert_bytes, native_expert_bytes
 from mobile.devclock import clock_for
+from mobile.diagnose import first_nonfinite_weight
 from mobile.emit import load_graph, trace_events
 from mobile.errors import CheckpointError, MobileError, RunError, SpecError
 from mobile.executor import Executor, Kernels, StepContext
@@ -418,9 +419,7 @@ class Engine:
 
     def _nonfinite(self, position: int) -> RunError:
         """The error that ends a run whose logits are not finite, with where the weights first are not."""
-        from mobile.diagnose import first_nonfinite_weight
-
-        where = first_nonfinite_weight(self)
+        where = first_nonfinite_weight(self.spec, self.kernels.w, self.experts)
         cause = (f"the first weights that are not finite are in {where}" if where is not None else
                  f"every weight is finite, so an activation left {self.spec.dtype}'s range")
         return RunError(f"the logits after position {position} are NaN or infinite: {cause}", where=self.store.dir)
