@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import mobile
-from mobile.hoststore import HostStore
+from mobile.moe.hoststore import HostStore
 
 
 def pinned_h2d_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:

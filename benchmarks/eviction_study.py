@@ -26,8 +26,8 @@ import math
 import torch
 
 from mobile.engine import Engine
-from mobile.ops import expert_choice
-from mobile.slots import LFU_DECAY, SlotTable
+from mobile.moe.rule import KeepRule
+from mobile.moe.slots import LFU_DECAY, SlotTable
 
 
 def record_routes(graph: str, text: str, offset: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,13 +48,13 @@ def record_routes(graph: str, text: str, offset: int, tokens: int) -> tuple[torc
 
 def requests(weights: torch.Tensor, ids: torch.Tensor, rule: str, tau: float) -> list[list[int]]:
     """One layer's experts asked for, per token. weights, ids [T, K], sorted by weight. switch and
-    prefix are mobile's own rule (mobile.ops.expert_choice)."""
+    prefix are mobile's own rule (mobile.moe.rule.KeepRule)."""
     K = ids.shape[1]
     little = math.ceil(K / 2)
     if rule in ("big", "little"):
         n = K if rule == "big" else little
         return [row[:n] for row in ids.tolist()]
-    _, keep = expert_choice(weights, little, tau, rescale=False, rule=rule)
+    keep = KeepRule(rule, little, tau).keep(weights)
     return [[e for e, kept in zip(row, kept_row, strict=True) if kept]
             for row, kept_row in zip(ids.tolist(), keep.tolist(), strict=True)]
 

@@ -7,7 +7,7 @@ experts, top-8), one layer with every expert in the arena: microseconds per laye
 events, median), and the HBM bandwidth that reaches (the expert bytes the call must read: each
 distinct expert it uses, once). Rows: the Triton decode and grouped variants, and the native path
 (gathered weights for one token, one slot at a time for a prompt). T = 1, 8 and 512 tokens. The
-ratios decide the op's defaults (kernels/moe.py DECODE_MAX_PAIRS; which path a prompt takes).
+ratios decide the op's defaults (kernels/experts.py DECODE_MAX_PAIRS; which path a prompt takes).
 Then the same two Triton variants over packed experts (mobile.quant: int8 with one scale per
 output column, int4 with --group; dequantized in the kernel), with their ratio to the same variant
 over the --dtype arena: what in-kernel dequantization costs or saves per layer.
@@ -23,7 +23,10 @@ from functools import partial
 
 import torch
 
-from mobile import formats, moe, quant
+from mobile import formats
+from mobile.moe import native, quant
+from mobile.moe.layout import arena_views
+from mobile.moe.reference import reference
 
 SHAPES = {"olmoe-1b-7b": (2048, 1024, 64, 8), "qwen3-30b-a3b": (2048, 768, 128, 8)}
 
@@ -44,7 +47,7 @@ def time_us(fn, repeats: int) -> float:
 
 def packed_arena(layout: quant.Layout, arena: torch.Tensor) -> torch.Tensor:
     """A native arena [E, 3*H*I] -> its experts quantized as the engine loads them, [E, row_bytes] uint8."""
-    gate_up, down = moe.arena_views(arena, layout.hidden)
+    gate_up, down = arena_views(arena, layout.hidden)
     rows = [quant.quantize_matrices(layout, gu, d) for gu, d in zip(gate_up, down, strict=True)]
     return torch.stack(rows).to(arena.device)  # (packed rows are built in host memory)
 
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
-    from mobile.kernels import moe as kernels
+    from mobile.kernels import experts as kernels
 
     dtype = getattr(torch, args.dtype)
     print(f"{'model':<15} {'T':>4} {'path':<24} {'us/layer':>10} {'GB/s':>8} {'vs native':>10} "
@@ -93,7 +96,7 @@ def bench(args: argparse.Namespace) -> None:
             experts_used = torch.unique(ids).numel()
             layer = (x, weights, slots, arena)
             # (label, fn, the reference's arena, bytes per expert, the row its "vs dtype" ratio is to)
-            paths = [("native", partial(moe.native, *layer), arena, native_bytes, None)]
+            paths = [("native", partial(native.native, *layer), arena, native_bytes, None)]
             paths += [(f"triton {v}", partial(kernels.experts, *layer, v), arena, native_bytes, None)
                       for v in ("decode", "grouped")]
             for fmt, layout in layouts.items():
@@ -103,7 +106,7 @@ def bench(args: argparse.Namespace) -> None:
                                   dequantized[fmt], layout.row_bytes, f"triton {v}"))
             times: dict[str, float] = {}
             for label, fn, ref_arena, expert_bytes, versus in paths:
-                ref = moe.reference(x, weights, slots, ref_arena)
+                ref = reference(x, weights, slots, ref_arena)
                 err = float((fn().float() - ref.float()).abs().max() / ref.float().abs().max())
                 us = times[label] = time_us(fn, args.repeats)
                 vs = f"{times[versus] / us:>11.2f}x" if versus else " " * 12

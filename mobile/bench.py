@@ -156,7 +156,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
               + (f" {per_token:>10} {r['graph_eager_segments']:>10}" if graphed else ""), file=out)
     if any(r["bytes_vs_big_only"] is not None for r in rows):
         print("bytes vs big-only: decode bytes moved / what big-only demand decoding with the same slots and eviction "
-              "would have moved on the same routes in the same run (an estimate: mobile.experts.BigOnlyShadow)",
+              "would have moved on the same routes in the same run (an estimate: mobile.moe.shadow)",
               file=out)
     if json_out:
         atomic_write_text(json_out, json.dumps({"written_by": "mobile bench", "link": link, "rows": rows}, indent=1))

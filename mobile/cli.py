@@ -651,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="write a copy of a checkpoint with int8 or int4 routed experts",
                        description="Pack every routed expert of CKPT (a Hugging Face folder) as int8 or int4 "
-                       "(mobile.quant's layout: weights, scales and zeros per expert projection) and write the "
+                       "(mobile.moe.quant's layout: weights, scales and zeros per expert projection) and write the "
                        "result to DIR: safetensors, a config.json that records the format, the tokenizer files "
                        "copied. Other weights keep their dtype. Streams one layer at a time and writes atomically. "
                        "run, eval, bench, compile and import-hf take DIR as it is.")

@@ -8,7 +8,7 @@ context-dependent work is left out: at decode it is small next to the weight rea
 from __future__ import annotations
 
 from mobile.ir import Node, Op
-from mobile.quant import row_bytes
+from mobile.moe.quant import row_bytes
 from mobile.spec import Spec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -16,7 +16,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def expert_bytes(spec: Spec) -> int:
     """Bytes of one routed expert's row (gate, up, down, and their biases where the family has them)
-    in its format (the spec's dtype, or packed: mobile.quant): the unit a fetch moves and a cache
+    in its format (the spec's dtype, or packed: mobile.moe.quant): the unit a fetch moves and a cache
     slot holds."""
     m = spec.model
     return row_bytes(spec.runtime.expert_format, spec.expert_group, m.hidden_size, m.moe.intermediate_size,

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from mobile.experts import OffloadedExperts, ResidentExperts, expert_layout
+from mobile.moe.cache import ExpertCache
+from mobile.moe.layout import packed_layout
 from mobile.spec import Spec
 
 Weights = dict[tuple[str, int | None], torch.Tensor]
 
 
-def first_nonfinite_weight(spec: Spec, weights: Weights, experts: ResidentExperts | OffloadedExperts) -> str | None:
+def first_nonfinite_weight(spec: Spec, weights: Weights, experts: ExpertCache) -> str | None:
     """'layer 1 (routed expert 3)', 'layer 0 (qkv_proj)', 'the embedding (embed)', ...: the first
     place, in the order a token meets it, whose weights (the dense ones, keyed (name, layer), and
     the routed experts' rows) hold a NaN or an infinity; None when none does."""
@@ -48,7 +49,8 @@ def nonfinite_rows(spec: Spec, rows: torch.Tensor) -> list[int]:
     if rows.dtype.is_floating_point:
         finite = torch.isfinite(rows).all(dim=1)
     else:  # packed: the scale, zero and bias sections are the float ones
-        layout = expert_layout(spec)
+        layout = packed_layout(spec)
+        assert layout is not None  # packed rows have a layout
         finite = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
         for name, section in layout.sections.items():
             if section.dtype.is_floating_point:

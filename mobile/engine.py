@@ -17,19 +17,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mobile import moe
 from mobile.budget import cache_plan
-from mobile.costs import expert_bytes, native_expert_bytes
+from mobile.context import StepContext
+from mobile.costs import expert_bytes
 from mobile.devclock import clock_for
 from mobile.diagnose import first_nonfinite_weight
 from mobile.emit import load_graph, trace_events
 from mobile.errors import CheckpointError, MobileError, RunError, SpecError
-from mobile.executor import Executor, Kernels, StepContext
-from mobile.experts import OffloadedExperts, ResidentExperts, expert_compute_seconds
+from mobile.executor import Executor, Kernels
 from mobile.graphs import GRAPH_MAX_TOKENS, GraphRunner, StaticState, kv_bucket
 from mobile.hostio import HostReader
 from mobile.ir import Graph
 from mobile.kv import KVCache, max_seq_len
+from mobile.moe.cache import ExpertCache, OffloadedCache, ResidentCache
+from mobile.moe.op import warm_up
+from mobile.moe.transfer import LinkModel, calibrated_gbps
 from mobile.ops import rope_inv_freq, rope_tables
 from mobile.outputs import atomic_write_text
 from mobile.passes import compile_spec
@@ -37,7 +39,6 @@ from mobile.sampling import Sampler
 from mobile.spec import Spec, format_changes, spec_from_dict, with_policy, with_runtime
 from mobile.stats import Stats
 from mobile.tokenizer import load_tokenizer
-from mobile.transfer import LinkModel
 from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
 
 
@@ -82,7 +83,7 @@ class Engine:
                 weights[key] = store.get(t.name, dtype=dtype, device=self.device)
                 bar.update(1)
             if plan is None or all_resident:
-                self.experts: ResidentExperts | OffloadedExperts = ResidentExperts(
+                self.experts: ExpertCache = ResidentCache(
                     spec, store, self.device, self.dtype, self.stats_, self.reader, progress=bar,
                     track_use=track_use or all_resident)
             else:
@@ -90,10 +91,11 @@ class Engine:
                 emulate = self.device.type != "cuda"
                 link = LinkModel("emulated", latency_s=spec.runtime.link.latency_us * 1e-6) if emulate \
                     else LinkModel("real")
-                self.experts = OffloadedExperts(spec, store, self.device, self.dtype, self.stats_, plan, link,
+                self.experts = OffloadedCache(spec, store, self.device, self.dtype, self.stats_, plan, link,
                                                 trace=self.trace, progress=bar, compiled=compile)
                 if emulate:
-                    self._set_link_rate(link, link_gbps, link_ratio)
+                    link.gbps, calibration = calibrated_gbps(spec, self.device, self.dtype, link_gbps, link_ratio)
+                    self.stats_.extra.update(calibration, link_gbps=round(link.gbps, 4))
         self.stats_.link = self.experts.link
         # what one expert is and how many the cache holds: equal budgets hold more packed experts
         slots = None if plan is None or all_resident else plan.main + plan.staging
@@ -112,7 +114,7 @@ class Engine:
             # measured on the demo: resident int4 decoded 81 tokens/s compiled, 203 eager
             print(f"mobile: note: --compile with {spec.runtime.expert_format} experts on the CPU runs slower than "
                   "eager (Inductor's dynamic-shape loops for the unpacking); leave it off here", file=sys.stderr)
-        moe.warm_up(self.device, self.dtype, spec.runtime.expert_format, spec.expert_group)
+        warm_up(self.device, self.dtype, spec.runtime.expert_format, spec.expert_group)
         a = spec.model.attention
         rope_dim = a.qk_rope_head_dim if a.kind == "mla" else a.head_dim
         self.rope_interleaved = a.kind == "mla" or r.interleaved  # DeepSeek's MLA rotates adjacent pairs
@@ -123,26 +125,13 @@ class Engine:
         if self.graphs is not None:
             _, cos, sin = self._tables()  # every position of the preallocated cache, once
             self.static = StaticState(self.device, cos, sin, self.graphs.register)
-            # the slot maps change by copy into these tensors (mobile.experts): read in place
+            # the slot maps change by copy into these tensors (mobile.moe.cache): read in place
             self.graphs.register(self.experts.slot_map(layer) for layer in spec.moe_layers)
         self._tokenizer = None
         self.length = 0  # positions [0, length) of the current sequence are in the KV cache
         self.ids = torch.zeros(0, dtype=torch.long)  # their token ids, kept only for the KV refresh
         self.little_from: int | None = None  # see _forward
         self.decode_compiled = False  # with compile: the first decode step (which compiles) is timed apart
-
-    def _set_link_rate(self, link: LinkModel, gbps: float | None, ratio: float | None) -> None:
-        """Emulated link bandwidth: --link-gbps, else calibrated from --link-ratio, else the spec."""
-        cfg = self.spec.runtime.link
-        gbps = gbps if gbps is not None else (None if ratio is not None else cfg.gbps)
-        ratio = ratio if ratio is not None else cfg.ratio
-        if gbps is None and ratio is not None:
-            # R is in units of one native expert: a packed format moves fewer bytes over the same link
-            seconds = expert_compute_seconds(self.spec, self.device, self.dtype)
-            gbps = native_expert_bytes(self.spec) / (ratio * seconds) / 1e9
-            self.stats_.extra.update(link_ratio=ratio, expert_compute_us=round(seconds * 1e6, 2))
-        link.gbps = gbps if gbps is not None else self.spec.runtime.plan.link_gbps
-        self.stats_.extra["link_gbps"] = round(link.gbps, 4)
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -151,7 +140,7 @@ class Engine:
              policy_options: dict | None = None, expert_format: str | None = None,
              expert_group_size: int | None = None, **options) -> Engine:
         """policy_options: other policy fields to override (tau, little_k, layer_tau, ...).
-        expert_format, expert_group_size: override the spec's (mobile.quant); a quantized checkpoint
+        expert_format, expert_group_size: override the spec's (mobile.moe.quant); a quantized checkpoint
         brings its own, which a different expert_format contradicts.
         options: link_gbps, link_ratio (emulated link), trace (record a measured timeline),
         all_resident (keep every expert on the device whatever the policy: for quality evals),
@@ -263,7 +252,8 @@ class Engine:
         """One executor forward over positions [start, start + len(ids)); None when mode is "gate"
         and the token falls back. last_only: logits of the last position only."""
         T = ids.shape[0]
-        self.kv.ensure(start + T)
+        if start + T > self.kv.capacity:
+            self.kv.ensure(start + T)
         if self.static is not None:
             kv_len = kv_bucket(start + T, self.kv.capacity)  # a power of two (mobile.graphs)
             if T > GRAPH_MAX_TOKENS:  # a prompt: eagerly

@@ -10,6 +10,8 @@ in one copy (mobile.hostio): a MoE layer's fetch and the prefetches that go with
 
 from __future__ import annotations
 
+import functools
+import linecache
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,20 +20,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from mobile import moe, ops
+from mobile import ops
+from mobile.context import Kernel, StepContext, SyncKernel
 from mobile.devclock import clock_for
 from mobile.errors import GraphError
 from mobile.hostio import HostReader
 from mobile.ir import GRAPH_INPUTS, SYNC_OPS, Graph, Node, Op
 from mobile.kv import KVCache
+from mobile.moe.cache import ExpertCache
+from mobile.moe.layer import MoELayer
+from mobile.moe.op import ExpertKind
+from mobile.moe.router import Router
 from mobile.spec import Spec
 from mobile.verify import verify
 
 if TYPE_CHECKING:
     from mobile.graphs import GraphRunner
-
-Kernel = Callable[..., Any]
-MLA_LATENT_NORM_EPS = 1e-6
 
 
 def fuse_qkv(weights: dict[tuple[str, int | None], torch.Tensor]) -> dict[tuple[str, int | None], torch.Tensor]:
@@ -47,142 +51,112 @@ def fuse_qkv(weights: dict[tuple[str, int | None], torch.Tensor]) -> dict[tuple[
 
 
 @dataclass(frozen=True)
-class SyncKernel:
-    """A node the host runs between compute segments.
-    read(ctx, *inputs) -> the device tensors it needs on the host (one copy for its whole step);
-    act(ctx, values, *inputs) -> its value, given those tensors' values as lists of ints."""
+class Compute:
+    """A compute node's kernel as the segment calls it: fn(*inputs), or fn(ctx, *inputs) with
+    needs_ctx; an `inline` expression (a residual add) is written into the segment instead."""
 
-    act: Callable[..., Any]
-    read: Callable[..., list[torch.Tensor]] | None = None
-
-
-def expert_rule(node: Node) -> tuple[str, int, float, bool, bool]:
-    """A routed expert or fetch node's keep rule, as the expert op takes it: (rule, n, tau, rescale,
-    cached). Big: the top k. Little: the top little_k, or the per-layer rule at layer_tau; cached:
-    the dropped experts already on the device run too (mobile.moe)."""
-    if node.attr("variant") != "little":
-        return "top", int(node.attr("k")), 0.0, False, False
-    rescale, cached = node.attr("little_weights") == "rescale", bool(node.attr("cached"))
-    tau = node.attr("layer_tau")
-    if tau is None:
-        return "top", int(node.attr("little_k")), 0.0, rescale, cached
-    return node.attr("layer_rule", "switch"), int(node.attr("little_k")), float(tau), rescale, cached
+    fn: Kernel | None
+    needs_ctx: bool = False
+    inline: str | None = None  # "a + b": the node's inputs as a and b
 
 
-@dataclass
-class StepContext:
-    """Per-forward values every kernel may read. positions [T]; cos, sin [T, 1, rope_dim] (ops.rope_tables)."""
-
-    positions: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    kv_len: int  # attend over cache rows [0, kv_len)
-    last_only: bool = False  # the caller needs only the last position's logits: lm_head skips the rest
-    all_visible: bool = False  # one token attending over exactly the rows before it: no mask needed
-    # a static context (mobile.graphs.StaticState): its tensors are persistent buffers, and the
-    # forward's compute segments run through the graph runner under this bucket
-    key: tuple | None = None
-    prologue: Callable[[], None] | None = None  # device work the forward's first segment does first (rope rows)
+ADD = Compute(None, inline="{0} + {1}")
+# an attention layer's weights by name (absent ones None): GQA/MHA (q, k, v fused) and MLA
+GQA_WEIGHTS = ("qkv_proj", "qkv_bias", "o_proj", "o_bias", "q_norm", "k_norm", "sinks")
+MLA_WEIGHTS = ("q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj")
 
 
 class Kernels:
-    """Builds the kernel of each node from the model's weights, KV cache and expert cache."""
+    """Builds the kernel of each node from the model's weights, KV cache and expert cache: dense
+    ones from mobile.ops, the routed-expert layer's from its MoELayer (mobile.moe.layer)."""
 
-    def __init__(self, spec: Spec, weights: dict[tuple[str, int | None], torch.Tensor], kv: KVCache, experts):
+    def __init__(self, spec: Spec, weights: dict[tuple[str, int | None], torch.Tensor], kv: KVCache,
+                 experts: ExpertCache):
         self.spec, self.w, self.kv, self.experts = spec, fuse_qkv(weights), kv, experts
-        a = spec.model.attention
-        if a.kind == "mla":
-            scale = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5
-            r = spec.model.rope
-            if r.type != "default" and r.mscale_all_dim:
-                scale *= ops._yarn_mscale(r.factor, r.mscale_all_dim) ** 2
-        else:
-            scale = a.head_dim ** -0.5
-        self.attn_scale = scale
+        self.attn_scale = ops.attention_scale(spec)
+        self.kind = ExpertKind.of_spec(spec)
+        self.layers: dict[int, MoELayer] = {}
 
-    def build(self, node: Node) -> Any:
-        """The node's kernel: a function for a compute node, a SyncKernel for a sync node."""
+    def moe(self, layer: int) -> MoELayer:
+        """Layer `layer`'s MoELayer, made once."""
+        if layer not in self.layers:
+            router = Router.of_layer(self.spec, self.w, layer)
+            self.layers[layer] = MoELayer(layer, router, self.experts, self.kind)
+        return self.layers[layer]
+
+    def build(self, node: Node) -> Compute | SyncKernel:
+        """The node's kernel: a Compute for a compute node, a SyncKernel for a sync node."""
         builder = getattr(self, f"_{node.op.value}", None)
         if builder is None:
             raise GraphError(f"op {node.op.value!r} is not executable by this runtime yet", key=node.name)
         return builder(node)
 
-    def _embed(self, node: Node) -> Kernel:
-        table = self.w[("embed", None)]
-        return lambda ctx, tokens: F.embedding(tokens, table)
+    def compute(self, node: Node) -> Compute:
+        kernel = self.build(node)
+        assert isinstance(kernel, Compute), node.name
+        return kernel
 
-    def _norm(self, node: Node) -> Kernel:
-        weight, eps = self.w[(node.attr("weight"), node.attr("layer"))], self.spec.model.norm_eps
-        return lambda ctx, x: ops.rms_norm(x, weight, eps)
+    def sync(self, node: Node) -> SyncKernel:
+        kernel = self.build(node)
+        assert isinstance(kernel, SyncKernel), node.name
+        return kernel
 
-    def _add(self, node: Node) -> Kernel:
-        return lambda ctx, a, b: a + b
+    # -- dense --------------------------------------------------------------------------------------
+    def _embed(self, node: Node) -> Compute:
+        return Compute(functools.partial(F.embedding, weight=self.w[("embed", None)]))
+
+    def _norm(self, node: Node) -> Compute:
+        weight = self.w[(node.attr("weight"), node.attr("layer"))]
+        return Compute(functools.partial(ops.rms_norm, weight=weight, eps=self.spec.model.norm_eps))
+
+    def _add(self, node: Node) -> Compute:
+        return ADD
 
     _combine = _add
 
-    def _mlp(self, node: Node) -> Kernel:
+    def _mlp(self, node: Node) -> Compute:
+        gate, up, down = (self.w[(k, node.attr("layer"))] for k in ("mlp_gate", "mlp_up", "mlp_down"))
+        return Compute(functools.partial(ops.swiglu, gate=gate, up=up, down=down))
+
+    def _lm_head(self, node: Node) -> Compute:
+        head = self.w[("embed" if self.spec.model.tie_word_embeddings else "lm_head", None)]
+        return Compute(ops.LMHead(head), needs_ctx=True)
+
+    def _attention(self, node: Node) -> Compute:
         layer = node.attr("layer")
-        gate, up, down = (self.w[(k, layer)] for k in ("mlp_gate", "mlp_up", "mlp_down"))
-        return lambda ctx, x: ops.swiglu(x, gate, up, down)
+        cache = self.kv.layers[layer]
+        if node.attr("kind") == "mla":
+            w = {k: self.w.get((k, layer)) for k in MLA_WEIGHTS}
+            return Compute(ops.LatentAttention(self.spec, w, cache, self.attn_scale), needs_ctx=True)
+        w = {k: self.w.get((k, layer)) for k in GQA_WEIGHTS}
+        attention = ops.Attention(self.spec, w, cache, self.attn_scale, self.spec.sliding_window(layer))
+        return Compute(attention, needs_ctx=True)
 
-    def _lm_head(self, node: Node) -> Kernel:
-        key = "embed" if self.spec.model.tie_word_embeddings else "lm_head"
-        head = self.w[(key, None)]
-        return lambda ctx, x: F.linear(x[-1:] if ctx.last_only else x, head).float()
+    # -- the routed-expert layer (mobile.moe.layer) -------------------------------------------------
+    def _router(self, node: Node) -> Compute:
+        return Compute(self.moe(node.attr("layer")).route(shuffled=node.attr("order") == "random"))
 
-    def _route(self, node: Node, top_k: int, norm: bool = False, scaling: float = 1.0) -> Callable[..., Any]:
-        """x -> ops.route's (weights, ids) for the node's layer, scored as the node's attrs say."""
-        layer = node.attr("layer")
-        w = self.w[("router", layer)]
-        correction = self.w[("router_correction", layer)] if node.attr("correction_bias") else None
-        scoring = (node.attr("scoring", "softmax"), correction, node.attr("n_group", 1), node.attr("topk_group", 1))
-        bias = self.w.get(("router_bias", layer))  # gpt-oss's router is a linear layer with a bias
-        return lambda x: ops.route(x, w, top_k, norm, scaling, *scoring, bias=bias)
+    def _predict(self, node: Node) -> Compute:
+        return Compute(self.moe(node.attr("layer")).predict(node.attr("top_k")))
 
-    def _router(self, node: Node) -> Kernel:
-        route = self._route(node, node.attr("top_k"), bool(node.attr("norm_topk_prob")),
-                            float(node.attr("scaling", 1.0)))
-        if node.attr("order") == "random":  # the random-halving baseline: shuffle the big set per token
-            device = self.w[("router", node.attr("layer"))].device
-            gen = torch.Generator(device=device).manual_seed(node.attr("layer") or 0)
-
-            def shuffled(ctx, x):
-                weights, ids = route(x)
-                perm = torch.argsort(torch.rand(weights.shape, generator=gen, device=device), dim=-1)
-                return weights.gather(1, perm), ids.gather(1, perm)
-
-            return shuffled
-        return lambda ctx, x: route(x)
-
-    # -- sync nodes -------------------------------------------------------------------------------
     def _fetch(self, node: Node) -> SyncKernel:
-        layer = node.attr("layer")
-        rule, n, tau, _, cached = expert_rule(node)
-        experts = self.experts
-
-        def read(ctx, routed):
-            weights, ids = routed
-            status = moe.fetch_status(weights, ids, experts.slot_map(layer), rule, n, tau, cached)
-            return [status, ids] if experts.tracks_routes else [status]
-
-        def act(ctx, values, routed):
-            if experts.tracks_routes:
-                experts.note_route(layer, values[1], routed[1].shape[1])
-            return experts.fetch(layer, values[0])
-
-        return SyncKernel(act, read)
-
-    def _prefetch(self, node: Node) -> SyncKernel:
-        layer, lo, hi, kind = node.attr("layer"), node.attr("lo"), node.attr("hi"), node.attr("set")
-        if kind == "complement":  # reads the router: the big set minus the little set
-            return SyncKernel(lambda ctx, values, routed, fetched: self.experts.prefetch(layer, values[0], kind),
-                              lambda ctx, routed, fetched: [routed[1][:, lo:hi]])
-        return SyncKernel(lambda ctx, values, ids: self.experts.prefetch(layer, values[0], kind),
-                          lambda ctx, ids: [ids])
+        return self.moe(node.attr("layer")).fetch_kernel(node)
 
     def _wait(self, node: Node) -> SyncKernel:
-        return SyncKernel(lambda ctx, values, handle: self.experts.wait(handle))
+        return self.moe(node.attr("layer")).wait_kernel()
 
+    def _prefetch(self, node: Node) -> SyncKernel:
+        return self.moe(node.attr("layer")).prefetch_kernel(node.attr("set"), node.attr("lo", 0), node.attr("hi"))
+
+    def _expert(self, node: Node) -> Compute:
+        layer = node.attr("layer")
+        if node.attr("variant") == "shared":
+            gate, up, down = (self.w[(k, layer)] for k in ("shared_gate", "shared_up", "shared_down"))
+            sigmoid = self.w[("shared_expert_gate", layer)] if node.attr("gate") == "sigmoid" else None
+            return Compute(functools.partial(ops.shared_expert, gate=gate, up=up, down=down, sigmoid_gate=sigmoid))
+        return Compute(self.moe(layer).experts_kernel(node))
+
+    # -- control ------------------------------------------------------------------------------------
     def _importance_gate(self, node: Node) -> SyncKernel:
         """True: the token is important and falls back to the big pass."""
         signal, tau = node.attr("signal"), float(node.attr("tau"))
@@ -190,7 +164,7 @@ class Kernels:
             little_k = node.attr("little_k")
 
             def read(ctx, routed):  # at this layer the little set drops too much of the big set's mass
-                weights = routed[0]  # [T, K], in selection order (ops.route)
+                weights = routed[0]  # [T, K], in selection order
                 share = weights[:, :little_k].sum(-1) / weights.sum(-1).clamp_min(1e-30)
                 return [(share < tau).any()]
         else:
@@ -200,113 +174,23 @@ class Kernels:
 
         return SyncKernel(lambda ctx, values, _: bool(values[0][0]), read)
 
-    # -- compute nodes ----------------------------------------------------------------------------
-    def _fallback(self, node: Node) -> Kernel:
-        return lambda ctx, gate, router: router  # the big pass starts at the shared router
+    def _fallback(self, node: Node) -> Compute:
+        return Compute(lambda gate, router: router)  # the big pass starts at the shared router
 
-    def _select(self, node: Node) -> Kernel:
-        return lambda ctx, little, big: big if big is not None else little
+    def _select(self, node: Node) -> Compute:
+        return Compute(lambda little, big: big if big is not None else little)
 
-    def _predict(self, node: Node) -> Kernel:
-        # the layer's own choice (its bias, correction bias and groups too), from the previous layer's state
-        route = self._route(node, node.attr("top_k"))
-        return lambda ctx, x: route(x)[1]
 
-    def _expert(self, node: Node) -> Kernel:
-        layer = node.attr("layer")
-        if node.attr("variant") == "shared":
-            gate, up, down = (self.w[(k, layer)] for k in ("shared_gate", "shared_up", "shared_down"))
-            if node.attr("gate") == "sigmoid":
-                g = self.w[("shared_expert_gate", layer)]
-                return lambda ctx, x: torch.sigmoid(F.linear(x, g)) * ops.swiglu(x, gate, up, down)
-            return lambda ctx, x: ops.swiglu(x, gate, up, down)
-        rule, n, tau, rescale, cached = expert_rule(node)
-        arena = self.experts.arena(layer)
-        # the arena's format (mobile.quant: packed rows are dequantized inside the op) and what an expert computes
-        fmt = moe.spec_args(self.spec)
-        op = torch.ops.mobile.moe_experts
-        resident_map = self.experts.slot_map(layer)  # used when the graph has no wait (nothing moves)
-        track = self.experts.track_use
+@dataclass(frozen=True)
+class HostNode:
+    """A sync node as a sync step runs it: everything read from the node once, when the step is built."""
 
-        def routed(ctx, x, routed, slot_map=None):
-            weights, ids = routed  # [T, K], in selection order (ops.route)
-            if slot_map is None:
-                slot_map = resident_map
-                if track:  # eval only: which experts this node ran
-                    self.experts.note_use(layer, moe.pairs(weights, ids, slot_map, rule, n, tau, rescale, cached)[1])
-            if isinstance(slot_map, torch.Tensor):
-                return op(x, weights, ids, slot_map, arena, rule, n, tau, rescale, cached, *fmt)
-            # more experts than the cache holds (a long prompt): one round at a time, each on a map
-            # of its own experts only, so no pair runs twice; the rule alone decides, as in a big pass
-            out = torch.zeros_like(x)
-            for round_map in slot_map:
-                out += op(x, weights, ids, round_map, arena, rule, n, tau, rescale, False, *fmt)
-            return out
-
-        return routed
-
-    def _attention(self, node: Node) -> Kernel:
-        layer = node.attr("layer")
-        if node.attr("kind") == "mla":
-            return self._mla(layer)
-        a, eps = self.spec.model.attention, self.spec.model.norm_eps
-        keys = ("qkv_proj", "qkv_bias", "o_proj", "o_bias", "q_norm", "k_norm", "sinks")
-        w: dict[str, Any] = {k: self.w.get((k, layer)) for k in keys}
-        cache = self.kv.layers[layer]
-        n, n_kv, d = a.num_heads, a.num_kv_heads, a.head_dim
-        interleaved, scale, clip = self.spec.model.rope.interleaved, self.attn_scale, a.clip_qkv
-        window = self.spec.sliding_window(layer)
-
-        def attention(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
-            T = x.shape[0]
-            q, k, v = F.linear(x, w["qkv_proj"], w["qkv_bias"]).split([n * d, n_kv * d, n_kv * d], dim=-1)
-            if a.qk_norm == "full":  # OLMoE: over all heads at once
-                q, k = ops.rms_norm(q, w["q_norm"], eps), ops.rms_norm(k, w["k_norm"], eps)
-            if clip is not None:
-                q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
-            q, k, v = q.reshape(T, n, d), k.reshape(T, n_kv, d), v.reshape(T, n_kv, d)
-            if a.qk_norm == "per_head":  # Qwen3: over head_dim
-                q, k = ops.rms_norm(q, w["q_norm"], eps), ops.rms_norm(k, w["k_norm"], eps)
-            q, k = ops.apply_rope(torch.cat((q, k), dim=1), ctx.cos, ctx.sin, interleaved).split([n, n_kv], dim=1)
-            cache.k.index_copy_(0, ctx.positions, k)
-            cache.v.index_copy_(0, ctx.positions, v)
-            out = ops.causal_attention(q, cache.k[: ctx.kv_len], cache.v[: ctx.kv_len], ctx.positions, scale,
-                                       ctx.all_visible, window, w["sinks"])
-            return F.linear(out, w["o_proj"], w["o_bias"])
-
-        return attention
-
-    def _mla(self, layer: int) -> Kernel:
-        # DeepSeek's q_a and kv_a norms (V2 and V3, and transformers' ports) keep RMSNorm's default
-        # eps whatever rms_norm_eps says (Kimi-K2.5 sets 1e-5)
-        a, eps = self.spec.model.attention, MLA_LATENT_NORM_EPS
-        keys = ("q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj")
-        w: dict[str, Any] = {k: self.w.get((k, layer)) for k in keys}
-        cache = self.kv.layers[layer]
-        n, nope, rd, dv, r = a.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
-        scale = self.attn_scale
-
-        def mla(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
-            T = x.shape[0]
-            if w["q_proj"] is not None:
-                q = F.linear(x, w["q_proj"])
-            else:
-                q = F.linear(ops.rms_norm(F.linear(x, w["q_a_proj"]), w["q_a_norm"], eps), w["q_b_proj"])
-            q_nope, q_pe = q.view(T, n, nope + rd).split([nope, rd], dim=-1)
-            latent, k_pe = F.linear(x, w["kv_a_proj"]).split([r, rd], dim=-1)
-            latent = ops.rms_norm(latent, w["kv_a_norm"], eps)  # [T, r]: what the cache keeps
-            q_pe = ops.apply_rope(q_pe, ctx.cos, ctx.sin, interleaved=True)
-            k_pe = ops.apply_rope(k_pe.view(T, 1, rd), ctx.cos, ctx.sin, interleaved=True)
-            cache.k.index_copy_(0, ctx.positions, latent.view(T, 1, r))
-            cache.v.index_copy_(0, ctx.positions, k_pe)
-            L = ctx.kv_len
-            kv = F.linear(cache.k[:L, 0], w["kv_b_proj"]).view(L, n, nope + dv)  # expand the latents
-            k_nope, v = kv.split([nope, dv], dim=-1)
-            k = torch.cat((k_nope, cache.v[:L].expand(L, n, rd)), dim=-1)
-            out = ops.causal_attention(torch.cat((q_nope, q_pe), dim=-1), k, v, ctx.positions, scale)
-            return F.linear(out, w["o_proj"])
-
-        return mla
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    region: str | None
+    gate: bool  # an importance gate: its value says whether the token falls back
+    kernel: SyncKernel
 
 
 @dataclass
@@ -315,17 +199,14 @@ class Step:
 
     nodes: list[Node]
     fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None
-    sync: list[SyncKernel] | None
+    sync: list[HostNode] | None
     live_in: list[str]
     drop_after: list[str]  # values no later step reads
     little: bool  # runs little-variant experts: a token through it used the little set
+    region: str | None  # the pass region it belongs to (lowering's), None outside both
     # with CUDA graphs: the segment without the executor's bookkeeping (the node list, the trace),
     # which a replay would skip; what the graph runner captures (fn itself when compiled)
     graph_fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None = None
-
-    @property
-    def region(self) -> str | None:
-        return self.nodes[0].attr("region")
 
 
 def compiled(fn: Callable) -> Callable:
@@ -394,37 +275,45 @@ class Executor:
             drop = [v for v, s in last_use.items() if s == si]
             little = any(n.op is Op.EXPERT and n.attr("variant") == "little" for n in group)
             if group[0].op in SYNC_OPS:
-                self.steps.append(Step(group, None, [kernels.build(n) for n in group], live_in, drop, little))
+                host = [HostNode(n.name, n.op.value, n.inputs, n.attr("region"), n.op is Op.IMPORTANCE_GATE,
+                                 kernels.sync(n)) for n in group]
+                self.steps.append(Step(group, None, host, live_in, drop, little, group[0].attr("region")))
                 continue
             live_out = [n.name for n in group if last_use.get(n.name, -1) > si]
-            built = [kernels.build(n) for n in group]
+            built = [kernels.compute(n) for n in group]
             fn = self._segment_fn(group, built, live_out)
             if compile:
                 fn = compiled(fn)  # compiled code keeps no bookkeeping: it is what the runner captures too
             plain = None
             if graphs is not None:
                 plain = fn if compile else self._segment_fn(group, built, live_out, bookkeeping=False)
-            self.steps.append(Step(group, fn, None, live_in, drop, little, plain))
+            self.steps.append(Step(group, fn, None, live_in, drop, little, group[0].attr("region"), plain))
 
-    def _segment_fn(self, nodes: list[Node], kernels: list[Kernel], live_out: list[str], bookkeeping: bool = True):
+    def _segment_fn(self, nodes: list[Node], kernels: list[Compute], live_out: list[str], bookkeeping: bool = True):
         """Generate one straight-line Python function per compute segment. bookkeeping: it records
         the nodes it ran (eager) and their spans (with a trace); off for the graph runner's.
 
         Straight-line code (no loop over nodes, no dict shuffling) is what dynamo traces best, and a
         separate code object per segment gives each its own compile cache instead of piling
-        recompiles onto one shared function.
+        recompiles onto one shared function. Each kernel is called as it is (a function of mobile.ops
+        or mobile.moe, weights bound), a residual add written inline. The source is registered with
+        linecache under the segment's file name, so a traceback inside a segment shows its line.
         """
         var = {n.name: f"v{i}" for i, n in enumerate(nodes)}
         args: list[str] = []
         body: list[str] = []
-        for i, node in enumerate(nodes):
+        for i, (node, kernel) in enumerate(zip(nodes, kernels, strict=True)):
             ins = []
             for name in node.inputs:
                 if name not in var:
                     var[name] = f"a{len(args)}"
                     args.append(name)
                 ins.append(var[name])
-            call = f"{var[node.name]} = k{i}(ctx, {', '.join(ins)})  # {node.name}"
+            if kernel.inline is not None:
+                value = kernel.inline.format(*ins)
+            else:
+                value = f"k{i}({', '.join((['ctx'] if kernel.needs_ctx else []) + ins)})"
+            call = f"{var[node.name]} = {value}  # {node.name}"
             if self.trace is not None and bookkeeping:
                 body += ["    t0 = clock()", f"    {call}",
                          f"    trace.append(({node.name!r}, {node.op.value!r}, 'compute', t0, clock(), 0))"]
@@ -435,9 +324,11 @@ class Executor:
         outs = ", ".join(f"{n!r}: {var[n]}" for n in live_out)
         unpack = "".join(f"    {var[a]} = env[{a!r}]\n" for a in args)
         src = f"def segment(ctx, env):\n{unpack}" + "\n".join(body) + f"\n    return {{{outs}}}\n"
-        scope: dict[str, Any] = {f"k{i}": k for i, k in enumerate(kernels)}
+        scope: dict[str, Any] = {f"k{i}": k.fn for i, k in enumerate(kernels) if k.fn is not None}
         scope.update(executed=self.executed, trace=self.trace, clock=self.clock)
-        exec(compile(src, f"<mobile segment {nodes[0].name}..{nodes[-1].name}>", "exec"), scope)
+        filename = f"<mobile segment {nodes[0].name}..{nodes[-1].name}{'' if bookkeeping else ' (graphs)'}>"
+        linecache.cache[filename] = (len(src), None, src.splitlines(keepends=True), filename)
+        exec(compile(src, filename, "exec"), scope)
         fn = scope["segment"]
         fn.source = src
         return fn
@@ -448,21 +339,20 @@ class Executor:
         assert step.sync is not None
         # reads take device values, which only compute makes, so all of them come from earlier
         # steps; acts run in order and see what the step's earlier nodes made (a fetch's handle)
-        wanted = [k.read(ctx, *(env.get(i) for i in n.inputs)) if k.read is not None else []
-                  for n, k in zip(step.nodes, step.sync, strict=True)]
+        wanted = [n.kernel.read(ctx, *[env.get(i) for i in n.inputs]) if n.kernel.read is not None else []
+                  for n in step.sync]
         values = self.reader.ints([t for ts in wanted for t in ts])
         start = 0
-        for node, kernel, ts in zip(step.nodes, step.sync, wanted, strict=True):
+        for node, ts in zip(step.sync, wanted, strict=True):
             mine, start = values[start:start + len(ts)], start + len(ts)
-            region = node.attr("region")
-            if region is not None and not run[region]:
+            if node.region is not None and not run[node.region]:
                 continue  # a gate earlier in this step ended the little pass
             t0 = time.perf_counter()
-            env[node.name] = kernel.act(ctx, mine, *(env.get(i) for i in node.inputs))
+            env[node.name] = node.kernel.act(ctx, mine, *[env.get(i) for i in node.inputs])
             if self.trace is not None:
-                self.trace.append((node.name, node.op.value, "compute", t0, time.perf_counter(), 0))
+                self.trace.append((node.name, node.op, "compute", t0, time.perf_counter(), 0))
             self.executed.append(node.name)
-            if node.op is Op.IMPORTANCE_GATE and mode in ("decode", "gate") and env[node.name]:
+            if node.gate and mode in ("decode", "gate") and env[node.name]:
                 self.fell_back = True  # the rest of the little pass cannot change the outcome
                 if mode == "gate":
                     return True

@@ -1,5 +1,5 @@
 """The expert formats a spec can name, and what makes a group size valid: the facts the spec
-loader and the command line need, without importing torch (mobile.quant holds the numerics and the
+loader and the command line need, without importing torch (mobile.moe.quant holds the numerics and the
 packed layout)."""
 
 from __future__ import annotations

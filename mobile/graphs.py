@@ -26,7 +26,7 @@ What a captured segment must not do, and how each is kept out:
   synchronizing op in a segment refuses the entry (it then runs eagerly, counted) before capture;
 - Python-side state changes: the functions the runner captures are generated without the
   executor's bookkeeping (the executor records the nodes that ran, and times the segment, itself);
-- inputs that are not tensors: a long prompt's expert rounds (mobile.experts.Rounds, host work per
+- inputs that are not tensors: a long prompt's expert rounds (mobile.moe.cache.Rounds, host work per
   round), refused at the call;
 - state the capture would freeze: a router with random order draws from its own generator, whose
   replays would repeat one draw, refused at build;
@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from mobile.executor import StepContext
+from mobile.context import StepContext
 from mobile.ir import Node
 
 GRAPH_MAX_TOKENS = 8  # forwards of up to this many tokens run through graphs; longer ones eagerly

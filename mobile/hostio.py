@@ -3,7 +3,7 @@ counts them.
 
 On a GPU each read is a synchronisation: the host waits until the device has finished everything
 queued before it, and no CUDA graph can span it. mobile's decode path needs one read per MoE layer
-(mobile.moe.fetch_status: which of the needed experts are missing, with the riders of the same
+(mobile.moe.layer's plan: which of the needed experts are missing, with the riders of the same
 sync step, such as next-layer predictions) and one for the sampled token: the stats key
 `host_syncs_per_token`. On the CPU the same reads cost nothing, but they are counted all the same,
 so the count means there what it means on a GPU.

@@ -171,7 +171,7 @@ def _router(spec: Spec, variant: str, h: str, node) -> str:
 
 def _scoring_attrs(spec: Spec) -> dict[str, object]:
     """How a router node (and a prediction of it) chooses experts, where that is not the softmax
-    default (mobile.ops.route): the attrs of a softmax router stay as they were."""
+    default (mobile.moe.router): the attrs of a softmax router stay as they were."""
     moe = spec.model.moe
     if moe.scoring != "sigmoid":
         return {} if moe.scoring == "softmax" else {"scoring": moe.scoring}

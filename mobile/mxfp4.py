@@ -1,5 +1,5 @@
 """MXFP4, the format published gpt-oss checkpoints store their routed experts in: decoded here, at
-load, to the compute dtype (mobile.experts), so that from then on they are native experts.
+load, to the compute dtype (mobile.moe.rows), so that from then on they are native experts.
 
 An OCP microscaling (MX) format: blocks of 32 values share one scale.
 - `P_blocks`: uint8 [..., R, G, 16], for a matrix stored [R, G * 32] (gpt-oss: [E, out, in]):

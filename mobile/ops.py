@@ -1,7 +1,7 @@
-"""Plain-torch reference implementations of the graph's compute ops.
+"""The dense model math of the graph's compute ops: norms, rope, attention, the dense MLP, the
+importance gate's confidence. The routed-expert layer is mobile.moe's.
 
-Shapes: T = tokens in this step, H = hidden, E = experts, K = experts per token, S = cache slots,
-I = expert intermediate size, n = heads, D = head dim, L = KV-cache length.
+Shapes: T = tokens in this step, H = hidden, n = heads, D = head dim, L = KV-cache length.
 These follow transformers' modeling code for each family; tests compare against it.
 """
 
@@ -26,14 +26,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-
-
-def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """gpt-oss's expert activation, as transformers' GptOssExperts computes it: the gate clamped
-    from above, up from both sides, then gate * sigmoid(alpha * gate) * (up + 1)."""
-    gate = gate.clamp(max=limit)
-    up = up.clamp(-limit, limit)
-    return gate * torch.sigmoid(gate * alpha) * (up + 1)
 
 
 # -- rope -------------------------------------------------------------------------------------
@@ -156,107 +148,105 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return out.flatten(0, 1).transpose(0, 1).reshape(T, -1)  # [n, T, Dv] -> [T, n * Dv]
 
 
-# -- MoE --------------------------------------------------------------------------------------
+class Attention:
+    """One layer's attention (GQA, MHA, with or without q/k norm, sinks, a sliding window):
+    projections, rope, the KV-cache write and read, the output projection. A kernel: (ctx, x [T, H])
+    -> [T, H]. w: the layer's weights by name (qkv_proj and qkv_bias fused: mobile.executor.fuse_qkv)."""
+
+    def __init__(self, spec, w: dict, cache, scale: float, window: int):
+        a = spec.model.attention
+        self.w, self.cache, self.scale, self.window = w, cache, scale, window
+        self.n, self.n_kv, self.d, self.eps = a.num_heads, a.num_kv_heads, a.head_dim, spec.model.norm_eps
+        self.qk_norm, self.clip, self.interleaved = a.qk_norm, a.clip_qkv, spec.model.rope.interleaved
+
+    def __call__(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        w, n, n_kv, d, T = self.w, self.n, self.n_kv, self.d, x.shape[0]
+        q, k, v = F.linear(x, w["qkv_proj"], w["qkv_bias"]).split([n * d, n_kv * d, n_kv * d], dim=-1)
+        if self.qk_norm == "full":  # OLMoE: over all heads at once
+            q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
+        if self.clip is not None:
+            q, k, v = q.clamp(-self.clip, self.clip), k.clamp(-self.clip, self.clip), v.clamp(-self.clip, self.clip)
+        q, k, v = q.reshape(T, n, d), k.reshape(T, n_kv, d), v.reshape(T, n_kv, d)
+        if self.qk_norm == "per_head":  # Qwen3: over head_dim
+            q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
+        q, k = apply_rope(torch.cat((q, k), dim=1), ctx.cos, ctx.sin, self.interleaved).split([n, n_kv], dim=1)
+        cache = self.cache
+        cache.k.index_copy_(0, ctx.positions, k)
+        cache.v.index_copy_(0, ctx.positions, v)
+        out = causal_attention(q, cache.k[: ctx.kv_len], cache.v[: ctx.kv_len], ctx.positions, self.scale,
+                               ctx.all_visible, self.window, w["sinks"])
+        return F.linear(out, w["o_proj"], w["o_bias"])
 
 
-def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float,
-          scoring: str = "softmax", correction: torch.Tensor | None = None, n_group: int = 1,
-          topk_group: int = 1, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] -> (weights [T, K] float32, expert ids [T, K]), in selection order: by weight,
-    descending; with a correction bias (sigmoid scoring), by corrected score, which the weights need
-    not follow. The first little_k are the little set, so the big-little policies act on the order
-    the model chooses in.
-
-    scoring (mobile.spec.MoESpec): softmax; sigmoid with its correction bias [E] and groups
-    (sigmoid_topk); or softmax_topk (route_topk_softmax). bias [E]: the router's own bias, where it
-    has one (gpt-oss). Logits and scores run in float32, as DeepSeek does (identical for float32
-    models); the renormalization and the routed scaling follow the choice, as in transformers' routers.
-    """
-    logits = F.linear(x.float(), router_w.float(), None if bias is None else bias.float())  # [T, E]
-    if scoring == "softmax_topk":
-        weights, ids = route_topk_softmax(logits, top_k)
-        return (weights * scaling if scaling != 1 else weights), ids
-    if scoring == "sigmoid":
-        weights, ids = sigmoid_topk(logits, top_k, correction, n_group, topk_group)
-    else:
-        weights, ids = torch.topk(logits.softmax(dim=-1), top_k, dim=-1)  # [T, K]
-    if norm_topk_prob:
-        # + 1e-20 as DeepSeek-V3 writes it: a guard for sigmoid scores that all underflow; below
-        # float32's resolution for any softmax top-k (whose sum is at least k / E)
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return (weights * scaling if scaling != 1 else weights), ids
+# DeepSeek's q_a and kv_a norms (V2 and V3, and transformers' ports) keep RMSNorm's default eps
+# whatever rms_norm_eps says (Kimi-K2.5 sets 1e-5)
+MLA_LATENT_NORM_EPS = 1e-6
 
 
-def sigmoid_topk(logits: torch.Tensor, top_k: int, correction: torch.Tensor | None, n_group: int,
-                 topk_group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3's router choice (noaux_tc; GLM-4.5 too): logits [T, E] -> (sigmoid scores [T, K],
-    ids [T, K]), sorted by the corrected score (scores + correction), which chooses; the scores
-    returned are the uncorrected ones. With n_group > 1, only the topk_group groups whose top-2
-    corrected scores sum highest are chosen from."""
-    scores = logits.sigmoid()  # [T, E]
-    choice = scores if correction is None else scores + correction.float()
-    if n_group > 1:
-        T, E = choice.shape
-        group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
-        best = torch.topk(group_scores, topk_group, dim=-1).indices  # [T, topk_group]
-        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-        choice = choice.masked_fill(~allowed.repeat_interleave(E // n_group, dim=1), float("-inf"))
-    ids = torch.topk(choice, top_k, dim=-1).indices  # [T, K], best corrected score first
-    return scores.gather(1, ids), ids
+class LatentAttention:
+    """One layer's multi-head latent attention (DeepSeek's MLA): the KV cache holds the compressed
+    latent [L, 1, r] (in k) and the shared rope key [L, 1, rd] (in v). A kernel: (ctx, x) -> [T, H]."""
+
+    def __init__(self, spec, w: dict, cache, scale: float):
+        a = spec.model.attention
+        self.w, self.cache, self.scale = w, cache, scale
+        self.n, self.nope, self.rd, self.dv, self.r = (a.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim,
+                                                       a.v_head_dim, a.kv_lora_rank)
+
+    def __call__(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        w, n, nope, rd, dv, r, eps, T = (self.w, self.n, self.nope, self.rd, self.dv, self.r, MLA_LATENT_NORM_EPS,
+                                         x.shape[0])
+        if w["q_proj"] is not None:
+            q = F.linear(x, w["q_proj"])
+        else:
+            q = F.linear(rms_norm(F.linear(x, w["q_a_proj"]), w["q_a_norm"], eps), w["q_b_proj"])
+        q_nope, q_pe = q.view(T, n, nope + rd).split([nope, rd], dim=-1)
+        latent, k_pe = F.linear(x, w["kv_a_proj"]).split([r, rd], dim=-1)
+        latent = rms_norm(latent, w["kv_a_norm"], eps)  # [T, r]: what the cache keeps
+        q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, interleaved=True)
+        k_pe = apply_rope(k_pe.view(T, 1, rd), ctx.cos, ctx.sin, interleaved=True)
+        cache = self.cache
+        cache.k.index_copy_(0, ctx.positions, latent.view(T, 1, r))
+        cache.v.index_copy_(0, ctx.positions, k_pe)
+        L = ctx.kv_len
+        kv = F.linear(cache.k[:L, 0], w["kv_b_proj"]).view(L, n, nope + dv)  # expand the latents
+        k_nope, v = kv.split([nope, dv], dim=-1)
+        k = torch.cat((k_nope, cache.v[:L].expand(L, n, rd)), dim=-1)
+        out = causal_attention(torch.cat((q_nope, q_pe), dim=-1), k, v, ctx.positions, self.scale)
+        return F.linear(out, w["o_proj"])
 
 
-def route_topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """gpt-oss's router choice: the top-k of the logits (its bias included), then a softmax over
-    those k only, so the weights sum to 1. logits [T, E] -> (weights [T, K] float32, ids [T, K])."""
-    top, ids = torch.topk(logits, top_k, dim=-1)  # [T, K], sorted descending
-    return top.softmax(dim=-1), ids
+def attention_scale(spec) -> float:
+    """The softmax scale of the model's attention (MLA's with yarn rope: scaled by mscale squared)."""
+    a = spec.model.attention
+    if a.kind != "mla":
+        return a.head_dim ** -0.5
+    scale = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5
+    r = spec.model.rope
+    if r.type != "default" and r.mscale_all_dim:
+        scale *= _yarn_mscale(r.factor, r.mscale_all_dim) ** 2
+    return scale
 
 
-def little_weights(weights: torch.Tensor, k: int) -> torch.Tensor:
-    """weights [T, K] in selection order -> [T, k], rescaled to carry the big set's total weight."""
-    little = weights[:, :k]
-    return little * (weights.sum(dim=-1, keepdim=True) / little.sum(dim=-1, keepdim=True))
+def shared_expert(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                  sigmoid_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """A MoE layer's shared expert: a dense SwiGLU, scaled by sigmoid(x @ gate) where it has one (Qwen-MoE)."""
+    y = swiglu(x, gate, up, down)
+    return y if sigmoid_gate is None else torch.sigmoid(F.linear(x, sigmoid_gate)) * y
 
 
-def expert_choice(weights: torch.Tensor, little_k: int, layer_tau: float | None, rescale: bool,
-                  rule: str = "switch") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Which of the top-K experts a little-pass token uses at one layer, and with what weights.
+class LMHead:
+    """A kernel: (ctx, the final norm's output [T, H]) -> float32 logits [T, V] ([1, V] when the
+    context wants the last position only)."""
 
-    weights [T, K] in selection order (route) -> (weights [T, K'], keep [T, K'] or None). Without a layer
-    rule (layer_tau None): the top little_k, K' = little_k. With one, K' = K and `keep` is
-    rule_keep's. rescale: the kept experts carry the big set's total weight; else the router's own.
-    """
-    if layer_tau is None:
-        little = weights[:, :little_k]
-        return (little_weights(weights, little_k) if rescale else little), None
-    keep = rule_keep(weights, little_k, layer_tau, rule)
-    return kept_weights(weights, keep, rescale), keep
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def __call__(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x[-1:] if ctx.last_only else x, self.weight).float()
 
 
-def rule_keep(weights: torch.Tensor, little_k: int, layer_tau: float, rule: str) -> torch.Tensor:
-    """The per-layer rule: weights [T, K] in selection order (route) -> keep [T, K] bool. Each token keeps
-    - switch: its little set (the first little_k) when that carries at least `layer_tau` of the big
-      set's router mass, else the whole big set;
-    - prefix: the fewest first experts, at least little_k, that carry at least `layer_tau` of it.
-    "First" is the router's order: by weight, or by corrected score where the router has a
-    correction bias (then a prefix is the model's own preference, not the heaviest experts).
-    """
-    K = weights.shape[1]
-    share = weights.cumsum(-1) / weights.sum(-1, keepdim=True)  # [T, K]: mass of the top 1..K
-    if rule == "prefix":
-        n = ((share < layer_tau).sum(-1, keepdim=True) + 1).clamp(little_k, K)  # first n reaching tau
-    else:
-        n = torch.where(share[:, little_k - 1:little_k] >= layer_tau, little_k, K)
-    return torch.arange(K, device=weights.device)[None, :] < n  # [T, K]
-
-
-def kept_weights(weights: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """weights [T, K] with the pairs that `keep` drops zeroed; rescale: the kept ones then carry the
-    big set's total weight, else the router's own weights."""
-    kept = weights.masked_fill(~keep, 0.0)
-    if rescale:
-        kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
-    return kept
+# -- the importance gate ------------------------------------------------------------------
 
 
 def confidence(logits: torch.Tensor, signal: str) -> torch.Tensor:

@@ -1,13 +1,13 @@
-"""Quantized checkpoints: `mobile quantize`, and reading one back.
+"""Quantized checkpoints: `mobile quantize` (mobile.moe.rows reads them back).
 
-A quantized checkpoint is a Hugging Face folder whose routed experts are packed (mobile.quant).
+A quantized checkpoint is a Hugging Face folder whose routed experts are packed (mobile.moe.quant).
 Its config.json records the format:
 
     "quantization_config": {"quant_method": "mobile", "format": "int4", "group_size": 64,
                             "layout_version": 1, "modules": "routed experts"}
 
 Each routed expert projection `P.weight` becomes `P.qweight`, `P.scales` and (int4) `P.zeros`,
-input-major (mobile.quant). Every other tensor is copied as it was; the tokenizer and generation
+input-major (mobile.moe.quant). Every other tensor is copied as it was; the tokenizer and generation
 files are copied too.
 """
 
@@ -24,61 +24,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mobile import formats, quant
+from mobile import formats
 from mobile.errors import CheckpointError, MobileError
 from mobile.families import spec_from_hf_config
+from mobile.moe import quant
+from mobile.moe.rows import dtype_name, input_major, packed_names
 from mobile.outputs import check_folder, new_folder
-from mobile.spec import Spec, load_spec, spec_from_dict
-from mobile.weights import QUANT_METHOD, SAFETENSORS_DTYPES, WeightStore, expert_tensor_names
-
-
-def packed_names(name: str) -> dict[str, str]:
-    """A native expert tensor's name -> the names of its packed parts (q, scale, zero)."""
-    base = name[: -len(".weight")] if name.endswith(".weight") else name
-    return {"q": f"{base}.qweight", "scale": f"{base}.scales", "zero": f"{base}.zeros"}
-
-
-# -- reading packed experts -------------------------------------------------------------------
-
-
-def load_packed_expert(spec: Spec, store: WeightStore, layout: quant.Layout, names: dict[str, str]) -> torch.Tensor:
-    """One expert's packed row from a quantized checkpoint; names: projection -> its native name.
-    Every part is checked: present, the layout's dtype and shape, finite scales and zeros."""
-    parts: dict[str, quant.Packed] = {}
-    for proj, name in names.items():
-        rows, cols = _input_major(spec, proj)
-        expect = quant.part_shapes(layout.fmt, layout.group, rows, cols)
-        got = {}
-        for part, pname in packed_names(name).items():
-            if part not in expect:
-                continue
-            dtype, shape = expect[part]
-            if pname not in store:
-                raise CheckpointError(f"tensor {pname!r} not found: the checkpoint says it holds {layout.fmt} experts "
-                                      f"(group size {layout.group}), which need it", where=store.dir, key=pname)
-            info = store.info(pname)
-            if info.dtype != dtype or info.shape != shape:
-                raise CheckpointError(f"tensor {pname!r} is {_dtype_name(info.dtype)} {list(info.shape)}, the "
-                                      f"{layout.fmt} format with group size {layout.group} needs {_dtype_name(dtype)} "
-                                      f"{list(shape)}", where=info.file, key=pname)
-            t = store.get(pname)
-            if part != "q" and not bool(torch.isfinite(t).all()):
-                raise CheckpointError(f"tensor {pname!r} holds NaN or infinite values: a corrupt "
-                                      f"{'scale' if part == 'scale' else 'zero'} tensor", where=info.file, key=pname)
-            got[part] = t
-        parts[proj] = quant.Packed(got["q"], got["scale"], got.get("zero"))
-    return layout.pack(quant.concat(parts["expert_gate"], parts["expert_up"]), parts["expert_down"])
-
-
-def _input_major(spec: Spec, proj: str) -> tuple[int, int]:
-    """(in, out) of a routed expert projection."""
-    h, i = spec.model.hidden_size, spec.model.moe.intermediate_size
-    return (i, h) if proj == "expert_down" else (h, i)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next((k for k, v in SAFETENSORS_DTYPES.items() if v == dtype), str(dtype))
-
+from mobile.spec import load_spec, spec_from_dict
+from mobile.weights import QUANT_METHOD, WeightStore, expert_tensor_names
 
 # -- writing ----------------------------------------------------------------------------------
 
@@ -122,7 +75,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
     for layer_experts in experts.values():
         for per_e in layer_experts:
             for proj, name in per_e.items():
-                shapes = quant.part_shapes(fmt, group, *_input_major(spec, proj))
+                shapes = quant.part_shapes(fmt, group, *input_major(spec, proj))
                 entries += [(packed_names(name)[part], dtype, shape) for part, (dtype, shape) in shapes.items()]
 
     def tensors() -> Iterator[torch.Tensor]:
@@ -158,7 +111,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[in
     offset = 0
     for name, dtype, shape in entries:
         size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned

@@ -86,7 +86,7 @@ class MoESpec:
     routed_scaling_factor: float = 1.0
     # softmax: the top-k of softmax(logits) (renormalized with norm_topk_prob). sigmoid (DeepSeek-V3,
     # GLM-4.5): the top-k of sigmoid(logits), chosen by the corrected score and group-limited below.
-    # softmax_topk (gpt-oss): the top-k of the logits, then a softmax over those k only (mobile.ops.route)
+    # softmax_topk (gpt-oss): the top-k of the logits, then a softmax over those k only (mobile.moe.router)
     scoring: Literal["softmax", "sigmoid", "softmax_topk"] = "softmax"
     # the checkpoint's per-expert e_score_correction_bias, added to the scores for choosing experts
     # only: the weights stay the uncorrected scores (sigmoid scoring only)
@@ -96,7 +96,7 @@ class MoESpec:
     n_group: int = 1
     topk_group: int = 1
     router_bias: bool = False  # the router is a linear layer with a bias (gpt-oss)
-    # each routed expert's gate_up and down projections have biases, which travel in its row (mobile.quant)
+    # each routed expert's gate_up and down projections have biases, which travel in its row (mobile.moe.quant)
     expert_bias: bool = False
     # the routed experts' activation. swiglu: down(silu(gate) * up); clamped_swiglu (gpt-oss): the
     # gate clamped above at swiglu_limit, up to [-swiglu_limit, swiglu_limit], then
@@ -152,7 +152,7 @@ class PolicySpec:
     signal: Literal["max_prob", "entropy", "margin"] = "max_prob"
     tau: float = 0.0
     layer_tau: float | None = 0.85
-    # how the per-layer rule picks a token's experts (mobile.ops.expert_choice): switch, the little
+    # how the per-layer rule picks a token's experts (mobile.moe.rule.KeepRule): switch, the little
     # set or the whole big set; prefix, the fewest top experts (at least little_k) that carry
     # layer_tau of the big set's mass. auto: prefix for mobile, where it measured 6-8% fewer bytes
     # at the same quality (docs/big-little-quality.md); switch for layer-mass, as DESIGN.md defines that policy
@@ -173,7 +173,7 @@ class PolicySpec:
     # S_k) that are already in the device cache. They cost no transfer, only compute; quality then
     # depends on the cache. `little` stays the pure top-k/2 bound.
     cached_complement: bool = True
-    # which cached expert a miss evicts (mobile.slots): lru, or lfu (fewest recent uses, decayed).
+    # which cached expert a miss evicts (mobile.moe.slots): lru, or lfu (fewest recent uses, decayed).
     # auto: lru for the baselines named after it (ondemand, lru, lru-prefetch), lfu for the
     # big-little policies, where it measured fewer misses and faster decoding (docs/eviction.md)
     eviction: Literal["auto", "lru", "lfu"] = "auto"
@@ -248,7 +248,7 @@ CudaGraphs = Literal["auto", "on", "off"]
 @dataclass(frozen=True)
 class RuntimeSpec:
     device: str = "cpu"
-    # how routed experts are stored, moved and cached (mobile.quant): native is the spec's dtype;
+    # how routed experts are stored, moved and cached (mobile.moe.quant): native is the spec's dtype;
     # int8 and int4 are packed, and dequantized inside the expert op
     expert_format: ExpertFormat = "native"
     # groups of this many input rows share a scale (and an int4 zero); default: 64 for int4, one

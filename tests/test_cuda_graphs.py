@@ -17,8 +17,8 @@ from conftest import run_cli
 
 import mobile
 from mobile.compiler import compile_to_dir
+from mobile.context import StepContext
 from mobile.errors import MobileError, SpecError
-from mobile.executor import StepContext
 from mobile.graphs import GraphRunner, kv_bucket
 from mobile.hostio import HostReader
 from mobile.ir import Node, Op

@@ -20,9 +20,9 @@ from test_vs_transformers import test_logits_match as logits_match
 from tiny import SIGMOID_VARIANTS, build_tiny_sigmoid
 
 import mobile
-from mobile import ops
 from mobile.errors import SpecError
 from mobile.families import spec_from_hf_config
+from mobile.moe import router as routing
 from mobile.spec import load_spec, spec_from_dict
 
 PROMPT = torch.randint(3, 97, (24,), generator=torch.Generator().manual_seed(1))
@@ -68,7 +68,7 @@ def test_imported_variants_carry_their_quirks(sigmoid_tiny):
 
 @pytest.mark.parametrize("n_group, topk_group", [(4, 2), (1, 1)])
 def test_router_matches_transformers_and_orders_by_corrected_score(n_group, topk_group):
-    """ops.route against transformers' DeepseekV3TopkRouter: the same experts with the same weights
+    """mobile.moe.router.route against transformers' DeepseekV3TopkRouter: the same experts with the same weights
     (transformers leaves them unordered); ours are ordered by corrected score, which the weights
     need not follow, and the bias does change the choice."""
     import transformers as tf
@@ -83,14 +83,15 @@ def test_router_matches_transformers_and_orders_by_corrected_score(n_group, topk
     x = torch.randn(64, 32)
     with torch.no_grad():
         _, ref_w, ref_ids = router(x)
-    w, ids = ops.route(x, router.weight, 4, True, 2.5, "sigmoid", router.e_score_correction_bias, n_group, topk_group)
+    bias = router.e_score_correction_bias
+    w, ids = routing.route(x, router.weight, 4, True, 2.5, "sigmoid", bias, n_group, topk_group)
     order = ref_ids.argsort(dim=-1)
     assert torch.equal(ids.sort(dim=-1).values, ref_ids.gather(1, order))
     torch.testing.assert_close(w.gather(1, ids.argsort(dim=-1)), ref_w.gather(1, order), atol=1e-6, rtol=1e-6)
     corrected = torch.sigmoid(x @ router.weight.T) + router.e_score_correction_bias
     assert (corrected.gather(1, ids).diff(dim=-1) <= 0).all()  # best corrected score first
     assert (w.diff(dim=-1) > 0).any()  # ... which is not always the heaviest first
-    _, unbiased = ops.route(x, router.weight, 4, True, 2.5, "sigmoid", None, n_group, topk_group)
+    _, unbiased = routing.route(x, router.weight, 4, True, 2.5, "sigmoid", None, n_group, topk_group)
     assert not torch.equal(unbiased.sort(dim=-1).values, ids.sort(dim=-1).values)
 
 

@@ -22,9 +22,14 @@ from safetensors.torch import load_file, save_file
 from tiny import build_tiny_gpt_oss, gpt_oss_config
 
 import mobile
-from mobile import moe, mxfp4, quant
+from mobile import mxfp4
 from mobile.errors import CheckpointError, SpecError
 from mobile.families import spec_from_hf_config
+from mobile.moe import native, quant
+from mobile.moe.layout import ExpertMLP, arena_views, bias_views
+from mobile.moe.op import ExpertKind
+from mobile.moe.reference import reference
+from mobile.moe.rule import KeepRule
 from mobile.ops import rope_inv_freq
 from mobile.spec import RopeSpec, load_spec, spec_from_dict
 
@@ -272,7 +277,7 @@ def test_mxfp4_experts_repack_as_int4(tiny_mxfp4, tmp_path):
 def biased_layer(T: int, K: int, fmt: str = "native", H: int = 40, inter: int = 24, seed: int = 0):
     """A layer of 6 slots of experts with biases and the clamped SwiGLU (limit 0.5: it clamps)."""
     g = torch.Generator().manual_seed(seed)
-    mlp = moe.ExpertMLP(H, inter, bias=True, act="clamped_swiglu", alpha=1.702, limit=0.5)
+    mlp = ExpertMLP(H, inter, bias=True, act="clamped_swiglu", alpha=1.702, limit=0.5)
     S, E = 6, 8
     arena = torch.randn(S, quant.native_row_elems(H, inter, True), generator=g) * 0.3
     x = torch.randn(T, H, generator=g)
@@ -284,20 +289,20 @@ def biased_layer(T: int, K: int, fmt: str = "native", H: int = 40, inter: int = 
 @pytest.mark.parametrize("T,K", [(1, 3), (5, 2), (17, 4)])
 def test_native_paths_with_biases_match_the_reference(T, K):
     x, weights, ids, slot_map, arena, mlp = biased_layer(T, K)
-    w, slots = moe.pairs(weights, ids, slot_map, "prefix", 2, 0.6, False, True)
+    rule = KeepRule("prefix", 2, 0.6, cached=True)
+    w, slots = rule.pairs(weights, ids, slot_map)
     assert (slots < 0).any()
-    ref = moe.reference(x, w, slots, arena, mlp)
-    for path in (moe._gathered, moe.native):
+    ref = reference(x, w, slots, arena, mlp)
+    for path in (native._gathered, native.native):
         torch.testing.assert_close(path(x, w, slots, arena, mlp), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(moe._grouped(x, w, slots, arena, mlp.inter, True, mlp.act, mlp.alpha, mlp.limit), ref,
+    torch.testing.assert_close(native._grouped(x, w, slots, arena, mlp.inter, True, mlp.act, mlp.alpha, mlp.limit), ref,
                                rtol=1e-5, atol=1e-5)
     if T == 1:
-        torch.testing.assert_close(moe._bagged(x, w, slots, arena, mlp), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(native._bagged(x, w, slots, arena, mlp), ref, rtol=1e-5, atol=1e-5)
     # the op itself, from the route
-    out = torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, "prefix", 2, 0.6, False, True, "native", 0,
-                                       mlp.inter, True, mlp.act, mlp.alpha, mlp.limit)
+    out = torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, rule.text, ExpertKind("native", 0, mlp).text)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    plain = moe.reference(x, w, slots, arena, moe.ExpertMLP(mlp.hidden, mlp.inter, bias=True))
+    plain = reference(x, w, slots, arena, ExpertMLP(mlp.hidden, mlp.inter, bias=True))
     assert (plain - ref).abs().max() > 1e-2  # the activation made a difference
 
 
@@ -307,17 +312,17 @@ def test_packed_experts_keep_their_biases(fmt, group, T):
     """int8 / int4 rows carry the biases as float16, unquantized; the op matches dequantize-then-reference."""
     x, weights, ids, slot_map, arena, mlp = biased_layer(T, 3)
     layout = quant.Layout(fmt, group, mlp.hidden, mlp.inter, bias=True)
-    gate_up, down = moe.arena_views(arena, mlp.hidden, mlp.inter)
-    gu_bias, down_bias = moe.bias_views(arena, mlp)
+    gate_up, down = arena_views(arena, mlp.hidden, mlp.inter)
+    gu_bias, down_bias = bias_views(arena, mlp)
     rows = torch.stack([quant.quantize_matrices(layout, gate_up[s], down[s], (gu_bias[s], down_bias[s]))
                         for s in range(arena.shape[0])])
     dense = layout.dequantize_rows(rows, torch.float32)
-    torch.testing.assert_close(moe.bias_views(dense, mlp)[0], gu_bias.half().float())
-    torch.testing.assert_close(moe.bias_views(dense, mlp)[1], down_bias.half().float())
-    out = torch.ops.mobile.moe_experts(x, weights, ids, slot_map, rows, "top", 3, 0.0, False, False, fmt, group,
-                                       mlp.inter, True, mlp.act, mlp.alpha, mlp.limit)
-    w, slots = moe.pairs(weights, ids, slot_map, "top", 3, 0.0, False, False)
-    torch.testing.assert_close(out, moe.reference(x, w, slots, dense, mlp), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias_views(dense, mlp)[0], gu_bias.half().float())
+    torch.testing.assert_close(bias_views(dense, mlp)[1], down_bias.half().float())
+    out = torch.ops.mobile.moe_experts(x, weights, ids, slot_map, rows, KeepRule.big(3).text,
+                                       ExpertKind(fmt, group, mlp).text)
+    w, slots = KeepRule.big(3).pairs(weights, ids, slot_map)
+    torch.testing.assert_close(out, reference(x, w, slots, dense, mlp), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="biases are packed exactly when"):
         layout.pack(quant.quantize(gate_up[0], fmt, group), quant.quantize(down[0], fmt, group))
 
@@ -327,12 +332,12 @@ def test_int4_rows_hold_the_checkpoints_experts(tiny):
     matrices within int4's rounding and its biases as float16, and the model runs on them."""
     engine = mobile.Engine.load(tiny.graph, expert_format="int4", expert_group_size=16)
     native = mobile.Engine.load(tiny.graph)
-    mlp = moe.ExpertMLP(32, 32, bias=True)
+    mlp = ExpertMLP(32, 32, bias=True)
     dense = quant.Layout("int4", 16, 32, 32, bias=True).dequantize_rows(engine.experts.arena(1), torch.float32)
     ref = native.experts.arena(1)
-    for ours, theirs in zip(moe.bias_views(dense, mlp), moe.bias_views(ref, mlp), strict=True):
+    for ours, theirs in zip(bias_views(dense, mlp), bias_views(ref, mlp), strict=True):
         torch.testing.assert_close(ours, theirs.half().float(), rtol=0, atol=0)
-    for ours, theirs in zip(moe.arena_views(dense, 32, 32), moe.arena_views(ref, 32, 32), strict=True):
+    for ours, theirs in zip(arena_views(dense, 32, 32), arena_views(ref, 32, 32), strict=True):
         step = theirs.abs().amax() / 15  # an int4 step at most (a group's range over 15)
         assert (ours - theirs).abs().max() <= step
     assert torch.isfinite(engine.logits(PROMPT)).all()

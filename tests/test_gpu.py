@@ -154,7 +154,7 @@ def test_compiled_graphs_replay_without_recompiles(tiny):
 
 
 def test_a_segment_that_syncs_is_run_eagerly_not_captured():
-    from mobile.executor import StepContext
+    from mobile.context import StepContext
     from mobile.graphs import GraphRunner
     from mobile.ir import Node, Op
 

@@ -1,4 +1,4 @@
-"""Every Triton kernel of kernels/moe.py compiles for the GPUs mobile targets, with no GPU here.
+"""Every Triton kernel of kernels/experts.py compiles for the GPUs mobile targets, with no GPU here.
 
 Triton's CPU interpreter (tests/test_kernels.py) runs the kernels' arithmetic but never compiles
 them; triton.compile with a GPUTarget runs the real compiler, down to ptxas and a cubin, for
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import triton
-from mobile.kernels import moe as kernels
+from mobile.kernels import experts as kernels
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 

@@ -4,7 +4,7 @@ Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (conftest.py sets 
 Shapes are odd on purpose: H and I are not multiples of the block size, and the cases cover
 T = 1, 3, 17, 64; K = 1, 2, 8; E = 8 and 60; absent experts (slot -1) and experts the keep rule
 drops. The GPU variants run the same checks eager, compiled and replayed from a CUDA graph.
-Packed experts (int8, int4: mobile.quant) are checked against dequantize-then-matmul, at shapes
+Packed experts (int8, int4: mobile.moe.quant) are checked against dequantize-then-matmul, at shapes
 their group sizes divide.
 """
 
@@ -13,11 +13,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mobile import moe, quant
-from mobile.ops import expert_choice
+from mobile.moe import native, quant
+from mobile.moe.cache import decode_status
+from mobile.moe.layout import ExpertMLP, arena_views, bias_views
+from mobile.moe.op import ExpertKind
+from mobile.moe.reference import reference
+from mobile.moe.rule import KeepRule
 
 triton = pytest.importorskip("triton")
-from mobile.kernels import moe as kernels  # noqa: E402
+from mobile.kernels import experts as kernels  # noqa: E402
 
 H, INTER, BLOCK = 40, 24, 16  # neither a multiple of BLOCK
 # (T, K, E, dtype); every value of T, K and E and every dtype appears
@@ -55,7 +59,12 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
 
 def slots_of(weights, ids, slot_map, rule="prefix", cached=True):
     """The pairs the op runs (its own rule), so the kernels see absent and dropped experts."""
-    return moe.pairs(weights, ids, slot_map, rule, max(1, ids.shape[1] // 2), 0.6, False, cached)
+    return KeepRule(rule, max(1, ids.shape[1] // 2), 0.6, False, cached).pairs(weights, ids, slot_map)
+
+
+def kind(hidden: int = H, inter: int = INTER) -> str:
+    """The op's expert argument for native SwiGLU experts without biases."""
+    return ExpertKind("native", 0, ExpertMLP(hidden, inter)).text
 
 
 def kernel_cases():
@@ -74,24 +83,24 @@ def test_triton_kernels_match_the_reference(T, K, E, dtype, variant):
     assert (slots >= 0).any() and ((slots < 0).any() or T * K < 4)  # some run; absent or dropped ones too
     out = kernels.experts(x, w, slots, arena, variant=variant, block=BLOCK)
     assert out.dtype == dtype and out.shape == x.shape
-    assert_close(out, moe.reference(x, w, slots, arena), dtype)
+    assert_close(out, reference(x, w, slots, arena), dtype)
 
 
 @pytest.mark.parametrize("T,K,E,dtype", CASES)
 def test_native_paths_match_the_reference(T, K, E, dtype):
     x, weights, ids, slot_map, arena = layer(T, K, E, dtype)
     w, slots = slots_of(weights, ids, slot_map)
-    ref = moe.reference(x, w, slots, arena)
-    assert_close(moe.native(x, w, slots, arena), ref, dtype)
-    assert_close(moe._gathered(x, w, slots, arena), ref, dtype)
+    ref = reference(x, w, slots, arena)
+    assert_close(native.native(x, w, slots, arena), ref, dtype)
+    assert_close(native._gathered(x, w, slots, arena), ref, dtype)
     if T == 1:
-        assert_close(moe._bagged(x, w, slots, arena), ref, dtype)
-    assert_close(moe._grouped(x, w, slots, arena), ref, dtype)
+        assert_close(native._bagged(x, w, slots, arena), ref, dtype)
+    assert_close(native._grouped(x, w, slots, arena), ref, dtype)
 
 
 def packed(layout: quant.Layout, arena: torch.Tensor) -> torch.Tensor:
     """A native arena [S, 3*H*I] -> the same experts quantized, one packed row per slot [S, row_bytes]."""
-    gate_up, down = moe.arena_views(arena, layout.hidden)
+    gate_up, down = arena_views(arena, layout.hidden)
     return torch.stack([quant.quantize_matrices(layout, gu, d) for gu, d in zip(gate_up, down, strict=True)])
 
 
@@ -115,7 +124,7 @@ def run_packed_test(fmt: str, group: int, hidden: int, inter: int, block: int, T
     slots[-1, -1] = -1  # a dropped pair whatever the route, its weight left as it was
     out = kernels.experts(x, w, slots, rows, variant=variant, block=block, layout=layout)
     assert out.dtype == dtype and out.shape == x.shape
-    assert_close(out, moe.reference(x, w, slots, layout.dequantize_rows(rows, torch.float32)), dtype)
+    assert_close(out, reference(x, w, slots, layout.dequantize_rows(rows, torch.float32)), dtype)
 
 
 @pytest.mark.parametrize("variant", ["decode", "grouped"])
@@ -131,26 +140,35 @@ def test_native_path_at_an_odd_hidden_size():
     arena = torch.randn(6, 3 * 33 * 17, generator=g)
     x, w = torch.randn(3, 33, generator=g), torch.rand(3, 2, generator=g)
     slots = torch.tensor([[0, -1], [5, 2], [-1, -1]])
-    torch.testing.assert_close(moe.native(x, w, slots, arena), moe.reference(x, w, slots, arena))
+    torch.testing.assert_close(native.native(x, w, slots, arena), reference(x, w, slots, arena))
     out = kernels.experts(x, w, slots, arena, variant="decode", block=BLOCK)
-    torch.testing.assert_close(out, moe.reference(x, w, slots, arena), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, reference(x, w, slots, arena), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rule,cached", [("top", False), ("switch", False), ("prefix", False), ("prefix", True),
                                          ("top", True)])
 def test_the_op_decides_which_experts_run(rule, cached):
-    """The op's keep rule against one written token by token from ops.expert_choice: little set,
-    switch or prefix rule, plus (cached) every other routed expert the slot map holds."""
+    """The op's keep rule against one written token by token: the little set, the switch or the
+    prefix rule, plus (cached) every other routed expert the slot map holds."""
     T, K, E = 9, 4, 16
     x, weights, ids, slot_map, arena = layer(T, K, E, torch.float32, seed=2)
     slot_map[ids[:, :2].flatten()] = torch.arange(2 * T) % arena.shape[0]  # what the rule asks for is present
-    out = torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, rule, 2, 0.7, False, cached)
-    _, keep = expert_choice(weights, 2, None if rule == "top" else 0.7, False, "switch" if rule == "top" else rule)
-    keep = torch.arange(K)[None, :] < 2 if keep is None else keep
+    out = torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, KeepRule(rule, 2, 0.7, False, cached).text,
+                                       kind())
+    keep = torch.zeros(T, K, dtype=torch.bool)
+    for t in range(T):  # the first 2, then (switch) all or (prefix) as many as reach 0.7 of the mass
+        share = (weights[t].cumsum(0) / weights[t].sum()).tolist()
+        if rule == "top":
+            n = 2
+        elif rule == "switch":
+            n = 2 if share[1] >= 0.7 else K
+        else:
+            n = max(2, next(i + 1 for i, v in enumerate(share) if v >= 0.7 or i == K - 1))
+        keep[t, :n] = True
     if cached:
         keep = keep | (slot_map[ids] >= 0)
     slots = torch.where(keep, slot_map[ids], -1)
-    torch.testing.assert_close(out, moe.reference(x, weights.masked_fill(~keep, 0), slots, arena))
+    torch.testing.assert_close(out, reference(x, weights.masked_fill(~keep, 0), slots, arena))
 
 
 def test_align_places_every_pair_once_in_blocks_of_one_slot():
@@ -169,13 +187,13 @@ def test_align_places_every_pair_once_in_blocks_of_one_slot():
             assert (slots.flatten()[members.long()] == s).all()
 
 
-def test_fetch_status_is_what_the_op_runs():
-    """The host learns from fetch_status exactly the experts the op will read: those it must fetch
+def test_the_status_is_what_the_op_runs():
+    """The host learns from the rule's status exactly the experts the op will read: those it must fetch
     (chosen, absent), and those already there (chosen, or taken for free)."""
     x, weights, ids, slot_map, arena = layer(5, 4, 16, torch.float32, seed=4)
-    status = moe.fetch_status(weights, ids, slot_map, "prefix", 2, 0.7, True)
-    cached, missing, free = moe.decode_status(status.tolist(), 16)
-    chosen = moe.chosen(weights, "prefix", 2, 0.7)
+    rule = KeepRule("prefix", 2, 0.7, cached=True)
+    cached, missing, free = decode_status(rule.status(weights, ids, slot_map).tolist(), 16)
+    chosen = rule.keep(weights)
     assert set(missing) == {int(e) for e in ids[chosen] if slot_map[e] < 0}
     present = slot_map[ids] >= 0
     assert set(cached) == {int(e) for e in ids[present]} and free == len(set(cached) - set(ids[chosen].tolist()))
@@ -186,9 +204,10 @@ def test_fetch_status_is_what_the_op_runs():
 def run_moe_test(T: int, K: int, E: int, dtype: torch.dtype, mode: str) -> None:
     x, weights, ids, slot_map, arena = layer(T, K, E, dtype, device="cuda")
     op = torch.ops.mobile.moe_experts
-    args = ("prefix", max(1, K // 2), 0.6, False, True)
-    w, slots = moe.pairs(weights, ids, slot_map, *args[:3], False, True)
-    ref = moe.reference(x, w, slots, arena)
+    rule = KeepRule("prefix", max(1, K // 2), 0.6, False, True)
+    args = (rule.text, kind())
+    w, slots = rule.pairs(weights, ids, slot_map)
+    ref = reference(x, w, slots, arena)
     if mode == "eager":
         out = op(x, weights, ids, slot_map, arena, *args)
     elif mode == "compiled":
@@ -232,8 +251,10 @@ def test_torch_compile_traces_the_op_without_a_graph_break(T):
     x, weights, ids, slot_map, arena = layer(T, 4, 16, torch.float32, seed=5)
     slot_map[ids.flatten()] = torch.arange(ids.numel()) % arena.shape[0]
 
+    rule = KeepRule("prefix", 2, 0.7, cached=True).text
+
     def f(x, weights, ids, slot_map):
-        return torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, "prefix", 2, 0.7, False, True)
+        return torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, rule, kind())
 
     compiled = torch.compile(f, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(x, weights, ids, slot_map), f(x, weights, ids, slot_map))
@@ -248,13 +269,13 @@ BIASED_CASES = [("native", 0, 1, 2, torch.float32, "decode"), ("native", 0, 17, 
                 ("int4", 16, 3, 2, torch.float32, "decode")]
 
 
-def biased_arena(arena: torch.Tensor, mlp: moe.ExpertMLP, seed: int) -> torch.Tensor:
+def biased_arena(arena: torch.Tensor, mlp: ExpertMLP, seed: int) -> torch.Tensor:
     """A native arena without biases -> the same experts in rows that carry random biases."""
     g = torch.Generator().manual_seed(seed)
     H, inter = mlp.hidden, mlp.inter
     rows = torch.zeros(arena.shape[0], quant.native_row_elems(H, inter, True), dtype=arena.dtype)
     rows[:, :3 * H * inter] = arena
-    for view in moe.bias_views(rows, mlp):
+    for view in bias_views(rows, mlp):
         view.copy_(torch.randn(view.shape, generator=g))
     return rows
 
@@ -265,7 +286,7 @@ def test_triton_kernels_add_biases_and_clamp(fmt, group, T, K, dtype, variant):
     float16), the clamped SwiGLU at a limit the values cross, against the reference on the same experts."""
     H, inter = 48, 32
     x, weights, ids, slot_map, arena = layer(T, K, 8, dtype, seed=T * K, hidden=H, inter=inter)
-    mlp = moe.ExpertMLP(H, inter, bias=True, act="clamped_swiglu", alpha=1.702, limit=0.3)
+    mlp = ExpertMLP(H, inter, bias=True, act="clamped_swiglu", alpha=1.702, limit=0.3)
     rows = biased_arena(arena, mlp, seed=T)
     w, slots = slots_of(weights, ids, slot_map)
     if fmt == "native":
@@ -273,14 +294,14 @@ def test_triton_kernels_add_biases_and_clamp(fmt, group, T, K, dtype, variant):
         dense = rows
     else:
         layout = quant.Layout(fmt, group, H, inter, bias=True)
-        gate_up, down = moe.arena_views(rows, H, inter)
-        gu_bias, down_bias = moe.bias_views(rows, mlp)
+        gate_up, down = arena_views(rows, H, inter)
+        gu_bias, down_bias = bias_views(rows, mlp)
         rows = torch.stack([quant.quantize_matrices(layout, gate_up[s], down[s], (gu_bias[s], down_bias[s]))
                             for s in range(rows.shape[0])])
         out = kernels.experts(x, w, slots, rows, variant=variant, block=BLOCK, layout=layout, mlp=mlp)
         dense = layout.dequantize_rows(rows, torch.float32)
     assert out.dtype == dtype and out.shape == x.shape
-    ref = moe.reference(x, w, slots, dense, mlp)
+    ref = reference(x, w, slots, dense, mlp)
     assert_close(out, ref, dtype)
-    unclamped = moe.reference(x, w, slots, dense, moe.ExpertMLP(H, inter, bias=True))
+    unclamped = reference(x, w, slots, dense, ExpertMLP(H, inter, bias=True))
     assert (unclamped.float() - ref.float()).abs().max() > 10 * TOL[dtype] * ref.float().abs().max()

@@ -9,7 +9,7 @@ from tiny import build_tiny
 import mobile
 from mobile.compiler import compile_to_dir
 from mobile.ir import Op
-from mobile.moe import decode_status
+from mobile.moe.cache import decode_status
 
 PROMPT = torch.randint(3, 97, (20,), generator=torch.Generator().manual_seed(4))
 
@@ -73,20 +73,18 @@ def test_cached_complement_never_moves_a_dropped_expert(tiny, tmp_path):
                       slots_per_layer=6)
     engine = mobile.Engine.load(graph, weights=t.ckpt, link_gbps=50.0)
     experts, little_k = engine.experts, engine.spec.little_k
-    routes, fetch, violations = {}, experts.fetch, []
+    fetch, violations = experts.fetch, []
 
-    def note_route(layer, ids, k):
-        routes[layer] = [ids[i:i + k] for i in range(0, len(ids), k)]
-
-    def checked_fetch(layer, entries):
+    def checked_fetch(layer, entries, routes):
+        ids, k = routes  # the big set of each token, K at a time
+        little = {e for i in range(0, len(ids), k) for e in ids[i:i + little_k]}
         table = experts.tables[layer]
         cached, missing, _ = decode_status(entries, experts.num_experts)
         copied = [e for e in cached + missing if e not in table.slot_of]
-        little = {e for row in routes[layer] for e in row[:little_k]}
         violations.extend((layer, e) for e in copied if e not in little)
-        return fetch(layer, entries)
+        return fetch(layer, entries, routes)
 
-    experts.note_route, experts.fetch = note_route, checked_fetch
+    experts.fetch = checked_fetch
     engine.generate(PROMPT, 24, stop_ids=[])
     assert not violations
     assert engine.stats["free_complement_experts"] > 0

@@ -120,19 +120,21 @@ def test_layer_rule_and_layer_mass(tiny, tmp_path):
 
 
 def test_prefix_rule_keeps_the_fewest_top_experts_that_reach_the_mass():
-    from mobile.ops import expert_choice
+    from mobile.moe.rule import KeepRule
 
     weights = torch.tensor([[0.4, 0.15, 0.15, 0.1],   # shares of the total: 0.5, 0.69, 0.88, 1
                             [0.7, 0.05, 0.03, 0.02],  # 0.875 after one: at least little_k = 2 anyway
                             [0.3, 0.3, 0.3, 0.1]])    # 0.3, 0.6, 0.9, 1
-    w, keep = expert_choice(weights, 2, 0.7, rescale=False, rule="prefix")
+    ids, slot_map = torch.arange(4).expand(3, 4), torch.arange(4)  # every expert on the device
+    keep = KeepRule("prefix", 2, 0.7).keep(weights)
     assert keep.tolist() == [[True, True, True, False], [True, True, False, False], [True, True, True, False]]
+    w, _ = KeepRule("prefix", 2, 0.7).pairs(weights, ids, slot_map)
     assert torch.equal(w, weights * keep)
-    _, keep = expert_choice(weights, 2, 0.7, rescale=False, rule="switch")  # little set or all four
+    keep = KeepRule("switch", 2, 0.7).keep(weights)  # little set or all four
     assert keep.tolist() == [[True] * 4, [True, True, False, False], [True] * 4]
-    w, keep = expert_choice(weights, 2, 0.7, rescale=True, rule="prefix")
+    w, _ = KeepRule("prefix", 2, 0.7, rescale=True).pairs(weights, ids, slot_map)
     torch.testing.assert_close(w.sum(-1), weights.sum(-1))  # the kept experts carry the big set's total
-    _, keep = expert_choice(weights, 2, 1.0, rescale=False, rule="prefix")
+    keep = KeepRule("prefix", 2, 1.0).keep(weights)
     assert keep.all()  # a share that never quite reaches 1.0 in float32 still stops at K
 
 

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 import mobile
 from mobile.costs import expert_bytes
 from mobile.errors import SpecError
-from mobile.experts import BigOnlyShadow
 from mobile.ir import Op
-from mobile.slots import CacheFull, SlotTable
+from mobile.moe.shadow import BigOnlyShadow
+from mobile.moe.slots import CacheFull, SlotTable
 
 PROMPT = torch.randint(3, 97, (20,), generator=torch.Generator().manual_seed(3))
 OFFLOAD = ["ondemand", "lru", "lru-prefetch"]
@@ -179,7 +179,7 @@ def test_lfu_keeps_the_often_used_expert_that_lru_would_evict():
 
 
 def test_lfu_uses_decay_ties_go_to_the_least_recent_and_history_survives_eviction():
-    from mobile.slots import LFU_DECAY
+    from mobile.moe.slots import LFU_DECAY
 
     table = SlotTable(main=2, eviction="lfu")
     table.begin_step()
@@ -275,16 +275,13 @@ def test_big_only_estimate_counts_a_kv_refresh_once():
     row) is not mistaken for a prompt, which would resync the estimate with the real cache. Decoded
     tokens are replayed in batches, when the stats are settled."""
     shadow = BigOnlyShadow([0], slots=2, expert_bytes=10)
-    shadow.note(0, [0, 1], 2)
-    shadow.end_forward()
+    shadow.end_forward({0: ([0, 1], 2)})
     assert shadow.bytes == 0 and shadow.flush() == 20  # replayed only when asked
     real = SlotTable(main=2)
     real.access(7)  # the real cache holds another expert: a resync would show
-    shadow.note(0, [2, 3, 4, 5, 0, 1], 2)  # positions t-2, t-1 refreshed; t is [0, 1]
-    shadow.end_forward(tables={0: real}, refreshed=2)
+    shadow.end_forward({0: ([2, 3, 4, 5, 0, 1], 2)}, tables={0: real}, refreshed=2)  # t-2, t-1 refreshed; t: [0, 1]
     assert shadow.flush() == 20 and shadow.tables[0].residents() == [0, 1]
-    shadow.note(0, [2, 3, 4, 5], 2)  # a prompt: replayed at once, whole, then resynced
-    shadow.end_forward(tables={0: real})
+    shadow.end_forward({0: ([2, 3, 4, 5], 2)}, tables={0: real})  # a prompt: replayed at once, whole, then resynced
     assert shadow.bytes == 60 and shadow.tables[0].residents() == [7]
 
 

@@ -12,7 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mobile
-from mobile import moe, quant
+from mobile.moe import native, quant
+from mobile.moe.layout import ExpertMLP, arena_views
+from mobile.moe.op import ExpertKind
+from mobile.moe.reference import reference
+from mobile.moe.rule import KeepRule
 from mobile.weights import WeightStore
 
 PROMPT = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(5))
@@ -79,7 +83,7 @@ def test_a_packed_row_holds_exactly_its_sections(fmt, hidden, inter, seed):
         if getattr(gu, part) is not None:
             assert torch.equal(layout.view(row[None], f"gate_up.{part}")[0], getattr(gu, part))
     # the dequantized row is the native arena layout of the dequantized matrices
-    gate_up, down_w = moe.arena_views(layout.dequantize_rows(row[None], torch.float32), hidden)
+    gate_up, down_w = arena_views(layout.dequantize_rows(row[None], torch.float32), hidden)
     torch.testing.assert_close(gate_up[0], quant.dequantize(gu, fmt, layout.group))
     torch.testing.assert_close(down_w[0], quant.dequantize(quant.quantize(down.T, fmt, layout.group), fmt,
                                                           layout.group))
@@ -99,7 +103,7 @@ def packed_arena(layout: quant.Layout, slots: int, seed: int = 0) -> torch.Tenso
 def test_packed_op_equals_dequantize_then_matmul(fmt, group, T, dtype):
     """The CPU path of the op over a packed arena (dropped pairs, absent experts, more slots than one
     dequantization chunk) against the reference on the dequantized arena."""
-    H, I, S, E, K = 64, 32, moe.DEQUANT_SLOTS + 3, 14, 4
+    H, I, S, E, K = 64, 32, native.DEQUANT_SLOTS + 3, 14, 4
     layout = quant.Layout(fmt, group, H, I)
     arena = packed_arena(layout, S)
     g = torch.Generator().manual_seed(T)
@@ -108,9 +112,11 @@ def test_packed_op_equals_dequantize_then_matmul(fmt, group, T, dtype):
     weights = torch.softmax(torch.randn(T, K, generator=g), -1).sort(-1, descending=True).values
     slot_map = torch.full((E,), -1)
     slot_map[torch.randperm(E, generator=g)[:S - 1]] = torch.randperm(S, generator=g)[:S - 1]
-    out = torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, "prefix", 2, 0.6, False, True, fmt, group, I)
-    w, slots = moe.pairs(weights, ids, slot_map, "prefix", 2, 0.6, False, True)
-    ref = moe.reference(x, w, slots, layout.dequantize_rows(arena, dtype))
+    rule = KeepRule("prefix", 2, 0.6, cached=True)
+    out = torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, rule.text,
+                                       ExpertKind(fmt, group, ExpertMLP(H, I)).text)
+    w, slots = rule.pairs(weights, ids, slot_map)
+    ref = reference(x, w, slots, layout.dequantize_rows(arena, dtype))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     assert bool((slots < 0).any()) and bool((slots >= 0).any())  # the case covers both
@@ -126,7 +132,7 @@ def test_packed_op_compiles_whole(T):
     ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
     weights = torch.rand(T, K).sort(-1, descending=True).values
     slot_map = torch.tensor([0, 1, 2, -1, 3, 4, 5, -1])
-    args = ("top", K, 0.0, False, False, "int4", 8, I)
+    args = (KeepRule.big(K).text, ExpertKind("int4", 8, ExpertMLP(H, I)).text)
     eager = torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, *args)
     compiled = torch.compile(lambda *a: torch.ops.mobile.moe_experts(*a, *args), fullgraph=True)
     torch.testing.assert_close(compiled(x, weights, ids, slot_map, arena), eager, atol=1e-5, rtol=1e-5)

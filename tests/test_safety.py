@@ -17,8 +17,8 @@ from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
 from mobile.errors import RunError
+from mobile.moe.transfer import CopyEngine, LinkModel
 from mobile.outputs import MARKER
-from mobile.transfer import CopyEngine, LinkModel
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERT = "model.layers.1.mlp.experts.3.up_proj.weight"
@@ -31,8 +31,8 @@ def test_the_kernels_folder_never_hides_the_installed_package(cwd):
     top-level kernels/ folder is visible as `kernels`, the name of a package transformers imports."""
     code = ("import importlib.util, sys\n"
             "from transformers import MixtralForCausalLM, OlmoeForCausalLM\n"
-            "import mobile.kernels.moe as ours\n"
-            "assert ours.__file__.endswith('kernels/moe.py'), ours.__file__\n"
+            "import mobile.kernels.experts as ours\n"
+            "assert ours.__file__.endswith('kernels/experts.py'), ours.__file__\n"
             "if importlib.util.find_spec('kernels') is not None:\n"
             "    import kernels\n"
             "    assert 'site-packages' in kernels.__file__ or 'dist-packages' in kernels.__file__, kernels.__file__\n")

@@ -4,13 +4,13 @@
     experts(x, weights, slots, arena [S, row_bytes] uint8, layout=Layout("int4" | "int8", ...))
 
 out[t] = sum over k with slots[t, k] >= 0 of weights[t, k] * down(silu(x gate) * (x up)), where
-the slot's arena row holds gate_up [H, 2I] then down [I, H], input-major (mobile.moe.arena_views).
+the slot's arena row holds gate_up [H, 2I] then down [I, H], input-major (mobile.moe.layout.arena_views).
 mobile.moe.reference is the plain-torch reference they are tested against (tests/test_kernels.py).
 An ExpertMLP (`mlp`) may add what gpt-oss's experts compute: biases from the row (BIAS: gate_up's
 added to x gate_up, down's to the down product, both in float32) and the clamped SwiGLU (ACT 1).
 
-Packed experts (a mobile.quant.Layout: its q, scale and zero sections in one uint8 row per slot,
-see mobile/quant.py) are read as they are stored: `_weights` loads a tile's int8 values or int4
+Packed experts (a mobile.moe.quant.Layout: its q, scale and zero sections in one uint8 row per slot,
+see mobile/moe/quant.py) are read as they are stored: `_weights` loads a tile's int8 values or int4
 nibbles with their group's float16 scale (and zero) and dequantizes it in registers, so no
 dequantized copy of an expert is ever written and the kernels stream about half (int8) or a
 quarter (int4) of bf16's bytes. The decode variant dequantizes to float32, the grouped one to the
@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mobile.moe import ExpertMLP, sort_by_slot
-from mobile.quant import Layout, native_bias_offsets
+from mobile.moe.layout import ExpertMLP, sort_by_slot
+from mobile.moe.quant import Layout, native_bias_offsets
 
 DECODE_MAX_PAIRS = 64  # up to this many (token, expert) pairs the decode variant runs, beyond it the grouped one
 # Triton's CPU interpreter computes bf16 tl.dot wrongly (a 16x16 product is off by 1e10): there the

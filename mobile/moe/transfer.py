@@ -14,7 +14,8 @@ never for all compute already queued. The compute stream waits on exactly the ev
 it is about to use. Every copy, and every wait of the compute stream, is timed with CUDA events
 (mobile.devclock) and read back off the decode path (`collect`), so the link's busy time, the
 stall and the trace mean on a GPU what they mean on the CPU. The link is real there: emulating one
-on CUDA is refused by the engine.
+on CUDA is refused by the engine. An emulated link's bandwidth is given, or calibrated against the
+time this machine takes to compute one expert (`calibrated_gbps`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mobile.costs import native_expert_bytes
 from mobile.devclock import clock_for, union_seconds
 from mobile.errors import worker_failure
+from mobile.moe.layout import ExpertMLP
+from mobile.moe.op import ExpertKind
+from mobile.moe.rule import KeepRule
+from mobile.spec import Spec
 
 DEMAND, PREFETCH = 0, 1  # job priorities: lower runs first
 PREFETCH_CHUNK_BYTES = 4 << 20  # CUDA: a prefetch is copied in pieces of this size (a demand copy gets in between)
@@ -254,3 +260,45 @@ class CopyEngine:
             self._closed = True
             self._cv.notify()
         self._worker.join(timeout=5)
+
+
+def calibrated_gbps(spec: Spec, device: torch.device, dtype: torch.dtype, gbps: float | None,
+              ratio: float | None) -> tuple[float, dict]:
+    """The emulated link's bandwidth in GB/s: --link-gbps; else calibrated from --link-ratio R
+    (moving one native expert takes R times as long as computing it for one token on this machine);
+    else the spec's runtime.link (gbps, then ratio); else the plan device's link. Returns it with
+    what the stats record of the calibration."""
+    cfg = spec.runtime.link
+    gbps = gbps if gbps is not None else (None if ratio is not None else cfg.gbps)
+    ratio = ratio if ratio is not None else cfg.ratio
+    if gbps is not None:
+        return gbps, {}
+    if ratio is None:
+        return spec.runtime.plan.link_gbps, {}
+    # R is in units of one native expert: a packed format moves fewer bytes over the same link
+    seconds = expert_compute_seconds(spec, device, dtype)
+    return native_expert_bytes(spec) / (ratio * seconds) / 1e9, {"link_ratio": ratio,
+                                                                "expert_compute_us": round(seconds * 1e6, 2)}
+
+
+def expert_compute_seconds(spec: Spec, device: torch.device, dtype: torch.dtype, repeats: int = 30) -> float:
+    """Median time to run one native expert (the spec's dtype, whatever the expert format) for one
+    token on this machine: the unit --link-ratio calibrates against, so that every format shares
+    one link."""
+    h = spec.model.hidden_size
+    x = torch.randn(1, h, dtype=dtype, device=device)
+    arena = torch.randn(1, 3 * h * spec.model.moe.intermediate_size, dtype=dtype, device=device) * 0.02
+    weights, ids = torch.ones(1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device)
+    rule, kind = KeepRule.big(1).text, ExpertKind("native", 0, ExpertMLP(h, spec.model.moe.intermediate_size)).text
+    slot_map = torch.zeros(1, dtype=torch.long, device=device)
+    times = []
+    for n in range(repeats + 5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        torch.ops.mobile.moe_experts(x, weights, ids, slot_map, arena, rule, kind)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if n >= 5:  # warm-up excluded
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

@@ -76,6 +76,14 @@ class SlotTable:
             if e is not None and s not in self.pinned:
                 self._evict(s)
 
+    def step(self, experts: list[int], forget: bool = False) -> tuple[list[tuple[int, int, bool]], list[int]]:
+        """One step's demand in one call: begin_step, forget everything first (ondemand), the
+        lookups; returns them and the experts evicted since the last call (take_evicted)."""
+        self.begin_step()
+        if forget:
+            self.forget()
+        return self.lookup(experts), self.take_evicted()
+
     def lookup(self, experts: list[int]) -> list[tuple[int, int, bool]]:
         """Demand lookups for one step: (expert, slot, hit) each. Hits are taken (and pinned) first,
         so a miss never evicts an expert this same step is about to use."""
@@ -141,7 +149,7 @@ class SlotTable:
 
     def demand_copy(self) -> SlotTable:
         """A copy that holds only what demand loaded, in one pool of all the slots, with the same
-        eviction and history: where the big-only estimate (mobile.experts.BigOnlyShadow) restarts."""
+        eviction and history: where the big-only estimate (mobile.moe.shadow) restarts."""
         copy = SlotTable(self.size, 0, self.eviction, self.decay, record_evictions=False)
         copy.lru = OrderedDict(self.lru)
         for e in self.residents():

@@ -1,0 +1,22 @@
+"""The routed-expert layer, end to end.
+
+    layer.py      MoELayer: one MoE layer's protocol, route -> plan (the one host read) -> fetch ->
+                  wait -> experts; the kernels of its graph nodes. Start here.
+    router.py     the router: hidden state -> the big set, in the model's selection order
+    rule.py       KeepRule: which of a token's experts run (the host's plan and the op share it)
+    cache.py      ExpertCache: ResidentCache, or OffloadedCache (slot cache, fetch, wait, prefetch)
+    slots.py      one layer's slot bookkeeping (LRU / decayed LFU, staging, pinning)
+    transfer.py   the copy engine (a worker thread and an emulated link, or CUDA copy streams) and
+                  the link's calibration
+    hoststore.py  the pinned host store every layer's expert rows live in
+    rows.py       checkpoint -> expert rows (native, packed, MXFP4-decoded)
+    layout.py     an expert row's layout and what an expert computes (ExpertMLP)
+    quant.py      the packed formats, int8 and int4
+    op.py         torch.ops.mobile.moe_experts: the layer's compute as one registered op
+    native.py     the op on the CPU (plain torch); kernels/experts.py is it on CUDA (Triton)
+    reference.py  the plain-torch reference both are tested against
+    shadow.py     the big-only estimate (what big-only decoding would have moved)
+
+Nothing outside this package knows slots, arenas or keep rules: the executor asks a MoELayer for
+its nodes' kernels, and the engine builds the ExpertCache.
+"""

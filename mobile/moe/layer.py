@@ -1,0 +1,131 @@
+"""One routed-expert layer, end to end: route -> plan (the one host read) -> fetch -> wait -> experts.
+
+A MoELayer is built once per MoE layer, from its router node's attributes, and gives the layer's
+graph nodes their kernels, each fixed to its node's keep rule (`rule_of`: the little pass's or the
+big pass's) when the executor builds it:
+
+    router     x [T, H] -> routed (weights [T, K], ids [T, K])                  compute
+    fetch      routed -> plan: KeepRule.status (+ the big set, for the estimate)  host: read, then
+               -> cache.fetch(the status as read)                                 act on what was read
+    wait       the fetch's handle -> the slot map: the fetched experts are usable  host
+    experts    x, routed, slot map -> [T, H]: torch.ops.mobile.moe_experts       compute
+    predict    the previous layer's hidden state -> this layer's likely ids       compute
+    prefetch   ids -> cache.prefetch: stage them at low priority                  host
+
+The host reads what one sync step's nodes need in one copy (the executor gathers their reads), so
+a layer costs one read: which of the needed experts are missing, with the routes and predictions
+of the same step riding along. Where the experts are is the ExpertCache's business
+(mobile.moe.cache), which of them a token uses the KeepRule's (mobile.moe.rule), and what they
+compute the op's (mobile.moe.op).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from mobile.context import StepContext, SyncKernel
+from mobile.ir import Node
+from mobile.moe.cache import ExpertCache, FetchHandle, ResidentCache
+from mobile.moe.op import ExpertKind
+from mobile.moe.router import Router
+from mobile.moe.rule import KeepRule
+
+
+def rule_of(node: Node) -> KeepRule:
+    """A fetch or routed-expert node's keep rule. Big: the top k. Little: the top little_k, or the
+    per-layer rule at layer_tau; cached: the dropped experts already on the device run too."""
+    if node.attr("variant") != "little":
+        return KeepRule.big(int(node.attr("k")))
+    rescale, cached, tau = node.attr("little_weights") == "rescale", bool(node.attr("cached")), node.attr("layer_tau")
+    if tau is None:
+        return KeepRule("top", int(node.attr("little_k")), rescale=rescale, cached=cached)
+    return KeepRule(node.attr("layer_rule", "switch"), int(node.attr("little_k")), float(tau), rescale, cached)
+
+
+class MoELayer:
+    """One MoE layer's protocol. router: its router (its weights, its scoring); cache: where its
+    experts are; kind: what an expert is (its format and MLP). The kernels it gives a node take the
+    node's keep rule (rule_of), fixed when the executor builds them."""
+
+    def __init__(self, layer: int, router: Router, cache: ExpertCache, kind: ExpertKind):
+        self.layer, self.router, self.cache = layer, router, cache
+        self.kind_text = kind.text
+        self.arena = cache.arena(layer)
+        # persistent, current after every wait: what a plan and (with no wait: nothing moves) the op read
+        self.slot_map = cache.slot_map(layer)
+        # eval on a graph without fetches: the resident cache counts the experts each layer ran
+        self.count_use = cache.note_use if isinstance(cache, ResidentCache) and cache.track_use else None
+
+    # -- compute ------------------------------------------------------------------------------------
+    def route(self, shuffled: bool = False):
+        """The router node's kernel: x [T, H] -> (weights [T, K], ids [T, K]), in selection order;
+        shuffled: each token's big set in a random order (the random-halving baseline)."""
+        return self.router.shuffled(self.layer) if shuffled else self.router
+
+    def predict(self, top_k: int):
+        """A kernel: the previous layer's hidden state -> the ids of this layer's top_k (next-layer
+        prediction: this layer's own choice, its biases and groups too, from an earlier state)."""
+        guess = self.router.with_top_k(top_k)
+        return guess.predict
+
+    def experts_kernel(self, node: Node):
+        """The expert node's kernel: x, routed, slot map -> [T, H], under the node's keep rule.
+        Without a slot map (a graph with no wait: every expert resident) the cache's own; a Rounds (a
+        prompt with more experts than the cache holds) runs once per round, on a map of that round's
+        experts only, so no pair runs twice and the rule alone decides."""
+        op, arena, kind, layer, count_use = torch.ops.mobile.moe_experts, self.arena, self.kind_text, self.layer, \
+            self.count_use
+        rule = rule_of(node)
+        text, round_text, resident = rule.text, dataclasses.replace(rule, cached=False).text, self.slot_map
+
+        def experts(x: torch.Tensor, routed: tuple[torch.Tensor, torch.Tensor], slot_map=None) -> torch.Tensor:
+            weights, ids = routed  # [T, K], in selection order
+            if slot_map is None:
+                slot_map = resident
+                if count_use is not None:
+                    count_use(layer, rule.pairs(weights, ids, slot_map)[1])
+            if isinstance(slot_map, torch.Tensor):
+                return op(x, weights, ids, slot_map, arena, text, kind)
+            out = torch.zeros_like(x)
+            for round_map in slot_map:
+                out += op(x, weights, ids, round_map, arena, round_text, kind)
+            return out
+
+        return experts
+
+    # -- host ---------------------------------------------------------------------------------------
+    def fetch_kernel(self, node: Node) -> SyncKernel:
+        """The fetch node's: plan, what the host reads (which experts to fetch under the node's keep
+        rule; with the cache's estimate, the big set too); fetch, the copies of the missing ones,
+        given what was read."""
+        layer, cache, tracks, slot_map, rule = (self.layer, self.cache, self.cache.tracks_routes, self.slot_map,
+                                                rule_of(node))
+
+        def plan(ctx: StepContext, routed) -> list[torch.Tensor]:
+            weights, ids = routed
+            status = rule.status(weights, ids, slot_map)
+            return [status, ids] if tracks else [status]
+
+        def fetch(ctx: StepContext, values: list[list[int]], routed) -> FetchHandle:
+            return cache.fetch(layer, values[0], (values[1], routed[1].shape[1]) if tracks else None)
+
+        return SyncKernel(fetch, plan)
+
+    def wait_kernel(self) -> SyncKernel:
+        cache = self.cache
+        return SyncKernel(lambda ctx, values, handle: cache.wait(handle))
+
+    def prefetch_kernel(self, kind: str, lo: int = 0, hi: int | None = None) -> SyncKernel:
+        """Stage experts of this layer: the predicted ids (kind "predicted", read from a predict
+        node), or the big set's ranks [lo, hi) of the router's output (kind "complement": what a
+        fallback would add to the little set; the node also reads the fetch, which orders it after)."""
+        layer, cache = self.layer, self.cache
+
+        def act(ctx: StepContext, values, *inputs) -> None:
+            cache.prefetch(layer, values[0], kind)
+
+        if kind == "complement":
+            return SyncKernel(act, lambda ctx, routed, fetched: [routed[1][:, lo:hi]])
+        return SyncKernel(act, lambda ctx, ids: [ids])

@@ -1,0 +1,107 @@
+"""The keep rule: which of a token's routed experts run, decided on the device. The host's plan
+(what to fetch) and the op (what to compute) apply the same KeepRule.
+
+A token's router gives its big set, K experts in selection order (mobile.moe.router). The rule keeps
+- kind "top": the first n (n = K: the big set; n = little_k: the little set);
+- kind "switch": the little set (the first n) when it carries at least tau of the big set's router
+  mass, else the whole big set;
+- kind "prefix": the fewest first experts, at least n, that carry at least tau of it;
+- cached: also every other expert of the big set that the slot map holds. It is on the device
+  already, so it costs compute, never a transfer.
+rescale: the kept experts carry the big set's total weight (else the router's own weights).
+"First" is the router's order: by weight, or by corrected score where the router has a correction
+bias (a prefix is then the model's own preference, not the heaviest experts).
+
+The op takes a rule as one value, its text ("prefix n=2 tau=0.85 cached"; KeepRule.parse reads it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+_PARSED: dict[str, KeepRule] = {}
+
+# KeepRule.status codes, by priority: an expert one token needs and another could take for free is needed
+UNUSED, FREE, CACHED, MISSING = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class KeepRule:
+    kind: Literal["top", "switch", "prefix"]
+    n: int  # the first n always run
+    tau: float = 0.0  # switch and prefix: the share of the big set's mass to reach
+    rescale: bool = False
+    cached: bool = False
+
+    @classmethod
+    def big(cls, k: int) -> KeepRule:
+        return cls("top", k)
+
+    @property
+    def text(self) -> str:
+        words = [self.kind, f"n={self.n}"] + ([f"tau={self.tau!r}"] if self.kind != "top" else [])
+        return " ".join(words + ["rescale"] * self.rescale + ["cached"] * self.cached)
+
+    @staticmethod
+    def parse(text: str) -> KeepRule:
+        """The rule a text names, parsed once. (A plain dict, not functools.cache: torch.compile
+        traces the op, and through a cache wrapper it would trace the parsing, with a warning.)"""
+        rule = _PARSED.get(text)
+        if rule is None:
+            kind, *words = text.split()
+            fields = dict(w.split("=") for w in words if "=" in w)
+            rule = _PARSED[text] = KeepRule(kind, int(fields["n"]), float(fields.get("tau", 0.0)),  # type: ignore[arg-type]
+                                            "rescale" in words, "cached" in words)
+        return rule
+
+    def keep(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights [T, K] in selection order -> keep [T, K] bool, the cached experts left out."""
+        K = weights.shape[1]
+        if self.kind == "top":
+            return torch.arange(K, device=weights.device)[None, :] < self.n
+        share = weights.cumsum(-1) / weights.sum(-1, keepdim=True)  # [T, K]: mass of the top 1..K
+        if self.kind == "prefix":
+            n = ((share < self.tau).sum(-1, keepdim=True) + 1).clamp(self.n, K)  # the first n reaching tau
+        else:
+            n = torch.where(share[:, self.n - 1:self.n] >= self.tau, self.n, K)
+        return torch.arange(K, device=weights.device)[None, :] < n
+
+    def pairs(self, weights: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (token, expert) pairs that run: (weights [T, K], 0 where dropped; slots [T, K], -1
+        where dropped). A kept expert that is not in the slot map (-1) adds nothing."""
+        slots = slot_map[ids]  # [T, K]
+        if self.kind == "top" and self.n >= weights.shape[1] and not self.cached:
+            return weights, slots  # the big set: nothing dropped, nothing to re-weigh
+        keep = self.keep(weights)
+        if self.cached:
+            keep = keep | (slots >= 0)
+        return kept_weights(weights, keep, self.rescale), torch.where(keep, slots, -1)
+
+    def status(self, weights: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor) -> torch.Tensor:
+        """What a layer's fetch must do, as one small int32 vector for the host to read.
+
+        Entry = code * E + expert, sorted descending, the first min(E, T*K) kept: MISSING (kept,
+        not on the device), CACHED (kept, on the device), FREE (not kept, on the device, taken by a
+        cached rule), then UNUSED, where the host stops reading (decode_status)."""
+        E = slot_map.shape[0]
+        present = slot_map[ids] >= 0  # [T, K]
+        pick = self.keep(weights)
+        free = present & self.cached
+        code = torch.where(pick, torch.where(present, CACHED, MISSING), torch.where(free, FREE, UNUSED))
+        per_expert = torch.zeros(E, dtype=torch.int32, device=ids.device)
+        per_expert.scatter_reduce_(0, ids.flatten(), code.flatten().to(torch.int32), "amax")
+        entries = per_expert * E + torch.arange(E, dtype=torch.int32, device=ids.device)
+        return torch.topk(entries, min(E, ids.numel())).values
+
+
+def kept_weights(weights: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """weights [T, K] with the pairs that `keep` drops zeroed; rescale: the kept ones then carry the
+    big set's total weight, else the router's own weights."""
+    kept = weights.masked_fill(~keep, 0.0)
+    if rescale:
+        kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
+    return kept
