@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from mobile.engine import Engine
 from mobile.evaluate import load_ids, windows
+from mobile.ir import Pass
 
 FALLBACK_RATES = (0.2, 0.3, 0.4, 0.5, 0.6)
 
@@ -47,12 +48,12 @@ def collect(graph: str, data: str, max_tokens: int, layer_tau: float) -> list[di
     engine.experts.note_route = record
     rows = []
     for chunk in windows(load_ids(engine, data, max_tokens), 256):
-        big = engine._forward(chunk, 0, mode="big").float()
+        big = engine._forward(chunk, 0, only=Pass.BIG).float()
         for t in range(chunk.numel() - 1):
             shares.clear()
-            little = engine._forward(chunk[t:t + 1], t, mode="little")[-1].float()
+            little = engine._forward(chunk[t:t + 1], t, only=Pass.LITTLE)[-1].float()
             min_share = float(torch.cat(shares).min())
-            engine._forward(chunk[t:t + 1], t, mode="big")  # put the big KV entries back
+            engine._forward(chunk[t:t + 1], t, only=Pass.BIG)  # put the big KV entries back
             y = int(chunk[t + 1])
             logp_l, logp_b = F.log_softmax(little, -1), F.log_softmax(big[t], -1)
             p = logp_l.exp()

@@ -82,6 +82,7 @@ def parse_floats(text: str, flag: str, lo: float = 0.0, hi: float = 1.0) -> list
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from mobile.compiler import compile_to_dir, memory_lines, memory_problems
+    from mobile.ir import Op
     from mobile.passes import spec_of
     from mobile.spec import format_changes
 
@@ -107,7 +108,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
           f"{s['copy_us']:.1f}, stall {s['stall_us']:.1f})")
     print(f"    a cost model of the card the spec plans for (runtime.plan.device), not of this machine: "
           f"{plan['compute_tflops']:g} TFLOP/s, {plan['hbm_gbps']:g} GB/s memory, {plan['link_gbps']:g} GB/s host link")
-    if any(n.attr("prompt_only") for n in g.nodes):
+    if policies.get(spec.policy.name).fallback and not any(n.op is Op.IMPORTANCE_GATE for n in g.nodes):
         print("  no importance gate can fire (tau 0): removed; the big pass runs for prompts only")
     for line in memory_lines(spec):
         print(f"  {line}")

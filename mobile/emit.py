@@ -15,8 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mobile import policy as policies
 from mobile.errors import GraphError
-from mobile.ir import GRAPH_FORMAT, GRAPH_VERSION, Graph, Op
+from mobile.ir import GRAPH_FORMAT, GRAPH_VERSION, REGION, Graph, Op
 from mobile.outputs import new_folder, stamp, write_text
 
 GRAPH_FILES = ("graph.json", "schedule.txt", "schedule.trace.json", "graph.dot")
@@ -69,7 +70,8 @@ def render_schedule(g: Graph) -> str:
         f"# mobile schedule: {g.name}   policy={spec.get('policy', {}).get('name')}   dtype={spec.get('dtype')}",
         f"# planned for {plan.get('device')}: {plan.get('compute_tflops')} TFLOP/s, "
         f"{plan.get('hbm_gbps')} GB/s HBM, {plan.get('link_gbps')} GB/s host link; one decode token",
-        f"# passes: {', '.join(g.passes)}",
+        f"# compiler passes: {', '.join(g.passes)}",
+        f"# forward: {describe_passes(g)}",
     ]
     if any(n.attr("start_us") is not None for n in g.nodes):
         s = summarize(g)
@@ -83,7 +85,10 @@ def render_schedule(g: Graph) -> str:
         seg = n.attr("seg")
         op = n.op.value + (f"[{n.attr('variant')}]" if n.op is Op.EXPERT else "")
         start, end = n.attr("start_us"), n.attr("end_us")
-        note = "; ".join(x for x in ("prompt only" if n.attr("prompt_only") else "",
+        fetch = n.op is Op.FETCH
+        note = "; ".join(x for x in (f"rule {n.attr('rule')}" if fetch else "",
+                                     f"big pass: {n.attr('big_rule')}" if fetch and n.attr("big_rule") else "",
+                                     f"{n.attr('pass')} pass only" if n.attr("pass") else "",
                                      f"hoisted over {n.attr('hoisted')} nodes" if n.attr("hoisted") else "",
                                      n.attr("hoist_limit") or "") if x)
         line = (
@@ -94,6 +99,19 @@ def render_schedule(g: Graph) -> str:
         )
         lines.append(line.rstrip())
     return "\n".join(lines) + "\n"
+
+
+def describe_passes(g: Graph) -> str:
+    """How a forward runs the graph's passes (mobile.ir), in words for the schedule dump."""
+    name = g.spec.get("policy", {}).get("name", policies.REFERENCE)
+    passes = policies.get(name).passes
+    if len(passes) == 1:
+        return f"one pass, {passes[0]}: prompts and decoded tokens alike"
+    prefill = g.spec.get("policy", {}).get("prefill", "big")
+    entry = next((i for i, n in enumerate(g.nodes) if n.attr("region") == REGION), None)
+    again = ("no gate can fire, so no fallback" if entry is None else
+             f"a gate that fires ends it, and the big pass runs again from step {entry}")
+    return f"decoded tokens run the little pass ({again}); prompts run the {prefill} pass"
 
 
 def trace_events(spans: list[dict[str, Any]], process: str, command: str) -> dict[str, Any]:
@@ -120,7 +138,7 @@ def render_trace(g: Graph) -> str:
 
 _DOT_STYLE = {Op.FETCH: "shape=cds,color=blue", Op.PREFETCH: "shape=cds,style=dashed,color=blue",
               Op.WAIT: "shape=octagon,color=red", Op.ROUTER: "shape=diamond", Op.EXPERT: "shape=box3d",
-              Op.IMPORTANCE_GATE: "shape=diamond,color=orange", Op.FALLBACK: "shape=box,color=orange"}
+              Op.IMPORTANCE_GATE: "shape=diamond,color=orange"}
 
 
 def render_dot(g: Graph) -> str:

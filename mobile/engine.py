@@ -24,10 +24,10 @@ from mobile.devclock import clock_for
 from mobile.diagnose import first_nonfinite_weight
 from mobile.emit import load_graph, trace_events
 from mobile.errors import CheckpointError, MobileError, RunError, SpecError
-from mobile.executor import Executor, Kernels
+from mobile.executor import Executor, Forward, Kernels
 from mobile.graphs import GRAPH_MAX_TOKENS, GraphRunner, StaticState, kv_bucket
 from mobile.hostio import HostReader
-from mobile.ir import Graph
+from mobile.ir import Graph, Pass
 from mobile.kv import KVCache, max_seq_len
 from mobile.moe.cache import ExpertCache, OffloadedCache, ResidentCache
 from mobile.moe.op import warm_up
@@ -197,78 +197,82 @@ class Engine:
         self.experts.close()
 
     # -- running ------------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, start: int, mode: str | None = None, last_only: bool = False
+    def _forward(self, ids: torch.Tensor, start: int, only: Pass | None = None, last_only: bool = False
                  ) -> torch.Tensor:
         """Run positions [start, start + T) of the current sequence; returns logits [T, V] ([1, V]
-        with last_only).
+        with last_only). only: run this pass alone, whatever the gates say (studies of one pass).
 
-        With a bounded expert cache, a layer whose experts for these T tokens exceed the cache runs
-        them in rounds (experts.Rounds): each needed expert is still loaded once per layer.
-        With policy.kv_refresh, a decoded token that falls back is recomputed together with the
-        accepted little tokens since the last big pass (at most kv_refresh of them), in one batched
-        big pass whose experts load once for the whole block.
+        Which passes run is the executor's to decide (Executor.run), from what this asks for: a
+        prompt runs the prompt pass (`prefill`: big by default), a decoded token the policy's decode
+        pass, whose gates may send it to the big pass. With policy.kv_refresh, a decoded token that
+        falls back is recomputed together with the accepted little tokens since the last big pass
+        (at most kv_refresh of them), in one batched big pass whose experts load once for the whole
+        block. With a bounded expert cache, a layer whose experts for these T tokens exceed the
+        cache runs them in rounds (mobile.moe.cache.Rounds): each is still loaded once per layer.
         """
         T = ids.shape[0]
         if start + T > self.max_seq_len:
             raise MobileError(f"sequence of {start + T} tokens exceeds {self._limit_name()}={self.max_seq_len}")
-        if mode is None:
-            # mobile: a prompt (T > 1) runs one pass, big by default; a decoded token runs little,
-            # then the importance gate decides whether it falls back to big
-            mode = "decode" if T == 1 else ("little" if self.spec.policy.prefill == "little" else "big")
+        passes = self.executor.passes
         kv_refresh = self.spec.policy.kv_refresh
         if kv_refresh:  # the refresh recomputes earlier positions, so it needs their token ids
             self.ids = torch.cat((self.ids[:start], ids.cpu()))
-        pending = self.little_from is not None and self.little_from < start  # little KV entries to refresh
-        refresh = kv_refresh if mode == "decode" and pending else 0
+        if only is not None:
+            forward = Forward(only)
+        elif T > 1:  # a prompt
+            forward = Forward(Pass(self.spec.policy.prefill) if len(passes) > 1 else passes[0])
+        else:
+            pending = kv_refresh and self.little_from is not None and self.little_from < start
+            forward = Forward(passes[0], gated=len(passes) > 1,
+                              refresh=self._refresh(ids, start, kv_refresh) if pending else None)
         self.experts.begin_forward()
-        logits = self._run(ids, start, "gate" if refresh else mode, last_only=last_only)
-        fell_back, ran_little = self.executor.fell_back, self.executor.ran_little
-        refreshed = 0
-        if logits is None:
-            # the token falls back: one big pass over it and the accepted little tokens before it
-            # (at most kv_refresh of them), which overwrites their little KV entries with big ones
-            assert self.little_from is not None
-            first = max(self.little_from, start - refresh)
-            refreshed = start - first
-            logits = self._run(self.ids[first:start + T].to(self.device), first, "big", last_only=True)
-            self.executor.fell_back = True  # as after a decode-mode fallback, for callers that read it
-        self.experts.end_forward(refreshed=refreshed)
-        if fell_back:
+        ctx, tokens = self._context(ids, start, last_only)
+        outcome = self.executor.run(ctx, tokens, forward)
+        self.experts.end_forward(refreshed=outcome.refreshed)
+        if outcome.fell_back:
             self.stats_.fallback_tokens += T
-            self.stats_.extra["refreshed_tokens"] = self.stats_.extra.get("refreshed_tokens", 0) + refreshed
-        elif ran_little:
+            self.stats_.extra["refreshed_tokens"] = self.stats_.extra.get("refreshed_tokens", 0) + outcome.refreshed
+        elif outcome.passes[0] is Pass.LITTLE:
             self.stats_.little_tokens += T
         # the first position whose KV entries a little pass wrote since the last big pass (only the
-        # refresh reads it)
-        if not (kv_refresh and ran_little and not fell_back and mode != "little"):
+        # refresh reads it; a forward asked to run the little pass alone does not count)
+        if not (kv_refresh and outcome.passes == (Pass.LITTLE,) and only is None):
             self.little_from = None
         elif self.little_from is None or self.little_from >= start:
             self.little_from = start
         self.length = start + T
-        assert logits is not None
-        return logits
+        return outcome.logits
 
-    def _run(self, ids: torch.Tensor, start: int, mode: str, last_only: bool = False) -> torch.Tensor | None:
-        """One executor forward over positions [start, start + len(ids)); None when mode is "gate"
-        and the token falls back. last_only: logits of the last position only."""
+    def _refresh(self, ids: torch.Tensor, start: int, limit: int):
+        """A KV refresh's input, made if the token falls back: it and the accepted little tokens
+        before it, at most `limit` of them, for one big pass that overwrites their KV entries."""
+        def refresh() -> tuple[StepContext, torch.Tensor, int]:
+            assert self.little_from is not None
+            first = max(self.little_from, start - limit)
+            ctx, tokens = self._context(self.ids[first:start + ids.shape[0]].to(self.device), first, last_only=True)
+            return ctx, tokens, start - first
+
+        return refresh
+
+    def _context(self, ids: torch.Tensor, start: int, last_only: bool = False) -> tuple[StepContext, torch.Tensor]:
+        """The context and token tensor of a forward over positions [start, start + len(ids)).
+        last_only: logits of the last position only."""
         T = ids.shape[0]
         if start + T > self.kv.capacity:
             self.kv.ensure(start + T)
         if self.static is not None:
             kv_len = kv_bucket(start + T, self.kv.capacity)  # a power of two (mobile.graphs)
             if T > GRAPH_MAX_TOKENS:  # a prompt: eagerly
-                ctx, tokens = self.static.gathered(ids, start, kv_len if self.executor.compile else start + T,
-                                                   last_only)
-            else:  # through the graph runner: the ids and positions written into the static state, and
-                # its context for this bucket
-                ctx, tokens = self.static.load(ids, start, kv_len, last_only)
-            return self.executor.forward(ctx, tokens, mode=mode)
+                return self.static.gathered(ids, start, kv_len if self.executor.compile else start + T, last_only)
+            # through the graph runner: the ids and positions written into the static state, and its
+            # context for this bucket
+            return self.static.load(ids, start, kv_len, last_only)
         positions, cos, sin = (t[start:start + T] for t in self._tables())
         kv_len = self.kv.capacity if self.executor.compile else start + T
         ctx = StepContext(positions=positions, cos=cos, sin=sin, kv_len=kv_len, last_only=last_only,
                           # compiled code always masks: one graph for every position
                           all_visible=T == 1 and kv_len == start + 1 and not self.executor.compile)
-        return self.executor.forward(ctx, ids.to(self.device), mode=mode)
+        return ctx, ids.to(self.device)
 
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Positions and their rope tables (cos, sin) for the whole KV capacity, made once per

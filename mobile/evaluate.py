@@ -64,7 +64,7 @@ def evaluate_policy(engine: Engine, chunks: list[torch.Tensor], big_greedy: list
     with progress(total, desc, "tok") as bar:
         for chunk, ref in zip(chunks, big_greedy, strict=True):
             for t in range(chunk.numel() - 1):
-                logits = engine.reader.tensor(engine._forward(chunk[t:t + 1], t, mode="decode")[-1]).float()
+                logits = engine.reader.tensor(engine._forward(chunk[t:t + 1], t)[-1]).float()
                 target = int(chunk[t + 1])
                 nll -= float(F.log_softmax(logits, -1)[target])
                 guess = int(logits.argmax())

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from mobile import ops
+from mobile import policy as policies
 from mobile.context import Kernel, StepContext, SyncKernel
 from mobile.devclock import clock_for
 from mobile.errors import GraphError
 from mobile.hostio import HostReader
-from mobile.ir import GRAPH_INPUTS, SYNC_OPS, Graph, Node, Op
+from mobile.ir import GRAPH_INPUTS, REGION, SYNC_OPS, Graph, Node, Op, Pass
 from mobile.kv import KVCache
 from mobile.moe.cache import ExpertCache
 from mobile.moe.layer import MoELayer
@@ -188,7 +189,6 @@ class HostNode:
     name: str
     op: str
     inputs: tuple[str, ...]
-    region: str | None
     gate: bool  # an importance gate: its value says whether the token falls back
     kernel: SyncKernel
 
@@ -197,16 +197,40 @@ class HostNode:
 class Step:
     """One unit the executor runs: a segment of compute nodes (fn), or a run of sync nodes (sync)."""
 
+    key: tuple[str, int]  # (pass, index): what the graph runner keys the segment's entries by
     nodes: list[Node]
     fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None
     sync: list[HostNode] | None
     live_in: list[str]
     drop_after: list[str]  # values no later step reads
-    little: bool  # runs little-variant experts: a token through it used the little set
-    region: str | None  # the pass region it belongs to (lowering's), None outside both
     # with CUDA graphs: the segment without the executor's bookkeeping (the node list, the trace),
     # which a replay would skip; what the graph runner captures (fn itself when compiled)
     graph_fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Forward:
+    """What one forward runs (Executor.run). first: the pass it starts with. gated: its gates may
+    end that pass and send the token to the big pass (a decoded token under a policy with a
+    fallback); else a gate's value is read and ignored. refresh: on a fallback, the input of a KV
+    refresh, () -> (ctx, tokens, positions recomputed before the token), for a big pass over them
+    from the first node; without it the big pass runs again from the region only, on this
+    forward's values."""
+
+    first: Pass
+    gated: bool = False
+    refresh: Callable[[], tuple[StepContext, torch.Tensor, int]] | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    logits: torch.Tensor
+    passes: tuple[Pass, ...]  # the passes that ran, in order: (little, big) after a fallback
+    refreshed: int = 0  # positions before the token that a KV refresh recomputed
+
+    @property
+    def fell_back(self) -> bool:
+        return len(self.passes) > 1
 
 
 def compiled(fn: Callable) -> Callable:
@@ -221,15 +245,15 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=True)
 
 
-def plan_steps(graph: Graph) -> list[list[Node]]:
-    """Group the node list into steps: runs of one segment (the `seg` attrs), and runs of adjacent
-    sync nodes of one region."""
+def plan_steps(nodes: list[Node]) -> list[list[Node]]:
+    """Group a pass's nodes into steps: runs of one segment (the `seg` attrs), and runs of
+    adjacent sync nodes."""
     steps: list[list[Node]] = []
-    for n in graph.nodes:
+    for n in nodes:
         if steps:
             last = steps[-1][-1]
             if n.op in SYNC_OPS:
-                joins = last.op in SYNC_OPS and last.attr("region") == n.attr("region")
+                joins = last.op in SYNC_OPS
             else:
                 joins = last.op not in SYNC_OPS and n.attr("seg") is not None and n.attr("seg") == last.attr("seg")
             if joins:
@@ -239,7 +263,17 @@ def plan_steps(graph: Graph) -> list[list[Node]]:
     return steps
 
 
+def passes_of(graph: Graph) -> tuple[Pass, ...]:
+    """The passes a graph runs, as its policy says (mobile.policy)."""
+    name = graph.spec.get("policy", {}).get("name", policies.REFERENCE)
+    return tuple(Pass(p) for p in policies.get(name).passes)
+
+
 class Executor:
+    """The interpreter of a graph's passes: it runs a forward's first pass, reads the gates, and
+    runs the big pass after a fallback (again over the region, or over a KV refresh's positions).
+    Each pass's nodes (mobile.ir: Node.runs_in, Node.in_pass) are built into steps once."""
+
     def __init__(self, graph: Graph, kernels: Kernels, reader: HostReader, compile: bool = False,
                  trace: list | None = None, graphs: GraphRunner | None = None):
         """graphs: run the compute segments of static contexts (StepContext.key) through this
@@ -258,36 +292,49 @@ class Executor:
         # the kernels, not their launches)
         self.clock = clock_for(reader.device) if self.trace is not None else time.perf_counter
         self.executed: list[str] = []  # node names in the order the last eager forward ran them
-        self.fell_back: bool | None = None  # decode and gate modes: whether a gate sent the token to the big pass
-        self.ran_little = False  # the last forward ran little-variant experts
-        groups = plan_steps(graph)
+        self.output = graph.outputs[0]
+        self.passes = passes_of(graph)
+        region = [n.name for n in graph.nodes if n.attr("region") == REGION]
+        # values the region reads from the part that runs once: a fallback's big pass reads them
+        # again, so no pass drops them
+        once = {n.name for n in graph.nodes if n.attr("region") != REGION}
+        self.keep = {i for n in graph.nodes if n.name in set(region) for i in n.inputs if i in once}
+        self.steps: dict[Pass, list[Step]] = {}
+        self.entry: dict[Pass, int] = {}  # where a pass starts again after a fallback: its first region step
+        for p in self.passes:
+            nodes = [n.in_pass(p) for n in graph.nodes if n.runs_in(p)]
+            self.steps[p] = self._build(p, nodes, kernels)
+            self.entry[p] = next((i for i, st in enumerate(self.steps[p]) if st.nodes[0].name in region), 0)
+
+    def _build(self, p: Pass, nodes: list[Node], kernels: Kernels) -> list[Step]:
+        groups = plan_steps(nodes)
         last_use: dict[str, int] = {}
         for si, group in enumerate(groups):
             for n in group:
                 for i in n.inputs:
                     last_use[i] = si
-        for out in graph.outputs:
+        for out in self.graph.outputs:
             last_use[out] = len(groups)
-        self.steps: list[Step] = []
+        steps = []
         for si, group in enumerate(groups):
             defined = {n.name for n in group}
             live_in = sorted({i for n in group for i in n.inputs if i not in defined})
-            drop = [v for v, s in last_use.items() if s == si]
-            little = any(n.op is Op.EXPERT and n.attr("variant") == "little" for n in group)
+            drop = [v for v, s in last_use.items() if s == si and v not in self.keep]
             if group[0].op in SYNC_OPS:
-                host = [HostNode(n.name, n.op.value, n.inputs, n.attr("region"), n.op is Op.IMPORTANCE_GATE,
-                                 kernels.sync(n)) for n in group]
-                self.steps.append(Step(group, None, host, live_in, drop, little, group[0].attr("region")))
+                host = [HostNode(n.name, n.op.value, n.inputs, n.op is Op.IMPORTANCE_GATE, kernels.sync(n))
+                        for n in group]
+                steps.append(Step((p.value, si), group, None, host, live_in, drop))
                 continue
-            live_out = [n.name for n in group if last_use.get(n.name, -1) > si]
+            live_out = [n.name for n in group if last_use.get(n.name, -1) > si or n.name in self.keep]
             built = [kernels.compute(n) for n in group]
             fn = self._segment_fn(group, built, live_out)
-            if compile:
+            if self.compile:
                 fn = compiled(fn)  # compiled code keeps no bookkeeping: it is what the runner captures too
             plain = None
-            if graphs is not None:
-                plain = fn if compile else self._segment_fn(group, built, live_out, bookkeeping=False)
-            self.steps.append(Step(group, fn, None, live_in, drop, little, group[0].attr("region"), plain))
+            if self.graphs is not None:
+                plain = fn if self.compile else self._segment_fn(group, built, live_out, bookkeeping=False)
+            steps.append(Step((p.value, si), group, fn, None, live_in, drop, plain))
+        return steps
 
     def _segment_fn(self, nodes: list[Node], kernels: list[Compute], live_out: list[str], bookkeeping: bool = True):
         """Generate one straight-line Python function per compute segment. bookkeeping: it records
@@ -333,9 +380,42 @@ class Executor:
         fn.source = src
         return fn
 
-    def _sync(self, step: Step, ctx: StepContext, env: dict[str, Any], run: dict[str, bool], mode: str) -> bool:
+    def run(self, ctx: StepContext, tokens: torch.Tensor, forward: Forward) -> Outcome:
+        """One forward: its first pass; after a fallback (a gate fired in a gated little pass) the
+        big pass, again over the region on this forward's values, or over a KV refresh's positions."""
+        self.executed.clear()
+        env: dict[str, Any] = {GRAPH_INPUTS[0]: tokens}
+        if not self._pass(forward.first, ctx, env, 0, forward.gated):
+            return Outcome(env[self.output], (forward.first,))
+        if forward.refresh is not None:
+            ctx, tokens, refreshed = forward.refresh()
+            env = {GRAPH_INPUTS[0]: tokens}
+            self._pass(Pass.BIG, ctx, env, 0, False)
+            return Outcome(env[self.output], (forward.first, Pass.BIG), refreshed)
+        self._pass(Pass.BIG, ctx, env, self.entry[Pass.BIG], False)
+        return Outcome(env[self.output], (forward.first, Pass.BIG))
+
+    def _pass(self, p: Pass, ctx: StepContext, env: dict[str, Any], start: int, gated: bool) -> bool:
+        """Run pass p's steps from step `start`; True when a gate fired and `gated`: the pass ends there."""
+        static = self.graphs is not None and ctx.key is not None
+        first = start == 0  # the forward's first compute step gathers a static context's rope rows
+        for step in self.steps[p][start:]:
+            if step.sync is not None:
+                if self._sync(step, ctx, env) and gated:
+                    return True
+            elif static:
+                env.update(self._graph_step(step, ctx, {k: env.get(k) for k in step.live_in}, first))
+                first = False
+            else:
+                assert step.fn is not None
+                env.update(step.fn(ctx, {k: env.get(k) for k in step.live_in}))
+            for v in step.drop_after:
+                env.pop(v, None)
+        return False
+
+    def _sync(self, step: Step, ctx: StepContext, env: dict[str, Any]) -> bool:
         """Run one sync step: read what its nodes need from the device in one copy, then act on it
-        node by node. Returns True when a gate fired and mode is "gate" (the caller stops)."""
+        node by node. True when a gate fired (the nodes after it are not run)."""
         assert step.sync is not None
         # reads take device values, which only compute makes, so all of them come from earlier
         # steps; acts run in order and see what the step's earlier nodes made (a fetch's handle)
@@ -345,61 +425,22 @@ class Executor:
         start = 0
         for node, ts in zip(step.sync, wanted, strict=True):
             mine, start = values[start:start + len(ts)], start + len(ts)
-            if node.region is not None and not run[node.region]:
-                continue  # a gate earlier in this step ended the little pass
             t0 = time.perf_counter()
             env[node.name] = node.kernel.act(ctx, mine, *[env.get(i) for i in node.inputs])
             if self.trace is not None:
                 self.trace.append((node.name, node.op, "compute", t0, time.perf_counter(), 0))
             self.executed.append(node.name)
-            if node.gate and mode in ("decode", "gate") and env[node.name]:
-                self.fell_back = True  # the rest of the little pass cannot change the outcome
-                if mode == "gate":
-                    return True
-                run["little"], run["big"] = False, True
+            if node.gate and env[node.name]:
+                return True
         return False
 
-    def forward(self, ctx: StepContext, tokens: torch.Tensor, mode: str = "decode") -> torch.Tensor | None:
-        """Run the graph once. Regions (the `mobile` policy's two passes) follow `mode`:
-        decode: the little pass runs and the importance gates decide whether the big pass runs (a
-        per-layer mass gate that fires ends the little pass there);
-        big: the little pass is skipped and the big pass always runs;
-        little: the little pass runs and never falls back;
-        gate: as decode, but a token that falls back stops there and None is returned: the caller
-        runs the big pass itself (the engine's KV refresh, which recomputes more positions)."""
-        env: dict[str, Any] = {GRAPH_INPUTS[0]: tokens}
-        self.executed.clear()
-        run = {"little": mode != "big", "big": mode == "big"}
-        self.fell_back = False if mode in ("decode", "gate") else None
-        self.ran_little = False
-        static = self.graphs is not None and ctx.key is not None
-        first = True  # the first compute step of this forward (a static context's rope rows)
-        for si, step in enumerate(self.steps):
-            region = step.region
-            if region is not None and not run[region]:
-                continue
-            self.ran_little |= step.little
-            if step.sync is not None:
-                if self._sync(step, ctx, env, run, mode):
-                    return None
-            elif static:
-                env.update(self._graph_step(si, step, ctx, {k: env.get(k) for k in step.live_in}, first))
-                first = False
-            else:
-                assert step.fn is not None
-                env.update(step.fn(ctx, {k: env.get(k) for k in step.live_in}))
-            for v in step.drop_after:
-                env.pop(v, None)
-        return env[self.graph.outputs[0]]
-
-    def _graph_step(self, si: int, step: Step, ctx: StepContext, inputs: dict[str, Any], first: bool
-                    ) -> dict[str, Any]:
+    def _graph_step(self, step: Step, ctx: StepContext, inputs: dict[str, Any], first: bool) -> dict[str, Any]:
         """One compute step through the graph runner, with the bookkeeping its function leaves out:
         the nodes it ran, and with a trace one span for the whole segment (a replay has no node
         boundaries to time)."""
         assert self.graphs is not None and step.graph_fn is not None
         t0 = self.clock() if self.trace is not None else 0.0
-        out = self.graphs.run(si, step.nodes, step.graph_fn, ctx, inputs, first)
+        out = self.graphs.run(step.key, step.nodes, step.graph_fn, ctx, inputs, first)
         if self.trace is not None:
             name = f"{step.nodes[0].name}..{step.nodes[-1].name}"
             self.trace.append((name, "graph", "compute", t0, self.clock(), 0))

@@ -54,7 +54,7 @@ of `on` against `off` check what the GPU replays rely on. The stats call it `emu
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,7 +215,6 @@ class Entry:
     result: dict[str, Any]  # what every run returns: its persistent outputs, by name
     outputs: list[torch.Tensor | None]  # the same, as leaves
     graph: Any = None  # torch.cuda.CUDAGraph
-    passthrough: bool = False  # every output is one of its inputs (`select`, `fallback`): nothing to run
 
 
 def prologue(ctx: StepContext, first: bool) -> None:
@@ -234,7 +233,7 @@ class GraphRunner:
         self.entries: dict[tuple, Entry] = {}
         self.persistent: set[tuple] = set()  # identities of tensors read in place
         self.refused: dict[tuple, str] = {}  # entry keys that run eagerly, and why
-        self.static_refusals: dict[int, str | None] = {}  # per step index
+        self.static_refusals: dict[Hashable, str | None] = {}  # per step
         self.reasons: dict[str, int] = {}
         self.captures = self.replays = self.eager = 0
         self.side: Any = None  # CUDA: the stream captures run on
@@ -251,10 +250,11 @@ class GraphRunner:
         self.captures = self.replays = self.eager = 0
         self.reasons.clear()
 
-    def run(self, si: int, nodes: list[Node], fn: Callable, ctx: StepContext, inputs: dict[str, Any],
+    def run(self, si: Hashable, nodes: list[Node], fn: Callable, ctx: StepContext, inputs: dict[str, Any],
             first: bool) -> dict[str, Any]:
-        """Run compute step `si` (its generated function `fn`) on `inputs` through its entry for
-        this bucket; `first`: the forward's first compute step, which gathers the rope rows."""
+        """Run compute step `si` (its generated function `fn`; the executor's key of it: pass and
+        index) on `inputs` through its entry for this bucket; `first`: the forward's first compute
+        step, which gathers the rope rows."""
         if si not in self.static_refusals:
             self.static_refusals[si] = refusal(nodes)
         reason = self.static_refusals[si]
@@ -278,13 +278,11 @@ class GraphRunner:
         else:
             for i in entry.copied:
                 entry.inputs[i].copy_(leaves[i])
-            if entry.passthrough:
-                prologue(ctx, first)
-            elif entry.graph is not None:
+            if entry.graph is not None:
                 entry.graph.replay()
             else:
                 self._run_static(entry)
-        self.replays += not entry.passthrough
+        self.replays += 1
         return entry.result  # the same dict every run, as its tensors are: the caller reads it, never changes it
 
     # -- internals ------------------------------------------------------------------------------
@@ -325,15 +323,13 @@ class GraphRunner:
 
         out = body()  # on CUDA also the one-time costs (kernel selection, Triton's compile), which may sync
         outputs, _ = flatten(out.values())
-        held = {identity(t) for t in inputs if isinstance(t, torch.Tensor)}
-        passthrough = all(t is None or identity(t) in held for t in outputs)
         graph = None
-        if self.capture and not passthrough:
+        if self.capture:
             graph, out = self._capture(body)
             outputs, _ = flatten(out.values())
-        entry = Entry(inputs, copied, body, out, outputs, graph, passthrough)
+        entry = Entry(inputs, copied, body, out, outputs, graph)
         self.entries[key] = entry
-        self.captures += not entry.passthrough
+        self.captures += 1
         # what later segments read in place: this entry's outputs and input buffers
         self.register(t for t in (*entry.outputs, *inputs) if isinstance(t, torch.Tensor))
         return entry

@@ -3,6 +3,14 @@
 A graph is a straight-line program over one forward step of T tokens (T = prompt length in
 prefill, 1 in decode). Node order is program order: passes reorder nodes, the executor runs them
 in that order. Values are named by the node that produces them; the graph input is `tokens`.
+
+A forward runs the nodes in one pass or two (Pass): under a big-little policy a decoded token's
+little pass, then, when an importance gate fires, the big pass over the same nodes. A pass is which
+keep rule the routed-expert nodes apply. A node's attrs describe its decode pass; an attr `big_X`
+overrides `X` in the big pass (big_rule, big_k, big_top_k), and `pass` names the only pass a node
+runs in (the gates and the complement prefetch: "little"). The nodes with `region` "pass" are what the big
+pass runs again after a fallback; the ones before them (the embedding up to the first MoE layer's
+router) run once.
 """
 
 from __future__ import annotations
@@ -14,8 +22,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 GRAPH_FORMAT = "mobile.graph"
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2  # 2: one copy of the nodes for both passes (1 lowered a second copy, B.*)
 GRAPH_INPUTS = ("tokens",)
+REGION = "pass"  # the region attr of the nodes a fallback runs again
+BIG_PREFIX = "big_"  # attrs that override others in the big pass
+
+
+class Pass(enum.Enum):
+    LITTLE = "little"
+    BIG = "big"
 
 
 class Op(enum.Enum):
@@ -32,13 +47,11 @@ class Op(enum.Enum):
     EXPERT = "expert"  # routed (little | big) or shared experts
     COMBINE = "combine"  # routed + shared expert outputs
     LM_HEAD = "lm_head"  # final norm output -> logits [T, V]
-    FALLBACK = "fallback"  # enters the big-pass recompute of a position (runs only if the gate says so)
-    SELECT = "select"  # the fallback's logits where it ran, else the little pass's
     PREDICT = "predict"  # next-layer prediction: layer l+1's router on layer l's hidden state
 
 
 # Ops that cross the host: the executor runs them between compiled segments. Their reads of device
-# values take only what compute made (fallback and select, which pass values on, are compute).
+# values take only what compute made.
 SYNC_OPS = frozenset({Op.FETCH, Op.PREFETCH, Op.WAIT, Op.IMPORTANCE_GATE})
 COPY_OPS = frozenset({Op.FETCH, Op.PREFETCH})
 
@@ -75,6 +88,17 @@ class Node:
             if k == key:
                 return v
         return default
+
+    def runs_in(self, p: Pass) -> bool:
+        only = self.attr("pass")
+        return only is None or only == p.value
+
+    def in_pass(self, p: Pass) -> Node:
+        """The node as pass `p` runs it: in the big pass, each `big_X` attr in place of `X`."""
+        big = {k[len(BIG_PREFIX):]: v for k, v in self.attrs if k.startswith(BIG_PREFIX)}
+        if p is not Pass.BIG or not big:
+            return self
+        return self.with_attrs(**big).without_attrs(*(BIG_PREFIX + k for k in big))
 
     @property
     def attr_dict(self) -> dict[str, Any]:

@@ -2,56 +2,67 @@
 
 Every routed-expert use is lowered as router -> fetch -> wait -> expert (for a policy that keeps
 every expert on the device, `resident`, just router -> expert): the fetch moves the set the
-policy's rule asks for into device cache slots and the wait hands the expert node its slot map.
+node's keep rule asks for into device cache slots and the wait hands the expert node its slot map.
 Each fetch, prefetch and wait sits right before its use; moving them earlier, where they overlap
 compute, is the scheduler's job (mobile.passes.schedule), not lowering's.
 
-The `mobile` policy lowers two passes over the same position:
+A graph is lowered once, whatever passes run it (mobile.ir: Pass). Its routed-expert nodes carry
+the keep rule of the policy's decode pass (`rule`, a mobile.moe.rule.KeepRule's text). Under
+`mobile`, whose tokens may fall back, they also carry the big pass's (`big_rule`: the whole big
+set), and the graph is
 
-    little pass (region "little")  -> little logits -> importance_gate -> fallback
-        (with policy.mass_tau, also a mass_gate after each router: it can end the little pass early)
-    big pass    (region "big", reads the fallback node) -> big logits
-    logits = select(little logits, big logits)
+    embedding .. the first MoE layer's router                run once per forward
+    region "pass": its experts .. logits                     the little pass; the big pass again
+    importance_gate (pass: little)                           after a fallback, and for a prompt
 
-The big pass also runs a prompt (`policy.prefill: big`). When no gate can fire (tau 0, no mass
-gate), the fold_dead_gates pass removes the gate and the fallback node, and the big pass is then
-entered only by a prompt.
-
-Everything up to the first MoE layer's router (embedding, dense layers, that layer's attention) is
-the same in both passes, so it is lowered once, outside both regions, and both passes start at that
-layer's experts. The executor runs the big region only when a gate asks for it (or for a prompt);
-its attention writes the later layers' KV-cache positions again, so a fallen-back token leaves
-big-pass KV entries.
+with, under policy.mass_tau, a mass gate after each router (pass: little), which can end the little
+pass early. The speculative copies (next-layer prediction, the complement of the little set) are
+the little pass's too. When no gate can fire (tau 0, no mass gate), fold_dead_gates removes the gate and the
+big pass runs only for prompts (`prefill: big`). A fallback's big pass writes the region's
+KV-cache positions again, so a fallen-back token leaves big-pass KV entries.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from mobile.budget import CachePlan, cache_plan
-from mobile.ir import Graph, Node, Op
+from mobile.ir import REGION, Graph, Node, Op
+from mobile.moe.rule import KeepRule
 from mobile.spec import Spec
 
 
 @dataclass(frozen=True)
 class PassPlan:
-    """How one forward pass uses its experts."""
+    """How the graph's routed-expert nodes use their experts: the decode pass's rule and, where a
+    big pass runs the same nodes again, the big set's."""
 
-    prefix: str  # node-name prefix: "" for the main pass, "B." for the fallback pass
-    variant: str  # "big" | "little"
-    region: str | None  # None, "little" or "big"
-    k: int  # experts per token (upper bound when layer_tau lets a layer go big)
-    layer_tau: float | None = None  # little only where the little set carries >= this share of the mass
+    variant: str  # the decode pass: "big" | "little"
+    rule: KeepRule
+    k: int  # experts per token, at most (a little pass whose rule may keep more than little_k: K)
+    big: bool = False  # the region runs again as the big pass (mobile)
     complement_prefetch: bool = False
     predict_prefetch: bool = False
     mass_tau: float | None = None  # a per-layer importance gate on the router's little-set share
 
 
+def decode_rule(spec: Spec) -> KeepRule:
+    """The keep rule of the policy's decode pass: the big set, or the little set with the
+    per-layer rule (layer_tau) and the cached experts (cached_complement) where the policy has them."""
+    policy, p = spec.policy.traits, spec.policy
+    if policy.decode_pass == "big":
+        return KeepRule.big(spec.model.moe.top_k)
+    tau = p.layer_tau if policy.layer_tau else (p.tau if policy.tau_is == "layer_mass" else None)
+    rescale = p.little_weights == "rescale"
+    if tau is None:
+        return KeepRule("top", spec.little_k, rescale=rescale, cached=p.cache_aware)
+    return KeepRule(p.effective_layer_rule, spec.little_k, float(tau), rescale, p.cache_aware)
+
+
 def lower(spec: Spec) -> Graph:
     plan = cache_plan(spec)  # raises if the cache budget is below the working set
-    policy, K, k = spec.policy.traits, spec.model.moe.top_k, spec.little_k
+    policy, K = spec.policy.traits, spec.model.moe.top_k
     mode = spec.policy.prefetch
     if mode == "auto":
         # measured on the demo model (docs/big-little-quality.md): once the little pass takes what the cache holds,
@@ -59,40 +70,26 @@ def lower(spec: Spec) -> Graph:
         mode = "none" if spec.policy.cache_aware else "both"
     predicted = plan is not None and "predicted" in policy.prefetch and mode in ("both", "predicted")
     complement = plan is not None and "complement" in policy.prefetch and mode in ("both", "complement")
+    rule = decode_rule(spec)
+    k = K if rule.kind != "top" or rule.cached else rule.n
+    pp = PassPlan(policy.decode_pass, rule, k, big=policy.fallback, complement_prefetch=complement and policy.fallback,
+                  predict_prefetch=predicted, mass_tau=spec.policy.mass_tau if policy.fallback else None)
     nodes: list[Node] = []
     add = nodes.append
     add(Node.make("embed", Op.EMBED, ["tokens"]))
-    if policy.decode_pass == "big":
-        _lower_pass(spec, PassPlan("", "big", None, K, predict_prefetch=predicted), "embed", "logits", plan, add)
-    elif policy.fallback:
-        little = PassPlan("", "little", "little", K if _may_go_big(spec, spec.policy.layer_tau) else k,
-                          layer_tau=spec.policy.layer_tau, complement_prefetch=complement, predict_prefetch=predicted,
-                          mass_tau=spec.policy.mass_tau)
-        shared = _lower_shared_prefix(spec, "embed", add)
-        little_logits = _lower_pass(spec, little, "embed", "little_logits", plan, add, shared)
-        add(Node.make("importance_gate", Op.IMPORTANCE_GATE, [little_logits], region="little",
-                      signal=spec.policy.signal, tau=spec.policy.tau))
-        # the big pass enters here: the fallback node hands it the shared router output
-        add(Node.make("fallback", Op.FALLBACK, ["importance_gate", shared.router], region="big"))
-        big = PassPlan("B.", "big", "big", K)
-        big_logits = _lower_pass(spec, big, "embed", "B.logits", plan, add,
-                                 dataclasses.replace(shared, router="fallback"))
-        add(Node.make("logits", Op.SELECT, [little_logits, big_logits]))
+    if policy.fallback:
+        entry = _lower_shared_prefix(spec, "embed", add)
+        logits = _lower_pass(spec, pp, "embed", "logits", plan, add, entry)
+        add(Node.make("importance_gate", Op.IMPORTANCE_GATE, [logits], region=REGION, signal=spec.policy.signal,
+                      tau=spec.policy.tau, **{"pass": "little"}))
     else:
-        tau = spec.policy.tau if policy.tau_is == "layer_mass" else None
-        _lower_pass(spec, PassPlan("", "little", None, K if _may_go_big(spec, tau) else k, layer_tau=tau,
-                                   predict_prefetch=predicted), "embed", "logits", plan, add)
+        _lower_pass(spec, pp, "embed", "logits", plan, add)
     return Graph(name=spec.name, nodes=tuple(nodes), spec=spec.to_dict(), passes=("lower",))
-
-
-def _may_go_big(spec: Spec, layer_tau: float | None) -> bool:
-    """Whether a little pass may use more than little_k experts of a token at some layer."""
-    return layer_tau is not None or spec.policy.cache_aware
 
 
 @dataclass(frozen=True)
 class Entry:
-    """Where a pass starts when a shared prefix ran before it: layer `layer`'s MoE block, given the
+    """Where the region starts after the part that runs once: layer `layer`'s MoE block, given the
     values of its residual input, its normed hidden state and its router."""
 
     layer: int
@@ -111,7 +108,7 @@ def _lower_shared_prefix(spec: Spec, x: str, add: Callable[[Node], None]) -> Ent
         attn_res, h = _lower_attention(spec, x, node)
         if layer < first:
             x = node("out", Op.ADD, [attn_res, node("mlp", Op.MLP, [h])])
-    router = _router(spec, "little", h, node)
+    router = _router(spec, h, node)
     shared = None
     if spec.model.moe.shared_expert.intermediate_size:
         shared = node("shared", Op.EXPERT, [h], variant="shared", gate=spec.model.moe.shared_expert.gate)
@@ -139,10 +136,10 @@ def _lower_attention(spec: Spec, x: str, node) -> tuple[str, str]:
 def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | None,
                 add: Callable[[Node], None], entry: Entry | None = None) -> str:
     m = spec.model
-    region = {} if pp.region is None else {"region": pp.region}
+    region = {} if entry is None else {"region": REGION}
     ahead: str | None = None  # the previous MoE layer's hidden state, for next-layer prediction
     for layer in range(entry.layer if entry else 0, m.num_layers):
-        node = _node_maker(add, f"{pp.prefix}L{layer}.", layer, region)
+        node = _node_maker(add, f"L{layer}.", layer, region)
         router = shared = None
         if entry is not None and layer == entry.layer:
             attn_res, h, router, shared = entry.attn_res, entry.h, entry.router, entry.shared_expert
@@ -155,15 +152,16 @@ def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | No
         else:
             ffn = node("mlp", Op.MLP, [h])
         x = node("out", Op.ADD, [attn_res, ffn])
-    add(Node.make(pp.prefix + "final_norm", Op.NORM, [x], weight="final_norm", **region))
-    add(Node.make(out, Op.LM_HEAD, [pp.prefix + "final_norm"], **region))
+    add(Node.make("final_norm", Op.NORM, [x], weight="final_norm", **region))
+    add(Node.make(out, Op.LM_HEAD, ["final_norm"], **region))
     return out
 
 
-def _router(spec: Spec, variant: str, h: str, node) -> str:
-    """The router always ranks the big set (top-K); the little variant uses its first little_k."""
+def _router(spec: Spec, h: str, node) -> str:
+    """The router always ranks the big set (top-K); a little rule keeps its first little_k."""
     moe = spec.model.moe
-    order = {"order": "random"} if variant == "little" and spec.policy.little_select == "random" else {}
+    order = {"order": "random"} if spec.policy.traits.decode_pass == "little" and \
+        spec.policy.little_select == "random" else {}
     return node("router", Op.ROUTER, [h], top_k=moe.top_k, num_experts=moe.num_experts,
                 norm_topk_prob=moe.norm_topk_prob, scaling=moe.routed_scaling_factor, **order,
                 **_scoring_attrs(spec))
@@ -181,34 +179,33 @@ def _scoring_attrs(spec: Spec) -> dict[str, object]:
 
 def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node, router: str | None = None,
                shared: str | None = None, predict_from: str | None = None) -> str:
-    """router, shared: values computed before this pass (the shared prefix), else new nodes.
+    """router, shared: values computed before the region (the shared prefix), else new nodes.
     predict_from: the previous MoE layer's hidden state; its prediction of this layer's experts is
     prefetched (next-layer prediction)."""
     moe = spec.model.moe
     K, k = moe.top_k, spec.little_k
-    router = router or _router(spec, pp.variant, h, node)
+    router = router or _router(spec, h, node)
     if pp.mass_tau is not None and K > k:
         # known as soon as the router has run: a token found important here skips the rest of
         # its little pass and goes straight to the big pass
-        node("mass_gate", Op.IMPORTANCE_GATE, [router], signal="router_mass", tau=pp.mass_tau, little_k=k)
-    use: dict[str, object] = {"k": pp.k}
-    if pp.variant == "little":
-        use.update(little_k=k, little_weights=spec.policy.little_weights)
-        if pp.layer_tau is not None:
-            use.update(layer_tau=pp.layer_tau, layer_rule=spec.policy.effective_layer_rule)
-        if spec.policy.cache_aware:
-            use["cached"] = True
+        node("mass_gate", Op.IMPORTANCE_GATE, [router], signal="router_mass", tau=pp.mass_tau, little_k=k,
+             **{"pass": "little"})
+    use: dict[str, object] = {"variant": pp.variant, "rule": pp.rule.text, "k": pp.k}
+    if pp.big:
+        use.update(big_variant="big", big_rule=KeepRule.big(K).text, big_k=K)
     if predict_from is not None:
         assert plan is not None  # _lower_pass predicts only with a cache
-        # the most probable predictions first; never more than the staging slots can take
+        # the most probable predictions first; never more than the staging slots can take. A big
+        # pass after a fallback (or for a prompt) predicts nothing: the decode pass's copies serve it
         k_pred = min(k if pp.variant == "little" else K, plan.staging)
-        predict = node("predict", Op.PREDICT, [predict_from], top_k=k_pred, **_scoring_attrs(spec))
-        node("prefetch", Op.PREFETCH, [predict], set="predicted", k=k_pred, staging=plan.staging)
+        only = {"pass": pp.variant} if pp.big else {}
+        predict = node("predict", Op.PREDICT, [predict_from], top_k=k_pred, **only, **_scoring_attrs(spec))
+        node("prefetch", Op.PREFETCH, [predict], set="predicted", k=k_pred, staging=plan.staging, **only)
     if plan is None:  # every expert is on the device: nothing to fetch or wait for
-        experts = node("experts", Op.EXPERT, [h, router], variant=pp.variant, **use)
+        experts = node("experts", Op.EXPERT, [h, router], **use)
     else:
-        fetch = node("fetch", Op.FETCH, [router], set=pp.variant, variant=pp.variant, **use)
-        experts = node("experts", Op.EXPERT, [h, router, node("wait", Op.WAIT, [fetch])], variant=pp.variant, **use)
+        fetch = node("fetch", Op.FETCH, [router], **use)
+        experts = node("experts", Op.EXPERT, [h, router, node("wait", Op.WAIT, [fetch])], **use)
     if moe.shared_expert.intermediate_size:
         shared = shared or node("shared", Op.EXPERT, [h], variant="shared", gate=moe.shared_expert.gate)
         experts = node("moe", Op.COMBINE, [experts, shared])
@@ -217,5 +214,5 @@ def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node, r
         # fallback. It reads the fetch too, so it runs after the little set is pinned and can never evict it.
         hi = min(K, k + plan.staging)  # the complement's best-ranked experts, if staging is small
         node("complement", Op.PREFETCH, [router, fetch], set="complement", lo=k, hi=hi, k=hi - k,
-             staging=plan.staging)
+             staging=plan.staging, **{"pass": "little"})
     return experts

@@ -11,13 +11,12 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from functools import lru_cache
 
 from mobile import debug
 from mobile.costs import node_cost, node_time_us
 from mobile.errors import GraphError
-from mobile.ir import COPY_OPS, SYNC_OPS, Graph, Node, Op
+from mobile.ir import COPY_OPS, REGION, SYNC_OPS, Graph, Node, Op
 from mobile.lower import lower
 from mobile.spec import Spec, spec_from_dict
 from mobile.verify import verify
@@ -41,29 +40,15 @@ def spec_of(g: Graph) -> Spec:
 
 
 def fold_dead_gates(g: Graph) -> Graph:
-    """Remove the importance gates that can never fire, and the fallback entry if none is left.
+    """Remove the importance gates that can never fire.
 
     Every gate signal is a confidence or a mass share in [0, 1] and fires below its tau, so a gate
-    with tau <= 0 never fires. What stays of the big region is then entered only by a prompt
-    (prefill: big): its nodes get a `prompt_only` attr, and the planned decode step leaves them out."""
+    with tau <= 0 never fires. With none left, no fallback runs the region again: the big pass runs
+    only for prompts (prefill: big), from the first node, and the region marks go too."""
     dead = {n.name for n in g.nodes if n.op is Op.IMPORTANCE_GATE and float(n.attr("tau")) <= 0}
-    if not dead:
-        return g.with_nodes(g.nodes, "fold_dead_gates")
-    live = [n for n in g.nodes if n.op is Op.IMPORTANCE_GATE and n.name not in dead]
-    rename: dict[str, str] = {}
-    nodes = []
-    for n in g.nodes:
-        if n.name in dead:
-            continue
-        if n.op is Op.FALLBACK:
-            gate, router = n.inputs
-            if not live:
-                rename[n.name] = router  # the big pass reads the router directly
-                continue
-            if gate in dead:  # still entered by the mass gates: order it after the little pass's logits
-                n = replace(n, inputs=(g.node(gate).inputs[0], router))
-        n = replace(n, inputs=tuple(rename.get(i, i) for i in n.inputs))
-        nodes.append(n.with_attrs(prompt_only=True) if not live and n.attr("region") == "big" else n)
+    nodes = [n for n in g.nodes if n.name not in dead]
+    if not any(n.op is Op.IMPORTANCE_GATE for n in nodes):
+        nodes = [n.without_attrs("region") for n in nodes]
     return g.with_nodes(nodes, "fold_dead_gates")
 
 
@@ -84,7 +69,7 @@ def schedule(g: Graph) -> Graph:
     4. other compute, in program order (a shared expert slides between a fetch and its wait, where
        it overlaps the copy);
     5. waits, right before the first node that needs them.
-    The big region (a prompt's or a fallback's pass) is kept after the rest. A node that moves ahead
+    The region a fallback runs again is kept after the part that runs once. A node that moves ahead
     gets a `hoisted` attr: how many nodes that lowering put before it it now precedes. A transfer
     that cannot move earlier gets a `hoist_limit` attr saying which input holds it.
     """
@@ -112,7 +97,7 @@ def schedule(g: Graph) -> Graph:
             rank = 5
         else:
             rank = 4
-        return int(n.attr("region") == "big"), rank, index[n.name]
+        return int(n.attr("region") == REGION), rank, index[n.name]
 
     while ready:
         ready.sort(key=priority)
@@ -165,10 +150,7 @@ def plan_timeline(g: Graph) -> Graph:
     end: dict[str, float] = {}
     free = {"compute": 0.0, "copy": 0.0}
     nodes = []
-    for n in g.nodes:
-        if n.attr("prompt_only"):  # not part of a decode step
-            nodes.append(n)
-            continue
+    for n in g.nodes:  # the decode pass's attrs: a fallback's big pass is not part of the plan
         flops, dev_bytes, h2d = node_cost(spec, n)
         stream = n.attr("stream", "compute")
         start = max([free[stream], *(end.get(i, 0.0) for i in n.inputs)])

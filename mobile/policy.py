@@ -39,6 +39,12 @@ class Policy:
     def can_tune_tau(self) -> bool:
         return self.tau_is is not None
 
+    @property
+    def passes(self) -> tuple[Pass, ...]:
+        """The passes its graph runs: the decode pass, and the big one where a fallback may follow
+        (it also runs `mobile`'s prompts, prefill: big)."""
+        return ("little", "big") if self.fallback else (self.decode_pass,)
+
 
 POLICIES: dict[str, Policy] = {p.name: p for p in [
     Policy("resident", "all experts on the device (the upper bound when the model fits)", offloads=False),

@@ -7,14 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mobile import policy as policies
-from mobile.ir import COPY_OPS, GRAPH_INPUTS, SYNC_OPS, Graph, Op
+from mobile.ir import COPY_OPS, GRAPH_INPUTS, REGION, SYNC_OPS, Graph, Op
 
 REQUIRED_ATTRS: dict[Op, tuple[str, ...]] = {
     Op.NORM: ("weight",),
     Op.ATTENTION: ("layer", "kind"),
     Op.MLP: ("layer",),
     Op.ROUTER: ("layer", "top_k", "num_experts"),
-    Op.FETCH: ("layer", "k"),
+    Op.FETCH: ("layer", "k", "rule"),
     Op.WAIT: ("layer",),
     Op.PREDICT: ("layer", "top_k"),
     Op.PREFETCH: ("layer", "k", "staging"),
@@ -25,7 +25,7 @@ REQUIRED_ATTRS: dict[Op, tuple[str, ...]] = {
 ARITY: dict[Op, tuple[int, ...]] = {
     Op.EMBED: (1,), Op.NORM: (1,), Op.ATTENTION: (1,), Op.ADD: (2,), Op.MLP: (1,), Op.ROUTER: (1,),
     Op.FETCH: (1,), Op.WAIT: (1,), Op.PREDICT: (1,), Op.PREFETCH: (1, 2), Op.IMPORTANCE_GATE: (1,),
-    Op.FALLBACK: (2,), Op.SELECT: (2,), Op.COMBINE: (2,), Op.LM_HEAD: (1,)}
+    Op.COMBINE: (2,), Op.LM_HEAD: (1,)}
 
 
 def rule_names_unique(g: Graph) -> list[str]:
@@ -75,6 +75,8 @@ def rule_experts_fetched(g: Graph) -> list[str]:
     errors = []
     for n in g.nodes:
         if n.op is Op.EXPERT and n.attr("variant") != "shared":
+            if n.attr("rule") is None:
+                errors.append(f"{n.name}: routed expert node lacks attrs ['rule']")
             waits = [nodes[i] for i in n.inputs if i in nodes and nodes[i].op is Op.WAIT]
             if not waits:
                 if offloads:
@@ -89,9 +91,11 @@ def rule_experts_fetched(g: Graph) -> list[str]:
                     errors.append(f"{n.name}: {w.name} does not wait on a fetch")
                 elif fetch.attr("layer") != n.attr("layer"):
                     errors.append(f"{n.name}: uses {fetch.name}, a fetch for layer {fetch.attr('layer')}")
-                elif (fetch.attr("k") or 0) < (n.attr("k") or 0):
-                    errors.append(f"{n.name}: needs {n.attr('k')} experts per token, {fetch.name} fetches "
-                                  f"{fetch.attr('k')}")
+                else:
+                    for key in ("rule", "big_rule"):
+                        if fetch.attr(key) != n.attr(key):
+                            errors.append(f"{n.name}: computes under {key} {n.attr(key)!r}, {fetch.name} fetches "
+                                          f"under {fetch.attr(key)!r}")
     users = g.users()
     for n in g.nodes:
         if n.op is Op.FETCH and not any(nodes[u].op is Op.WAIT for u in users.get(n.name, [])):
@@ -105,24 +109,27 @@ def rule_staging_budget(g: Graph) -> list[str]:
             for n in g.nodes if n.op is Op.PREFETCH and (n.attr("k") or 0) > (n.attr("staging") or 0)]
 
 
-def rule_fallback_covers_big_set(g: Graph) -> list[str]:
-    """The big region recomputes with the big set: its fetches and experts cover all top-K."""
+def rule_passes(g: Graph) -> list[str]:
+    """The passes over the nodes (mobile.ir): the big pass keeps each token's whole big set, a node
+    that runs in one pass only names a pass, the gates decide during the little pass, and the region
+    a fallback runs again comes after everything that runs once."""
     errors = []
     top_ks = {n.attr("layer"): n.attr("top_k") for n in g.nodes if n.op is Op.ROUTER}
+    entered = False
     for n in g.nodes:
-        if n.attr("region") == "big" and n.op in (Op.FETCH, Op.EXPERT) and n.attr("variant") != "shared":
-            top_k = top_ks.get(n.attr("layer"))
-            if n.attr("k") != top_k or n.attr("layer_tau") is not None:
-                errors.append(f"{n.name}: the big region must use the full top-{top_k}, not k={n.attr('k')}")
-    if any(n.op is Op.FALLBACK for n in g.nodes) and not any(n.op is Op.IMPORTANCE_GATE for n in g.nodes):
-        errors.append("fallback: no importance_gate decides it")
-    # the executor decides at the fallback node whether the region runs: nothing of it may come first
-    if any(n.op is Op.FALLBACK for n in g.nodes):
-        entered = False
-        for n in g.nodes:
-            entered |= n.op is Op.FALLBACK
-            if n.attr("region") == "big" and not entered:
-                errors.append(f"{n.name}: a big-region node placed before the fallback node")
+        big_rule = n.attr("big_rule")
+        if big_rule is not None and big_rule != f"top n={top_ks.get(n.attr('layer'))}":
+            errors.append(f"{n.name}: the big pass must keep the whole top-{top_ks.get(n.attr('layer'))}, not "
+                          f"{big_rule!r}")
+        only = n.attr("pass")
+        if only not in (None, "little", "big"):
+            errors.append(f"{n.name}: pass {only!r} is not a pass (little or big)")
+        if n.op is Op.IMPORTANCE_GATE and only != "little":
+            errors.append(f"{n.name}: a gate decides during the little pass only (pass: little)")
+        in_region = n.attr("region") == REGION
+        if entered and not in_region:
+            errors.append(f"{n.name}: runs once, yet comes after the region a fallback runs again")
+        entered |= in_region
     return errors
 
 
@@ -157,7 +164,7 @@ def rule_segments(g: Graph) -> list[str]:
 
 
 RULES: list[Callable[[Graph], list[str]]] = [rule_names_unique, rule_topological, rule_attrs_and_arity,
-                                              rule_experts_fetched, rule_staging_budget, rule_fallback_covers_big_set,
+                                              rule_experts_fetched, rule_staging_budget, rule_passes,
                                               rule_streams, rule_segments]
 
 

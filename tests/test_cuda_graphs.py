@@ -258,15 +258,16 @@ def test_runner_reads_registered_tensors_in_place_and_keys_on_them():
     assert len(runner.entries) == 2
 
 
-def test_runner_keys_python_values_and_passes_inputs_through():
+def test_runner_keys_python_values():
+    """A Python value a segment reads is part of its entry's key: a replay repeats what the capture did with it."""
     runner, c = GraphRunner(torch.device("cpu")), ctx()
     x = torch.tensor([3.0])
     runner.register([x])
-    pick = lambda ctx, env: {"y": env["x"] if env["flag"] else env["x"] * 0}  # noqa: E731
-    assert runner.run(0, NODES, pick, c, {"x": x, "flag": True}, first=False)["y"] is x
+    pick = lambda ctx, env: {"y": env["x"] + 1 if env["flag"] else env["x"] * 0}  # noqa: E731
+    assert float(runner.run(0, NODES, pick, c, {"x": x, "flag": True}, first=False)["y"]) == 4.0
     assert float(runner.run(0, NODES, pick, c, {"x": x, "flag": False}, first=False)["y"]) == 0.0
-    assert len(runner.entries) == 2
-    assert runner.replays == 1 and runner.captures == 1  # the pass-through runs nothing
+    assert float(runner.run(0, NODES, pick, c, {"x": x, "flag": True}, first=False)["y"]) == 4.0
+    assert len(runner.entries) == 2 and runner.captures == 2 and runner.replays == 3
 
 
 def test_runner_refuses_what_a_capture_cannot_hold():

@@ -77,7 +77,7 @@ def test_editing_attrs_changes_the_run(tiny, tmp_path):
     def fewer_experts(nodes):
         for n in nodes:
             if n["name"] == "L1.experts":
-                n["attrs"]["k"] = 1  # use only the top expert in layer 1
+                n["attrs"]["rule"] = "top n=1"  # use only the top expert in layer 1
 
     out = mobile.Engine.load(edit_graph(t.graph, tmp_path / "k1", fewer_experts), weights=t.ckpt).logits(PROMPT)
     assert (out - ref).abs().max() > 1e-3
@@ -111,3 +111,40 @@ def test_torch_compile_does_not_recompile_as_the_kv_cache_grows(tiny):
         out = compiled.generate(PROMPT, 300, stop_ids=[])
         compiled.generate(PROMPT[:5], 4, stop_ids=[])
     assert compiled.kv.capacity > 256 and len(out) == 300
+
+
+def test_a_traceback_inside_a_segment_shows_its_line(tiny, monkeypatch):
+    """The generated segment code is registered with linecache: a traceback through a segment
+    quotes the line that called the failing kernel, and names the node."""
+    import traceback
+
+    def broken(x, weight, eps):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr("mobile.ops.rms_norm", broken)
+    engine = mobile.Engine.load(tiny("olmoe").graph)
+    with pytest.raises(RuntimeError, match="injected fault") as e:
+        engine.logits(PROMPT)
+    text = "".join(traceback.format_exception(e.value))
+    assert "<mobile segment embed.." in text and "# L0.attn_norm" in text
+
+
+def test_the_interpreter_reports_the_passes_it_ran(tiny, tmp_path):
+    """One forward, typed: what ran is the Outcome's (no fields set on the executor), and the big
+    pass after a fallback starts again at the region, on the values the little pass left."""
+    from mobile.executor import Forward
+    from mobile.ir import Pass
+
+    t = tiny("olmoe")
+    graph = t.compile(tmp_path, "--policy", "mobile", "--tau", "1", slots_per_layer=6)
+    engine = mobile.Engine.load(graph, weights=t.ckpt, link_gbps=50.0)
+    engine.generate(PROMPT, 1, stop_ids=[])  # the prompt: the KV cache holds its positions
+    ctx, tokens = engine._context(torch.tensor([5]), engine.length)
+    executor = engine.executor
+    assert executor.passes == (Pass.LITTLE, Pass.BIG) and executor.entry[Pass.BIG] > 0
+    out = executor.run(ctx, tokens, Forward(Pass.LITTLE, gated=True))  # tau 1: the gate always fires
+    assert out.passes == (Pass.LITTLE, Pass.BIG) and out.fell_back and out.refreshed == 0
+    ran = executor.executed
+    assert ran.count("L0.router") == 1 and ran.count("L1.router") == 2 and ran.count("importance_gate") == 1
+    assert executor.run(ctx, tokens, Forward(Pass.LITTLE)).passes == (Pass.LITTLE,)  # ungated: read, not obeyed
+    assert not hasattr(executor, "fell_back") and not hasattr(executor, "ran_little")

@@ -207,16 +207,20 @@ def test_summary_stall_is_measured_from_computes_first_start():
     assert summarize(Graph("g", (node("f", "copy", 0, 5),)))["stall_us"] == 0
 
 
-def test_planned_decode_step_leaves_out_the_prompt_only_big_pass(tmp_path):
-    """At tau 0 the gate is folded away and the big pass runs for prompts only: the plan of a decode
-    step gives its nodes no times, so neither the step, the trace nor the summary counts them."""
+def test_a_graph_without_gates_is_one_copy_planned_as_the_decode_pass(tmp_path):
+    """At tau 0 the gate is folded away: no fallback can run the region again, so the region mark
+    goes, and the big pass runs over the same nodes for prompts only. The plan of a decode step
+    times every node, under the little pass's rule, and the dump says which pass runs when."""
     out, g = compile_to_dir("specs/demo.yaml", tmp_path / "demo")
-    assert not g.by_op(Op.IMPORTANCE_GATE)
-    big = [n for n in g.nodes if n.attr("prompt_only")]
-    assert big and all(n.name.startswith("B.") and n.attr("start_us") is None for n in big)
-    timed = [n for n in g.nodes if n.attr("start_us") is not None]
-    assert summarize(g)["step_us"] == max(n.attr("end_us") for n in timed)
+    assert not g.by_op(Op.IMPORTANCE_GATE) and not any(n.attr("region") for n in g.nodes)
+    assert len({n.name for n in g.nodes}) == len(g.nodes) and not any(n.name.startswith("B.") for n in g.nodes)
+    assert all(n.attr("start_us") is not None for n in g.nodes)
+    assert summarize(g)["step_us"] == max(n.attr("end_us") for n in g.nodes)
     trace = json.loads((out / "schedule.trace.json").read_text())
-    assert {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"} == {n.name for n in timed}
-    rows = {ln.split()[4]: ln for ln in (out / "schedule.txt").read_text().splitlines() if not ln.startswith("#")}
-    assert all(rows[n.name].endswith("prompt only") or "prompt only;" in rows[n.name] for n in big)
+    assert {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"} == {n.name for n in g.nodes}
+    fetches = g.by_op(Op.FETCH)
+    assert fetches and all(n.attr("rule").startswith("prefix n=2") and n.attr("big_rule") == "top n=4"
+                           for n in fetches)
+    dump = (out / "schedule.txt").read_text()
+    assert "decoded tokens run the little pass (no gate can fire, so no fallback); prompts run the big pass" in dump
+    assert "big pass: top n=4" in dump

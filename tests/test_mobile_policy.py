@@ -19,7 +19,7 @@ import mobile
 from mobile import passes
 from mobile.compiler import compile_to_dir
 from mobile.errors import GraphError
-from mobile.ir import Op
+from mobile.ir import Op, Pass
 from mobile.lower import lower
 from mobile.ops import confidence
 from mobile.spec import PolicySpec, load_spec, with_policy
@@ -88,17 +88,18 @@ def test_fallback_overwrites_kv(tiny, tmp_path, family):
     for _ in range(16):
         tok = int(logits[-1].argmax())
         out.append(tok)
+        before = mob.stats_.fallback_tokens
         logits = mob._forward(torch.tensor([tok]), mob.length)
-        decisions.append(mob.executor.fell_back)
+        decisions.append(mob.stats_.fallback_tokens > before)
     assert 0 < sum(decisions) < len(decisions)  # a real mix of fallbacks and accepted little tokens
     ref = engine_for(t, tmp_path, "mobile", tau=tau)
     ref_out = []
-    logits = ref._forward(PROMPT, 0, mode="big")
+    logits = ref._forward(PROMPT, 0, only=Pass.BIG)
     for fell_back in decisions:
         tok = int(logits[-1].argmax())
         ref_out.append(tok)
         # big exactly where mobile fell back (no little pass, so no KV to overwrite), little elsewhere
-        logits = ref._forward(torch.tensor([tok]), ref.length, mode="big" if fell_back else "little")
+        logits = ref._forward(torch.tensor([tok]), ref.length, only=Pass.BIG if fell_back else Pass.LITTLE)
     assert out == ref_out
 
 
@@ -153,7 +154,7 @@ def test_prefix_rule_extremes_and_bytes(tiny, tmp_path):
         e = mobile.Engine.load(t.graph, policy="layer-mass", all_resident=True,
                                policy_options={"tau": tau, "layer_rule": rule, "cached_complement": False})
         for i in range(PROMPT.numel()):
-            e._forward(PROMPT[i:i + 1], i, mode="decode")
+            e._forward(PROMPT[i:i + 1], i)
         return e.stats["expert_bytes_used"]
 
     pairs = [(bytes_used("prefix", tau), bytes_used("switch", tau)) for tau in (0.6, 0.75, 0.9)]
@@ -165,36 +166,38 @@ def test_graph_has_gate_fallback_and_complement_prefetch(tmp_path):
     # gate that can fire (tau 0, the default, never does: see the next test)
     out, g = compile_to_dir("specs/olmoe-1b-7b.yaml", tmp_path / "g", policy="mobile",
                             policy_options={"prefetch": "both", "tau": 0.05})
-    assert len(g.by_op(Op.IMPORTANCE_GATE)) == 1 and len(g.by_op(Op.FALLBACK)) == 1
+    gates = g.by_op(Op.IMPORTANCE_GATE)
+    assert len(gates) == 1 and gates[0].attr("pass") == "little" and gates[0].attr("region") == "pass"
     complements = [n for n in g.by_op(Op.PREFETCH) if n.attr("set") == "complement"]
-    assert len(complements) == 16 and all(n.attr("stream") == "copy" for n in complements)
-    little = [n for n in g.by_op(Op.EXPERT) if n.attr("region") == "little"]
-    # the default per-layer rule may send a layer big inside the little pass: k is the upper bound
-    assert {(n.attr("little_k"), n.attr("layer_tau"), n.attr("layer_rule"), n.attr("k")) for n in little} == \
-        {(4, PolicySpec().layer_tau, "prefix", 8)}
-    assert {n.attr("k") for n in g.by_op(Op.EXPERT) if n.attr("region") == "big"} == {8}
-    names = [n.name for n in g.nodes]
-    assert names.index("importance_gate") < names.index("fallback") < names.index("B.L0.fetch")
-    # the first layer up to its router is computed once, outside both regions
+    assert len(complements) == 16 and all(n.attr("stream") == "copy" and n.attr("pass") == "little"
+                                          for n in complements)
+    experts = [n for n in g.by_op(Op.EXPERT) if n.attr("variant") != "shared"]
+    # the default per-layer rule may send a layer big inside the little pass: k is the upper bound;
+    # the big pass runs the same nodes with the whole big set
+    assert {(n.attr("rule"), n.attr("k"), n.attr("big_rule"), n.attr("big_k")) for n in experts} == \
+        {(f"prefix n=4 tau={PolicySpec().layer_tau!r} cached", 8, "top n=8", 8)}
+    assert not any(n.name.startswith("B.") for n in g.nodes)  # one copy of the model
+    # the first layer up to its router is computed once, before the region a fallback runs again
     shared = [n for n in g.nodes if n.attr("layer") == 0 and n.attr("region") is None]
     assert {n.name for n in shared} == {"L0.attn_norm", "L0.attn", "L0.attn_res", "L0.ffn_norm", "L0.router"}
-    assert "B.L0.attn" not in names and "B.L1.attn" in names
+    names = [n.name for n in g.nodes]
+    assert all(n.attr("region") == "pass" for n in g.nodes[names.index("L0.fetch"):])
     text = (out / "schedule.txt").read_text()
-    assert "importance_gate" in text and "L3.complement" in text
+    assert "importance_gate" in text and "L3.complement" in text and "little pass only" in text
+    assert "a gate that fires ends it, and the big pass runs again from step" in text
 
 
 @pytest.mark.parametrize("signal", ["max_prob", "entropy", "margin"])
 def test_a_gate_that_cannot_fire_is_folded_away(tmp_path, signal):
     """tau 0 (the default): every signal is a confidence in [0, 1] and none is below 0, so the
-    fold_dead_gates pass removes the gate and the fallback entry. The big pass stays, entered only
-    by a prompt, and the planned decode step leaves it out."""
+    fold_dead_gates pass removes the gate, and with it the region a fallback would run again. The
+    big pass stays, over the same nodes, for prompts."""
     out, g = compile_to_dir("specs/demo.yaml", tmp_path / "g", policy_options={"signal": signal})
-    assert not g.by_op(Op.IMPORTANCE_GATE) and not g.by_op(Op.FALLBACK)
-    big = [n for n in g.nodes if n.attr("region") == "big"]
-    assert big and all(n.attr("prompt_only") and n.attr("start_us") is None for n in big)
-    assert "B.L0.fetch" in (out / "schedule.txt").read_text() and "prompt only" in (out / "schedule.txt").read_text()
+    assert not g.by_op(Op.IMPORTANCE_GATE) and not any(n.attr("region") for n in g.nodes)
+    assert "no gate can fire, so no fallback); prompts run the big pass" in (out / "schedule.txt").read_text()
     live = passes.compile_spec(with_policy(load_spec("specs/demo.yaml"), signal=signal, tau=0.05))
-    assert len(live.by_op(Op.IMPORTANCE_GATE)) == len(live.by_op(Op.FALLBACK)) == 1
+    assert len(live.by_op(Op.IMPORTANCE_GATE)) == 1 and any(n.attr("region") for n in live.nodes)
+    assert len(live.nodes) == len(g.nodes) + 1  # the gate
 
 
 def test_confidence_signals_lie_in_zero_one():
@@ -224,10 +227,10 @@ def test_verifier_rejects_a_fallback_without_the_big_set(tiny, tmp_path):
     shutil.copytree(tmp_path / "mobile-0.5-0", tmp_path / "edited")
     data = json.loads((tmp_path / "edited" / "graph.json").read_text())
     for n in data["nodes"]:
-        if n["name"] == "B.L1.experts":
-            n["attrs"]["k"] = 2
+        if n["name"] in ("L1.fetch", "L1.experts"):
+            n["attrs"]["big_rule"] = "top n=2"
     (tmp_path / "edited" / "graph.json").write_text(json.dumps(data))
-    with pytest.raises(GraphError, match="B.L1.experts: the big region must use the full top-4"):
+    with pytest.raises(GraphError, match="L1.fetch: the big pass must keep the whole top-4, not 'top n=2'"):
         mobile.Engine.load(tmp_path / "edited", weights=t.ckpt)
     assert src is not None
 
@@ -240,7 +243,7 @@ def test_layer_rule_fetches_only_what_it_uses(tiny):
         options = {"cached_complement": False, **options}
         e = mobile.Engine.load(t.graph, policy=policy, policy_options=options, all_resident=True)
         for i in range(PROMPT.numel()):
-            e._forward(PROMPT[i:i + 1], i, mode="decode")
+            e._forward(PROMPT[i:i + 1], i)
         return e.stats["expert_bytes_used"]
 
     big, little = bytes_used("lru-prefetch"), bytes_used("little")
@@ -259,8 +262,9 @@ def test_mass_gate_extremes(tiny, tmp_path, family):
     big = mobile.Engine.load(t.graph, policy="lru-prefetch", link_gbps=50.0)
     assert always.generate(PROMPT, 12, stop_ids=[]) == big.generate(PROMPT, 12, stop_ids=[])
     assert always.stats["fallback_rate"] == 1.0
-    ran = always.executor.executed
-    assert "L0.mass_gate" in ran and "B.L1.attn" in ran and "L1.attn" not in ran and "little_logits" not in ran
+    ran = always.executor.executed  # the last forward's: layer 0's gate fired, then the big pass ran alone
+    assert ran.count("L0.mass_gate") == 1 and ran.count("L1.attn") == 1 and ran.count("L0.experts") == 1
+    assert ran.index("L0.mass_gate") < ran.index("L0.experts")
     never = engine_for(t, tmp_path, "mobile", tau=0.3, mass_tau=0.0)
     plain = engine_for(t, tmp_path, "mobile", tau=0.3)
     # a mass gate at 0 can never fire: lowered, then folded away, so both run the same graph
@@ -287,15 +291,16 @@ def test_mobile_options_on_compile_and_run(tiny, tmp_path, capsys):
     assert stats["fallback_rate"] == 1.0  # --tau reached the engine
 
 
-def test_verifier_rejects_fallback_work_scheduled_before_the_fallback(tmp_path):
+def test_verifier_rejects_work_that_runs_once_after_the_region(tmp_path):
+    """A fallback runs the region again from its first node: what runs once must come before it."""
     from mobile.verify import verify
 
     _, g = compile_to_dir("specs/demo.yaml", tmp_path / "g", policy="mobile", policy_options={"tau": 0.05})
     nodes = list(g.nodes)
-    moved = nodes.pop(next(i for i, n in enumerate(nodes) if n.name == "B.L1.attn_norm"))
-    nodes.insert(next(i for i, n in enumerate(nodes) if n.name == "importance_gate"), moved)
+    moved = nodes.pop(next(i for i, n in enumerate(nodes) if n.name == "L0.attn_norm"))
+    nodes.insert(next(i for i, n in enumerate(nodes) if n.name == "L1.attn_norm"), moved)
     errors = verify(g.with_nodes(nodes, "test"))
-    assert any("B.L1.attn_norm: a big-region node placed before the fallback node" in e for e in errors)
+    assert any("L0.attn_norm: runs once, yet comes after the region a fallback runs again" in e for e in errors)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -313,9 +318,10 @@ def test_kv_refresh_makes_a_fallback_exact(tiny, tmp_path, family):
         mob._forward(ids[:PROMPT.numel()], 0)
         gap, fell_back = [], []
         for pos in range(PROMPT.numel(), ids.numel()):
+            before = mob.stats_.fallback_tokens
             logits = mob._forward(ids[pos:pos + 1], pos)
-            fell_back.append(mob.executor.fell_back)
-            if mob.executor.fell_back:
+            fell_back.append(mob.stats_.fallback_tokens > before)
+            if fell_back[-1]:
                 gap.append(float((logits[-1] - big[pos]).abs().max()))
         assert 0 < sum(fell_back) < len(fell_back)
         gaps[refresh] = max(gap)

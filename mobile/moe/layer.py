@@ -34,14 +34,9 @@ from mobile.moe.rule import KeepRule
 
 
 def rule_of(node: Node) -> KeepRule:
-    """A fetch or routed-expert node's keep rule. Big: the top k. Little: the top little_k, or the
-    per-layer rule at layer_tau; cached: the dropped experts already on the device run too."""
-    if node.attr("variant") != "little":
-        return KeepRule.big(int(node.attr("k")))
-    rescale, cached, tau = node.attr("little_weights") == "rescale", bool(node.attr("cached")), node.attr("layer_tau")
-    if tau is None:
-        return KeepRule("top", int(node.attr("little_k")), rescale=rescale, cached=cached)
-    return KeepRule(node.attr("layer_rule", "switch"), int(node.attr("little_k")), float(tau), rescale, cached)
+    """A fetch or routed-expert node's keep rule, in the pass it is built for (lowering writes the
+    decode pass's, and the big pass's where a fallback runs the node again: mobile.lower)."""
+    return KeepRule.parse(node.attr("rule"))
 
 
 class MoELayer:

@@ -54,15 +54,11 @@ class ExpertKind:
 
     @staticmethod
     def parse(text: str) -> ExpertKind:
-        """The kind a text names, parsed once (a plain dict: see mobile.moe.rule.KeepRule.parse)."""
-        kind = _PARSED.get(text)
-        if kind is None:
-            fmt, *words = text.split()
-            f = dict(w.split("=") for w in words if "=" in w)
-            mlp = ExpertMLP(int(f["hidden"]), int(f["inter"]), "bias" in words, f["act"], float(f["alpha"]),
-                            float(f["limit"]))
-            kind = _PARSED[text] = ExpertKind(fmt, int(f["group"]), mlp)
-        return kind
+        fmt, *words = text.split()
+        f = dict(w.split("=") for w in words if "=" in w)
+        mlp = ExpertMLP(int(f["hidden"]), int(f["inter"]), "bias" in words, f["act"], float(f["alpha"]),
+                        float(f["limit"]))
+        return ExpertKind(fmt, int(f["group"]), mlp)
 
     @functools.cached_property
     def layout(self) -> quant.Layout | None:
@@ -71,7 +67,10 @@ class ExpertKind:
         return quant.Layout(self.fmt, self.group, self.mlp.hidden, self.mlp.inter, self.mlp.bias)
 
 
-_PARSED: dict[str, ExpertKind] = {}
+# the op's two text arguments, parsed once each: plain dicts, not functools.cache, because
+# torch.compile traces the op, and through a cache wrapper it would trace the parsing (with a warning)
+RULES: dict[str, KeepRule] = {}
+KINDS: dict[str, ExpertKind] = {}
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor,
@@ -79,8 +78,9 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_
     """The op's one kernel, for every device (CompositeImplicitAutograd): the keep rule and the native
     path are plain torch ops, which torch.compile traces and fuses; on CUDA the expert MLP is the
     Triton kernel, itself an opaque op with a fake (mobile::triton_experts)."""
-    w, slots = KeepRule.parse(rule).pairs(weights, ids, slot_map)
-    kind = ExpertKind.parse(expert)
+    keep = RULES.get(rule) or RULES.setdefault(rule, KeepRule.parse(rule))
+    kind = KINDS.get(expert) or KINDS.setdefault(expert, ExpertKind.parse(expert))
+    w, slots = keep.pairs(weights, ids, slot_map)
     if x.is_cuda and _triton_kernels() is not None:
         return torch.ops.mobile.triton_experts(x, w, slots, arena, expert)
     if kind.layout is not None:
@@ -90,7 +90,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_
 
 def triton_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, arena: torch.Tensor,
                    expert: str) -> torch.Tensor:
-    kind = ExpertKind.parse(expert)
+    kind = KINDS.get(expert) or KINDS.setdefault(expert, ExpertKind.parse(expert))
     return _triton_kernels().experts(x, weights, slots, arena, layout=kind.layout, mlp=kind.mlp)
 
 

@@ -22,8 +22,6 @@ from typing import Literal
 
 import torch
 
-_PARSED: dict[str, KeepRule] = {}
-
 # KeepRule.status codes, by priority: an expert one token needs and another could take for free is needed
 UNUSED, FREE, CACHED, MISSING = 0, 1, 2, 3
 
@@ -47,15 +45,11 @@ class KeepRule:
 
     @staticmethod
     def parse(text: str) -> KeepRule:
-        """The rule a text names, parsed once. (A plain dict, not functools.cache: torch.compile
-        traces the op, and through a cache wrapper it would trace the parsing, with a warning.)"""
-        rule = _PARSED.get(text)
-        if rule is None:
-            kind, *words = text.split()
-            fields = dict(w.split("=") for w in words if "=" in w)
-            rule = _PARSED[text] = KeepRule(kind, int(fields["n"]), float(fields.get("tau", 0.0)),  # type: ignore[arg-type]
-                                            "rescale" in words, "cached" in words)
-        return rule
+        """The rule a text names (the op keeps what it parsed: mobile.moe.op)."""
+        kind, *words = text.split()
+        fields = dict(w.split("=") for w in words if "=" in w)
+        return KeepRule(kind, int(fields["n"]), float(fields.get("tau", 0.0)), "rescale" in words,  # type: ignore[arg-type]
+                        "cached" in words)
 
     def keep(self, weights: torch.Tensor) -> torch.Tensor:
         """weights [T, K] in selection order -> keep [T, K] bool, the cached experts left out."""
