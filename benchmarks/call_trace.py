@@ -77,7 +77,7 @@ def main() -> None:
         SEGMENTS = next(str(f.relative_to(ROOT)) for f in (ROOT / "mobile").rglob("executor.py"))
 
     import mobile
-    from mobile.sampling import Sampler
+    from mobile.runtime.sampling import Sampler
 
     engine = mobile.Engine.load(args.graph)
     prompt = torch.tensor([5, 6, 7, 8])

@@ -9,7 +9,7 @@ a token uses, as if nothing were cached (cached_complement off), and use the swi
 Then the "cache:" rows, which run with the demo's expert cache and report bytes moved against
 big-only decoding with the same cache; there the little pass takes the dropped experts already
 cached (cached_complement). Every position is a decode step (see
-mobile/evaluate.py). Asserts nothing; prints the table. `--only a,b` runs the rows whose labels
+mobile/tools/evaluate.py). Asserts nothing; prints the table. `--only a,b` runs the rows whose labels
 contain one of those strings.
 """
 
@@ -21,7 +21,7 @@ import json
 import torch
 
 from mobile import policy as policies
-from mobile.evaluate import format_rows, run_eval
+from mobile.tools.evaluate import format_rows, run_eval
 
 CONFIGS = [
     ("little raw", {"name": "little", "little_weights": "raw"}),

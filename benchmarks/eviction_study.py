@@ -25,9 +25,9 @@ import math
 
 import torch
 
-from mobile.engine import Engine
 from mobile.moe.rule import KeepRule
 from mobile.moe.slots import LFU_DECAY, SlotTable
+from mobile.runtime.engine import Engine
 
 
 def record_routes(graph: str, text: str, offset: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

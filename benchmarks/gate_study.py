@@ -27,9 +27,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mobile.engine import Engine
-from mobile.evaluate import load_ids, windows
-from mobile.ir import Pass
+from mobile.compiler.ir import Pass
+from mobile.runtime.engine import Engine
+from mobile.tools.evaluate import load_ids, windows
 
 FALLBACK_RATES = (0.2, 0.3, 0.4, 0.5, 0.6)
 

@@ -50,7 +50,7 @@ for text in kjv py; do
     | tee "$OUT/bench-demo-$text.txt"
 done
 echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
-# 6. CUDA graphs (mobile.graphs) on the demo: resident decode eager, with graphs, compiled, compiled with graphs
+# 6. CUDA graphs (mobile.runtime.graphs) on the demo: resident decode eager, with graphs, compiled, compiled with graphs
 #    (one decode token is one graph there), then per policy tok/s with graphs off and on
 mobile bench --graph graphs/demo-gpu --device cuda --policies resident --cuda-graphs off,on --text demo/data/heldout_kjv.txt \
   --tokens 256 --prompt-len 32 --repeats 3 --json "$OUT/bench-demo-resident-graphs.json" 2>&1 | tail -4 \

@@ -23,8 +23,7 @@ from functools import partial
 
 import torch
 
-from mobile import formats
-from mobile.moe import native, quant
+from mobile.moe import formats, native, quant
 from mobile.moe.layout import arena_views
 from mobile.moe.reference import reference
 

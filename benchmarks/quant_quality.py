@@ -6,7 +6,7 @@ each expert format, against native big decoding, on each text.
         --texts demo/data/heldout_kjv.txt,demo/data/heldout_py.txt,/tmp/texts/licenses.txt \
         [--formats native,int8,int4] [--group-size 64] [--max-tokens 10000] [--out quality.json]
 
-Every position is a decode step (mobile/evaluate.py). Both policies run with the graph's expert
+Every position is a decode step (mobile/tools/evaluate.py). Both policies run with the graph's expert
 cache over a fast emulated link and no speculative copies, so "bytes/tok" is what moved: at the
 same cache budget, a packed format holds more experts and moves fewer bytes per miss. lru at
 native is big decoding itself (agreement 1). Asserts nothing; prints one table per text.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mobile.evaluate import format_rows, run_eval
+from mobile.tools.evaluate import format_rows, run_eval
 
 
 def main() -> None:

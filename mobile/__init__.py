@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "Engine":
-        from mobile.engine import Engine
+        from mobile.runtime.engine import Engine
 
         return Engine
     raise AttributeError(f"module 'mobile' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mobile.ir import Graph
+    from mobile.compiler.ir import Graph
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ def dump_after_pass(graph: Graph, pass_name: str) -> None:
     f = flags()
     if not f.dump_passes:
         return
-    from mobile.emit import render_schedule
+    from mobile.compiler.emit import render_schedule
 
     f.dump_dir.mkdir(parents=True, exist_ok=True)
     index = len(graph.passes)

@@ -6,7 +6,7 @@ empty, or holds an earlier output of the same command and nothing else. A comman
 file (import-hf -o, run --trace, eval --out and --plot, bench --json) replaces one only when the
 file's first bytes carry the same command's stamp. Anything else is refused in one line, exit 2,
 unless --force. Both checks run before any work, so that a refusal costs nothing, and both kinds of
-output are written atomically (a temporary sibling renamed into place: mobile.emit).
+output are written atomically (a temporary sibling renamed into place: mobile.compiler.emit).
 """
 
 from __future__ import annotations

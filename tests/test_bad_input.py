@@ -20,7 +20,7 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
-from mobile.quantize import packed_names
+from mobile.tools.quantize import packed_names
 
 RUN = ["run", "--graph", "{graph}", "--prompt-ids", "5,6"]
 EVAL = ["eval", "--graph", "{graph}", "--data", "{text}"]
@@ -264,8 +264,8 @@ def test_racing_compiles_into_one_folder_leave_one_whole_graph(tmp_path):
     import os
     import threading
 
-    from mobile.compiler import compile_to_dir
-    from mobile.emit import GRAPH_FILES, load_graph
+    from mobile.compiler.compile import compile_to_dir
+    from mobile.compiler.emit import GRAPH_FILES, load_graph
     from mobile.outputs import MARKER
 
     out, errors = tmp_path / "g", []

@@ -1,4 +1,4 @@
-"""CUDA graphs' static decode state and the static-buffer runner (mobile.graphs), on the CPU.
+"""CUDA graphs' static decode state and the static-buffer runner (mobile.runtime.graphs), on the CPU.
 
 `--cuda-graphs on` on a CPU runs the runner without capture: inputs into persistent buffers,
 the segment, its outputs into persistent buffers. So these tests check, against `off`, what a GPU's
@@ -16,16 +16,16 @@ import torch
 from conftest import run_cli
 
 import mobile
-from mobile.compiler import compile_to_dir
-from mobile.context import StepContext
+from mobile.compiler.compile import compile_to_dir
+from mobile.compiler.ir import Node, Op
 from mobile.errors import MobileError, SpecError
-from mobile.graphs import GraphRunner, kv_bucket
-from mobile.hostio import HostReader
-from mobile.ir import Node, Op
-from mobile.kv import KV_BUDGET_BYTES, bytes_per_position, max_seq_len
-from mobile.ops import rope_tables
-from mobile.sampling import Sampler
-from mobile.spec import load_spec
+from mobile.models.ops import rope_tables
+from mobile.runtime.context import StepContext
+from mobile.runtime.graphs import GraphRunner, kv_bucket
+from mobile.runtime.hostio import HostReader
+from mobile.runtime.kv import KV_BUDGET_BYTES, bytes_per_position, max_seq_len
+from mobile.runtime.sampling import Sampler
+from mobile.spec.schema import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = (ROOT / "demo" / "data" / "heldout_kjv.txt").read_text()[:2000]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mobile
-from mobile.compiler import compile_to_dir
+from mobile.compiler.compile import compile_to_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CKPT = ROOT / "demo" / "checkpoint"

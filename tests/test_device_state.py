@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mobile
-from mobile.compiler import compile_to_dir
+from mobile.compiler.compile import compile_to_dir
 
 PROMPT = torch.tensor([5, 81, 300, 17, 2048, 9, 660, 41])
 

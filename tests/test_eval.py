@@ -83,7 +83,7 @@ def test_bench_teacher_forced_text(tiny, tmp_path, capsys):
 def test_eval_table_has_one_baseline_per_measure(tiny, tmp_path, capsys):
     """Moved bytes are compared with big decoding through the same cache, measured as a row of its
     own (one per eviction rule); used bytes with big's used; the table names the row."""
-    from mobile.evaluate import format_rows, run_eval
+    from mobile.tools.evaluate import format_rows, run_eval
 
     t = tiny("olmoe")
     (tmp_path / "text.txt").write_text(TEXT)
@@ -109,7 +109,7 @@ def test_eval_table_has_one_baseline_per_measure(tiny, tmp_path, capsys):
 
 
 def test_eval_used_bytes_against_resident_big(tiny, tmp_path, capsys):
-    from mobile.evaluate import run_eval
+    from mobile.tools.evaluate import run_eval
 
     t = tiny("olmoe")
     (tmp_path / "text.txt").write_text(TEXT)

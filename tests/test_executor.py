@@ -121,7 +121,7 @@ def test_a_traceback_inside_a_segment_shows_its_line(tiny, monkeypatch):
     def broken(x, weight, eps):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr("mobile.ops.rms_norm", broken)
+    monkeypatch.setattr("mobile.models.ops.rms_norm", broken)
     engine = mobile.Engine.load(tiny("olmoe").graph)
     with pytest.raises(RuntimeError, match="injected fault") as e:
         engine.logits(PROMPT)
@@ -132,8 +132,8 @@ def test_a_traceback_inside_a_segment_shows_its_line(tiny, monkeypatch):
 def test_the_interpreter_reports_the_passes_it_ran(tiny, tmp_path):
     """One forward, typed: what ran is the Outcome's (no fields set on the executor), and the big
     pass after a fallback starts again at the region, on the values the little pass left."""
-    from mobile.executor import Forward
-    from mobile.ir import Pass
+    from mobile.compiler.ir import Pass
+    from mobile.runtime.executor import Forward
 
     t = tiny("olmoe")
     graph = t.compile(tmp_path, "--policy", "mobile", "--tau", "1", slots_per_layer=6)

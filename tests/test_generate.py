@@ -7,8 +7,8 @@ import torch
 
 import mobile
 from mobile.errors import MobileError
-from mobile.hostio import HostReader
-from mobile.sampling import Sampler
+from mobile.runtime.hostio import HostReader
+from mobile.runtime.sampling import Sampler
 
 PROMPT = torch.arange(5, 17)
 

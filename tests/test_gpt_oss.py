@@ -22,16 +22,16 @@ from safetensors.torch import load_file, save_file
 from tiny import build_tiny_gpt_oss, gpt_oss_config
 
 import mobile
-from mobile import mxfp4
 from mobile.errors import CheckpointError, SpecError
-from mobile.families import spec_from_hf_config
+from mobile.models import mxfp4
+from mobile.models.families import spec_from_hf_config
+from mobile.models.ops import rope_inv_freq
 from mobile.moe import native, quant
 from mobile.moe.layout import ExpertMLP, arena_views, bias_views
 from mobile.moe.op import ExpertKind
 from mobile.moe.reference import reference
 from mobile.moe.rule import KeepRule
-from mobile.ops import rope_inv_freq
-from mobile.spec import RopeSpec, load_spec, spec_from_dict
+from mobile.spec.schema import RopeSpec, load_spec, spec_from_dict
 
 PROMPT = torch.randint(3, 97, (24,), generator=torch.Generator().manual_seed(1))
 EXPERTS = ("gate_up_proj", "down_proj")

@@ -92,7 +92,7 @@ def test_second_device_waits_for_its_own_copies(tiny, tmp_path):
         engine.close()
 
 
-# -- CUDA graphs (mobile.graphs): capture and replay, written for a GPU, not yet run on one --------
+# -- CUDA graphs (mobile.runtime.graphs): capture and replay, written for a GPU, not yet run on one --------
 
 GRAPH_POLICIES = ["resident", "ondemand", "lru", "lru-prefetch", "little", "mobile", "layer-mass"]
 
@@ -154,9 +154,9 @@ def test_compiled_graphs_replay_without_recompiles(tiny):
 
 
 def test_a_segment_that_syncs_is_run_eagerly_not_captured():
-    from mobile.context import StepContext
-    from mobile.graphs import GraphRunner
-    from mobile.ir import Node, Op
+    from mobile.compiler.ir import Node, Op
+    from mobile.runtime.context import StepContext
+    from mobile.runtime.graphs import GraphRunner
 
     runner = GraphRunner(torch.device("cuda"))
     z = torch.zeros(1, device="cuda")

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from mobile import passes
-from mobile.compiler import compile_to_dir
-from mobile.emit import load_graph, summarize, write_graph_dir
+from mobile.compiler import passes
+from mobile.compiler.compile import compile_to_dir
+from mobile.compiler.emit import load_graph, summarize, write_graph_dir
+from mobile.compiler.ir import Graph, Node, Op
+from mobile.compiler.lower import lower
+from mobile.compiler.verify import verify
 from mobile.errors import GraphError
-from mobile.ir import Graph, Node, Op
-from mobile.lower import lower
-from mobile.spec import load_spec, with_policy
-from mobile.verify import verify
+from mobile.spec.schema import load_spec, with_policy
 
 SPECS = ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b"]
 
@@ -125,7 +125,7 @@ def test_compile_is_atomic(tmp_path, monkeypatch):
     def crash(graph):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("mobile.emit.render_dot", crash)
+    monkeypatch.setattr("mobile.compiler.emit.render_dot", crash)
     with pytest.raises(KeyboardInterrupt):
         write_graph_dir(g.with_nodes(g.nodes[:-1]), out)
     assert (out / "graph.json").read_text() == before  # the old graph is intact

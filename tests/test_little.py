@@ -7,8 +7,8 @@ import torch
 from tiny import build_tiny
 
 import mobile
-from mobile.compiler import compile_to_dir
-from mobile.ir import Op
+from mobile.compiler.compile import compile_to_dir
+from mobile.compiler.ir import Op
 from mobile.moe.cache import decode_status
 
 PROMPT = torch.randint(3, 97, (20,), generator=torch.Generator().manual_seed(4))

@@ -16,13 +16,13 @@ import torch
 from conftest import run_cli
 
 import mobile
-from mobile import passes
-from mobile.compiler import compile_to_dir
+from mobile.compiler import passes
+from mobile.compiler.compile import compile_to_dir
+from mobile.compiler.ir import Op, Pass
+from mobile.compiler.lower import lower
 from mobile.errors import GraphError
-from mobile.ir import Op, Pass
-from mobile.lower import lower
-from mobile.ops import confidence
-from mobile.spec import PolicySpec, load_spec, with_policy
+from mobile.models.ops import confidence
+from mobile.spec.schema import PolicySpec, load_spec, with_policy
 
 PROMPT = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(5))
 FAMILIES = ["qwen2_moe", "olmoe"]
@@ -293,7 +293,7 @@ def test_mobile_options_on_compile_and_run(tiny, tmp_path, capsys):
 
 def test_verifier_rejects_work_that_runs_once_after_the_region(tmp_path):
     """A fallback runs the region again from its first node: what runs once must come before it."""
-    from mobile.verify import verify
+    from mobile.compiler.verify import verify
 
     _, g = compile_to_dir("specs/demo.yaml", tmp_path / "g", policy="mobile", policy_options={"tau": 0.05})
     nodes = list(g.nodes)

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mobile
-from mobile.costs import expert_bytes
+from mobile.compiler.costs import expert_bytes
+from mobile.compiler.ir import Op
 from mobile.errors import SpecError
-from mobile.ir import Op
 from mobile.moe.shadow import BigOnlyShadow
 from mobile.moe.slots import CacheFull, SlotTable
 
@@ -68,8 +68,8 @@ def test_small_cache_evicts_and_stays_exact(tiny, tmp_path):
 
 
 def test_prefetch_nodes_and_planned_overlap(tmp_path):
-    from mobile.compiler import compile_to_dir
-    from mobile.ir import Op
+    from mobile.compiler.compile import compile_to_dir
+    from mobile.compiler.ir import Op
 
     out, g = compile_to_dir("specs/olmoe-1b-7b.yaml", tmp_path / "g", policy="lru-prefetch")
     names = [n.name for n in g.nodes]
@@ -218,8 +218,8 @@ def test_lookup_takes_hits_before_misses():
 
 
 def test_budget_error_names_the_key(tmp_path):
-    from mobile.lower import lower
-    from mobile.spec import load_spec, with_policy
+    from mobile.compiler.lower import lower
+    from mobile.spec.schema import load_spec, with_policy
 
     spec = with_policy(load_spec("specs/qwen1.5-moe-a2.7b.yaml"), name="lru")
     small = spec.__class__(**{**spec.__dict__, "runtime": spec.runtime.__class__(
@@ -260,8 +260,8 @@ def test_big_only_estimate_equals_lru_and_sees_little_savings(tiny, tmp_path):
 @pytest.mark.parametrize("prefetch,sets", [("none", set()), ("predicted", {"predicted"}),
                                            ("complement", {"complement"}), ("both", {"predicted", "complement"})])
 def test_prefetch_option_selects_the_speculative_copies(prefetch, sets):
-    from mobile.lower import lower
-    from mobile.spec import load_spec, with_policy
+    from mobile.compiler.lower import lower
+    from mobile.spec.schema import load_spec, with_policy
 
     spec = with_policy(load_spec("specs/demo.yaml"), name="mobile", prefetch=prefetch)
     g = lower(dataclasses.replace(spec, runtime=dataclasses.replace(
@@ -319,9 +319,9 @@ def test_host_store_is_one_allocation_of_the_needed_bytes(tiny, tmp_path):
 def test_an_emulated_link_is_refused_on_cuda(tiny):
     """On CUDA the copies cross the real link: a request to emulate one is an error naming the
     flag or key, before anything loads (the check needs no GPU)."""
-    from mobile.engine import refuse_emulated_link
     from mobile.errors import MobileError
-    from mobile.spec import load_spec, with_runtime
+    from mobile.runtime.engine import refuse_emulated_link
+    from mobile.spec.schema import load_spec, with_runtime
 
     spec = load_spec(tiny("olmoe").spec)
     cuda = torch.device("cuda")
@@ -335,7 +335,7 @@ def test_an_emulated_link_is_refused_on_cuda(tiny):
 
 
 def test_union_of_copy_spans():
-    from mobile.devclock import union_seconds
+    from mobile.runtime.devclock import union_seconds
 
     assert union_seconds([]) == 0
     assert union_seconds([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0), (3.2, 3.5)]) == 3.0

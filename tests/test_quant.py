@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mobile
+from mobile.models.weights import WeightStore
 from mobile.moe import native, quant
 from mobile.moe.layout import ExpertMLP, arena_views
 from mobile.moe.op import ExpertKind
 from mobile.moe.reference import reference
 from mobile.moe.rule import KeepRule
-from mobile.weights import WeightStore
 
 PROMPT = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(5))
 # the tiny checkpoints have hidden 32, expert intermediate 16: groups must divide both
@@ -185,9 +185,9 @@ def test_offloading_at_a_format_gives_resident_tokens_at_that_format(tiny, tmp_p
 
 
 def test_the_same_budget_holds_more_packed_experts():
-    from mobile.budget import cache_plan
-    from mobile.costs import expert_bytes
-    from mobile.spec import load_spec, with_policy, with_runtime
+    from mobile.compiler.budget import cache_plan
+    from mobile.compiler.costs import expert_bytes
+    from mobile.spec.schema import load_spec, with_policy, with_runtime
 
     spec = load_spec("specs/olmoe-1b-7b.yaml")  # bf16 experts of 2048 x 1024
     spec = with_policy(with_runtime(spec, expert_cache=dict(budget="2GiB", slots_per_layer=None, staging_slots=0)),

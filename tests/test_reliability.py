@@ -49,7 +49,7 @@ def test_2000_tokens_under_lru_prefetch_hold_flat_memory(tmp_path):
 
 def _store_error(path) -> str:
     from mobile.errors import CheckpointError
-    from mobile.weights import WeightStore
+    from mobile.models.weights import WeightStore
 
     with pytest.raises(CheckpointError) as e:
         WeightStore(path)
@@ -63,7 +63,7 @@ def test_weight_store_reads_lazily_and_converts(tmp_path):
     from safetensors.torch import save_file
 
     from mobile.errors import CheckpointError
-    from mobile.weights import WeightStore
+    from mobile.models.weights import WeightStore
 
     # a 4 GiB sparse tensor: opening the store and viewing it must not read it
     n = 1 << 30

@@ -136,7 +136,7 @@ def test_nan_weights_end_the_run_naming_the_layer(tiny, tmp_path, capsys, tensor
 # -- Ctrl-C ---------------------------------------------------------------------------------------
 def interrupt_at(monkeypatch, call: int) -> None:
     """Ctrl-C during the engine's `call`-th forward (1: the prompt's)."""
-    from mobile.engine import Engine
+    from mobile.runtime.engine import Engine
 
     real, calls = Engine._forward, [0]
 

@@ -28,7 +28,7 @@ import torch
 from conftest import run_cli
 
 import mobile
-from mobile.detokenize import TextStream
+from mobile.runtime.detokenize import TextStream
 from mobile.serve.chat import FALLBACK_STOPS, chat_prompt, fallback_text
 from mobile.serve.server import Service
 
@@ -483,7 +483,7 @@ def test_text_stream_holds_back_a_possible_stop_string(reference):
 
 
 def test_chat_prompt_uses_the_template_when_there_is_one(server):
-    from mobile.tokenizer import load_tokenizer
+    from mobile.runtime.tokenizer import load_tokenizer
 
     tok = load_tokenizer(server.engine.store.dir, full=True)  # as the server loads it: chat templates need it
     messages = [{"role": "user", "content": "Hi"}]

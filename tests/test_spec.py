@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from mobile.errors import SpecError
-from mobile.spec import load_spec, parse_bytes
+from mobile.spec.schema import load_spec, parse_bytes
 
 BASE = "specs/olmoe-1b-7b.yaml"
 

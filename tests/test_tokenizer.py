@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from mobile.tokenizer import FastTokenizer, load_tokenizer, plain_tokenizer_json
+from mobile.runtime.tokenizer import FastTokenizer, load_tokenizer, plain_tokenizer_json
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "checkpoint"

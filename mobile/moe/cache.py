@@ -34,17 +34,17 @@ from typing import Protocol
 
 import torch
 
-from mobile.budget import CachePlan
-from mobile.costs import expert_bytes
+from mobile.compiler.budget import CachePlan
+from mobile.compiler.costs import expert_bytes
+from mobile.models.weights import WeightStore
 from mobile.moe.hoststore import HostStore
 from mobile.moe.rows import load_expert_rows
 from mobile.moe.rule import FREE, MISSING, UNUSED
 from mobile.moe.shadow import BigOnlyShadow
 from mobile.moe.slots import SlotTable
 from mobile.moe.transfer import DEMAND, PREFETCH, CopyEngine, CopyJob, LinkModel
-from mobile.spec import Spec
-from mobile.stats import Stats
-from mobile.weights import WeightStore
+from mobile.runtime.stats import Stats
+from mobile.spec.schema import Spec
 
 
 class ExpertCache(Protocol):

@@ -25,17 +25,17 @@ import dataclasses
 
 import torch
 
-from mobile.context import StepContext, SyncKernel
-from mobile.ir import Node
+from mobile.compiler.ir import Node
 from mobile.moe.cache import ExpertCache, FetchHandle, ResidentCache
 from mobile.moe.op import ExpertKind
 from mobile.moe.router import Router
 from mobile.moe.rule import KeepRule
+from mobile.runtime.context import StepContext, SyncKernel
 
 
 def rule_of(node: Node) -> KeepRule:
     """A fetch or routed-expert node's keep rule, in the pass it is built for (lowering writes the
-    decode pass's, and the big pass's where a fallback runs the node again: mobile.lower)."""
+    decode pass's, and the big pass's where a fallback runs the node again: mobile.compiler.lower)."""
     return KeepRule.parse(node.attr("rule"))
 
 

@@ -1,6 +1,6 @@
 """Packed expert formats: int8 and int4 routed experts, stored, moved and read as one row of bytes.
 
-The packed layout, version 1 (mobile.formats.LAYOUT_VERSION). One routed expert is one contiguous uint8 row, in
+The packed layout, version 1 (mobile.moe.formats.LAYOUT_VERSION). One routed expert is one contiguous uint8 row, in
 host memory, in a device cache slot and on the link alike. Its sections, in this order, each
 starting at a multiple of 16 bytes (ALIGN):
 

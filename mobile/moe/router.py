@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 class Router:
     """x [T, H] -> (weights [T, K] float32, ids [T, K]), scored as the model's router scores
-    (scoring, correction bias and groups: mobile.spec.MoESpec; bias: gpt-oss's router bias).
+    (scoring, correction bias and groups: mobile.spec.schema.MoESpec; bias: gpt-oss's router bias).
     shuffle: a generator that permutes each token's big set (the random-halving baseline)."""
 
     def __init__(self, weight: torch.Tensor, top_k: int, norm_topk_prob: bool = False, scaling: float = 1.0,
@@ -65,7 +65,7 @@ def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int, norm_topk_prob: b
     not follow. The first little_k are the little set, so the big-little policies act on the order
     the model chooses in.
 
-    scoring (mobile.spec.MoESpec): softmax; sigmoid with its correction bias [E] and groups
+    scoring (mobile.spec.schema.MoESpec): softmax; sigmoid with its correction bias [E] and groups
     (sigmoid_topk); or softmax_topk (route_topk_softmax). bias [E]: the router's own bias, where it
     has one (gpt-oss). Logits and scores run in float32, as DeepSeek does (identical for float32
     models); the renormalization and the routed scaling follow the choice, as in transformers' routers.

@@ -2,7 +2,7 @@
 spec's expert format (mobile.moe.layout, mobile.moe.quant).
 
 Whatever a checkpoint's storage (one tensor per expert, or gpt-oss's fused, interleaved and possibly
-MXFP4 tensors: mobile.families.EXPERT_STORAGE), `expert_matrices` hands the loader canonical
+MXFP4 tensors: mobile.models.families.EXPERT_STORAGE), `expert_matrices` hands the loader canonical
 matrices; a quantized checkpoint's packed parts (`P.qweight`, `P.scales`, `P.zeros`, written by
 `mobile quantize`) are read and checked as they are.
 """
@@ -13,13 +13,10 @@ from collections.abc import Iterator
 
 import torch
 
-from mobile import mxfp4
 from mobile.errors import CheckpointError
-from mobile.families import expert_storage, tensor_names
-from mobile.moe import quant
-from mobile.moe.layout import ExpertMLP, arena_views, bias_views, packed_layout
-from mobile.spec import Spec
-from mobile.weights import (
+from mobile.models import mxfp4
+from mobile.models.families import expert_storage, tensor_names
+from mobile.models.weights import (
     EXPERT_PROJECTIONS,
     FUSED_BIASES,
     FUSED_MATRICES,
@@ -27,6 +24,9 @@ from mobile.weights import (
     WeightStore,
     expert_tensor_names,
 )
+from mobile.moe import quant
+from mobile.moe.layout import ExpertMLP, arena_views, bias_views, packed_layout
+from mobile.spec.schema import Spec
 
 
 def load_expert_rows(spec: Spec, store: WeightStore, layer: int, dtype: torch.dtype) -> torch.Tensor:
@@ -64,10 +64,10 @@ ExpertTensors = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tens
 
 def expert_matrices(spec: Spec, store: WeightStore, layer: int) -> Iterator[ExpertTensors]:
     """A layer's routed experts one at a time, whatever the checkpoint's storage
-    (mobile.families.EXPERT_STORAGE), as mobile's canonical input-major matrices: (gate_up [H, 2I],
+    (mobile.models.families.EXPERT_STORAGE), as mobile's canonical input-major matrices: (gate_up [H, 2I],
     gate columns then up columns; down [I, H]; with model.moe.expert_bias, (gate_up's [2I], down's
     [H]) biases, else None). Native tensors come as stored (views where they can be); MXFP4 ones
-    decoded to float32 (mobile.mxfp4)."""
+    decoded to float32 (mobile.models.mxfp4)."""
     if expert_storage(spec.model.family) == "per_expert":
         for t in expert_tensor_names(spec, layer):
             gate, up, down = (store.get(t[p]) for p in EXPERT_PROJECTIONS)  # [out, in], as nn.Linear

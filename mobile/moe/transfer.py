@@ -12,7 +12,7 @@ it but gets the link between two of its chunks. A copy into a slot waits only fo
 that read that slot and for a copy into the same slot still in flight (events the caller passes),
 never for all compute already queued. The compute stream waits on exactly the events of the copies
 it is about to use. Every copy, and every wait of the compute stream, is timed with CUDA events
-(mobile.devclock) and read back off the decode path (`collect`), so the link's busy time, the
+(mobile.runtime.devclock) and read back off the decode path (`collect`), so the link's busy time, the
 stall and the trace mean on a GPU what they mean on the CPU. The link is real there: emulating one
 on CUDA is refused by the engine. An emulated link's bandwidth is given, or calibrated against the
 time this machine takes to compute one expert (`calibrated_gbps`).
@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mobile.costs import native_expert_bytes
-from mobile.devclock import clock_for, union_seconds
+from mobile.compiler.costs import native_expert_bytes
 from mobile.errors import worker_failure
 from mobile.moe.layout import ExpertMLP
 from mobile.moe.op import ExpertKind
 from mobile.moe.rule import KeepRule
-from mobile.spec import Spec
+from mobile.runtime.devclock import clock_for, union_seconds
+from mobile.spec.schema import Spec
 
 DEMAND, PREFETCH = 0, 1  # job priorities: lower runs first
 PREFETCH_CHUNK_BYTES = 4 << 20  # CUDA: a prefetch is copied in pieces of this size (a demand copy gets in between)
@@ -226,7 +226,7 @@ class CopyEngine:
         job.done.set()
 
     def _traced(self, job: CopyJob) -> None:
-        """A timed copy's span in the measured trace (the executor's format: mobile.engine.write_trace)."""
+        """A timed copy's span in the measured trace (the executor's format: mobile.runtime.engine.write_trace)."""
         if self.trace is not None:
             self.trace.append((job.tag, "prefetch" if job.priority == PREFETCH else "fetch", "copy",
                                job.start_s, job.end_s, job.nbytes))

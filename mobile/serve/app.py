@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from mobile.detokenize import TextStream
+from mobile.runtime.detokenize import TextStream
 from mobile.serve.protocol import (
     APIError,
     GenerationRequest,

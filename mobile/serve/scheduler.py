@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
-from mobile.stats import SETUP_KEYS, Stats
+from mobile.runtime.stats import SETUP_KEYS, Stats
 
 if TYPE_CHECKING:  # the worker imports torch only once it runs
-    from mobile.engine import Engine
+    from mobile.runtime.engine import Engine
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ import threading
 import uvicorn
 
 from mobile.errors import MobileError
+from mobile.runtime.tokenizer import load_tokenizer
 from mobile.serve.app import create_app
 from mobile.serve.protocol import ModelInfo
 from mobile.serve.scheduler import EngineWorker
-from mobile.tokenizer import load_tokenizer
 
 
 class DrainingServer(uvicorn.Server):

@@ -1,5 +1,5 @@
 """What a kernel sees: the per-forward context, and the two kinds of kernel the executor runs.
-Below both the executor and the CUDA-graph runner (mobile.graphs), which share them."""
+Below both the executor and the CUDA-graph runner (mobile.runtime.graphs), which share them."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class StepContext:
     kv_len: int  # attend over cache rows [0, kv_len)
     last_only: bool = False  # the caller needs only the last position's logits: lm_head skips the rest
     all_visible: bool = False  # one token attending over exactly the rows before it: no mask needed
-    # a static context (mobile.graphs.StaticState): its tensors are persistent buffers, and the
+    # a static context (mobile.runtime.graphs.StaticState): its tensors are persistent buffers, and the
     # forward's compute segments run through the graph runner under this bucket
     key: tuple | None = None
     prologue: Callable[[], None] | None = None  # device work the forward's first segment does first (rope rows)

@@ -5,7 +5,7 @@ Consecutive nodes of one segment (the `seg` attr, set by the plan_segments pass)
 function, which `--compile` hands to torch.compile. Sync nodes (fetch, wait, prefetch, gates) run
 between segments in plain Python, because they talk to the expert cache on the host. A run of
 adjacent sync nodes is one sync step, and the device values its nodes need on the host are read
-in one copy (mobile.hostio): a MoE layer's fetch and the prefetches that go with it cost one read.
+in one copy (mobile.runtime.hostio): a MoE layer's fetch and the prefetches that go with it cost one read.
 """
 
 from __future__ import annotations
@@ -20,23 +20,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from mobile import ops
 from mobile import policy as policies
-from mobile.context import Kernel, StepContext, SyncKernel
-from mobile.devclock import clock_for
+from mobile.compiler.ir import GRAPH_INPUTS, REGION, SYNC_OPS, Graph, Node, Op, Pass
+from mobile.compiler.verify import verify
 from mobile.errors import GraphError
-from mobile.hostio import HostReader
-from mobile.ir import GRAPH_INPUTS, REGION, SYNC_OPS, Graph, Node, Op, Pass
-from mobile.kv import KVCache
+from mobile.models import ops
 from mobile.moe.cache import ExpertCache
 from mobile.moe.layer import MoELayer
 from mobile.moe.op import ExpertKind
 from mobile.moe.router import Router
-from mobile.spec import Spec
-from mobile.verify import verify
+from mobile.runtime.context import Kernel, StepContext, SyncKernel
+from mobile.runtime.devclock import clock_for
+from mobile.runtime.hostio import HostReader
+from mobile.runtime.kv import KVCache
+from mobile.spec.schema import Spec
 
 if TYPE_CHECKING:
-    from mobile.graphs import GraphRunner
+    from mobile.runtime.graphs import GraphRunner
 
 
 def fuse_qkv(weights: dict[tuple[str, int | None], torch.Tensor]) -> dict[tuple[str, int | None], torch.Tensor]:
@@ -69,7 +69,7 @@ MLA_WEIGHTS = ("q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_
 
 class Kernels:
     """Builds the kernel of each node from the model's weights, KV cache and expert cache: dense
-    ones from mobile.ops, the routed-expert layer's from its MoELayer (mobile.moe.layer)."""
+    ones from mobile.models.ops, the routed-expert layer's from its MoELayer (mobile.moe.layer)."""
 
     def __init__(self, spec: Spec, weights: dict[tuple[str, int | None], torch.Tensor], kv: KVCache,
                  experts: ExpertCache):
@@ -272,12 +272,12 @@ def passes_of(graph: Graph) -> tuple[Pass, ...]:
 class Executor:
     """The interpreter of a graph's passes: it runs a forward's first pass, reads the gates, and
     runs the big pass after a fallback (again over the region, or over a KV refresh's positions).
-    Each pass's nodes (mobile.ir: Node.runs_in, Node.in_pass) are built into steps once."""
+    Each pass's nodes (mobile.compiler.ir: Node.runs_in, Node.in_pass) are built into steps once."""
 
     def __init__(self, graph: Graph, kernels: Kernels, reader: HostReader, compile: bool = False,
                  trace: list | None = None, graphs: GraphRunner | None = None):
         """graphs: run the compute segments of static contexts (StepContext.key) through this
-        runner (mobile.graphs); other forwards run as without it."""
+        runner (mobile.runtime.graphs); other forwards run as without it."""
         errors = verify(graph)
         if errors:
             more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -342,7 +342,7 @@ class Executor:
 
         Straight-line code (no loop over nodes, no dict shuffling) is what dynamo traces best, and a
         separate code object per segment gives each its own compile cache instead of piling
-        recompiles onto one shared function. Each kernel is called as it is (a function of mobile.ops
+        recompiles onto one shared function. Each kernel is called as it is (a function of mobile.models.ops
         or mobile.moe, weights bound), a residual add written inline. The source is registered with
         linecache under the segment's file name, so a traceback inside a segment shows its line.
         """

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mobile.errors import SpecError
+from mobile.models.weights import required_tensors
 from mobile.outputs import check_folder, new_folder
-from mobile.spec import load_spec, spec_from_dict
-from mobile.weights import required_tensors
+from mobile.spec.schema import load_spec, spec_from_dict
 
 
 def changed_fields(obj) -> dict:

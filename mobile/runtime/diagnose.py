@@ -1,5 +1,5 @@
 """Where a non-finite value enters the model, for the one-line error that ends a run whose logits
-are NaN or infinite (the check itself rides on the sampled token's read: mobile.sampling).
+are NaN or infinite (the check itself rides on the sampled token's read: mobile.runtime.sampling).
 
 The weights the engine holds are scanned in the order a token meets them: the embedding, then
 each layer's dense weights and its routed experts, then the final norm and the head. Packed experts
@@ -13,7 +13,7 @@ import torch
 
 from mobile.moe.cache import ExpertCache
 from mobile.moe.layout import packed_layout
-from mobile.spec import Spec
+from mobile.spec.schema import Spec
 
 Weights = dict[tuple[str, int | None], torch.Tensor]
 

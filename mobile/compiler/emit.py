@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from mobile import policy as policies
+from mobile.compiler.ir import GRAPH_FORMAT, GRAPH_VERSION, REGION, Graph, Op
 from mobile.errors import GraphError
-from mobile.ir import GRAPH_FORMAT, GRAPH_VERSION, REGION, Graph, Op
 from mobile.outputs import new_folder, stamp, write_text
 
 GRAPH_FILES = ("graph.json", "schedule.txt", "schedule.trace.json", "graph.dot")
@@ -102,7 +102,7 @@ def render_schedule(g: Graph) -> str:
 
 
 def describe_passes(g: Graph) -> str:
-    """How a forward runs the graph's passes (mobile.ir), in words for the schedule dump."""
+    """How a forward runs the graph's passes (mobile.compiler.ir), in words for the schedule dump."""
     name = g.spec.get("policy", {}).get("name", policies.REFERENCE)
     passes = policies.get(name).passes
     if len(passes) == 1:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mobile.costs import expert_bytes
-from mobile.emit import human_bytes
+from mobile.compiler.costs import expert_bytes
+from mobile.compiler.emit import human_bytes
 from mobile.errors import SpecError
-from mobile.spec import Spec, parse_bytes
+from mobile.spec.schema import Spec, parse_bytes
 
 
 @dataclass(frozen=True)

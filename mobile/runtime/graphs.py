@@ -1,7 +1,7 @@
 """CUDA graphs over the executor's compute segments (piecewise capture), and the static decode
 state they read.
 
-A decode step is cut by host reads (one per MoE layer, mobile.hostio) into compute segments
+A decode step is cut by host reads (one per MoE layer, mobile.runtime.hostio) into compute segments
 (Executor.steps). With graphs on, every segment is captured once per bucket and then replayed:
 
 - a bucket is (token count T, attended KV length, lm_head on the last position only). T is exact,
@@ -21,7 +21,7 @@ Under `resident` a decoded token is one graph: the whole forward is one segment 
 position are written into the static state before it, and the sampler runs after it).
 
 What a captured segment must not do, and how each is kept out:
-- host reads: only sync steps read (mobile.hostio), and they run between segments, in Python; on
+- host reads: only sync steps read (mobile.runtime.hostio), and they run between segments, in Python; on
   CUDA the first run of each entry runs under torch's sync debug mode set to "error", so a
   synchronizing op in a segment refuses the entry (it then runs eagerly, counted) before capture;
 - Python-side state changes: the functions the runner captures are generated without the
@@ -30,7 +30,7 @@ What a captured segment must not do, and how each is kept out:
   round), refused at the call;
 - state the capture would freeze: a router with random order draws from its own generator, whose
   replays would repeat one draw, refused at build;
-- storage that moves between replays: the KV cache is preallocated (mobile.kv, `fixed`); the
+- storage that moves between replays: the KV cache is preallocated (mobile.runtime.kv, `fixed`); the
   expert arenas and slot maps are allocated once (the slot map changes by copy into its tensor).
 A refused segment runs eagerly and is counted (`graph_eager_segments`, with the reasons in
 `graph_eager_reasons`), never replayed wrong.
@@ -60,8 +60,8 @@ from typing import Any
 
 import torch
 
-from mobile.context import StepContext
-from mobile.ir import Node
+from mobile.compiler.ir import Node
+from mobile.runtime.context import StepContext
 
 GRAPH_MAX_TOKENS = 8  # forwards of up to this many tokens run through graphs; longer ones eagerly
 KV_BUCKET_MIN = 256  # the smallest attended KV length; buckets double from it up to the capacity
@@ -100,7 +100,7 @@ class StaticState:
     def _buffers(self, T: int) -> None:
         if T in self.tokens:
             return
-        with torch.inference_mode(False):  # ordinary tensors, as the KV cache's (mobile.kv)
+        with torch.inference_mode(False):  # ordinary tensors, as the KV cache's (mobile.runtime.kv)
             self.tokens[T] = torch.zeros(T, dtype=torch.long, device=self.device)
             self.positions[T] = torch.zeros(T, dtype=torch.long, device=self.device)
             rows = (T, *self.cos_table.shape[1:])

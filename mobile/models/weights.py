@@ -17,18 +17,18 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mobile import mxfp4
 from mobile.errors import CheckpointError
-from mobile.families import expert_storage, tensor_names
-from mobile.formats import FORMATS, LAYOUT_VERSION
-from mobile.spec import Spec
+from mobile.models import mxfp4
+from mobile.models.families import expert_storage, tensor_names
+from mobile.moe.formats import FORMATS, LAYOUT_VERSION
+from mobile.spec.schema import Spec
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_METHOD = "mobile"  # config.json's quantization_config.quant_method for `mobile quantize` output
-# gpt-oss's published checkpoints: routed experts as MXFP4 blocks and scales, decoded at load (mobile.mxfp4)
+# gpt-oss's published checkpoints: routed experts as MXFP4 blocks and scales, decoded at load (mobile.models.mxfp4)
 MXFP4_METHOD = "mxfp4"
 
 
@@ -52,7 +52,7 @@ def checkpoint_format(ckpt_dir: Path) -> tuple[str, int] | None:
 def expert_format_of(q: dict | None, path: Path) -> tuple[str, int] | None:
     """checkpoint_format from config.json's quantization_config `q` (None: there is none); path: the
     config.json it is from, for the errors. MXFP4 experts count as native: they are decoded to the
-    compute dtype at load (mobile.mxfp4), so the checkpoint runs at the spec's format, as a native
+    compute dtype at load (mobile.models.mxfp4), so the checkpoint runs at the spec's format, as a native
     one does."""
     if q is None or q.get("quant_method") == MXFP4_METHOD:
         return None
@@ -199,7 +199,7 @@ class WeightStore:
 
 
 EXPERT_PROJECTIONS = ("expert_gate", "expert_up", "expert_down")
-# a fused family's (mobile.families.EXPERT_STORAGE) tensors of all of a layer's routed experts
+# a fused family's (mobile.models.families.EXPERT_STORAGE) tensors of all of a layer's routed experts
 FUSED_MATRICES = ("experts_gate_up", "experts_down")
 FUSED_BIASES = ("experts_gate_up_bias", "experts_down_bias")
 
@@ -232,7 +232,7 @@ ALL_EXPERTS = -1
 def required_tensors(spec: Spec, native_experts: bool = True, mxfp4_experts: bool = False) -> list[TensorNeed]:
     """Every tensor the spec's model needs, with the shape the spec implies. native_experts=False:
     without the routed experts (a quantized checkpoint's are checked as they load). mxfp4_experts:
-    a fused family's expert matrices as MXFP4 blocks and scales (mobile.mxfp4; check_checkpoint
+    a fused family's expert matrices as MXFP4 blocks and scales (mobile.models.mxfp4; check_checkpoint
     refuses MXFP4 for the other families)."""
     m, a, moe = spec.model, spec.model.attention, spec.model.moe
     names = tensor_names(m.family, spec.checkpoint.tensor_names)
@@ -315,9 +315,9 @@ def required_tensors(spec: Spec, native_experts: bool = True, mxfp4_experts: boo
 
 
 def fused_expert_tensors(spec: Spec, layer: int, name_of, mxfp4_experts: bool) -> list[TensorNeed]:
-    """A fused family's routed-expert tensors of one layer (mobile.families.EXPERT_STORAGE), all
+    """A fused family's routed-expert tensors of one layer (mobile.models.families.EXPERT_STORAGE), all
     experts first and input-major: gate_up [E, H, 2I] and down [E, I, H], and their biases. As
-    MXFP4 (mxfp4_experts), each matrix is its blocks and scales, stored [E, out, in] (mobile.mxfp4)."""
+    MXFP4 (mxfp4_experts), each matrix is its blocks and scales, stored [E, out, in] (mobile.models.mxfp4)."""
     moe, h = spec.model.moe, spec.model.hidden_size
     E, i2, i = moe.num_experts, 2 * moe.intermediate_size, moe.intermediate_size
     out = []
@@ -360,7 +360,7 @@ def check_checkpoint(spec: Spec, store: WeightStore) -> dict[tuple[str, int | No
                                       "MXFP4)", where=info.file, key=t.name)
         elif not info.dtype.is_floating_point:
             # converting integers to the compute dtype would run, and compute nonsense; a quantized
-            # format's integer tensors have names and checks of their own (mobile.quantize)
+            # format's integer tensors have names and checks of their own (mobile.tools.quantize)
             raise CheckpointError(f"tensor {t.name!r} is {info.dtype} where a float weight ({t.key}) is expected; "
                                   "quantized experts come from `mobile quantize`", where=info.file, key=t.name)
     return {(t.key, t.layer, t.expert): t for t in needs}

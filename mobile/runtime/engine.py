@@ -17,29 +17,29 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mobile.budget import cache_plan
-from mobile.context import StepContext
-from mobile.costs import expert_bytes
-from mobile.devclock import clock_for
-from mobile.diagnose import first_nonfinite_weight
-from mobile.emit import load_graph, trace_events
+from mobile.compiler.budget import cache_plan
+from mobile.compiler.costs import expert_bytes
+from mobile.compiler.emit import load_graph, trace_events
+from mobile.compiler.ir import Graph, Pass
+from mobile.compiler.passes import compile_spec
 from mobile.errors import CheckpointError, MobileError, RunError, SpecError
-from mobile.executor import Executor, Forward, Kernels
-from mobile.graphs import GRAPH_MAX_TOKENS, GraphRunner, StaticState, kv_bucket
-from mobile.hostio import HostReader
-from mobile.ir import Graph, Pass
-from mobile.kv import KVCache, max_seq_len
+from mobile.models.ops import rope_inv_freq, rope_tables
+from mobile.models.weights import TORCH_DTYPES, WeightStore, check_checkpoint
 from mobile.moe.cache import ExpertCache, OffloadedCache, ResidentCache
 from mobile.moe.op import warm_up
 from mobile.moe.transfer import LinkModel, calibrated_gbps
-from mobile.ops import rope_inv_freq, rope_tables
 from mobile.outputs import atomic_write_text
-from mobile.passes import compile_spec
-from mobile.sampling import Sampler
-from mobile.spec import Spec, format_changes, spec_from_dict, with_policy, with_runtime
-from mobile.stats import Stats
-from mobile.tokenizer import load_tokenizer
-from mobile.weights import TORCH_DTYPES, WeightStore, check_checkpoint
+from mobile.runtime.context import StepContext
+from mobile.runtime.devclock import clock_for
+from mobile.runtime.diagnose import first_nonfinite_weight
+from mobile.runtime.executor import Executor, Forward, Kernels
+from mobile.runtime.graphs import GRAPH_MAX_TOKENS, GraphRunner, StaticState, kv_bucket
+from mobile.runtime.hostio import HostReader
+from mobile.runtime.kv import KVCache, max_seq_len
+from mobile.runtime.sampling import Sampler
+from mobile.runtime.stats import Stats
+from mobile.runtime.tokenizer import load_tokenizer
+from mobile.spec.schema import Spec, format_changes, spec_from_dict, with_policy, with_runtime
 
 
 class GenerationInterrupted(KeyboardInterrupt):
@@ -145,7 +145,7 @@ class Engine:
         options: link_gbps, link_ratio (emulated link), trace (record a measured timeline),
         all_resident (keep every expert on the device whatever the policy: for quality evals),
         track_use (count the experts each forward uses, also with every expert resident: for evals),
-        cuda_graphs (auto, on or off; default the spec's runtime.cuda_graphs: mobile.graphs)."""
+        cuda_graphs (auto, on or off; default the spec's runtime.cuda_graphs: mobile.runtime.graphs)."""
         graph_dir = Path(graph_dir)
         runtime = format_changes(expert_format, expert_group_size)
         graph, spec = resolve_policy(graph_dir, policy, policy_options, runtime)
@@ -261,7 +261,7 @@ class Engine:
         if start + T > self.kv.capacity:
             self.kv.ensure(start + T)
         if self.static is not None:
-            kv_len = kv_bucket(start + T, self.kv.capacity)  # a power of two (mobile.graphs)
+            kv_len = kv_bucket(start + T, self.kv.capacity)  # a power of two (mobile.runtime.graphs)
             if T > GRAPH_MAX_TOKENS:  # a prompt: eagerly
                 return self.static.gathered(ids, start, kv_len if self.executor.compile else start + T, last_only)
             # through the graph runner: the ids and positions written into the static state, and its
@@ -279,7 +279,7 @@ class Engine:
         capacity (once, for a preallocated cache): a forward slices them, a static one indexes them
         on the device."""
         if self.tables is None or self.tables[0].numel() < self.kv.capacity:
-            with torch.inference_mode(False):  # ordinary tensors, as the KV cache's (see mobile.kv)
+            with torch.inference_mode(False):  # ordinary tensors, as the KV cache's (see mobile.runtime.kv)
                 every = torch.arange(self.kv.capacity, device=self.device)
                 self.tables = (every, *rope_tables(every, self.inv_freq, self.rope_scale, self.rope_interleaved))
                 # they grow with the KV cache: compiled code must not specialize on their length
@@ -404,7 +404,7 @@ class Engine:
                 extra[key] = extra.get(key, 0) + value - before.get(key, 0)
         extra["decode_s"] = self.stats_.decode_s
         # host reads of device values per decoded token: one per MoE layer and the sampled token,
-        # more when a gate can fire or a prompt-sized step runs in rounds (mobile.hostio)
+        # more when a gate can fire or a prompt-sized step runs in rounds (mobile.runtime.hostio)
         decoded = self.stats_.decode_tokens
         extra["host_syncs_per_token"] = extra.get("decode_host_syncs", 0) / decoded if decoded else None
         if stopped == "interrupted":
@@ -443,7 +443,7 @@ class Engine:
 
 def graphs_enabled(setting: str | None, spec: Spec, device: torch.device) -> bool:
     """--cuda-graphs (else runtime.cuda_graphs): auto is on for CUDA and off for the CPU; on, on the
-    CPU, runs the static-buffer runner without capture (mobile.graphs)."""
+    CPU, runs the static-buffer runner without capture (mobile.runtime.graphs)."""
     setting = spec.runtime.cuda_graphs if setting is None else setting
     if setting not in ("auto", "on", "off"):
         raise MobileError(f"expected auto, on or off, got {setting!r}", key="--cuda-graphs")

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mobile.spec import RopeSpec
+from mobile.spec.schema import RopeSpec
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -151,7 +151,7 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 class Attention:
     """One layer's attention (GQA, MHA, with or without q/k norm, sinks, a sliding window):
     projections, rope, the KV-cache write and read, the output projection. A kernel: (ctx, x [T, H])
-    -> [T, H]. w: the layer's weights by name (qkv_proj and qkv_bias fused: mobile.executor.fuse_qkv)."""
+    -> [T, H]. w: the layer's weights by name (qkv_proj and qkv_bias fused: mobile.runtime.executor.fuse_qkv)."""
 
     def __init__(self, spec, w: dict, cache, scale: float, window: int):
         a = spec.model.attention

@@ -14,14 +14,14 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from mobile import debug
-from mobile.costs import node_cost, node_time_us
+from mobile.compiler.costs import node_cost, node_time_us
+from mobile.compiler.ir import COPY_OPS, REGION, SYNC_OPS, Graph, Node, Op
+from mobile.compiler.lower import lower
+from mobile.compiler.verify import verify
 from mobile.errors import GraphError
-from mobile.ir import COPY_OPS, REGION, SYNC_OPS, Graph, Node, Op
-from mobile.lower import lower
-from mobile.spec import Spec, spec_from_dict
-from mobile.verify import verify
+from mobile.spec.schema import Spec, spec_from_dict
 
-log = logging.getLogger("mobile.passes")
+log = logging.getLogger("mobile.compiler.passes")
 
 Pass = Callable[[Graph], Graph]
 

@@ -16,10 +16,10 @@ import sys
 import torch
 
 from mobile import policy as registry
-from mobile.engine import Engine
 from mobile.errors import MobileError
-from mobile.evaluate import load_ids
 from mobile.outputs import atomic_write_text
+from mobile.runtime.engine import Engine
+from mobile.tools.evaluate import load_ids
 
 
 def measure(engine: Engine, label: str, tokens: int, prompt_len: int, text: str | None, seed: int) -> dict:

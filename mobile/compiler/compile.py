@@ -7,13 +7,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobile.budget import CachePlan, cache_plan
-from mobile.costs import DTYPE_BYTES, attention_params, expert_bytes
-from mobile.emit import GRAPH_FILES, human_bytes, write_graph_dir
-from mobile.ir import Graph
+from mobile.compiler.budget import CachePlan, cache_plan
+from mobile.compiler.costs import DTYPE_BYTES, attention_params, expert_bytes
+from mobile.compiler.emit import GRAPH_FILES, human_bytes, write_graph_dir
+from mobile.compiler.ir import Graph
+from mobile.compiler.passes import compile_spec
 from mobile.outputs import check_folder
-from mobile.passes import compile_spec
-from mobile.spec import Spec, load_spec, with_policy, with_runtime
+from mobile.spec.schema import Spec, load_spec, with_policy, with_runtime
 
 
 def compile_to_dir(spec_path: str | Path, out_dir: str | Path | None = None,

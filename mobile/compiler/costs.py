@@ -7,9 +7,9 @@ context-dependent work is left out: at decode it is small next to the weight rea
 
 from __future__ import annotations
 
-from mobile.ir import Node, Op
+from mobile.compiler.ir import Node, Op
 from mobile.moe.quant import row_bytes
-from mobile.spec import Spec
+from mobile.spec.schema import Spec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mobile.errors import MobileError
-from mobile.hostio import HostReader
+from mobile.runtime.hostio import HostReader
 
 
 class Sampler:

@@ -4,9 +4,9 @@ Every routed-expert use is lowered as router -> fetch -> wait -> expert (for a p
 every expert on the device, `resident`, just router -> expert): the fetch moves the set the
 node's keep rule asks for into device cache slots and the wait hands the expert node its slot map.
 Each fetch, prefetch and wait sits right before its use; moving them earlier, where they overlap
-compute, is the scheduler's job (mobile.passes.schedule), not lowering's.
+compute, is the scheduler's job (mobile.compiler.passes.schedule), not lowering's.
 
-A graph is lowered once, whatever passes run it (mobile.ir: Pass). Its routed-expert nodes carry
+A graph is lowered once, whatever passes run it (mobile.compiler.ir: Pass). Its routed-expert nodes carry
 the keep rule of the policy's decode pass (`rule`, a mobile.moe.rule.KeepRule's text). Under
 `mobile`, whose tokens may fall back, they also carry the big pass's (`big_rule`: the whole big
 set), and the graph is
@@ -27,10 +27,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mobile.budget import CachePlan, cache_plan
-from mobile.ir import REGION, Graph, Node, Op
+from mobile.compiler.budget import CachePlan, cache_plan
+from mobile.compiler.ir import REGION, Graph, Node, Op
 from mobile.moe.rule import KeepRule
-from mobile.spec import Spec
+from mobile.spec.schema import Spec
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
-from mobile import families, formats
 from mobile import policy as policies
 from mobile.errors import SpecError
+from mobile.models import families
+from mobile.moe import formats
 
 Family = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -128,7 +129,7 @@ class ModelSpec:
 class CheckpointSpec:
     path: str | None = None  # relative paths resolve against the spec file's folder
     # canonical name -> tensor name template with {layer} and {expert}; merged over the
-    # family's defaults (mobile.families), so a spec lists only what differs.
+    # family's defaults (mobile.models.families), so a spec lists only what differs.
     tensor_names: dict[str, str] = field(default_factory=dict)
 
 
@@ -146,7 +147,7 @@ class PolicySpec:
     # ones. tau is the gate's threshold for `mobile` and the little-mass share for `layer-mass`.
     little_k: int | None = None  # default ceil(top_k / 2)
     little_weights: Literal["rescale", "raw"] = "raw"
-    # the confidence the gate reads, each in [0, 1] (mobile.ops.confidence): the top probability, the
+    # the confidence the gate reads, each in [0, 1] (mobile.models.ops.confidence): the top probability, the
     # top probability minus the second, or one minus the normalized entropy; a token is important
     # when it is below tau, so tau 0 never falls back, whatever the signal, and tau 1 always does
     signal: Literal["max_prob", "entropy", "margin"] = "max_prob"
@@ -259,9 +260,9 @@ class RuntimeSpec:
     plan: PlanSpec = field(default_factory=PlanSpec)
     # the longest sequence (prompt and generated tokens) the KV cache holds. Default: the model's
     # context; where the cache is preallocated (CUDA graphs on), capped so that it fits in
-    # mobile.kv.KV_BUDGET_BYTES (mobile.kv.max_seq_len)
+    # mobile.runtime.kv.KV_BUDGET_BYTES (mobile.runtime.kv.max_seq_len)
     max_seq_len: int | None = None
-    # decode compute segments captured as CUDA graphs and replayed (mobile.graphs); auto: on for
+    # decode compute segments captured as CUDA graphs and replayed (mobile.runtime.graphs); auto: on for
     # CUDA, off for the CPU; on, on the CPU: the same static-buffer runner, without capture
     cuda_graphs: CudaGraphs = "auto"
 

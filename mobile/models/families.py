@@ -97,7 +97,7 @@ TENSOR_NAMES["glm4_moe"] = {**_COMMON, **_SHARED_EXPERTS, **_CORRECTION}
 # projection for all experts, input-major: experts_gate_up [E, H, 2I] whose gate and up columns
 # alternate (gate = [..., 0::2], up = [..., 1::2]), experts_down [E, I, H], and their biases
 # [E, 2I] (interleaved likewise) and [E, H]; published checkpoints hold the two matrices as MXFP4
-# (P_blocks, P_scales: mobile.mxfp4). The loader turns either into mobile's canonical expert rows.
+# (P_blocks, P_scales: mobile.models.mxfp4). The loader turns either into mobile's canonical expert rows.
 EXPERT_STORAGE = {"gpt_oss": "fused_interleaved"}
 
 
@@ -338,8 +338,8 @@ def _gpt_oss(g: Callable[..., Any], where: str, layers: int, attention: dict, mo
 def _expert_format(config: Path, cfg: dict) -> dict[str, Any]:
     """A checkpoint quantized by `mobile quantize` records its expert format; the spec says so too.
     An FP8 checkpoint's shapes are the model's: its spec imports and compiles weight-free, and
-    loading its weights is refused there (mobile.weights.expert_format_of)."""
-    from mobile.weights import expert_format_of
+    loading its weights is refused there (mobile.models.weights.expert_format_of)."""
+    from mobile.models.weights import expert_format_of
 
     quant = cfg.get("quantization_config")
     if not isinstance(quant, dict) or quant.get("quant_method") == "fp8":

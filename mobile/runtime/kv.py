@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from mobile.errors import MobileError
-from mobile.spec import Spec
-from mobile.weights import TORCH_DTYPES
+from mobile.models.weights import TORCH_DTYPES
+from mobile.spec.schema import Spec
 
 GROW = 256  # capacity grows in steps of this many positions, so compiled shapes rarely change
 # A preallocated cache's default size: the model's context, or as many positions as fit in this

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mobile import policy as policies
-from mobile.ir import COPY_OPS, GRAPH_INPUTS, REGION, SYNC_OPS, Graph, Op
+from mobile.compiler.ir import COPY_OPS, GRAPH_INPUTS, REGION, SYNC_OPS, Graph, Op
 
 REQUIRED_ATTRS: dict[Op, tuple[str, ...]] = {
     Op.NORM: ("weight",),
@@ -110,7 +110,7 @@ def rule_staging_budget(g: Graph) -> list[str]:
 
 
 def rule_passes(g: Graph) -> list[str]:
-    """The passes over the nodes (mobile.ir): the big pass keeps each token's whole big set, a node
+    """The passes over the nodes (mobile.compiler.ir): the big pass keeps each token's whole big set, a node
     that runs in one pass only names a pass, the gates decide during the little pass, and the region
     a fallback runs again comes after everything that runs once."""
     errors = []

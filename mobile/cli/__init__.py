@@ -24,9 +24,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mobile import formats
 from mobile import policy as policies
 from mobile.errors import MobileError
+from mobile.moe import formats
 from mobile.outputs import atomic_write_text, check_file
 
 POLICIES = list(policies.NAMES)
@@ -81,10 +81,10 @@ def parse_floats(text: str, flag: str, lo: float = 0.0, hi: float = 1.0) -> list
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from mobile.compiler import compile_to_dir, memory_lines, memory_problems
-    from mobile.ir import Op
-    from mobile.passes import spec_of
-    from mobile.spec import format_changes
+    from mobile.compiler.compile import compile_to_dir, memory_lines, memory_problems
+    from mobile.compiler.ir import Op
+    from mobile.compiler.passes import spec_of
+    from mobile.spec.schema import format_changes
 
     runtime = format_changes(args.expert_format, args.expert_group_size)
     device_memory, host_ram = byte_flag(args.device_memory, "--device-memory"), byte_flag(args.host_ram, "--host-ram")
@@ -98,7 +98,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                             runtime=runtime, check=check, force=args.force)
     spec = spec_of(g)
     problems = memory_problems(spec, device_memory, host_ram)
-    from mobile.emit import summarize
+    from mobile.compiler.emit import summarize
 
     s = summarize(g)
     segments = len({n.attr("seg") for n in g.nodes if n.attr("seg") is not None})
@@ -118,7 +118,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def byte_flag(text: str | None, flag: str) -> int | None:
-    from mobile.spec import parse_bytes
+    from mobile.spec.schema import parse_bytes
 
     if text is None:
         return None
@@ -139,8 +139,8 @@ def engine_options(args: argparse.Namespace) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from mobile.detokenize import TextStream
-    from mobile.engine import Engine, GenerationInterrupted
+    from mobile.runtime.detokenize import TextStream
+    from mobile.runtime.engine import Engine, GenerationInterrupted
 
     if args.prompt is None and args.prompt_ids is None:
         raise MobileError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3", key="--prompt")
@@ -222,7 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def print_stats(stats: dict) -> None:
     """--stats in plain mode: one key a line on stderr, bytes in KiB/MiB/GiB (--json keeps the counts)."""
-    from mobile.emit import human_bytes
+    from mobile.compiler.emit import human_bytes
 
     for k, v in stats.items():
         if "bytes" in k and isinstance(v, int):
@@ -242,7 +242,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
         raise MobileError(f"{e.name} is not installed: mobile serve needs the serve extra, pip install "
                           "'mobile-moe[serve]'") from None
-    from mobile.engine import Engine
+    from mobile.runtime.engine import Engine
 
     load = partial(Engine.load, **engine_options(args), progress=True)
     api_key = args.api_key if args.api_key is not None else os.environ.get("MOBILE_API_KEY")
@@ -258,7 +258,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mobile.bench import run_bench
+    from mobile.tools.bench import run_bench
 
     if args.json is not None:
         check_file(args.json, "bench", args.force, key="--json")
@@ -302,7 +302,7 @@ def parse_row(text: str) -> tuple[str, str, dict]:
 
     import yaml
 
-    from mobile.spec import PolicySpec
+    from mobile.spec.schema import PolicySpec
 
     words = text.split()
     if not words or words[0] not in POLICIES:
@@ -319,7 +319,7 @@ def parse_row(text: str) -> tuple[str, str, dict]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from mobile.synth import write_synthetic_checkpoint
+    from mobile.tools.synth import write_synthetic_checkpoint
 
     out = write_synthetic_checkpoint(args.spec, args.out, layers=args.layers, seed=args.seed, dtype=args.dtype,
                                      force=args.force)
@@ -328,8 +328,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mobile.emit import load_graph
-    from mobile.evaluate import KEYS, format_rows, plot_rows, run_eval
+    from mobile.compiler.emit import load_graph
+    from mobile.tools.evaluate import KEYS, format_rows, plot_rows, run_eval
 
     for path, flag in ((args.out, "--out"), (args.plot, "--plot")):
         if path is not None:
@@ -456,7 +456,7 @@ def add_force(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_link_options(p: argparse.ArgumentParser) -> None:
-    from mobile.spec import LINK_GBPS, LINK_RATIO  # what a link can physically be
+    from mobile.spec.schema import LINK_GBPS, LINK_RATIO  # what a link can physically be
 
     link = p.add_mutually_exclusive_group()
     link.add_argument("--link-gbps", type=number(float, *LINK_GBPS),
@@ -467,7 +467,7 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from mobile.quantize import quantize_checkpoint
+    from mobile.tools.quantize import quantize_checkpoint
 
     out = quantize_checkpoint(args.ckpt, args.out, args.format, group=args.group_size, spec_path=args.spec,
                               force=args.force)
@@ -478,8 +478,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_import_hf(args: argparse.Namespace) -> int:
     import yaml
 
-    from mobile.families import spec_from_hf_config
-    from mobile.spec import spec_from_dict
+    from mobile.models.families import spec_from_hf_config
+    from mobile.spec.schema import spec_from_dict
 
     src = Path(args.dir)
     if args.out:
@@ -701,7 +701,3 @@ def main(argv: list[str] | None = None) -> int:
         # stdout now points nowhere, so the interpreter's final flush cannot fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-
-
-if __name__ == "__main__":
-    sys.exit(main())

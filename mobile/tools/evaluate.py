@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from mobile import policy as policies
-from mobile.emit import load_graph
-from mobile.engine import Engine, resolve_checkpoint, resolve_policy
+from mobile.compiler.emit import load_graph
 from mobile.errors import MobileError
+from mobile.models.weights import checkpoint_format
 from mobile.progress import progress
-from mobile.weights import checkpoint_format
+from mobile.runtime.engine import Engine, resolve_checkpoint, resolve_policy
 
 KEYS = ("ppl", "accuracy", "agreement", "fallback_rate", "bytes_per_token", "bytes_ratio", "moved_per_token",
         "moved_ratio", "eviction")
@@ -101,7 +101,7 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
     expert_format, expert_group_size: the configs run at this format (a config's own
     expert_format / expert_group_size keys win); the reference is native big decoding whatever the
     graph's format (a quantized checkpoint has no native experts: its own format is then the
-    reference, labelled so). cuda_graphs: every engine's --cuda-graphs (mobile.graphs)."""
+    reference, labelled so). cuda_graphs: every engine's --cuda-graphs (mobile.runtime.graphs)."""
     native_ok = checkpoint_format(Path(weights or resolve_checkpoint(load_graph(graph), Path(graph)))) is None
     fmt = "native" if native_ok else None
     planned = [_plan(graph, label, options, expert_format, expert_group_size) for label, options in configs]
