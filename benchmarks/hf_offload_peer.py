@@ -27,7 +27,8 @@ import torch
 import mobile
 from mobile.cli import main as cli
 from mobile.compiler.compile import memory_plan
-from mobile.spec.schema import load_spec, parse_bytes
+from mobile.spec.load import load_spec
+from mobile.spec.validate import parse_bytes
 
 
 def build(out: Path, layers: int, hidden: int | None) -> None:

@@ -25,7 +25,7 @@ from mobile.runtime.graphs import GraphRunner, kv_bucket
 from mobile.runtime.hostio import HostReader
 from mobile.runtime.kv import KV_BUDGET_BYTES, bytes_per_position, max_seq_len
 from mobile.runtime.sampling import Sampler
-from mobile.spec.schema import load_spec
+from mobile.spec.load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = (ROOT / "demo" / "data" / "heldout_kjv.txt").read_text()[:2000]

@@ -21,9 +21,9 @@ from tiny import SIGMOID_VARIANTS, build_tiny_sigmoid
 
 import mobile
 from mobile.errors import SpecError
-from mobile.models.families import spec_from_hf_config
 from mobile.moe import router as routing
-from mobile.spec.schema import load_spec, spec_from_dict
+from mobile.spec.hf import spec_from_hf_config
+from mobile.spec.load import load_spec, spec_from_dict
 
 PROMPT = torch.randint(3, 97, (24,), generator=torch.Generator().manual_seed(1))
 OFFLOAD = ["ondemand", "lru", "lru-prefetch"]

@@ -24,14 +24,15 @@ from tiny import build_tiny_gpt_oss, gpt_oss_config
 import mobile
 from mobile.errors import CheckpointError, SpecError
 from mobile.models import mxfp4
-from mobile.models.families import spec_from_hf_config
 from mobile.models.ops import rope_inv_freq
 from mobile.moe import native, quant
 from mobile.moe.layout import ExpertMLP, arena_views, bias_views
 from mobile.moe.op import ExpertKind
 from mobile.moe.reference import reference
 from mobile.moe.rule import KeepRule
-from mobile.spec.schema import RopeSpec, load_spec, spec_from_dict
+from mobile.spec.hf import spec_from_hf_config
+from mobile.spec.load import load_spec, spec_from_dict
+from mobile.spec.schema import RopeSpec
 
 PROMPT = torch.randint(3, 97, (24,), generator=torch.Generator().manual_seed(1))
 EXPERTS = ("gate_up_proj", "down_proj")

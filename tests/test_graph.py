@@ -13,7 +13,7 @@ from mobile.compiler.ir import Graph, Node, Op
 from mobile.compiler.lower import lower
 from mobile.compiler.verify import verify
 from mobile.errors import GraphError
-from mobile.spec.schema import load_spec, with_policy
+from mobile.spec.load import load_spec, with_policy
 
 SPECS = ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b"]
 

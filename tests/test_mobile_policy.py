@@ -22,7 +22,8 @@ from mobile.compiler.ir import Op, Pass
 from mobile.compiler.lower import lower
 from mobile.errors import GraphError
 from mobile.models.ops import confidence
-from mobile.spec.schema import PolicySpec, load_spec, with_policy
+from mobile.spec.load import load_spec, with_policy
+from mobile.spec.schema import PolicySpec
 
 PROMPT = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(5))
 FAMILIES = ["qwen2_moe", "olmoe"]

@@ -219,7 +219,7 @@ def test_lookup_takes_hits_before_misses():
 
 def test_budget_error_names_the_key(tmp_path):
     from mobile.compiler.lower import lower
-    from mobile.spec.schema import load_spec, with_policy
+    from mobile.spec.load import load_spec, with_policy
 
     spec = with_policy(load_spec("specs/qwen1.5-moe-a2.7b.yaml"), name="lru")
     small = spec.__class__(**{**spec.__dict__, "runtime": spec.runtime.__class__(
@@ -261,7 +261,7 @@ def test_big_only_estimate_equals_lru_and_sees_little_savings(tiny, tmp_path):
                                            ("complement", {"complement"}), ("both", {"predicted", "complement"})])
 def test_prefetch_option_selects_the_speculative_copies(prefetch, sets):
     from mobile.compiler.lower import lower
-    from mobile.spec.schema import load_spec, with_policy
+    from mobile.spec.load import load_spec, with_policy
 
     spec = with_policy(load_spec("specs/demo.yaml"), name="mobile", prefetch=prefetch)
     g = lower(dataclasses.replace(spec, runtime=dataclasses.replace(
@@ -321,7 +321,7 @@ def test_an_emulated_link_is_refused_on_cuda(tiny):
     flag or key, before anything loads (the check needs no GPU)."""
     from mobile.errors import MobileError
     from mobile.runtime.engine import refuse_emulated_link
-    from mobile.spec.schema import load_spec, with_runtime
+    from mobile.spec.load import load_spec, with_runtime
 
     spec = load_spec(tiny("olmoe").spec)
     cuda = torch.device("cuda")

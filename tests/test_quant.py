@@ -187,7 +187,7 @@ def test_offloading_at_a_format_gives_resident_tokens_at_that_format(tiny, tmp_p
 def test_the_same_budget_holds_more_packed_experts():
     from mobile.compiler.budget import cache_plan
     from mobile.compiler.costs import expert_bytes
-    from mobile.spec.schema import load_spec, with_policy, with_runtime
+    from mobile.spec.load import load_spec, with_policy, with_runtime
 
     spec = load_spec("specs/olmoe-1b-7b.yaml")  # bf16 experts of 2048 x 1024
     spec = with_policy(with_runtime(spec, expert_cache=dict(budget="2GiB", slots_per_layer=None, staging_slots=0)),

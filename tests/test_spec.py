@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from mobile.errors import SpecError
-from mobile.spec.schema import load_spec, parse_bytes
+from mobile.spec.load import load_spec
+from mobile.spec.validate import parse_bytes
 
 BASE = "specs/olmoe-1b-7b.yaml"
 

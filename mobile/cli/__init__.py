@@ -84,7 +84,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from mobile.compiler.compile import compile_to_dir, memory_lines, memory_problems
     from mobile.compiler.ir import Op
     from mobile.compiler.passes import spec_of
-    from mobile.spec.schema import format_changes
+    from mobile.spec.load import format_changes
 
     runtime = format_changes(args.expert_format, args.expert_group_size)
     device_memory, host_ram = byte_flag(args.device_memory, "--device-memory"), byte_flag(args.host_ram, "--host-ram")
@@ -118,7 +118,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def byte_flag(text: str | None, flag: str) -> int | None:
-    from mobile.spec.schema import parse_bytes
+    from mobile.spec.validate import parse_bytes
 
     if text is None:
         return None
@@ -478,8 +478,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_import_hf(args: argparse.Namespace) -> int:
     import yaml
 
-    from mobile.models.families import spec_from_hf_config
-    from mobile.spec.schema import spec_from_dict
+    from mobile.spec.hf import spec_from_hf_config
+    from mobile.spec.load import spec_from_dict
 
     src = Path(args.dir)
     if args.out:

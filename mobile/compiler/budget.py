@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from mobile.compiler.costs import expert_bytes
 from mobile.compiler.emit import human_bytes
 from mobile.errors import SpecError
-from mobile.spec.schema import Spec, parse_bytes
+from mobile.spec.schema import Spec
+from mobile.spec.validate import parse_bytes
 
 
 @dataclass(frozen=True)

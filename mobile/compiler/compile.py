@@ -13,7 +13,8 @@ from mobile.compiler.emit import GRAPH_FILES, human_bytes, write_graph_dir
 from mobile.compiler.ir import Graph
 from mobile.compiler.passes import compile_spec
 from mobile.outputs import check_folder
-from mobile.spec.schema import Spec, load_spec, with_policy, with_runtime
+from mobile.spec.load import load_spec, with_policy, with_runtime
+from mobile.spec.schema import Spec
 
 
 def compile_to_dir(spec_path: str | Path, out_dir: str | Path | None = None,

@@ -18,6 +18,7 @@ from typing import Any
 from mobile import policy as policies
 from mobile.compiler.ir import GRAPH_FORMAT, GRAPH_VERSION, REGION, Graph, Op
 from mobile.errors import GraphError
+from mobile.files import read_json
 from mobile.outputs import new_folder, stamp, write_text
 
 GRAPH_FILES = ("graph.json", "schedule.txt", "schedule.trace.json", "graph.dot")
@@ -167,16 +168,7 @@ def write_graph_dir(g: Graph, out_dir: str | Path) -> Path:
 def load_graph(graph_dir: str | Path) -> Graph:
     path = Path(graph_dir)
     path = path / "graph.json" if path.is_dir() or not path.suffix else path
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GraphError("no compiled graph here (run `mobile compile SPEC.yaml` first)", where=path) from None
-    except UnicodeDecodeError as e:
-        raise GraphError(f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start}", where=path) from None
-    except OSError as e:
-        raise GraphError(f"cannot read: {e.strerror}", where=path) from None
-    except json.JSONDecodeError as e:
-        raise GraphError(f"malformed JSON: line {e.lineno}, column {e.colno}: {e.msg}", where=path) from None
+    data = read_json(path, GraphError, missing="no compiled graph here (run `mobile compile SPEC.yaml` first)")
     if not isinstance(data, dict) or data.get("format") != GRAPH_FORMAT:
         raise GraphError(f"not a mobile graph (expected \"format\": \"{GRAPH_FORMAT}\")", where=path)
     if data.get("version") != GRAPH_VERSION:

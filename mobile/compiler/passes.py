@@ -19,7 +19,8 @@ from mobile.compiler.ir import COPY_OPS, REGION, SYNC_OPS, Graph, Node, Op
 from mobile.compiler.lower import lower
 from mobile.compiler.verify import verify
 from mobile.errors import GraphError
-from mobile.spec.schema import Spec, spec_from_dict
+from mobile.spec.load import spec_from_dict
+from mobile.spec.schema import Spec
 
 log = logging.getLogger("mobile.compiler.passes")
 

@@ -39,7 +39,8 @@ from mobile.runtime.kv import KVCache, max_seq_len
 from mobile.runtime.sampling import Sampler
 from mobile.runtime.stats import Stats
 from mobile.runtime.tokenizer import load_tokenizer
-from mobile.spec.schema import Spec, format_changes, spec_from_dict, with_policy, with_runtime
+from mobile.spec.load import format_changes, spec_from_dict, with_policy, with_runtime
+from mobile.spec.schema import Spec
 
 
 class GenerationInterrupted(KeyboardInterrupt):

@@ -25,12 +25,12 @@ import torch
 from tqdm import tqdm
 
 from mobile.errors import CheckpointError, MobileError
-from mobile.models.families import spec_from_hf_config
 from mobile.models.weights import QUANT_METHOD, WeightStore, expert_tensor_names
 from mobile.moe import formats, quant
 from mobile.moe.rows import dtype_name, input_major, packed_names
 from mobile.outputs import check_folder, new_folder
-from mobile.spec.schema import load_spec, spec_from_dict
+from mobile.spec.hf import spec_from_hf_config
+from mobile.spec.load import load_spec, spec_from_dict
 
 # -- writing ----------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from mobile.errors import SpecError
 from mobile.models.weights import required_tensors
 from mobile.outputs import check_folder, new_folder
-from mobile.spec.schema import load_spec, spec_from_dict
+from mobile.spec.load import load_spec, spec_from_dict
 
 
 def changed_fields(obj) -> dict:

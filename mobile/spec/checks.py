@@ -1,0 +1,139 @@
+"""The semantic checks of a spec: shapes that must agree, values that must lie in range, policy
+fields that must fit the model. Each failure names the key path and what was expected."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from mobile.errors import SpecError
+from mobile.models import families
+from mobile.moe import formats
+from mobile.spec.schema import LINK_GBPS, LINK_LATENCY_US, LINK_RATIO, MoESpec, Spec
+from mobile.spec.validate import parse_bytes
+
+
+def check_consistency(spec: Spec) -> None:
+    """Shape rules the types alone cannot express. Each names the key that is wrong."""
+    where = spec.source or "<spec>"
+    m, a, moe = spec.model, spec.model.attention, spec.model.moe
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise SpecError(msg, where=where, key=key)
+
+    need(bool(re.fullmatch(r"[A-Za-z0-9._-]+", spec.name)), "name",
+         f"expected letters, digits, '.', '_' or '-' (it names the graph folder), got {spec.name!r}")
+    for key, value in [("model.vocab_size", m.vocab_size), ("model.hidden_size", m.hidden_size),
+                       ("model.num_layers", m.num_layers), ("model.attention.num_heads", a.num_heads),
+                       ("model.max_position_embeddings", m.max_position_embeddings)]:
+        need(value >= 1, key, f"expected an integer >= 1, got {value}")
+    need(m.norm_eps > 0, "model.norm_eps", f"expected a number > 0, got {m.norm_eps}")
+    if a.kind == "gqa":
+        need(a.num_kv_heads >= 1, "model.attention.num_kv_heads", f"expected >= 1, got {a.num_kv_heads}")
+        need(a.num_heads % a.num_kv_heads == 0, "model.attention.num_kv_heads",
+             f"expected a divisor of num_heads={a.num_heads}, got {a.num_kv_heads}")
+        need(a.head_dim >= 2 and a.head_dim % 2 == 0, "model.attention.head_dim",
+             f"expected an even integer >= 2 (rope rotates pairs), got {a.head_dim}")
+    else:
+        need(a.kv_lora_rank >= 1, "model.attention.kv_lora_rank", f"expected >= 1 for mla, got {a.kv_lora_rank}")
+        need(a.qk_rope_head_dim >= 2 and a.qk_rope_head_dim % 2 == 0, "model.attention.qk_rope_head_dim",
+             f"expected an even integer >= 2 for mla, got {a.qk_rope_head_dim}")
+        need(a.qk_nope_head_dim >= 1, "model.attention.qk_nope_head_dim", f"expected >= 1, got {a.qk_nope_head_dim}")
+        need(a.v_head_dim >= 1, "model.attention.v_head_dim", f"expected >= 1, got {a.v_head_dim}")
+        need(a.qk_norm == "none", "model.attention.qk_norm", "expected 'none' for mla attention")
+        need(not a.qkv_bias, "model.attention.qkv_bias", "expected false for mla attention")
+        for key in ("o_bias", "sinks"):
+            need(not getattr(a, key), f"model.attention.{key}", "expected false for mla attention")
+        need(not a.sliding_layers, "model.attention.sliding_layers", "expected none for mla attention")
+    for i, layer in enumerate(a.sliding_layers):
+        need(0 <= layer < m.num_layers, f"model.attention.sliding_layers[{i}]",
+             f"expected a layer index in [0, {m.num_layers}), got {layer}")
+    if a.sliding_layers:
+        need(a.sliding_window >= 1, "model.attention.sliding_window",
+             f"expected an integer >= 1 for the sliding layers, got {a.sliding_window}")
+    need(m.rope.factor > 0, "model.rope.factor", f"expected a number > 0, got {m.rope.factor}")
+    prf = m.rope.partial_rotary_factor
+    need(0 < prf <= 1, "model.rope.partial_rotary_factor", f"expected a number in (0, 1], got {prf}")
+    if a.kind == "mla":
+        need(prf == 1, "model.rope.partial_rotary_factor", "expected 1 for mla attention (it has qk_rope_head_dim)")
+    else:
+        rotary = int(a.head_dim * prf)
+        need(rotary >= 2 and rotary % 2 == 0, "model.rope.partial_rotary_factor",
+             f"expected int(head_dim * factor) to be an even integer >= 2 (rope rotates pairs), got {rotary}")
+    if moe.num_experts:
+        need(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k",
+             f"expected 1 <= top_k <= num_experts={moe.num_experts}, got {moe.top_k}")
+        need(moe.intermediate_size >= 1, "model.moe.intermediate_size",
+             f"expected >= 1, got {moe.intermediate_size}")
+        for i, layer in enumerate(moe.dense_layers):
+            need(0 <= layer < m.num_layers, f"model.moe.dense_layers[{i}]",
+                 f"expected a layer index in [0, {m.num_layers}), got {layer}")
+        _check_routing(moe, need)
+        fused = [f for f, storage in families.EXPERT_STORAGE.items() if storage != "per_expert"]
+        # the bias part of an expert's row comes only from a fused checkpoint's bias tensors
+        need(not moe.expert_bias or m.family in fused, "model.moe.expert_bias",
+             f"family {m.family} has no expert biases (only {', '.join(fused)} do)")
+        if moe.activation == "clamped_swiglu":
+            for key in ("swiglu_alpha", "swiglu_limit"):
+                need(getattr(moe, key) > 0, f"model.moe.{key}", f"expected a number > 0, got {getattr(moe, key)}")
+        if moe.shared_expert.gate != "none":
+            need(moe.shared_expert.intermediate_size > 0, "model.moe.shared_expert.gate",
+                 "a shared-expert gate needs model.moe.shared_expert.intermediate_size > 0")
+    else:
+        need(moe.top_k == 0, "model.moe.top_k", "expected 0 when model.moe.num_experts is 0")
+    if moe.dense_layers or not moe.num_experts:
+        need(m.intermediate_size >= 1, "model.intermediate_size",
+             "expected >= 1: the model has dense MLP layers")
+    p = spec.policy
+    if p.little_k is not None:
+        need(1 <= p.little_k <= max(moe.top_k, 1), "policy.little_k",
+             f"expected 1 <= little_k <= top_k={moe.top_k}, got {p.little_k}")
+    for key in ("layer_tau", "mass_tau"):
+        value = getattr(p, key)
+        need(value is None or 0.0 <= value <= 1.0, f"policy.{key}", f"expected a number in [0, 1], got {value}")
+    need(p.kv_refresh >= 0, "policy.kv_refresh", f"expected an integer >= 0, got {p.kv_refresh}")
+    need(0.0 <= p.tau <= 1.0, "policy.tau", f"expected a number in [0, 1], got {p.tau}")
+    c = spec.runtime.expert_cache
+    if c.budget is not None:
+        try:
+            parse_bytes(c.budget)
+        except ValueError as e:
+            raise SpecError(str(e), where=where, key="runtime.expert_cache.budget") from None
+    need(c.slots_per_layer is None or c.slots_per_layer >= 1, "runtime.expert_cache.slots_per_layer",
+         f"expected an integer >= 1, got {c.slots_per_layer}")
+    r = spec.runtime
+    if r.expert_format == "native":
+        need(r.expert_group_size is None, "runtime.expert_group_size",
+             "a group size needs runtime.expert_format int8 or int4")
+    elif moe.num_experts:
+        dims = {"model.hidden_size": m.hidden_size, "model.moe.intermediate_size": moe.intermediate_size}
+        problem = formats.group_error(r.expert_format, spec.expert_group, dims)
+        need(problem is None, "runtime.expert_group_size", str(problem))
+    need(c.staging_slots >= 0, "runtime.expert_cache.staging_slots", f"expected >= 0, got {c.staging_slots}")
+    need(r.max_seq_len is None or 1 <= r.max_seq_len <= m.max_position_embeddings, "runtime.max_seq_len",
+         f"expected 1 <= max_seq_len <= model.max_position_embeddings={m.max_position_embeddings}, "
+         f"got {r.max_seq_len}")
+    link = spec.runtime.link
+    for key, (lo, hi) in (("gbps", LINK_GBPS), ("ratio", LINK_RATIO), ("latency_us", LINK_LATENCY_US)):
+        value = getattr(link, key)
+        need(value is None or lo <= value <= hi, f"runtime.link.{key}", f"expected a number in [{lo:g}, {hi:g}], "
+             f"got {value}")
+
+
+def _check_routing(moe: MoESpec, need: Callable[[bool, str, str], None]) -> None:
+    """The sigmoid router's options: a correction bias and groups exist only with sigmoid scoring."""
+    if moe.scoring != "sigmoid":
+        need(not moe.correction_bias, "model.moe.correction_bias", "a correction bias needs model.moe.scoring sigmoid")
+        need(moe.n_group == 1, "model.moe.n_group", "group-limited top-k needs model.moe.scoring sigmoid")
+    need(moe.n_group >= 1 and moe.num_experts % moe.n_group == 0, "model.moe.n_group",
+         f"expected a divisor of num_experts={moe.num_experts}, got {moe.n_group}")
+    per_group = moe.num_experts // moe.n_group  # n_group >= 1: need raised otherwise
+    if moe.n_group > 1:  # a group scores the sum of its top 2
+        need(per_group >= 2, "model.moe.n_group", f"expected groups of at least 2 experts, got {per_group}")
+    need(1 <= moe.topk_group <= moe.n_group, "model.moe.topk_group",
+         f"expected 1 <= topk_group <= n_group={moe.n_group}, got {moe.topk_group}")
+    need(moe.top_k <= moe.topk_group * per_group, "model.moe.top_k",
+         f"expected at most topk_group * experts per group = {moe.topk_group * per_group}, got {moe.top_k}")
+
+
