@@ -63,11 +63,7 @@ def decode_rule(spec: Spec) -> KeepRule:
 def lower(spec: Spec) -> Graph:
     plan = cache_plan(spec)  # raises if the cache budget is below the working set
     policy, K = spec.policy.traits, spec.model.moe.top_k
-    mode = spec.policy.prefetch
-    if mode == "auto":
-        # measured on the demo model (docs/big-little-quality.md): once the little pass takes what the cache holds,
-        # speculative copies cost more link time and cache room than they save
-        mode = "none" if spec.policy.cache_aware else "both"
+    mode = spec.policy.effective_prefetch
     predicted = plan is not None and "predicted" in policy.prefetch and mode in ("both", "predicted")
     complement = plan is not None and "complement" in policy.prefetch and mode in ("both", "complement")
     rule = decode_rule(spec)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from mobile.errors import SpecError
 from mobile.models import families
 from mobile.moe import formats
-from mobile.spec.schema import LINK_GBPS, LINK_LATENCY_US, LINK_RATIO, MoESpec, Spec
+from mobile.spec.schema import LINK_GBPS, LINK_LATENCY_US, LINK_RATIO, MoESpec, PolicySpec, Spec
 from mobile.spec.validate import parse_bytes
 
 
@@ -86,14 +86,17 @@ def check_consistency(spec: Spec) -> None:
         need(m.intermediate_size >= 1, "model.intermediate_size",
              "expected >= 1: the model has dense MLP layers")
     p = spec.policy
-    if p.little_k is not None:
+    if p.little_k is not None:  # its upper bound is the model's
         need(1 <= p.little_k <= max(moe.top_k, 1), "policy.little_k",
              f"expected 1 <= little_k <= top_k={moe.top_k}, got {p.little_k}")
-    for key in ("layer_tau", "mass_tau"):
-        value = getattr(p, key)
-        need(value is None or 0.0 <= value <= 1.0, f"policy.{key}", f"expected a number in [0, 1], got {value}")
-    need(p.kv_refresh >= 0, "policy.kv_refresh", f"expected an integer >= 0, got {p.kv_refresh}")
-    need(0.0 <= p.tau <= 1.0, "policy.tau", f"expected a number in [0, 1], got {p.tau}")
+    for f in PolicySpec.knobs():  # the knobs' ranges, as declared
+        value, lo, hi = getattr(p, f.name), f.metadata["lo"], f.metadata["hi"]
+        if value is None or (lo is None and hi is None):
+            continue
+        kind = "an integer" if str(f.type).startswith("int") else "a number"
+        expected = f"expected {kind} in [{lo:g}, {hi:g}]" if hi is not None else f"expected {kind} >= {lo:g}"
+        inside = (lo is None or value >= lo) and (hi is None or value <= hi)
+        need(inside, f"policy.{f.name}", f"{expected}, got {value}")
     c = spec.runtime.expert_cache
     if c.budget is not None:
         try:

@@ -125,8 +125,18 @@ class CheckpointSpec:
     tensor_names: dict[str, str] = field(default_factory=dict)
 
 
+def knob(default: Any, help: str, lo: float | None = None, hi: float | None = None) -> Any:
+    """A policy field a user sets: a key under `policy:` in a spec, and the same-named flag of every
+    command that takes a policy (mobile.cli: --little-k for little_k), with this help. lo, hi: its
+    range, checked when a spec loads (mobile.spec.checks) and when the flag is parsed."""
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi})
+
+
 @dataclass(frozen=True)
 class PolicySpec:
+    """The policy and its knobs, each declared once, here (knob). Their "auto" values are resolved
+    here too (the effective_* properties)."""
+
     name: PolicyName = policies.DEFAULT
     # Defaults: with the little pass taking the dropped experts that are already cached
     # (cached_complement), the per-layer rule (prefix) meets the quality targets by itself, and the
@@ -135,44 +145,45 @@ class PolicySpec:
     # layer_tau was chosen on one text and is reported on others (docs/quantized-experts.md):
     # on Python from outside the demo's training data (benchmarks/texts.py), the smallest layer_tau
     # with agreement >= 0.965 (a margin over the 0.95 target for texts it was not chosen on) and
-    # perplexity within +0.5% was 0.85 (0.75: 0.960, +0.4%). Raw weights matched or beat rescaled
-    # ones. tau is the gate's threshold for `mobile` and the little-mass share for `layer-mass`.
-    little_k: int | None = None  # default ceil(top_k / 2)
-    little_weights: Literal["rescale", "raw"] = "raw"
-    # the confidence the gate reads, each in [0, 1] (mobile.models.ops.confidence): the top probability, the
-    # top probability minus the second, or one minus the normalized entropy; a token is important
-    # when it is below tau, so tau 0 never falls back, whatever the signal, and tau 1 always does
-    signal: Literal["max_prob", "entropy", "margin"] = "max_prob"
-    tau: float = 0.0
-    layer_tau: float | None = 0.85
-    # how the per-layer rule picks a token's experts (mobile.moe.rule.KeepRule): switch, the little
-    # set or the whole big set; prefix, the fewest top experts (at least little_k) that carry
-    # layer_tau of the big set's mass. auto: prefix for mobile, where it measured 6-8% fewer bytes
-    # at the same quality (docs/big-little-quality.md); switch for layer-mass, as DESIGN.md defines that policy
-    layer_rule: Literal["auto", "switch", "prefix"] = "auto"
-    # mobile: the gate also calls a token important (and aborts its little pass there) when, at any
-    # MoE layer, the little set carries less than this share of the big set's router mass
-    mass_tau: float | None = None
-    # which speculative copies run (each once the demand copies issued with it have landed):
-    # next-layer prediction, the complement S_K minus S_k for a possible fallback (mobile only),
-    # both, or none. auto: none for a little pass that takes what the cache holds
-    # (cached_complement), else both
-    prefetch: Literal["auto", "both", "predicted", "complement", "none"] = "auto"
-    prefill: Literal["big", "little"] = "big"
-    # mobile: a fallback's big pass also recomputes up to this many accepted little tokens just
-    # before it (since the last big pass), so that their KV entries become big ones; 0: off
-    kv_refresh: int = 0
-    # mobile and layer-mass: the little pass also uses those of a token's dropped experts (S_K minus
-    # S_k) that are already in the device cache. They cost no transfer, only compute; quality then
-    # depends on the cache. `little` stays the pure top-k/2 bound.
-    cached_complement: bool = True
-    # which cached expert a miss evicts (mobile.moe.slots): lru, or lfu (fewest recent uses, decayed).
-    # auto: lru for the baselines named after it (ondemand, lru, lru-prefetch), lfu for the
-    # big-little policies, where it measured fewer misses and faster decoding (docs/eviction.md)
-    eviction: Literal["auto", "lru", "lfu"] = "auto"
-    # top: the little set is the top little_k; random: a random little_k of the top-K (a baseline
-    # that shows what choosing by router weight is worth)
-    little_select: Literal["top", "random"] = "top"
+    # perplexity within +0.5% was 0.85 (0.75: 0.960, +0.4%). Raw weights matched or beat rescaled ones.
+    tau: float = knob(0.0, "importance threshold in [0, 1] (mobile: a token falls back below this confidence, "
+                      "--signal; default 0: never, the per-layer rule decides; 1: always) or little-mass share "
+                      "(layer-mass)", lo=0, hi=1)
+    little_k: int | None = knob(None, "experts in the little set (default ceil(top_k / 2))", lo=1)
+    layer_tau: float | None = knob(0.85, "mobile: a layer uses more than the little set in the little pass when the "
+                                   "little set carries less than this share of the big set's router mass (default "
+                                   "0.85; 0 turns the rule off)", lo=0, hi=1)
+    # prefix measured 6-8% fewer bytes than switch at the same quality under mobile
+    # (docs/big-little-quality.md); switch is layer-mass as DESIGN.md defines that policy
+    layer_rule: Literal["auto", "switch", "prefix"] = knob(
+        "auto", "how the per-layer rule picks a token's experts: switch, the little set or the whole big set; prefix, "
+        "the fewest top experts (at least little_k) that carry layer_tau of the big set's mass; auto (default): "
+        "prefix for mobile, switch for layer-mass")
+    mass_tau: float | None = knob(None, "mobile: a token also falls back (and its little pass ends there) when, at "
+                                  "any layer, its little set carries less than this share of the big set's router "
+                                  "mass (default: off)", lo=0, hi=1)
+    kv_refresh: int = knob(0, "mobile: a fallback's big pass also recomputes up to N accepted little tokens before "
+                           "it, so their KV entries become big ones (default 0: off)", lo=0)
+    cached_complement: bool = knob(True, "mobile and layer-mass: the little pass also uses a token's dropped experts "
+                                   "that are already in the device cache (no transfer, only compute; default on)")
+    # lfu measured fewer misses and faster decoding for the big-little policies (docs/eviction.md)
+    eviction: Literal["auto", "lru", "lfu"] = knob(
+        "auto", "which cached expert a miss evicts: lru, or lfu (fewest recent uses, decayed); auto (default): lru "
+        "for ondemand, lru and lru-prefetch, lfu for the big-little policies")
+    signal: Literal["max_prob", "entropy", "margin"] = knob(
+        "max_prob", "mobile: the confidence the gate reads, each in [0, 1]: the top probability, its margin over the "
+        "second, or one minus the normalized entropy (default max_prob); a token below --tau falls back")
+    # measured on the demo model (docs/big-little-quality.md): once the little pass takes what the
+    # cache holds, speculative copies cost more link time and cache room than they save
+    prefetch: Literal["auto", "both", "predicted", "complement", "none"] = knob(
+        "auto", "speculative copies, each on the link once the demand copies issued with it have landed: next-layer "
+        "prediction, mobile's complement sets, both, or none; auto (default): none where the little pass takes what "
+        "the cache holds, else both")
+    little_weights: Literal["rescale", "raw"] = knob("raw", "little-set weights: the router's own (raw, default), or "
+                                                     "rescaled to the big set's total")
+    little_select: Literal["top", "random"] = knob("top", "the little set: the top little_k (default), or a random "
+                                                   "little_k of the big set (a baseline)")
+    prefill: Literal["big", "little"] = knob("big", "mobile: the pass a prompt runs (default big)")
 
     @property
     def traits(self) -> policies.Policy:
@@ -192,6 +203,19 @@ class PolicySpec:
         if self.layer_rule != "auto":
             return self.layer_rule
         return self.traits.layer_rule or "switch"
+
+    @property
+    def effective_prefetch(self) -> Literal["both", "predicted", "complement", "none"]:
+        """Which speculative copies the graph may issue, as the user asked or by `auto`; the policy
+        decides which of them it has at all (mobile.policy: Policy.prefetch)."""
+        if self.prefetch != "auto":
+            return self.prefetch
+        return "none" if self.cache_aware else "both"
+
+    @classmethod
+    def knobs(cls) -> list[dataclasses.Field]:
+        """The fields a user sets (knob): every one but the policy's name."""
+        return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
     @property
     def can_fall_back(self) -> bool:
