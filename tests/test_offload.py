@@ -320,7 +320,7 @@ def test_an_emulated_link_is_refused_on_cuda(tiny):
     """On CUDA the copies cross the real link: a request to emulate one is an error naming the
     flag or key, before anything loads (the check needs no GPU)."""
     from mobile.errors import MobileError
-    from mobile.runtime.engine import refuse_emulated_link
+    from mobile.runtime.load import refuse_emulated_link
     from mobile.spec.load import load_spec, with_runtime
 
     spec = load_spec(tiny("olmoe").spec)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,27 +18,35 @@ from tqdm import tqdm
 
 from mobile.compiler.budget import cache_plan
 from mobile.compiler.costs import expert_bytes
-from mobile.compiler.emit import load_graph, trace_events
+from mobile.compiler.emit import trace_events
 from mobile.compiler.ir import Graph, Pass
-from mobile.compiler.passes import compile_spec
-from mobile.errors import CheckpointError, MobileError, RunError, SpecError
+from mobile.errors import MobileError, RunError, SpecError
 from mobile.models.ops import rope_inv_freq, rope_tables
 from mobile.models.weights import TORCH_DTYPES, WeightStore, check_checkpoint
-from mobile.moe.cache import ExpertCache, OffloadedCache, ResidentCache
 from mobile.moe.op import warm_up
-from mobile.moe.transfer import LinkModel, calibrated_gbps
 from mobile.outputs import atomic_write_text
 from mobile.runtime.context import StepContext
 from mobile.runtime.devclock import clock_for
 from mobile.runtime.diagnose import first_nonfinite_weight
-from mobile.runtime.executor import Executor, Forward, Kernels
+from mobile.runtime.executor import Executor, Forward
 from mobile.runtime.graphs import GRAPH_MAX_TOKENS, GraphRunner, StaticState, kv_bucket
 from mobile.runtime.hostio import HostReader
+from mobile.runtime.kernels import Kernels
 from mobile.runtime.kv import KVCache, max_seq_len
+from mobile.runtime.load import (
+    checkpoint_experts,
+    expert_cache,
+    graphs_enabled,
+    load_dense,
+    read_eos_ids,
+    refuse_emulated_link,
+    resolve_checkpoint,
+    resolve_policy,
+)
 from mobile.runtime.sampling import Sampler
 from mobile.runtime.stats import Stats
 from mobile.runtime.tokenizer import load_tokenizer
-from mobile.spec.load import format_changes, spec_from_dict, with_policy, with_runtime
+from mobile.spec.load import format_changes
 from mobile.spec.schema import Spec
 
 
@@ -71,35 +78,18 @@ class Engine:
         self.trace: list | None = [] if trace else None
         self.reader = HostReader(self.device)  # every read of a device value goes through it, counted
         self.t0 = time.perf_counter()
+        plan = None if all_resident else cache_plan(spec)
         needs = check_checkpoint(spec, store)
-        dense = {(k, layer): t for (k, layer, expert), t in needs.items() if expert is None}
-        weights = {}
-        plan = cache_plan(spec)
-        with tqdm(total=len(dense) + len(spec.moe_layers), desc="loading weights", unit="tensor",
+        dense = sum(expert is None for _, _, expert in needs)
+        with tqdm(total=dense + len(spec.moe_layers), desc="loading weights", unit="tensor",
                   disable=None if progress else True, leave=False) as bar:  # None: only on a TTY
-            for key, t in dense.items():
-                # routers (and DeepSeek-V3's selection bias) stay float32, as transformers keeps
-                # them: routing decisions must not flip with the compute dtype
-                dtype = torch.float32 if t.key in ("router", "router_correction") else self.dtype
-                weights[key] = store.get(t.name, dtype=dtype, device=self.device)
-                bar.update(1)
-            if plan is None or all_resident:
-                self.experts: ExpertCache = ResidentCache(
-                    spec, store, self.device, self.dtype, self.stats_, self.reader, progress=bar,
-                    track_use=track_use or all_resident)
-            else:
-                # a CPU has no real link to move experts over, so one is emulated; a GPU has one
-                emulate = self.device.type != "cuda"
-                link = LinkModel("emulated", latency_s=spec.runtime.link.latency_us * 1e-6) if emulate \
-                    else LinkModel("real")
-                self.experts = OffloadedCache(spec, store, self.device, self.dtype, self.stats_, plan, link,
-                                                trace=self.trace, progress=bar, compiled=compile)
-                if emulate:
-                    link.gbps, calibration = calibrated_gbps(spec, self.device, self.dtype, link_gbps, link_ratio)
-                    self.stats_.extra.update(calibration, link_gbps=round(link.gbps, 4))
+            weights = load_dense(spec, store, needs, self.device, self.dtype, bar)
+            self.experts = expert_cache(spec, store, self.device, self.dtype, self.stats_, self.reader, plan, bar,
+                                        track_use=track_use or all_resident, trace=self.trace, compile=compile,
+                                        link_gbps=link_gbps, link_ratio=link_ratio)
         self.stats_.link = self.experts.link
         # what one expert is and how many the cache holds: equal budgets hold more packed experts
-        slots = None if plan is None or all_resident else plan.main + plan.staging
+        slots = None if plan is None else plan.main + plan.staging
         self.stats_.extra.update(expert_format=spec.runtime.expert_format, expert_bytes=expert_bytes(spec),
                                  cache_slots_per_layer=slots)
         # the longest sequence held: with graphs the KV cache is preallocated to it (storage a
@@ -432,97 +422,10 @@ class Engine:
         return counters
 
     def default_stop_ids(self) -> list[int]:
-        eos = read_eos_ids(self.store.dir)
-        return eos
+        return read_eos_ids(self.store.dir)
 
     def reset_stats(self) -> None:
         self.stats_.reset()
         self.experts.reset_counters()
         if self.graphs is not None:
             self.graphs.reset_counters()
-
-
-def graphs_enabled(setting: str | None, spec: Spec, device: torch.device) -> bool:
-    """--cuda-graphs (else runtime.cuda_graphs): auto is on for CUDA and off for the CPU; on, on the
-    CPU, runs the static-buffer runner without capture (mobile.runtime.graphs)."""
-    setting = spec.runtime.cuda_graphs if setting is None else setting
-    if setting not in ("auto", "on", "off"):
-        raise MobileError(f"expected auto, on or off, got {setting!r}", key="--cuda-graphs")
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
-
-
-def refuse_emulated_link(device: torch.device, spec: Spec, link_gbps: float | None, link_ratio: float | None) -> None:
-    """On CUDA the experts cross the real link: a request to emulate one there would not happen,
-    and the stats would claim it did."""
-    key = "--link-gbps" if link_gbps is not None else "--link-ratio" if link_ratio is not None else \
-        "runtime.link.kind" if spec.runtime.link.kind == "emulated" else None
-    if key is not None:
-        raise MobileError(f"an emulated link runs only on the CPU; on {device} experts cross the real host link "
-                          f"(leave {key} out)", key=key)
-
-
-def resolve_policy(graph_dir: Path, policy: str | None = None, policy_options: dict | None = None,
-                   runtime: dict | None = None) -> tuple[Graph, Spec]:
-    """A compiled graph and its spec, recompiled when another policy (or policy option) or runtime
-    field (the expert format) is asked for."""
-    graph = load_graph(graph_dir)
-    try:
-        spec = spec_from_dict(graph.spec, source=str(graph_dir / "graph.json"))
-    except SpecError as e:
-        raise SpecError(f"the spec embedded in the graph is invalid: {e.message}", where=e.where,
-                        key=e.key and f"spec.{e.key}") from None
-    changes = {k: v for k, v in (policy_options or {}).items() if v is not None}
-    if policy is not None and policy != spec.policy.name:
-        changes["name"] = policy
-    runtime = {k: v for k, v in (runtime or {}).items() if getattr(spec.runtime, k) != v}
-    if changes or runtime:
-        # another policy or format lowers to another graph (prefetch nodes, cache sizes): compile it
-        # now, from the spec the graph was built from
-        spec = with_runtime(with_policy(spec, **changes), **runtime)
-        graph = compile_spec(spec)
-    return graph, spec
-
-
-def checkpoint_experts(graph: Graph, spec: Spec, store: WeightStore, requested: str | None) -> tuple[Graph, Spec]:
-    """A quantized checkpoint carries its expert format, and runs with it whatever the spec says
-    (recompiled: the cache holds more packed experts); an explicit other format is an error."""
-    if store.expert_format is None:
-        return graph, spec
-    fmt, group = store.expert_format
-    if requested is not None and requested != fmt:
-        raise MobileError(f"the checkpoint {store.dir} holds {fmt} experts (group size {group}); --expert-format "
-                          f"{requested} needs a native checkpoint or one quantized to {requested}",
-                          key="--expert-format")
-    if (spec.runtime.expert_format, spec.expert_group) != (fmt, group):
-        spec = with_runtime(spec, expert_format=fmt, expert_group_size=group)
-        graph = compile_spec(spec)
-    return graph, spec
-
-
-def resolve_checkpoint(graph: Graph, graph_dir: Path) -> Path:
-    path = graph.spec.get("checkpoint", {}).get("path")
-    if not path:
-        raise CheckpointError("the graph names no checkpoint; pass --weights DIR",
-                              where=graph_dir / "graph.json", key="spec.checkpoint.path")
-    p = Path(os.path.expanduser(path))
-    p = p if p.is_absolute() else (graph_dir / p)
-    if not p.is_dir():
-        # relative paths resolve against the graph folder: a graph moved without its checkpoint lands here
-        raise CheckpointError(f"the graph's checkpoint folder {p} does not exist (was the graph or the checkpoint "
-                              "moved?); pass --weights DIR", where=graph_dir / "graph.json", key="spec.checkpoint.path")
-    return p
-
-
-def read_eos_ids(ckpt_dir: Path) -> list[int]:
-    import json
-
-    for name in ("generation_config.json", "config.json"):
-        f = ckpt_dir / name
-        if f.exists():
-            try:
-                eos = json.loads(f.read_text()).get("eos_token_id")
-            except json.JSONDecodeError:
-                continue
-            if eos is not None:
-                return list(eos) if isinstance(eos, list) else [int(eos)]
-    return []

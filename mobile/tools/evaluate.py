@@ -26,7 +26,8 @@ from mobile.compiler.emit import load_graph
 from mobile.errors import MobileError
 from mobile.models.weights import checkpoint_format
 from mobile.progress import progress
-from mobile.runtime.engine import Engine, resolve_checkpoint, resolve_policy
+from mobile.runtime.engine import Engine
+from mobile.runtime.load import resolve_checkpoint, resolve_policy
 
 KEYS = ("ppl", "accuracy", "agreement", "fallback_rate", "bytes_per_token", "bytes_ratio", "moved_per_token",
         "moved_ratio", "eviction")

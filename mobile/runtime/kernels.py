@@ -1,0 +1,158 @@
+"""The kernel of each graph node: dense ones from mobile.models.ops, bound to their weights; the
+routed-expert layer's from its MoELayer (mobile.moe.layer); the gates'."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mobile.compiler.ir import Node
+from mobile.errors import GraphError
+from mobile.models import ops
+from mobile.moe.cache import ExpertCache
+from mobile.moe.layer import MoELayer
+from mobile.moe.op import ExpertKind
+from mobile.moe.router import Router
+from mobile.runtime.context import Kernel, SyncKernel
+from mobile.runtime.kv import KVCache
+from mobile.spec.schema import Spec
+
+
+def fuse_qkv(weights: dict[tuple[str, int | None], torch.Tensor]) -> dict[tuple[str, int | None], torch.Tensor]:
+    """q, k and v projections of each GQA layer as one matrix (and one bias): one matmul instead of
+    three. Replaces them in `weights`, so nothing is held twice."""
+    for (_, layer) in [k for k in weights if k[0] == "k_proj"]:  # MLA layers have none
+        parts = [weights.pop((p, layer)) for p in ("q_proj", "k_proj", "v_proj")]
+        weights[("qkv_proj", layer)] = torch.cat(parts)
+        biases = [weights.pop((p, layer), None) for p in ("q_bias", "k_bias", "v_bias")]
+        if all(b is not None for b in biases):
+            weights[("qkv_bias", layer)] = torch.cat(biases)  # type: ignore[arg-type]
+    return weights
+
+
+@dataclass(frozen=True)
+class Compute:
+    """A compute node's kernel as the segment calls it: fn(*inputs), or fn(ctx, *inputs) with
+    needs_ctx; an `inline` expression (a residual add) is written into the segment instead."""
+
+    fn: Kernel | None
+    needs_ctx: bool = False
+    inline: str | None = None  # "a + b": the node's inputs as a and b
+
+
+ADD = Compute(None, inline="{0} + {1}")
+# an attention layer's weights by name (absent ones None): GQA/MHA (q, k, v fused) and MLA
+GQA_WEIGHTS = ("qkv_proj", "qkv_bias", "o_proj", "o_bias", "q_norm", "k_norm", "sinks")
+MLA_WEIGHTS = ("q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj")
+
+
+class Kernels:
+    """Builds the kernel of each node from the model's weights, KV cache and expert cache: dense
+    ones from mobile.models.ops, the routed-expert layer's from its MoELayer (mobile.moe.layer)."""
+
+    def __init__(self, spec: Spec, weights: dict[tuple[str, int | None], torch.Tensor], kv: KVCache,
+                 experts: ExpertCache):
+        self.spec, self.w, self.kv, self.experts = spec, fuse_qkv(weights), kv, experts
+        self.attn_scale = ops.attention_scale(spec)
+        self.kind = ExpertKind.of_spec(spec)
+        self.layers: dict[int, MoELayer] = {}
+
+    def moe(self, layer: int) -> MoELayer:
+        """Layer `layer`'s MoELayer, made once."""
+        if layer not in self.layers:
+            router = Router.of_layer(self.spec, self.w, layer)
+            self.layers[layer] = MoELayer(layer, router, self.experts, self.kind)
+        return self.layers[layer]
+
+    def build(self, node: Node) -> Compute | SyncKernel:
+        """The node's kernel: a Compute for a compute node, a SyncKernel for a sync node."""
+        builder = getattr(self, f"_{node.op.value}", None)
+        if builder is None:
+            raise GraphError(f"op {node.op.value!r} is not executable by this runtime yet", key=node.name)
+        return builder(node)
+
+    def compute(self, node: Node) -> Compute:
+        kernel = self.build(node)
+        assert isinstance(kernel, Compute), node.name
+        return kernel
+
+    def sync(self, node: Node) -> SyncKernel:
+        kernel = self.build(node)
+        assert isinstance(kernel, SyncKernel), node.name
+        return kernel
+
+    # -- dense --------------------------------------------------------------------------------------
+    def _embed(self, node: Node) -> Compute:
+        return Compute(functools.partial(F.embedding, weight=self.w[("embed", None)]))
+
+    def _norm(self, node: Node) -> Compute:
+        weight = self.w[(node.attr("weight"), node.attr("layer"))]
+        return Compute(functools.partial(ops.rms_norm, weight=weight, eps=self.spec.model.norm_eps))
+
+    def _add(self, node: Node) -> Compute:
+        return ADD
+
+    _combine = _add
+
+    def _mlp(self, node: Node) -> Compute:
+        gate, up, down = (self.w[(k, node.attr("layer"))] for k in ("mlp_gate", "mlp_up", "mlp_down"))
+        return Compute(functools.partial(ops.swiglu, gate=gate, up=up, down=down))
+
+    def _lm_head(self, node: Node) -> Compute:
+        head = self.w[("embed" if self.spec.model.tie_word_embeddings else "lm_head", None)]
+        return Compute(ops.LMHead(head), needs_ctx=True)
+
+    def _attention(self, node: Node) -> Compute:
+        layer = node.attr("layer")
+        cache = self.kv.layers[layer]
+        if node.attr("kind") == "mla":
+            w = {k: self.w.get((k, layer)) for k in MLA_WEIGHTS}
+            return Compute(ops.LatentAttention(self.spec, w, cache, self.attn_scale), needs_ctx=True)
+        w = {k: self.w.get((k, layer)) for k in GQA_WEIGHTS}
+        attention = ops.Attention(self.spec, w, cache, self.attn_scale, self.spec.sliding_window(layer))
+        return Compute(attention, needs_ctx=True)
+
+    # -- the routed-expert layer (mobile.moe.layer) -------------------------------------------------
+    def _router(self, node: Node) -> Compute:
+        return Compute(self.moe(node.attr("layer")).route(shuffled=node.attr("order") == "random"))
+
+    def _predict(self, node: Node) -> Compute:
+        return Compute(self.moe(node.attr("layer")).predict(node.attr("top_k")))
+
+    def _fetch(self, node: Node) -> SyncKernel:
+        return self.moe(node.attr("layer")).fetch_kernel(node)
+
+    def _wait(self, node: Node) -> SyncKernel:
+        return self.moe(node.attr("layer")).wait_kernel()
+
+    def _prefetch(self, node: Node) -> SyncKernel:
+        return self.moe(node.attr("layer")).prefetch_kernel(node.attr("set"), node.attr("lo", 0), node.attr("hi"))
+
+    def _expert(self, node: Node) -> Compute:
+        layer = node.attr("layer")
+        if node.attr("variant") == "shared":
+            gate, up, down = (self.w[(k, layer)] for k in ("shared_gate", "shared_up", "shared_down"))
+            sigmoid = self.w[("shared_expert_gate", layer)] if node.attr("gate") == "sigmoid" else None
+            return Compute(functools.partial(ops.shared_expert, gate=gate, up=up, down=down, sigmoid_gate=sigmoid))
+        return Compute(self.moe(layer).experts_kernel(node))
+
+    # -- the gates ------------------------------------------------------------------------------------
+    def _importance_gate(self, node: Node) -> SyncKernel:
+        """True: the token is important and falls back to the big pass."""
+        signal, tau = node.attr("signal"), float(node.attr("tau"))
+        if signal == "router_mass":
+            little_k = node.attr("little_k")
+
+            def read(ctx, routed):  # at this layer the little set drops too much of the big set's mass
+                weights = routed[0]  # [T, K], in selection order
+                share = weights[:, :little_k].sum(-1) / weights.sum(-1).clamp_min(1e-30)
+                return [(share < tau).any()]
+        else:
+            def read(ctx, logits):  # the little pass is not confident about the next token
+                # tau 1 sends every token back, even one whose distribution is exactly one-hot
+                return [ops.confidence(logits[-1], signal) < tau if tau < 1 else logits.new_ones((), dtype=torch.bool)]
+
+        return SyncKernel(lambda ctx, values, _: bool(values[0][0]), read)

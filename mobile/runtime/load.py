@@ -1,0 +1,142 @@
+"""Loading an engine: its graph and spec (recompiled for another policy or expert format), its
+checkpoint, its dense weights and its expert cache, and the choices made once per engine (CUDA
+graphs, the link)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from mobile.compiler.budget import CachePlan
+from mobile.compiler.emit import load_graph
+from mobile.compiler.ir import Graph
+from mobile.compiler.passes import compile_spec
+from mobile.errors import CheckpointError, MobileError, SpecError
+from mobile.models.weights import WeightStore
+from mobile.moe.cache import ExpertCache, OffloadedCache, ResidentCache
+from mobile.moe.transfer import LinkModel, calibrated_gbps
+from mobile.runtime.hostio import HostReader
+from mobile.runtime.stats import Stats
+from mobile.spec.load import spec_from_dict, with_policy, with_runtime
+from mobile.spec.schema import Spec
+
+
+def load_dense(spec: Spec, store: WeightStore, needs: dict, device: torch.device, dtype: torch.dtype,
+               bar) -> dict[tuple[str, int | None], torch.Tensor]:
+    """Every weight but the routed experts', on the device, keyed (name, layer); needs: what the
+    checkpoint was checked to hold (mobile.models.weights.check_checkpoint)."""
+    weights = {}
+    for (key, layer, expert), t in needs.items():
+        if expert is not None:
+            continue
+        # routers (and DeepSeek-V3's selection bias) stay float32, as transformers keeps them:
+        # routing decisions must not flip with the compute dtype
+        weights[(key, layer)] = store.get(t.name, dtype=torch.float32 if t.key in ("router", "router_correction")
+                                          else dtype, device=device)
+        bar.update(1)
+    return weights
+
+
+def expert_cache(spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
+                 reader: HostReader, plan: CachePlan | None, bar, track_use: bool, trace: list | None,
+                 compile: bool, link_gbps: float | None, link_ratio: float | None) -> ExpertCache:
+    """Every expert on the device (no plan: a resident policy, or an eval that asks for it), or a
+    bounded cache over the host link: the real one on a GPU, an emulated one on a CPU, whose
+    bandwidth is given or calibrated (mobile.moe.transfer.calibrated_gbps)."""
+    if plan is None:
+        return ResidentCache(spec, store, device, dtype, stats, reader, progress=bar, track_use=track_use)
+    emulate = device.type != "cuda"  # a CPU has no real link to move experts over, so one is emulated
+    link = LinkModel("emulated", latency_s=spec.runtime.link.latency_us * 1e-6) if emulate else LinkModel("real")
+    cache = OffloadedCache(spec, store, device, dtype, stats, plan, link, trace=trace, progress=bar, compiled=compile)
+    if emulate:
+        link.gbps, calibration = calibrated_gbps(spec, device, dtype, link_gbps, link_ratio)
+        stats.extra.update(calibration, link_gbps=round(link.gbps, 4))
+    return cache
+
+
+def graphs_enabled(setting: str | None, spec: Spec, device: torch.device) -> bool:
+    """--cuda-graphs (else runtime.cuda_graphs): auto is on for CUDA and off for the CPU; on, on the
+    CPU, runs the static-buffer runner without capture (mobile.runtime.graphs)."""
+    setting = spec.runtime.cuda_graphs if setting is None else setting
+    if setting not in ("auto", "on", "off"):
+        raise MobileError(f"expected auto, on or off, got {setting!r}", key="--cuda-graphs")
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def refuse_emulated_link(device: torch.device, spec: Spec, link_gbps: float | None, link_ratio: float | None) -> None:
+    """On CUDA the experts cross the real link: a request to emulate one there would not happen,
+    and the stats would claim it did."""
+    key = "--link-gbps" if link_gbps is not None else "--link-ratio" if link_ratio is not None else \
+        "runtime.link.kind" if spec.runtime.link.kind == "emulated" else None
+    if key is not None:
+        raise MobileError(f"an emulated link runs only on the CPU; on {device} experts cross the real host link "
+                          f"(leave {key} out)", key=key)
+
+
+def resolve_policy(graph_dir: Path, policy: str | None = None, policy_options: dict | None = None,
+                   runtime: dict | None = None) -> tuple[Graph, Spec]:
+    """A compiled graph and its spec, recompiled when another policy (or policy option) or runtime
+    field (the expert format) is asked for."""
+    graph = load_graph(graph_dir)
+    try:
+        spec = spec_from_dict(graph.spec, source=str(graph_dir / "graph.json"))
+    except SpecError as e:
+        raise SpecError(f"the spec embedded in the graph is invalid: {e.message}", where=e.where,
+                        key=e.key and f"spec.{e.key}") from None
+    changes = {k: v for k, v in (policy_options or {}).items() if v is not None}
+    if policy is not None and policy != spec.policy.name:
+        changes["name"] = policy
+    runtime = {k: v for k, v in (runtime or {}).items() if getattr(spec.runtime, k) != v}
+    if changes or runtime:
+        # another policy or format lowers to another graph (prefetch nodes, cache sizes): compile it
+        # now, from the spec the graph was built from
+        spec = with_runtime(with_policy(spec, **changes), **runtime)
+        graph = compile_spec(spec)
+    return graph, spec
+
+
+def checkpoint_experts(graph: Graph, spec: Spec, store: WeightStore, requested: str | None) -> tuple[Graph, Spec]:
+    """A quantized checkpoint carries its expert format, and runs with it whatever the spec says
+    (recompiled: the cache holds more packed experts); an explicit other format is an error."""
+    if store.expert_format is None:
+        return graph, spec
+    fmt, group = store.expert_format
+    if requested is not None and requested != fmt:
+        raise MobileError(f"the checkpoint {store.dir} holds {fmt} experts (group size {group}); --expert-format "
+                          f"{requested} needs a native checkpoint or one quantized to {requested}",
+                          key="--expert-format")
+    if (spec.runtime.expert_format, spec.expert_group) != (fmt, group):
+        spec = with_runtime(spec, expert_format=fmt, expert_group_size=group)
+        graph = compile_spec(spec)
+    return graph, spec
+
+
+def resolve_checkpoint(graph: Graph, graph_dir: Path) -> Path:
+    path = graph.spec.get("checkpoint", {}).get("path")
+    if not path:
+        raise CheckpointError("the graph names no checkpoint; pass --weights DIR",
+                              where=graph_dir / "graph.json", key="spec.checkpoint.path")
+    p = Path(os.path.expanduser(path))
+    p = p if p.is_absolute() else (graph_dir / p)
+    if not p.is_dir():
+        # relative paths resolve against the graph folder: a graph moved without its checkpoint lands here
+        raise CheckpointError(f"the graph's checkpoint folder {p} does not exist (was the graph or the checkpoint "
+                              "moved?); pass --weights DIR", where=graph_dir / "graph.json", key="spec.checkpoint.path")
+    return p
+
+
+def read_eos_ids(ckpt_dir: Path) -> list[int]:
+
+    for name in ("generation_config.json", "config.json"):
+        f = ckpt_dir / name
+        if f.exists():
+            try:
+                eos = json.loads(f.read_text()).get("eos_token_id")
+            except json.JSONDecodeError:
+                continue
+            if eos is not None:
+                return list(eos) if isinstance(eos, list) else [int(eos)]
+    return []

@@ -1,0 +1,74 @@
+"""The code generator: one straight-line Python function per compute segment, and torch.compile's
+settings for it."""
+
+from __future__ import annotations
+
+import linecache
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mobile.compiler.ir import Node
+from mobile.runtime.kernels import Compute
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile as mobile uses it: every setting in one place.
+
+    dynamic: the token count and the KV-cache length vary. No duck shapes: a dimension that merely
+    happens to equal another today (the KV capacity and a weight's storage, both 256) must not be
+    tied to it, or the next growth of the cache recompiles."""
+    from torch.fx.experimental import _config as fx_config
+
+    fx_config.use_duck_shape = False
+    return torch.compile(fn, dynamic=True)
+
+
+def segment_fn(nodes: list[Node], kernels: list[Compute], live_out: list[str], executed: list[str] | None,
+           trace: list | None, clock: Callable[[], Any]):
+    """Generate one straight-line Python function, segment(ctx, env) -> its live outputs, for a
+    compute segment. executed: a list it appends the names of the nodes it ran to (eager runs);
+    trace: a list it appends each node's span to, timed by clock. Both None: the graph runner's
+    function, without bookkeeping (a replay skips Python).
+
+    Straight-line code (no loop over nodes, no dict shuffling) is what dynamo traces best, and a
+    separate code object per segment gives each its own compile cache instead of piling
+    recompiles onto one shared function. Each kernel is called as it is (a function of mobile.models.ops
+    or mobile.moe, weights bound), a residual add written inline. The source is registered with
+    linecache under the segment's file name, so a traceback inside a segment shows its line.
+    """
+    var = {n.name: f"v{i}" for i, n in enumerate(nodes)}
+    args: list[str] = []
+    body: list[str] = []
+    for i, (node, kernel) in enumerate(zip(nodes, kernels, strict=True)):
+        ins = []
+        for name in node.inputs:
+            if name not in var:
+                var[name] = f"a{len(args)}"
+                args.append(name)
+            ins.append(var[name])
+        if kernel.inline is not None:
+            value = kernel.inline.format(*ins)
+        else:
+            value = f"k{i}({', '.join((['ctx'] if kernel.needs_ctx else []) + ins)})"
+        call = f"{var[node.name]} = {value}  # {node.name}"
+        if trace is not None:
+            body += ["    t0 = clock()", f"    {call}",
+                     f"    trace.append(({node.name!r}, {node.op.value!r}, 'compute', t0, clock(), 0))"]
+        else:
+            body.append(f"    {call}")
+    if executed is not None:
+        body.append(f"    executed.extend({[n.name for n in nodes]!r})")
+    outs = ", ".join(f"{n!r}: {var[n]}" for n in live_out)
+    unpack = "".join(f"    {var[a]} = env[{a!r}]\n" for a in args)
+    src = f"def segment(ctx, env):\n{unpack}" + "\n".join(body) + f"\n    return {{{outs}}}\n"
+    scope: dict[str, Any] = {f"k{i}": k.fn for i, k in enumerate(kernels) if k.fn is not None}
+    scope.update(executed=executed, trace=trace, clock=clock)
+    plain = executed is None and trace is None
+    filename = f"<mobile segment {nodes[0].name}..{nodes[-1].name}{' (graphs)' if plain else ''}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(keepends=True), filename)
+    exec(compile(src, filename, "exec"), scope)
+    fn = scope["segment"]
+    fn.source = src
+    return fn
