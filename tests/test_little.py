@@ -75,14 +75,14 @@ def test_cached_complement_never_moves_a_dropped_expert(tiny, tmp_path):
     experts, little_k = engine.experts, engine.spec.little_k
     fetch, violations = experts.fetch, []
 
-    def checked_fetch(layer, entries, routes):
+    def checked_fetch(layer, entries, routes, tag=""):
         ids, k = routes  # the big set of each token, K at a time
         little = {e for i in range(0, len(ids), k) for e in ids[i:i + little_k]}
         table = experts.tables[layer]
         cached, missing, _ = decode_status(entries, experts.num_experts)
         copied = [e for e in cached + missing if e not in table.slot_of]
         violations.extend((layer, e) for e in copied if e not in little)
-        return fetch(layer, entries, routes)
+        return fetch(layer, entries, routes, tag=tag)
 
     experts.fetch = checked_fetch
     engine.generate(PROMPT, 24, stop_ids=[])

@@ -94,6 +94,26 @@ def test_measured_trace_has_both_streams(tiny, tmp_path, capsys):
     assert "link: emulated" in capsys.readouterr().err
 
 
+def test_measured_and_planned_traces_share_node_names(tiny, tmp_path):
+    """Every span of a measured (eager) trace is named after a node of the graph that ran: compute
+    spans after theirs, copies after the fetch or prefetch that asked for them, with the layer,
+    expert and slot in their args. So the plan (schedule.trace.json) and the run line up."""
+    t = tiny("olmoe")
+    graph = t.compile(tmp_path / "g", "--policy", "lru-prefetch", slots_per_layer=4)
+    engine = mobile.Engine.load(graph, weights=t.ckpt, link_gbps=10.0, trace=True)
+    engine.generate(torch.tensor([5, 6, 7]), 6, stop_ids=[])
+    engine.write_trace(tmp_path / "m.json")
+    measured = [e for e in json.loads((tmp_path / "m.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    planned = {e["name"] for e in json.loads((graph / "schedule.trace.json").read_text())["traceEvents"]
+               if e["ph"] == "X"}
+    nodes = {n.name: n for n in engine.graph.nodes}
+    assert {e["name"] for e in measured} <= planned == set(nodes)
+    copies = [e for e in measured if e["tid"] == 2]
+    assert copies and {nodes[e["name"]].op for e in copies} == {Op.FETCH, Op.PREFETCH}
+    assert all({"layer", "expert", "slot", "bytes"} <= set(e["args"]) for e in copies)
+    engine.close()
+
+
 # -- the cache's bookkeeping, as properties -------------------------------------------------------
 
 ops = st.lists(st.tuples(st.sampled_from(["step", "access", "stage"]), st.integers(0, 15)), max_size=200)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mobile import policy as policies
-from mobile.compiler.ir import GRAPH_FORMAT, GRAPH_VERSION, REGION, Graph, Op
+from mobile.compiler.ir import COPY_OPS, GRAPH_FORMAT, GRAPH_VERSION, REGION, Graph, Op
 from mobile.errors import GraphError
 from mobile.files import read_json
 from mobile.outputs import new_folder, stamp, write_text
@@ -71,6 +71,8 @@ def render_schedule(g: Graph) -> str:
         f"# mobile schedule: {g.name}   policy={spec.get('policy', {}).get('name')}   dtype={spec.get('dtype')}",
         f"# planned for {plan.get('device')}: {plan.get('compute_tflops')} TFLOP/s, "
         f"{plan.get('hbm_gbps')} GB/s HBM, {plan.get('link_gbps')} GB/s host link; one decode token",
+        "# stream, start_us and end_us are that cost model's plan; `mobile run --trace FILE` writes what ran, "
+        "its spans named after these nodes",
         f"# compiler passes: {', '.join(g.passes)}",
         f"# forward: {describe_passes(g)}",
     ]
@@ -79,9 +81,11 @@ def render_schedule(g: Graph) -> str:
         lines.append(f"# planned step {s['step_us']:.1f} us: compute {s['compute_us']:.1f} us, copy "
                      f"{s['copy_us']:.1f} us, overlap {s['overlap_us']:.1f} us, compute stalled "
                      f"{s['stall_us']:.1f} us")
+    lines.append(f"# schedule: {describe_moves(g)}")
     header = (f"{'step':>4} {'stream':<7} {'seg':>3} {'op':<15} {'name':<16} {'inputs':<36} {'bytes':>9} "
               f"{'h2d':>9} {'start_us':>10} {'end_us':>10}  note")
     lines.append(header)
+    issued_at = prefetch_waits(g)
     for step, n in enumerate(g.nodes):
         seg = n.attr("seg")
         op = n.op.value + (f"[{n.attr('variant')}]" if n.op is Op.EXPERT else "")
@@ -90,6 +94,7 @@ def render_schedule(g: Graph) -> str:
         note = "; ".join(x for x in (f"rule {n.attr('rule')}" if fetch else "",
                                      f"big pass: {n.attr('big_rule')}" if fetch and n.attr("big_rule") else "",
                                      f"{n.attr('pass')} pass only" if n.attr("pass") else "",
+                                     f"on the link at {issued_at[n.name]}" if n.name in issued_at else "",
                                      f"hoisted over {n.attr('hoisted')} nodes" if n.attr("hoisted") else "",
                                      n.attr("hoist_limit") or "") if x)
         line = (
@@ -100,6 +105,33 @@ def render_schedule(g: Graph) -> str:
         )
         lines.append(line.rstrip())
     return "\n".join(lines) + "\n"
+
+
+def describe_moves(g: Graph) -> str:
+    """What the scheduler moved, in words: how many nodes it hoisted, or why nothing could move."""
+    hoisted = [n for n in g.nodes if n.attr("hoisted")]
+    if hoisted:
+        return (f"{len(hoisted)} nodes moved earlier than lowering put them (note: hoisted over N nodes), each "
+                "transfer as early as its inputs allow (note: needs ...)")
+    if not any(n.op in COPY_OPS for n in g.nodes):
+        return "nothing moved: no transfers (every expert is on the device)"
+    return ("nothing moved: each transfer already follows what it needs (note: needs ...), and no compute is free "
+            "to slide between a fetch and its wait")
+
+
+def prefetch_waits(g: Graph) -> dict[str, str]:
+    """Each prefetch -> the wait whose copies it follows onto the link: the cache stages a
+    prefetch at the next wait, once the demand copies issued with it have landed, so that
+    speculation never delays a copy compute is about to wait for (mobile.moe.cache)."""
+    out: dict[str, str] = {}
+    pending: list[str] = []
+    for n in g.nodes:
+        if n.op is Op.PREFETCH:
+            pending.append(n.name)
+        elif n.op is Op.WAIT:
+            out.update((p, f"{n.name}, after its demand copies") for p in pending)
+            pending = []
+    return out
 
 
 def describe_passes(g: Graph) -> str:

@@ -58,9 +58,10 @@ class ExpertCache(Protocol):
         """What ended a worker thread, after which nothing more can be fetched."""
 
     def slot_map(self, layer: int) -> torch.Tensor: ...
-    def fetch(self, layer: int, entries: list[int], routes: tuple[list[int], int] | None = None) -> FetchHandle: ...
+    def fetch(self, layer: int, entries: list[int], routes: tuple[list[int], int] | None = None,
+              tag: str = "") -> FetchHandle: ...
     def wait(self, handle: FetchHandle) -> torch.Tensor | Rounds: ...
-    def prefetch(self, layer: int, ids: list[int], kind: str = "predicted") -> None: ...
+    def prefetch(self, layer: int, ids: list[int], kind: str = "predicted", tag: str = "") -> None: ...
     def arena(self, layer: int) -> torch.Tensor: ...
     def expert_rows(self, layer: int) -> torch.Tensor | None: ...
     def begin_forward(self) -> None: ...
@@ -74,6 +75,8 @@ class ExpertCache(Protocol):
 @dataclass
 class FetchHandle:
     layer: int
+    tag: str = ""  # the fetch node: names its copies (and its rounds') in a trace
+    round: int = 0  # a prompt's round, after the first (Rounds)
     jobs: list[CopyJob] = field(default_factory=list)
     placed: list[tuple[int, int]] = field(default_factory=list)  # (expert, slot) usable once waited for
     rounds: list[list[int]] = field(default_factory=list)  # when the set exceeds the cache (a prompt)
@@ -90,7 +93,7 @@ class Rounds:
     def __iter__(self):
         for r, members in enumerate(self.handle.rounds):
             if r:
-                self.owner.load_round(self.handle.layer, members)
+                self.owner.load_round(self.handle.layer, members, self.handle.tag, r)
             yield self.owner.round_map(self.handle.layer, members)
 
 
@@ -131,8 +134,9 @@ class ResidentCache:
         used = torch.zeros(self.num_experts + 1, dtype=torch.bool, device=slots.device)
         self.used[self.index[layer]] |= used.index_fill_(0, (slots + 1).flatten(), True)[1:]
 
-    def fetch(self, layer: int, entries: list[int], routes: tuple[list[int], int] | None = None) -> FetchHandle:
-        """Counts what the layer uses: nothing moves (routes are for a cache that moves experts)."""
+    def fetch(self, layer: int, entries: list[int], routes: tuple[list[int], int] | None = None,
+              tag: str = "") -> FetchHandle:
+        """Counts what the layer uses: nothing moves (routes and tag are for a cache that moves experts)."""
         cached, missing, _ = decode_status(entries, self.num_experts)
         needed = cached + missing
         self.hits += len(needed)
@@ -143,7 +147,7 @@ class ResidentCache:
     def wait(self, handle: FetchHandle) -> torch.Tensor:
         return self.identity
 
-    def prefetch(self, layer: int, ids: list[int], kind: str = "predicted") -> None:
+    def prefetch(self, layer: int, ids: list[int], kind: str = "predicted", tag: str = "") -> None:
         """Nothing to stage: every expert is on the device."""
 
     def arena(self, layer: int) -> torch.Tensor:
@@ -237,7 +241,7 @@ class OffloadedCache:
         assert self.store is not None
         stats.extra.update(host_expert_bytes=self.store.nbytes, pinned_host_bytes=self.store.pinned_bytes)
         self.shadow = BigOnlyShadow(spec.moe_layers, plan.main + plan.staging, expert_bytes(spec), eviction)
-        self.deferred: list[tuple[int, list[int], str]] = []  # prefetches waiting for the next wait
+        self.deferred: list[tuple[int, list[int], str, str]] = []  # prefetches waiting for the next wait
         self.routes: dict[int, tuple[list[int], int]] = {}  # this forward's big sets: layer -> (ids [T*K], K)
         if compiled:  # host work (copies, the slot table): a compiled expert segment must call it eagerly
             # (on the instance, only with compile: torch.compiler.disable imports torch._dynamo, a second)
@@ -286,10 +290,11 @@ class OffloadedCache:
             self.read_done[self.released] = event
             self.released = None
 
-    def fetch(self, layer: int, entries: list[int], routes: tuple[list[int], int] | None = None) -> FetchHandle:
+    def fetch(self, layer: int, entries: list[int], routes: tuple[list[int], int] | None = None,
+              tag: str = "") -> FetchHandle:
         """entries: the layer's status as the host read it (mobile.moe.rule.KeepRule.status);
         routes: the router's big set (ids [T*K], K), for the big-only estimate (a fallback's big
-        pass overwrites its little pass's)."""
+        pass overwrites its little pass's); tag: the fetch node, which names its copies in a trace."""
         if routes is not None:
             self.routes[layer] = routes
         self._mark_read()
@@ -297,7 +302,7 @@ class OffloadedCache:
         if free:
             self.stats.extra["free_complement_experts"] = self.stats.extra.get("free_complement_experts", 0) + free
         needed = sorted(cached + missing)
-        handle = FetchHandle(layer)
+        handle = FetchHandle(layer, tag)
         if len(needed) > self.plan.main:
             handle.rounds = [needed[i:i + self.plan.main] for i in range(0, len(needed), self.plan.main)]
             needed = handle.rounds[0]
@@ -315,10 +320,10 @@ class OffloadedCache:
                     self.engine.promote(job)  # still queued? it is needed now: demand priority
                     handle.jobs.append(job)
             else:
-                handle.jobs.append(self._copy(layer, e, slot, DEMAND))
+                handle.jobs.append(self._copy(layer, e, slot, DEMAND, handle.tag, handle.round))
             handle.placed.append((e, slot))
 
-    def _copy(self, layer: int, expert: int, slot: int, priority: int) -> CopyJob:
+    def _copy(self, layer: int, expert: int, slot: int, priority: int, tag: str, round: int = 0) -> CopyJob:
         old = self.pending[layer].get(slot)
         if old is not None and not old.done.is_set():
             self.engine.retire(old)  # never let a stale copy land after the new one
@@ -328,8 +333,9 @@ class OffloadedCache:
                 after.append(self.read_done[layer])
             if old is not None and old.event is not None:
                 after.append(old.event)
-        job = self.engine.submit(self.host[layer][expert], self.rows[layer][slot], priority,
-                                 tag=f"L{layer}.e{expert}->s{slot}", after=after)
+        detail = {"layer": layer, "expert": expert, "slot": slot, **({"round": round} if round else {})}
+        job = self.engine.submit(self.host[layer][expert], self.rows[layer][slot], priority, tag=tag, after=after,
+                                 detail=detail)
         self.pending[layer][slot] = job
         self.stats.bytes_h2d += job.nbytes
         return job
@@ -345,25 +351,26 @@ class OffloadedCache:
         self.released = handle.layer
         return Rounds(self, handle) if handle.rounds else self.maps[handle.layer]
 
-    def load_round(self, layer: int, members: list[int]) -> None:
+    def load_round(self, layer: int, members: list[int], tag: str = "", round: int = 0) -> None:
         """The previous round's experts are done: unpin them, load the next round, wait for it."""
         self._mark_read()  # the previous round's op is queued: the next round's copies follow it
-        handle = FetchHandle(layer)
+        handle = FetchHandle(layer, tag, round)
         self._request(layer, members, handle)
         self.wait(handle)
 
-    def prefetch(self, layer: int, ids: list[int], kind: str = "predicted") -> None:
-        """Stage these experts of `layer`, at the next wait (see the class docstring)."""
-        self.deferred.append((layer, ids, kind))
+    def prefetch(self, layer: int, ids: list[int], kind: str = "predicted", tag: str = "") -> None:
+        """Stage these experts of `layer`, at the next wait (see the class docstring); tag: the
+        prefetch node, which names its copies in a trace."""
+        self.deferred.append((layer, ids, kind, tag))
 
     def _issue_deferred(self) -> None:
-        for layer, ids, kind in self.deferred:
+        for layer, ids, kind, tag in self.deferred:
             table = self.tables[layer]
             for e in sorted(set(ids)):
                 # never evicts an expert the current step uses: those are pinned until the next fetch
                 slot = table.stage(e, kind)
                 if slot is not None:
-                    self._copy(layer, e, slot, PREFETCH)
+                    self._copy(layer, e, slot, PREFETCH, tag)
             self._forget_evicted(layer)
         self.deferred.clear()
 

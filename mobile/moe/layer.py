@@ -95,8 +95,8 @@ class MoELayer:
         """The fetch node's: plan, what the host reads (which experts to fetch under the node's keep
         rule; with the cache's estimate, the big set too); fetch, the copies of the missing ones,
         given what was read."""
-        layer, cache, tracks, slot_map, rule = (self.layer, self.cache, self.cache.tracks_routes, self.slot_map,
-                                                rule_of(node))
+        layer, cache, tracks, slot_map, rule, tag = (self.layer, self.cache, self.cache.tracks_routes,
+                                                     self.slot_map, rule_of(node), node.name)
 
         def plan(ctx: StepContext, routed) -> list[torch.Tensor]:
             weights, ids = routed
@@ -104,7 +104,7 @@ class MoELayer:
             return [status, ids] if tracks else [status]
 
         def fetch(ctx: StepContext, values: list[list[int]], routed) -> FetchHandle:
-            return cache.fetch(layer, values[0], (values[1], routed[1].shape[1]) if tracks else None)
+            return cache.fetch(layer, values[0], (values[1], routed[1].shape[1]) if tracks else None, tag)
 
         return SyncKernel(fetch, plan)
 
@@ -112,14 +112,16 @@ class MoELayer:
         cache = self.cache
         return SyncKernel(lambda ctx, values, handle: cache.wait(handle))
 
-    def prefetch_kernel(self, kind: str, lo: int = 0, hi: int | None = None) -> SyncKernel:
-        """Stage experts of this layer: the predicted ids (kind "predicted", read from a predict
-        node), or the big set's ranks [lo, hi) of the router's output (kind "complement": what a
-        fallback would add to the little set; the node also reads the fetch, which orders it after)."""
-        layer, cache = self.layer, self.cache
+    def prefetch_kernel(self, node: Node) -> SyncKernel:
+        """The prefetch node's: stage experts of this layer, the predicted ids (set "predicted", read
+        from a predict node), or the big set's ranks [lo, hi) of the router's output (set
+        "complement": what a fallback would add to the little set; the node also reads the fetch,
+        which orders it after)."""
+        layer, cache, kind, tag = self.layer, self.cache, node.attr("set"), node.name
+        lo, hi = node.attr("lo", 0), node.attr("hi")
 
         def act(ctx: StepContext, values, *inputs) -> None:
-            cache.prefetch(layer, values[0], kind)
+            cache.prefetch(layer, values[0], kind, tag)
 
         if kind == "complement":
             return SyncKernel(act, lambda ctx, routed, fetched: [routed[1][:, lo:hi]])

@@ -65,8 +65,10 @@ class CopyJob:
     """One host -> device copy. On the CPU `wait()` blocks the caller until it has landed; on CUDA
     `event` marks its end on its copy stream (CopyEngine.wait makes the compute stream wait on it)."""
 
-    def __init__(self, src: torch.Tensor, dst: torch.Tensor, priority: int, tag: str):
-        self.src, self.dst, self.priority, self.tag = src, dst, priority, tag
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor, priority: int, tag: str, detail: dict | None = None):
+        """tag: what asked for the copy (the graph node, so measured spans meet planned ones);
+        detail: what the trace shows of it besides (the expert and the slot)."""
+        self.src, self.dst, self.priority, self.tag, self.detail = src, dst, priority, tag, detail or {}
         self.nbytes = src.numel() * src.element_size()
         self.done = threading.Event()
         self.event: torch.cuda.Event | None = None
@@ -111,10 +113,10 @@ class CopyEngine:
         self._worker.start()
 
     def submit(self, src: torch.Tensor, dst: torch.Tensor, priority: int = DEMAND, tag: str = "",
-               after: list[torch.cuda.Event] | tuple = ()) -> CopyJob:
+               after: list[torch.cuda.Event] | tuple = (), detail: dict | None = None) -> CopyJob:
         """Queue a copy. after (CUDA): events it must follow, such as the last compute that read the
         slot and a copy into the same slot still in flight (the CPU worker orders those itself)."""
-        job = CopyJob(src, dst, priority, tag)
+        job = CopyJob(src, dst, priority, tag, detail)
         if self.cuda:
             stream = self.streams[priority]
             for event in after:
@@ -229,7 +231,7 @@ class CopyEngine:
         """A timed copy's span in the measured trace (the executor's format: mobile.runtime.engine.write_trace)."""
         if self.trace is not None:
             self.trace.append((job.tag, "prefetch" if job.priority == PREFETCH else "fetch", "copy",
-                               job.start_s, job.end_s, job.nbytes))
+                               job.start_s, job.end_s, job.nbytes, job.detail))
 
     def promote(self, job: CopyJob) -> None:
         """A queued prefetch is now needed by compute: give it demand priority (CPU; on CUDA it is

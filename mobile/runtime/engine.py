@@ -177,10 +177,12 @@ class Engine:
         self.experts.settle()  # CUDA: the copies' spans are read from their events
         clock = clock_for(self.device)
         spans = []
-        for name, cat, stream, start, end, nbytes in list(self.trace):
+        for name, cat, stream, start, end, nbytes, *detail in list(self.trace):
             start, end = clock.seconds(start), clock.seconds(end)  # CUDA compute spans are events
+            args = {"bytes": nbytes} if nbytes else {}
+            args.update(*detail)  # a copy's: its layer, expert and slot
             spans.append({"name": name, "cat": cat, "stream": stream, "ts_us": (start - self.t0) * 1e6,
-                          "dur_us": (end - start) * 1e6, "args": {"bytes": nbytes} if nbytes else {}})
+                          "dur_us": (end - start) * 1e6, "args": args})
         atomic_write_text(path, json.dumps(trace_events(spans, f"{self.graph.name} (measured, link "
                                                                f"{self.stats_.link})", "run")))
 

@@ -129,7 +129,7 @@ class Kernels:
         return self.moe(node.attr("layer")).wait_kernel()
 
     def _prefetch(self, node: Node) -> SyncKernel:
-        return self.moe(node.attr("layer")).prefetch_kernel(node.attr("set"), node.attr("lo", 0), node.attr("hi"))
+        return self.moe(node.attr("layer")).prefetch_kernel(node)
 
     def _expert(self, node: Node) -> Compute:
         layer = node.attr("layer")
