@@ -16,6 +16,11 @@
     native.py     the op on the CPU (plain torch); kernels/experts.py is it on CUDA (Triton)
     reference.py  the plain-torch reference both are tested against
     shadow.py     the big-only estimate (what big-only decoding would have moved)
+    host.py       the host expert kernel (kernels/host_experts.c): a layer's pairs computed on the
+                  CPU from the host store's rows; built on first use (host placement builds on it)
+    placement.py  where a missed expert runs: moved, on the host, or both (the rule; not wired yet)
+    hostwork.py   the host worker: host jobs on a thread of their own, the host's speed emulated on a
+                  CPU-only machine as the link's is
 
 Nothing outside this package knows slots, arenas or keep rules: the executor asks a MoELayer for
 its nodes' kernels, and the engine builds the ExpertCache.

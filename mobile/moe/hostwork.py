@@ -1,0 +1,144 @@
+"""The host worker: runs a layer's host-placed expert pairs (mobile.moe.host) on a thread of its
+own, so that the device computes its share meanwhile; the layer then waits for both.
+
+On a machine with a GPU the host is the machine's CPU, and nothing is emulated. On a CPU-only
+machine the "device" is this same CPU, so the host's speed is emulated the way the link's is
+(mobile.moe.transfer): the kernel runs for real, so the numbers are real, and its time is padded
+to `ratio` times what the device takes to compute the same pairs (HostModel). Ratio 16 is an
+RTX 4090's HBM (about 1 TB/s) over dual-channel DDR5 (about 60 GB/s).
+
+A failure in the worker reaches every job waiting and every later submit, as the copy worker's
+does, so that no wait blocks forever.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mobile.errors import worker_failure
+
+DEFAULT_HOST_RATIO = 16.0  # device HBM over host DRAM read bandwidth: 1 TB/s / 60 GB/s
+
+
+@dataclass(frozen=True)
+class HostModel:
+    """How host work is timed. kind 'real': as it runs. 'emulated': a job takes at least `ratio`
+    times `pair_seconds` (the device's time for one (token, expert) pair) per pair."""
+
+    kind: str = "real"
+    ratio: float = DEFAULT_HOST_RATIO
+    pair_seconds: float = 0.0
+
+    def duration(self, pairs: int) -> float:
+        return self.ratio * self.pair_seconds * pairs if self.kind == "emulated" else 0.0
+
+
+class HostJob:
+    """One layer's host pairs: out[tokens[p]] += weights[p] * expert_p(x[tokens[p]]). `wait()`
+    blocks until it is done and returns out."""
+
+    def __init__(self, x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, tag: str = ""):
+        self.x, self.tokens, self.rows, self.weights, self.tag = x, tokens, rows, weights, tag
+        self.out = torch.zeros_like(x)
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.start_s = self.end_s = 0.0
+
+    @property
+    def pairs(self) -> int:
+        return self.tokens.numel()
+
+    def wait(self) -> tuple[torch.Tensor, float]:
+        """(out, seconds the caller spent blocked). Raises what the worker failed with, if it did."""
+        t0 = time.perf_counter()
+        self.done.wait()
+        if self.error is not None:
+            raise worker_failure(self.error, "host worker") from self.error
+        return self.out, time.perf_counter() - t0
+
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class HostWorker:
+    """Runs HostJobs one at a time, in order, on a thread (the kernel's own threads do the work
+    inside; ctypes releases the GIL for the call, so Python on the main thread goes on).
+    kernel(x, out, tokens, rows, weights): mobile.moe.host.HostExperts."""
+
+    def __init__(self, kernel: Kernel, model: HostModel, trace: list | None = None):
+        self.kernel, self.model, self.trace = kernel, model, trace
+        self.busy_s = 0.0  # seconds the host spent on jobs (emulated: padded)
+        self._queue: deque[HostJob] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._free = 0.0  # when the host is next free (jobs are serial)
+        self._thread = threading.Thread(target=self._run, name="mobile-host", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: HostJob) -> HostJob:
+        with self._cv:
+            if self._failed is not None:
+                raise worker_failure(self._failed, "host worker") from self._failed
+            if self._closed:
+                raise RuntimeError("the host worker is closed")
+            self._queue.append(job)
+            self._cv.notify()
+        return job
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failed
+
+    def _run(self) -> None:
+        job = None
+        try:
+            while True:
+                with self._cv:
+                    while not self._queue and not self._closed:
+                        self._cv.wait()
+                    if not self._queue:
+                        return
+                    job = self._queue.popleft()
+                self._compute(job)
+                job = None
+        except BaseException as e:  # whatever it is, the threads waiting for a job must hear of it
+            self._fail(e, job)
+
+    def _compute(self, job: HostJob) -> None:
+        start = time.perf_counter()
+        self.kernel(job.x, job.out, job.tokens, job.rows, job.weights)
+        # the emulated host is serial: this job ends `duration` after it could start
+        end = max(start, self._free) + self.model.duration(job.pairs)
+        now = time.perf_counter()
+        if end > now:
+            time.sleep(end - now)
+        job.start_s, job.end_s = start, max(end, time.perf_counter())
+        self._free = job.end_s
+        self.busy_s += job.end_s - job.start_s
+        if self.trace is not None:
+            self.trace.append((job.tag, "host", "host", job.start_s, job.end_s, 0, {"pairs": job.pairs}))
+        job.done.set()
+
+    def _fail(self, error: BaseException, current: HostJob | None) -> None:
+        with self._cv:
+            self._failed = error
+            jobs = list(self._queue) + ([current] if current is not None else [])
+            self._queue.clear()
+        for job in jobs:
+            if not job.done.is_set():
+                job.error = error
+                job.done.set()
+
+    def close(self) -> None:
+        """Finish what is queued and stop the thread (so that no thread outlives the run)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
