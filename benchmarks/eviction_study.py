@@ -24,6 +24,7 @@ import argparse
 import math
 
 import torch
+from route_watch import watch_routes
 
 from mobile.moe.rule import KeepRule
 from mobile.moe.slots import LFU_DECAY, SlotTable
@@ -38,7 +39,7 @@ def record_routes(graph: str, text: str, offset: int, tokens: int) -> tuple[torc
         chunk = f.read(tokens * 16)  # far more characters than tokens
     ids = torch.tensor(engine.tokenizer.encode(chunk), dtype=torch.long)[:tokens]
     routes: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    engine.experts.note_route = lambda layer, w, i: routes.setdefault(layer, []).append((w.clone(), i.clone()))
+    watch_routes(engine, lambda layer, w, i: routes.setdefault(layer, []).append((w.clone(), i.clone())))
     engine.generate(ids[:1], ids.numel() - 1, stop_ids=[], forced=ids[1:].tolist())
     layers = sorted(routes)
     weights = torch.stack([torch.cat([w for w, _ in routes[layer]]) for layer in layers])

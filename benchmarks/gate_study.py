@@ -26,6 +26,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from route_watch import watch_routes
 
 from mobile.compiler.ir import Pass
 from mobile.runtime.engine import Engine
@@ -38,14 +39,9 @@ FALLBACK_RATES = (0.2, 0.3, 0.4, 0.5, 0.6)
 def collect(graph: str, data: str, max_tokens: int, layer_tau: float) -> list[dict]:
     engine = Engine.load(graph, policy="mobile", policy_options={"layer_tau": layer_tau}, all_resident=True)
     shares: list[torch.Tensor] = []
-    note = engine.experts.note_route
-
-    def record(layer, weights, ids):
-        little_k = engine.spec.little_k
-        shares.append((weights[:, :little_k].sum(-1) / weights.sum(-1).clamp_min(1e-30)).float())
-        note(layer, weights, ids)
-
-    engine.experts.note_route = record
+    little_k = engine.spec.little_k
+    watch_routes(engine, lambda layer, weights, ids: shares.append(
+        (weights[:, :little_k].sum(-1) / weights.sum(-1).clamp_min(1e-30)).float()))
     rows = []
     for chunk in windows(load_ids(engine, data, max_tokens), 256):
         big = engine._forward(chunk, 0, only=Pass.BIG).float()

@@ -8,7 +8,7 @@ events, median), and the HBM bandwidth that reaches (the expert bytes the call m
 distinct expert it uses, once). Rows: the Triton decode and grouped variants, and the native path
 (gathered weights for one token, one slot at a time for a prompt). T = 1, 8 and 512 tokens. The
 ratios decide the op's defaults (kernels/experts.py DECODE_MAX_PAIRS; which path a prompt takes).
-Then the same two Triton variants over packed experts (mobile.quant: int8 with one scale per
+Then the same two Triton variants over packed experts (mobile.moe.quant: int8 with one scale per
 output column, int4 with --group; dequantized in the kernel), with their ratio to the same variant
 over the --dtype arena: what in-kernel dequantization costs or saves per layer.
 Asserts nothing; checks each result against the reference first.

@@ -45,7 +45,7 @@ DECODE_MAX_PAIRS = 64  # up to this many (token, expert) pairs the decode varian
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 NATIVE, INT8, INT4 = 0, 1, 2  # the kernels' FMT
 FMT = {"int8": INT8, "int4": INT4}
-ACT = {"swiglu": 0, "clamped_swiglu": 1}  # the kernels' ACT
+ACT = {"swiglu": 0, "clamped_swiglu": 1, "geglu": 2}  # the kernels' ACT
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -74,11 +74,15 @@ def _bias(arena_ptr, slot, stride_slot, off, idx, mask, FMT: tl.constexpr):
 
 @triton.jit
 def _activate(gate, up, alpha, limit, ACT: tl.constexpr):
-    """float32 gate and up -> the activations: silu(gate) * up, or (ACT 1) gpt-oss's clamped SwiGLU."""
+    """float32 gate and up -> the activations: silu(gate) * up, (ACT 1) gpt-oss's clamped SwiGLU, or
+    (ACT 2) Gemma's GeGLU, gelu_tanh(gate) * up, with 0.5 * (1 + tanh(z)) written as sigmoid(2z)."""
     if ACT == 1:
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         return gate * tl.sigmoid(gate * alpha) * (up + 1.0)
+    elif ACT == 2:
+        z = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)  # 2 * sqrt(2 / pi) * (...)
+        return gate * tl.sigmoid(z) * up
     else:
         return gate / (1.0 + tl.exp(-gate)) * up
 

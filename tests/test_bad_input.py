@@ -26,6 +26,7 @@ RUN = ["run", "--graph", "{graph}", "--prompt-ids", "5,6"]
 EVAL = ["eval", "--graph", "{graph}", "--data", "{text}"]
 BENCH = ["bench", "--graph", "{graph}", "--policies", "lru"]
 
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 SCALE = packed_names("model.layers.1.mlp.experts.3.up_proj.weight")["scale"]  # a packed expert's int4 scales
 
 CORPUS = [
@@ -128,6 +129,13 @@ CORPUS = [
     (["run", "--graph", "{bad_graph}", "--prompt-ids", "5"], 2, "graph.json: not UTF-8 text: byte 0xff"),
     ([*RUN, "--weights", "{int_ckpt}"], 2, "model.norm.weight: tensor 'model.norm.weight' is torch.int32 where a "
      "float weight (final_norm) is expected"),
+    ([*RUN, "--weights", "{nvfp4}"], 2, "config.json: quantization_config.quant_method: NVFP4 ('modelopt') weights are "
+     "not supported"),
+    (["import-hf", "{nvfp4}"], 2, "quantization_config.quant_method: NVFP4 ('modelopt') weights are not supported"),
+    ([*RUN, "--weights", "{fp8_block}"], 2, "quantization_config.weight_block_size: FP8 blocks must be two positive "
+     "integers [rows, columns] such as [128, 128] (or null: one scale per matrix), got [128]"),
+    ([*RUN, "--weights", "{fp8_no_scale}"], 2, f"model.safetensors: {Q_PROJ}_scale_inv: tensor '{Q_PROJ}_scale_inv' "
+     f"not found: the FP8 weight '{Q_PROJ}' needs its block scales"),
 ]
 
 
@@ -170,7 +178,25 @@ def _nf4(folder):
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
-Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+def _config(edit):
+    """A config.json edit: edit(cfg) changes the dict in place."""
+    def apply(folder):
+        cfg = json.loads((folder / "config.json").read_text())
+        edit(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return apply
+
+
+def _quant(q):
+    return _config(lambda cfg: cfg.__setitem__("quantization_config", q))
+
+
+def _fp8_without_scales(folder):
+    """q_proj as float8 (mobile.models.fp8), its scales left out."""
+    _set(Q_PROJ, lambda w: w.to(torch.float8_e4m3fn))(folder)
+    _quant({"quant_method": "fp8", "weight_block_size": [128, 128]})(folder)
+
+
 # name -> (the checkpoint to copy: ckpt or q, how to break the copy)
 CHECKPOINTS = {
     "int_ckpt": ("ckpt", _set("model.norm.weight", lambda w: w.to(torch.int32))),
@@ -183,6 +209,9 @@ CHECKPOINTS = {
     "q_nan_scale": ("q", _set(SCALE, lambda s: torch.full_like(s, math.nan))),
     "q_short_scale": ("q", _set(SCALE, lambda s: s[:1].clone())),
     "q_nf4": ("q", _nf4),
+    "nvfp4": ("ckpt", _quant({"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16})),
+    "fp8_block": ("ckpt", _quant({"quant_method": "fp8", "weight_block_size": [128]})),
+    "fp8_no_scale": ("ckpt", _fp8_without_scales),
 }
 
 

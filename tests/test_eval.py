@@ -97,6 +97,8 @@ def test_eval_table_has_one_baseline_per_measure(tiny, tmp_path, capsys):
     lfu, lru, big, mob, mob_lru, little = rows
     assert lfu["moved_ratio"] == lru["moved_ratio"] == 1.0
     assert (lfu["eviction"], lru["eviction"], mob["eviction"], mob_lru["eviction"]) == ("lfu", "lru", "lfu", "lru")
+    # the same memory: 4 slots per layer plus the staging one the plan adds for a prefetching policy
+    assert lfu["slots"] == lru["slots"] == mob["slots"] == mob_lru["slots"] == 5
     assert mob["moved_ratio"] == mob["moved_per_token"] / lfu["moved_per_token"]
     assert mob_lru["moved_ratio"] == mob_lru["moved_per_token"] / lru["moved_per_token"]
     assert mob["moved_ratio"] < 1.0  # its little pass moves less than big through the same cache

@@ -22,7 +22,7 @@ from tiny import SIGMOID_VARIANTS, build_tiny_sigmoid
 import mobile
 from mobile.errors import SpecError
 from mobile.moe import router as routing
-from mobile.spec.hf import spec_from_hf_config
+from mobile.spec.hf import MODEL_TYPES, spec_from_hf_config
 from mobile.spec.load import load_spec, spec_from_dict
 
 PROMPT = torch.randint(3, 97, (24,), generator=torch.Generator().manual_seed(1))
@@ -239,7 +239,8 @@ def test_unsupported_family_is_one_line_naming_it_and_the_supported(tmp_path, ca
     err = import_error(tmp_path, capsys, cfg)
     assert f"unsupported model_type {cfg['model_type']!r}" in err
     supported = "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, gpt_oss"
-    assert f"(supported: {supported})" in err
+    assert f"(supported: {supported}" in err and "minimax_m2" in err
+    assert f"(supported: {', '.join(MODEL_TYPES)})" in err  # every one, the aliases too, in one list
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -255,21 +256,22 @@ def test_deepseek_v3_configs_mobile_would_run_differently_are_refused(tmp_path, 
     assert expected in import_error(tmp_path, capsys, {**cfg, key: value})
 
 
-def test_fp8_checkpoint_imports_and_compiles_but_refuses_to_load(tmp_path, capsys):
-    """A published FP8 checkpoint's shapes are the model's, so its spec imports and compiles; its
-    weights (float8 blocks with scales) are refused at load with one line, never converted wrongly."""
-    ckpt = tmp_path / "ckpt"
-    build_tiny_sigmoid("kimi_k2", ckpt)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    fp8 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
-    (ckpt / "config.json").write_text(json.dumps({**cfg, "quantization_config": fp8}))
+def test_fp8_checkpoint_imports_compiles_and_runs(tmp_path, capsys):
+    """A published FP8 checkpoint (float8 blocks with scales, tests/test_fp8.py) imports with its
+    experts native, compiles, and runs as the reference dequantization of it does."""
+    from test_fp8 import write_fp8_checkpoint
+
+    build_tiny_sigmoid("kimi_k2", tmp_path / "src")
+    ckpt, ref = tmp_path / "ckpt", tmp_path / "ref"
+    write_fp8_checkpoint(tmp_path / "src", ckpt, ref, [16, 16])
     assert run_cli("import-hf", ckpt, "-o", tmp_path / "s.yaml") == 0
+    assert yaml.safe_load((tmp_path / "s.yaml").read_text())["runtime"]["expert_format"] == "native"
     assert run_cli("compile", tmp_path / "s.yaml", "-o", tmp_path / "g") == 0
     capsys.readouterr()
-    assert run_cli("run", "--graph", tmp_path / "g", "--prompt-ids", "5,6", "--max-new-tokens", "1") == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "quantization_config.quant_method: FP8 weights" in err
-    assert "dequantize the checkpoint to bfloat16 first" in err
+    ids = ",".join(map(str, PROMPT.tolist()))
+    assert run_cli("run", "--graph", tmp_path / "g", "--prompt-ids", ids, "--max-new-tokens", "4", "--json") == 0
+    out = json.loads(capsys.readouterr().out)["ids"]
+    assert out == mobile.Engine.load(tmp_path / "g", weights=ref).generate(PROMPT, 4)
 
 
 def test_the_selection_bias_stays_float32_in_a_bfloat16_model(sigmoid_tiny, tmp_path):

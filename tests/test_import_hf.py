@@ -13,7 +13,7 @@ from mobile.spec.hf import spec_from_hf_config
 from mobile.spec.load import spec_from_dict
 
 PUBLISHED = ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b", "deepseek-v3",
-             "kimi-k2-instruct", "glm-4.5-air", "gpt-oss-20b", "gpt-oss-120b"]
+             "kimi-k2-instruct", "glm-4.5-air", "gpt-oss-20b", "gpt-oss-120b", "glm-4.7-flash"]
 
 
 @pytest.mark.parametrize("name", PUBLISHED)

@@ -87,7 +87,13 @@ def save_char_tokenizer(out: Path) -> None:
 # top-k and plain top-k, renormalized and raw weights, yarn rope, partial rotary with and without
 # q/k norm, dense first layers and none. Kimi-K2's config.json says model_type kimi_k2.
 SIGMOID_VARIANTS = ("deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_air")
+# GLM-4.7-Flash (MLA, GLM's router, dense layers by mlp_layer_types) and the model types transformers
+# runs with those families' code (tests/test_families_glm_lite.py); glm4_moe_lite_mixed: dense layers
+# not a prefix, groups, no q_lora_rank, raw weights
+ALIAS_VARIANTS = ("glm4_moe_lite", "glm4_moe_lite_mixed", "sarvam_mla", "sarvam_moe", "param2moe", "dots1",
+                  "solar_open")
 _SIGMOID_MOE = dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=4)
+_MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8)
 
 
 def sigmoid_config_for(variant: str, **overrides):
@@ -115,6 +121,31 @@ def sigmoid_config_for(variant: str, **overrides):
         cfg = tf.Glm4MoeConfig(**_COMMON, **_SIGMOID_MOE, head_dim=16, n_shared_experts=1, first_k_dense_replace=0,
                                n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
                                use_qk_norm=False, attention_bias=True)
+    elif variant == "glm4_moe_lite":  # GLM-4.7-Flash's choices; v_head_dim unlike the q/k heads, as there
+        cfg = tf.Glm4MoeLiteConfig(**{**_COMMON, "num_key_value_heads": 4}, **_SIGMOID_MOE, **_MLA, q_lora_rank=12,
+                                   v_head_dim=12, n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                                   routed_scaling_factor=1.8, rope_parameters={"rope_type": "default",
+                                                                               "rope_theta": 1e6})
+    elif variant == "glm4_moe_lite_mixed":
+        cfg = tf.Glm4MoeLiteConfig(**{**_COMMON, "num_key_value_heads": 4}, **_SIGMOID_MOE, **_MLA, q_lora_rank=None,
+                                   v_head_dim=8, n_shared_experts=2, n_group=4, topk_group=2, norm_topk_prob=False,
+                                   routed_scaling_factor=2.0, mlp_layer_types=["sparse", "dense", "sparse"])
+    elif variant == "sarvam_mla":
+        cfg = tf.SarvamMLAConfig(**{**_COMMON, "num_key_value_heads": 4}, **_SIGMOID_MOE, **_MLA, v_head_dim=8,
+                                 n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2)
+    elif variant == "sarvam_moe":  # Ling's checkpoint names: one q/k/v tensor, with its bias here
+        cfg = tf.SarvamMoEConfig(**_COMMON, **_SIGMOID_MOE, head_dim=16, n_shared_experts=1, first_k_dense_replace=1,
+                                 n_group=4, topk_group=2, attention_bias=True)
+    elif variant == "param2moe":  # its own default: tied embeddings
+        cfg = tf.Param2MoeConfig(**{**_COMMON, "tie_word_embeddings": True}, **_SIGMOID_MOE, head_dim=8,
+                                 n_shared_experts=2, first_k_dense_replace=1)
+    elif variant == "dots1":  # Qwen3's attention, with a sliding layer whose window (5) the prompts pass
+        cfg = tf.Dots1Config(**_COMMON, **_SIGMOID_MOE, head_dim=16, n_shared_experts=1, first_k_dense_replace=1,
+                             n_group=4, topk_group=2, norm_topk_prob=False, routed_scaling_factor=2.5,
+                             sliding_window=5, layer_types=["full_attention", "sliding_attention", "full_attention"])
+    elif variant == "solar_open":  # Llama's attention (q/k/v biases, none on o_proj) and MoE in every layer
+        cfg = tf.SolarOpenConfig(**_COMMON, **{k: v for k, v in _SIGMOID_MOE.items() if k != "intermediate_size"},
+                                 head_dim=16, attention_bias=True, n_group=4, topk_group=2, routed_scaling_factor=2.0)
     else:
         raise ValueError(variant)
     for k, v in overrides.items():
@@ -123,16 +154,16 @@ def sigmoid_config_for(variant: str, **overrides):
 
 
 def build_tiny_sigmoid(variant: str, out: Path, seed: int = 0, **overrides):
-    """Save a tiny model of a SIGMOID_VARIANTS variant to `out`, with every tensor that init leaves
-    at zero or one filled with random values (a zero bias tests nothing); returns the model."""
+    """Save a tiny model of a SIGMOID_VARIANTS or ALIAS_VARIANTS variant to `out`, with every tensor
+    that init leaves at zero or one filled with random values (a zero bias tests nothing); returns
+    the model."""
     import json
 
     import transformers as tf
 
     torch.manual_seed(seed)
     cfg = sigmoid_config_for(variant, **overrides)
-    cls = tf.DeepseekV3ForCausalLM if isinstance(cfg, tf.DeepseekV3Config) else tf.Glm4MoeForCausalLM
-    model = cls(cfg).eval()
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith("mlp.gate.weight"):
@@ -145,6 +176,8 @@ def build_tiny_sigmoid(variant: str, out: Path, seed: int = 0, **overrides):
                 t.add_(torch.randn_like(t) * 0.2)
             elif "mlp.experts." in name:
                 t.normal_(0, 0.1)  # experts large enough that choosing others shows in the logits
+            elif variant in ALIAS_VARIANTS and t.dim() == 2:
+                t.normal_(0, 0.4)  # varied greedy tokens: init's 0.02 (Sarvam's 0.006) settles on one or two
     model.save_pretrained(out)
     if variant == "kimi_k2":  # transformers writes deepseek_v3; Kimi-K2's own config.json says kimi_k2
         path = out / "config.json"

@@ -87,8 +87,11 @@ def memory_plan(spec: Spec) -> MemoryPlan:
     moe_layers = spec.moe_layers
     dense_layers = [i for i in range(m.num_layers) if i not in moe_layers]
     shared = 3 * h * m.moe.shared_expert.intermediate_size
-    non_expert = (m.vocab_size * h * (1 if m.tie_word_embeddings else 2) + m.num_layers * attention_params(spec)
-                  + len(dense_layers) * 3 * h * m.intermediate_size + len(moe_layers) * (shared + h * 2)) * dt
+    # Gemma 4 runs the dense MLP in every MoE layer too (model.moe.parallel_mlp)
+    mlp_layers = m.num_layers if m.moe.parallel_mlp else len(dense_layers)
+    non_expert = (m.vocab_size * h * (1 if m.tie_word_embeddings else 2)
+                  + sum(attention_params(spec, i) for i in range(m.num_layers))
+                  + mlp_layers * 3 * h * m.intermediate_size + len(moe_layers) * (shared + h * 2)) * dt
     non_expert += len(moe_layers) * m.moe.num_experts * h * 4  # float32 routers
     per_expert = expert_bytes(spec)
     return MemoryPlan(non_expert, per_expert, per_expert * m.moe.num_experts * len(moe_layers), cache_plan(spec))

@@ -29,11 +29,14 @@ def native_expert_bytes(spec: Spec) -> int:
     return 3 * m.hidden_size * m.moe.intermediate_size * DTYPE_BYTES[spec.dtype]
 
 
-def attention_params(spec: Spec) -> int:
+def attention_params(spec: Spec, layer: int = 0) -> int:
+    """One layer's attention weights (Gemma 4's full-attention layers have shapes of their own)."""
     m, a = spec.model, spec.model.attention
     h = m.hidden_size
     if a.kind == "gqa":
-        return h * a.num_heads * a.head_dim * 2 + h * a.num_kv_heads * a.head_dim * 2
+        n_kv, d = spec.attention_shape(layer)
+        kv = 1 if a.full_k_eq_v and layer not in a.sliding_layers else 2  # v is k (Gemma 4's global layers)
+        return h * a.num_heads * d * 2 + h * n_kv * d * kv
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
     q = h * a.num_heads * qk if a.q_lora_rank is None else h * a.q_lora_rank + a.q_lora_rank * a.num_heads * qk
     kv = h * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
@@ -48,7 +51,7 @@ def node_cost(spec: Spec, node: Node) -> tuple[float, int, int]:
     if op is Op.EMBED or op is Op.NORM or op is Op.ADD or op is Op.COMBINE:
         return 0.0, h * dt, 0
     if op is Op.ATTENTION:
-        p = attention_params(spec)
+        p = attention_params(spec, node.attr("layer") or 0)
         return 2.0 * p, p * dt, 0
     if op is Op.MLP:
         p = 3 * h * m.intermediate_size

@@ -90,9 +90,10 @@ class Entry:
 
     layer: int
     attn_res: str
-    h: str
+    h: str  # what the experts read
     router: str
-    shared_expert: str | None  # the layer's shared expert, which reads only h
+    shared_expert: str | None  # the layer's shared expert (Gemma 4: its dense MLP), which the experts do not feed
+    router_in: str  # what the router read (h, or Gemma 4's residual stream)
 
 
 def _lower_shared_prefix(spec: Spec, x: str, add: Callable[[Node], None]) -> Entry:
@@ -103,12 +104,12 @@ def _lower_shared_prefix(spec: Spec, x: str, add: Callable[[Node], None]) -> Ent
         node = _node_maker(add, f"L{layer}.", layer, {})
         attn_res, h = _lower_attention(spec, x, node)
         if layer < first:
-            x = node("out", Op.ADD, [attn_res, node("mlp", Op.MLP, [h])])
-    router = _router(spec, h, node)
-    shared = None
+            x = _layer_out(spec, attn_res, node("mlp", Op.MLP, [h]), node)
+    h, router_in, shared = _ffn_inputs(spec, attn_res, h, node)
+    router = _router(spec, router_in, node)
     if spec.model.moe.shared_expert.intermediate_size:
         shared = node("shared", Op.EXPERT, [h], variant="shared", gate=spec.model.moe.shared_expert.gate)
-    return Entry(first, attn_res, h, router, shared)
+    return Entry(first, attn_res, h, router, shared, router_in)
 
 
 def _node_maker(add: Callable[[Node], None], prefix: str, layer: int, region: dict) -> Callable[..., str]:
@@ -122,11 +123,35 @@ def _node_maker(add: Callable[[Node], None], prefix: str, layer: int, region: di
 
 
 def _lower_attention(spec: Spec, x: str, node) -> tuple[str, str]:
-    """attn_norm -> attention -> residual -> ffn_norm; returns (residual, normed hidden state)."""
+    """attn_norm -> attention (-> post_attn_norm, Gemma's sandwich) -> residual -> ffn_norm;
+    returns (residual, normed hidden state)."""
     attn = node("attn", Op.ATTENTION, [node("attn_norm", Op.NORM, [x], weight="attn_norm")],
                 kind=spec.model.attention.kind)
+    if spec.model.sandwich_norms:
+        attn = node("post_attn_norm", Op.NORM, [attn], weight="post_attn_norm")
     attn_res = node("attn_res", Op.ADD, [x, attn])
     return attn_res, node("ffn_norm", Op.NORM, [attn_res], weight="ffn_norm")
+
+
+def _ffn_inputs(spec: Spec, attn_res: str, h: str, node) -> tuple[str, str, str | None]:
+    """A MoE layer's (experts' input, router's input, its parallel dense branch or None). Gemma 4:
+    the experts read their own norm of the residual stream, the router reads the stream itself (it
+    norms it: mobile.moe.router), and the dense MLP runs on h beside them, post-normed."""
+    moe = spec.model.moe
+    if not moe.parallel_mlp:
+        return h, h, None
+    dense = node("mlp_post_norm", Op.NORM, [node("mlp", Op.MLP, [h])], weight="mlp_post_norm")
+    experts_in = node("moe_norm", Op.NORM, [attn_res], weight="moe_norm")
+    return experts_in, attn_res if moe.router_norm else h, dense
+
+
+def _layer_out(spec: Spec, attn_res: str, ffn: str, node) -> str:
+    """The feed-forward output (post-normed under Gemma's sandwich) added to the residual, times the
+    layer's scalar where it has one."""
+    m = spec.model
+    if m.sandwich_norms:
+        ffn = node("post_ffn_norm", Op.NORM, [ffn], weight="post_ffn_norm")
+    return node("out", Op.ADD, [attn_res, ffn], **({"scale": "layer_scalar"} if m.layer_scalar else {}))
 
 
 def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | None,
@@ -139,15 +164,19 @@ def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | No
         router = shared = None
         if entry is not None and layer == entry.layer:
             attn_res, h, router, shared = entry.attn_res, entry.h, entry.router, entry.shared_expert
+            router_in = entry.router_in
         else:
             attn_res, h = _lower_attention(spec, x, node)
+            if spec.is_moe_layer(layer):
+                h, router_in, shared = _ffn_inputs(spec, attn_res, h, node)
         if spec.is_moe_layer(layer):
             predict = ahead if pp.predict_prefetch and plan is not None else None
+            router = router or _router(spec, router_in, node)
             ffn = _lower_moe(spec, pp, h, plan, node, router, shared, predict_from=predict)
-            ahead = h
+            ahead = router_in  # what the next layer's router is applied to, to predict it
         else:
             ffn = node("mlp", Op.MLP, [h])
-        x = node("out", Op.ADD, [attn_res, ffn])
+        x = _layer_out(spec, attn_res, ffn, node)
     add(Node.make("final_norm", Op.NORM, [x], weight="final_norm", **region))
     add(Node.make(out, Op.LM_HEAD, ["final_norm"], **region))
     return out
@@ -202,7 +231,10 @@ def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node, r
     else:
         fetch = node("fetch", Op.FETCH, [router], **use)
         experts = node("experts", Op.EXPERT, [h, router, node("wait", Op.WAIT, [fetch])], **use)
-    if moe.shared_expert.intermediate_size:
+    if moe.parallel_mlp:  # Gemma 4: the experts' output post-normed, then the dense branch's added
+        assert shared is not None  # _ffn_inputs made it
+        experts = node("moe", Op.COMBINE, [shared, node("moe_post_norm", Op.NORM, [experts], weight="moe_post_norm")])
+    elif moe.shared_expert.intermediate_size:
         shared = shared or node("shared", Op.EXPERT, [h], variant="shared", gate=moe.shared_expert.gate)
         experts = node("moe", Op.COMBINE, [experts, shared])
     if pp.complement_prefetch and plan is not None and K > k:

@@ -83,14 +83,53 @@ _CORRECTION = {"router_correction": _LAYER + ".mlp.gate.e_score_correction_bias"
 TENSOR_NAMES["deepseek_v3"] = {**TENSOR_NAMES["deepseek_v2"], **_CORRECTION}
 _SHARED_EXPERTS = {k: v for k, v in TENSOR_NAMES["deepseek_v2"].items() if k.startswith("shared_")}
 TENSOR_NAMES["glm4_moe"] = {**_COMMON, **_SHARED_EXPERTS, **_CORRECTION}
+# Sarvam-MoE and Param2-MoE (transformers runs them as GLM-4.5) keep Ling/Bailing's names: one fused
+# q, k and v projection (its rows q's, then k's, then v's; its bias likewise), attention.dense for
+# o_proj, word_embeddings, and expert_bias for the correction bias
+_UNFUSED = ("q_proj", "k_proj", "v_proj", "q_bias", "k_bias", "v_bias")
+TENSOR_NAMES["sarvam_moe"] = {
+    **{k: v for k, v in TENSOR_NAMES["glm4_moe"].items() if k not in _UNFUSED},
+    "embed": "model.word_embeddings.weight",
+    "qkv_proj": _LAYER + ".attention.query_key_value.weight",
+    "qkv_bias": _LAYER + ".attention.query_key_value.bias",
+    "o_proj": _LAYER + ".attention.dense.weight",
+    "q_norm": _LAYER + ".attention.query_layernorm.weight",
+    "k_norm": _LAYER + ".attention.key_layernorm.weight",
+    "router_correction": _LAYER + ".mlp.gate.expert_bias",
+}
+# MiniMax-M2 is Mixtral's layout (block_sparse_moe, w1/w3/w2) plus the correction bias, which sits
+# beside the router rather than inside it; its q_norm and k_norm span all heads (mobile.spec.hf)
+TENSOR_NAMES["minimax_m2"] = {
+    **TENSOR_NAMES["mixtral"], "router_correction": _LAYER + ".block_sparse_moe.e_score_correction_bias"}
+
+# Gemma 4 (26B-A4B): sandwich norms around attention and the feed-forward block, whose dense MLP
+# (mlp_*, normed by ffn_norm and mlp_post_norm) runs beside the experts (moe_norm, moe_post_norm);
+# the router's input scale and per-expert scale; a scalar per layer; fused experts (EXPERT_STORAGE)
+TENSOR_NAMES["gemma4"] = {
+    **{k: v for k, v in _COMMON.items() if not k.startswith("expert_") and k not in ("q_bias", "k_bias", "v_bias")},
+    "ffn_norm": _LAYER + ".pre_feedforward_layernorm.weight",
+    "post_attn_norm": _LAYER + ".post_attention_layernorm.weight",
+    "post_ffn_norm": _LAYER + ".post_feedforward_layernorm.weight",
+    "mlp_post_norm": _LAYER + ".post_feedforward_layernorm_1.weight",
+    "moe_norm": _LAYER + ".pre_feedforward_layernorm_2.weight",
+    "moe_post_norm": _LAYER + ".post_feedforward_layernorm_2.weight",
+    "router": _LAYER + ".router.proj.weight",
+    "router_scale": _LAYER + ".router.scale",
+    "per_expert_scale": _LAYER + ".router.per_expert_scale",
+    "layer_scalar": _LAYER + ".layer_scalar",
+    "experts_gate_up": _LAYER + ".experts.gate_up_proj",
+    "experts_down": _LAYER + ".experts.down_proj",
+}
 
 # How a family's checkpoints store a layer's routed experts. per_expert: three [out, in] matrices
 # per expert (expert_gate, expert_up, expert_down). fused_interleaved (gpt-oss): one tensor per
 # projection for all experts, input-major: experts_gate_up [E, H, 2I] whose gate and up columns
 # alternate (gate = [..., 0::2], up = [..., 1::2]), experts_down [E, I, H], and their biases
 # [E, 2I] (interleaved likewise) and [E, H]; published checkpoints hold the two matrices as MXFP4
-# (P_blocks, P_scales: mobile.models.mxfp4). The loader turns either into mobile's canonical expert rows.
-EXPERT_STORAGE = {"gpt_oss": "fused_interleaved"}
+# (P_blocks, P_scales: mobile.models.mxfp4). fused (Gemma 4): one tensor per projection for all experts,
+# output-major as nn.Linear: experts_gate_up [E, 2I, H] (gate rows, then up rows), experts_down [E, H, I],
+# no biases. The loader turns each into mobile's canonical expert rows.
+EXPERT_STORAGE = {"gpt_oss": "fused_interleaved", "gemma4": "fused"}
 
 
 def expert_storage(family: str) -> str:

@@ -28,6 +28,16 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+def geglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Gemma's dense MLP: gelu (tanh approximation) in place of silu."""
+    return F.linear(F.gelu(F.linear(x, gate), approximate="tanh") * F.linear(x, up), down)
+
+
+def scaled_add(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A residual add, then the layer's learned scalar (Gemma 4's layer_scalar [1])."""
+    return (a + b) * scale
+
+
 # -- rope -------------------------------------------------------------------------------------
 
 
@@ -40,8 +50,12 @@ def rope_inv_freq(rope: RopeSpec, dim: int, max_position_embeddings: int) -> tup
 
     dim: the head's rope width; with a partial rotary factor only its first r = int(dim * factor)
     dims rotate, with frequencies of their own (GLM-4.5)."""
-    dim = int(dim * rope.partial_rotary_factor)
     base = rope.theta
+    if rope.type == "proportional":  # Gemma 4: every pair of the head, only the first ones at a frequency
+        angles = int(rope.partial_rotary_factor * dim // 2)
+        inv = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.float32) / dim))
+        return torch.cat((inv, torch.zeros(dim // 2 - angles))) / rope.factor, 1.0
+    dim = int(dim * rope.partial_rotary_factor)
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     if rope.type == "default":
         return inv, 1.0
@@ -151,17 +165,32 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 class Attention:
     """One layer's attention (GQA, MHA, with or without q/k norm, sinks, a sliding window):
     projections, rope, the KV-cache write and read, the output projection. A kernel: (ctx, x [T, H])
-    -> [T, H]. w: the layer's weights by name (qkv_proj and qkv_bias fused: mobile.runtime.executor.fuse_qkv)."""
+    -> [T, H]. w: the layer's weights by name (qkv_proj and qkv_bias fused: mobile.runtime.kernels.fuse_qkv).
 
-    def __init__(self, spec, w: dict, cache, scale: float, window: int):
-        a = spec.model.attention
+    layer: its own shapes and rope where the spec gives full-attention layers theirs (Gemma 4's
+    global layers: another head size and kv heads, v = k's projection, proportional rope, whose
+    tables it makes from ctx.positions rather than reading the context's)."""
+
+    def __init__(self, spec, w: dict, cache, scale: float, window: int, layer: int | None = None):
+        a, m = spec.model.attention, spec.model
         self.w, self.cache, self.scale, self.window = w, cache, scale, window
         self.n, self.n_kv, self.d, self.eps = a.num_heads, a.num_kv_heads, a.head_dim, spec.model.norm_eps
         self.qk_norm, self.clip, self.interleaved = a.qk_norm, a.clip_qkv, spec.model.rope.interleaved
+        self.v_norm, self.k_eq_v, self.inv_freq = a.v_norm, False, None
+        if layer is not None:
+            self.n_kv, self.d = spec.attention_shape(layer)
+            self.k_eq_v = a.full_k_eq_v and layer not in a.sliding_layers
+            if spec.layer_rope(layer) is not m.rope:  # on the weights' device: a captured graph copies nothing
+                inv_freq, self.rope_scale = rope_inv_freq(spec.layer_rope(layer), self.d, m.max_position_embeddings)
+                self.inv_freq = inv_freq.to(w["o_proj"].device)
 
     def __call__(self, ctx, x: torch.Tensor) -> torch.Tensor:
         w, n, n_kv, d, T = self.w, self.n, self.n_kv, self.d, x.shape[0]
-        q, k, v = F.linear(x, w["qkv_proj"], w["qkv_bias"]).split([n * d, n_kv * d, n_kv * d], dim=-1)
+        if self.k_eq_v:  # v is k's projection, before k's norm and rope (Gemma 4's global layers)
+            q, k = F.linear(x, w["qkv_proj"], w["qkv_bias"]).split([n * d, n_kv * d], dim=-1)
+            v = k
+        else:
+            q, k, v = F.linear(x, w["qkv_proj"], w["qkv_bias"]).split([n * d, n_kv * d, n_kv * d], dim=-1)
         if self.qk_norm == "full":  # OLMoE: over all heads at once
             q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
         if self.clip is not None:
@@ -169,7 +198,12 @@ class Attention:
         q, k, v = q.reshape(T, n, d), k.reshape(T, n_kv, d), v.reshape(T, n_kv, d)
         if self.qk_norm == "per_head":  # Qwen3: over head_dim
             q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
-        q, k = apply_rope(torch.cat((q, k), dim=1), ctx.cos, ctx.sin, self.interleaved).split([n, n_kv], dim=1)
+        if self.v_norm:  # Gemma 4: over head_dim, without a weight
+            v = F.rms_norm(v.float(), (d,), None, self.eps).to(v.dtype)
+        cos, sin = ctx.cos, ctx.sin
+        if self.inv_freq is not None:  # this layer's own rope (Gemma 4's global layers)
+            cos, sin = rope_tables(ctx.positions, self.inv_freq, self.rope_scale, self.interleaved)
+        q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin, self.interleaved).split([n, n_kv], dim=1)
         cache = self.cache
         cache.k.index_copy_(0, ctx.positions, k)
         cache.v.index_copy_(0, ctx.positions, v)
@@ -219,6 +253,8 @@ class LatentAttention:
 def attention_scale(spec) -> float:
     """The softmax scale of the model's attention (MLA's with yarn rope: scaled by mscale squared)."""
     a = spec.model.attention
+    if a.scale is not None:
+        return a.scale
     if a.kind != "mla":
         return a.head_dim ** -0.5
     scale = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5
@@ -239,11 +275,14 @@ class LMHead:
     """A kernel: (ctx, the final norm's output [T, H]) -> float32 logits [T, V] ([1, V] when the
     context wants the last position only)."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
+    def __init__(self, weight: torch.Tensor, softcap: float | None = None):
+        self.weight, self.softcap = weight, softcap
 
     def __call__(self, ctx, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x[-1:] if ctx.last_only else x, self.weight).float()
+        logits = F.linear(x[-1:] if ctx.last_only else x, self.weight).float()
+        if self.softcap is not None:  # Gemma: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 # -- the importance gate ------------------------------------------------------------------

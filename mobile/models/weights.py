@@ -13,19 +13,22 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from mobile.errors import CheckpointError
-from mobile.models import mxfp4
+from mobile.models import fp8, mxfp4
 from mobile.models.families import expert_storage, tensor_names
 from mobile.moe.formats import FORMATS, LAYOUT_VERSION
 from mobile.spec.schema import Spec
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+                      "U8": torch.uint8, "BOOL": torch.bool,
+                      # FP8 checkpoints' weights and scales (mobile.models.fp8), dequantized as they load
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_METHOD = "mobile"  # config.json's quantization_config.quant_method for `mobile quantize` output
 # gpt-oss's published checkpoints: routed experts as MXFP4 blocks and scales, decoded at load (mobile.models.mxfp4)
@@ -51,22 +54,19 @@ def checkpoint_format(ckpt_dir: Path) -> tuple[str, int] | None:
 
 def expert_format_of(q: dict | None, path: Path) -> tuple[str, int] | None:
     """checkpoint_format from config.json's quantization_config `q` (None: there is none); path: the
-    config.json it is from, for the errors. MXFP4 experts count as native: they are decoded to the
-    compute dtype at load (mobile.models.mxfp4), so the checkpoint runs at the spec's format, as a native
-    one does."""
+    config.json it is from, for the errors. MXFP4 experts and FP8 weights count as native: they are
+    decoded at load (mobile.models.mxfp4, mobile.models.fp8), so the checkpoint runs at the spec's
+    format, as a native one does. Any other format is refused, by name."""
     if q is None or q.get("quant_method") == MXFP4_METHOD:
         return None
     key = "quantization_config"
-    if q.get("quant_method") == "fp8":
-        # DeepSeek-V3's and Kimi-K2's published weights: float8 blocks with weight_scale_inv. Their
-        # shapes import and compile weight-free; converting them without the scales would be wrong
-        raise CheckpointError("FP8 weights (quant_method 'fp8', block scales in *.weight_scale_inv) are not "
-                              "supported: dequantize the checkpoint to bfloat16 first", where=path,
-                              key=f"{key}.quant_method")
+    if q.get("quant_method") == fp8.METHOD:
+        fp8.read_config(q, path)  # refuses what it cannot read
+        return None
     if q.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"quant_method {q.get('quant_method')!r} is not supported yet (mobile reads checkpoints "
-                              f"written by `mobile quantize`, quant_method {QUANT_METHOD!r}, and gpt-oss's "
-                              f"{MXFP4_METHOD!r} experts)", where=path,
+        raise CheckpointError(f"{quant_format_name(q)} weights are not supported (mobile reads unquantized "
+                              f"checkpoints, FP8 block weights (quant_method {fp8.METHOD!r}), gpt-oss's "
+                              f"{MXFP4_METHOD!r} experts and checkpoints written by `mobile quantize`)", where=path,
                               key=f"{key}.quant_method")
     fmt, group, version = q.get("format"), q.get("group_size"), q.get("layout_version")
     if fmt not in FORMATS or fmt == "native":
@@ -77,6 +77,29 @@ def expert_format_of(q: dict | None, path: Path) -> tuple[str, int] | None:
         raise CheckpointError(f"expected packed layout version {LAYOUT_VERSION}, got {version!r}", where=path,
                               key=f"{key}.layout_version")
     return fmt, group
+
+
+def quant_format_name(q: dict) -> str:
+    """What a quantization_config mobile does not read holds, for its refusal: NVFP4 (modelopt),
+    compressed-tensors' INT4, 4-bit GPTQ, ...; the quant_method always named."""
+    method = q.get("quant_method")
+    groups = q.get("config_groups")
+    group: Any = next(iter(groups.values()), None) if isinstance(groups, dict) else None
+    weights = group.get("weights") if isinstance(group, dict) else None
+    name = None
+    if method == "modelopt":  # NVIDIA ModelOpt: NVFP4, FP8, W4A8_AWQ, ...
+        inner = q.get("quantization")
+        algo = q.get("quant_algo") or (inner.get("quant_algo") if isinstance(inner, dict) else None)
+        name = algo and str(algo).upper()
+    elif method == "compressed-tensors":
+        fmt = str(q.get("format", ""))
+        if "nvfp4" in fmt:
+            name = "NVFP4"
+        elif isinstance(weights, dict) and weights.get("num_bits"):
+            name = f"{str(weights.get('type', 'int')).upper()}{weights['num_bits']}"
+    elif q.get("bits"):  # GPTQ, AWQ, ...
+        name = f"{q['bits']}-bit {str(method).upper()}"
+    return f"{name} ({method!r})" if name else repr(method)
 
 
 @dataclass(frozen=True)
@@ -184,6 +207,9 @@ class WeightStore:
         self.expert_format = expert_format_of(q, self.dir / "config.json")
         # gpt-oss's routed experts as MXFP4 blocks and scales (a published checkpoint)
         self.mxfp4 = q is not None and q.get("quant_method") == MXFP4_METHOD
+        # FP8 block weights (DeepSeek-V3's, Kimi-K2's, ...), dequantized as `get` reads them
+        self.fp8 = fp8.read_config(q, self.dir / "config.json") if q is not None and \
+            q.get("quant_method") == fp8.METHOD else None
 
     def __contains__(self, name: str) -> bool:
         return name in self.index
@@ -192,10 +218,26 @@ class WeightStore:
         return self.index[name][1]
 
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """A tensor in `dtype` (None: as stored) on `device`. An FP8 weight is dequantized with its
+        scales, on the host and one tensor at a time (mobile.models.fp8): None gives float32."""
         if name not in self.index:
             raise CheckpointError(f"tensor {name!r} not found", where=self.dir, key=name)
         t = self.index[name][0].view(name)
+        if t.dtype in fp8.FLOAT8:
+            fmt, sname = self.fp8_scales(name)
+            scale = fp8.scale_values(self.index[sname][0].view(sname), where=self.info(sname).file, name=sname)
+            t = fp8.dequantize(t, scale, fmt.block, dtype or torch.float32)
         return t.to(device=device, dtype=dtype or t.dtype)
+
+    def fp8_scales(self, name: str) -> tuple[fp8.Fp8Format, str]:
+        """The FP8 format and the scales' name of the float8 tensor `name`, both checked (headers only)."""
+        info = self.info(name)
+        if self.fp8 is None:
+            raise CheckpointError(f"tensor {name!r} is {info.dtype}, but config.json has no FP8 quantization_config "
+                                  f"(quant_method {fp8.METHOD!r}) to say how it is scaled", where=info.file, key=name)
+        sname = fp8.scale_name(name)
+        fp8.check_scale(name, info, self.info(sname) if sname in self else None, self.fp8)
+        return self.fp8, sname
 
 
 EXPERT_PROJECTIONS = ("expert_gate", "expert_up", "expert_down")
@@ -257,24 +299,39 @@ def required_tensors(spec: Spec, native_experts: bool = True, mxfp4_experts: boo
     for i in range(m.num_layers):
         need("attn_norm", (h,), i)
         need("ffn_norm", (h,), i)
+        if m.sandwich_norms:
+            need("post_attn_norm", (h,), i)
+            need("post_ffn_norm", (h,), i)
+        if m.layer_scalar:
+            need("layer_scalar", (1,), i)
         if a.kind == "gqa":
-            q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-            for key, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-                need(key, (rows, h), i)
+            n_kv, d = spec.attention_shape(i)  # a full-attention layer's own (Gemma 4)
+            q, kv = a.num_heads * d, n_kv * d
+            # a family that stores q, k and v as one tensor (sarvam_moe) names it qkv_proj: the
+            # runtime's own fused form (mobile.runtime.kernels.fuse_qkv), so it loads as it is
+            fused_qkv = "qkv_proj" in names
+            if fused_qkv:
+                need("qkv_proj", (q + 2 * kv, h), i)
+            else:
+                k_eq_v = a.full_k_eq_v and i not in a.sliding_layers  # no v_proj: v is k's projection
+                for key, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv))[: 2 if k_eq_v else 3]:
+                    need(key, (rows, h), i)
             need("o_proj", (h, q), i)
             if a.o_bias:
                 need("o_bias", (h,), i)
             if a.sinks:
                 need("sinks", (a.num_heads,), i)
-            if a.qkv_bias:
+            if a.qkv_bias and fused_qkv:
+                need("qkv_bias", (q + 2 * kv,), i)
+            elif a.qkv_bias:
                 for key, rows in (("q_bias", q), ("k_bias", kv), ("v_bias", kv)):
                     need(key, (rows,), i)
             if a.qk_norm == "full":
                 need("q_norm", (q,), i)
                 need("k_norm", (kv,), i)
             elif a.qk_norm == "per_head":
-                need("q_norm", (a.head_dim,), i)
-                need("k_norm", (a.head_dim,), i)
+                need("q_norm", (d,), i)
+                need("k_norm", (d,), i)
         else:
             qk = a.qk_nope_head_dim + a.qk_rope_head_dim
             if a.q_lora_rank is None:
@@ -293,6 +350,16 @@ def required_tensors(spec: Spec, native_experts: bool = True, mxfp4_experts: boo
                 need("router_correction", (moe.num_experts,), i)
             if moe.router_bias:
                 need("router_bias", (moe.num_experts,), i)
+            if moe.router_norm:
+                need("router_scale", (h,), i)
+            if moe.per_expert_scale:
+                need("per_expert_scale", (moe.num_experts,), i)
+            if moe.parallel_mlp:  # Gemma 4's dense MLP beside the experts, each with its norms
+                need("mlp_gate", (m.intermediate_size, h), i)
+                need("mlp_up", (m.intermediate_size, h), i)
+                need("mlp_down", (h, m.intermediate_size), i)
+                for key in ("mlp_post_norm", "moe_norm", "moe_post_norm"):
+                    need(key, (h,), i)
             if fused:
                 out.extend(fused_expert_tensors(spec, i, name_of, mxfp4_experts))
             elif native_experts:
@@ -321,7 +388,9 @@ def fused_expert_tensors(spec: Spec, layer: int, name_of, mxfp4_experts: bool) -
     moe, h = spec.model.moe, spec.model.hidden_size
     E, i2, i = moe.num_experts, 2 * moe.intermediate_size, moe.intermediate_size
     out = []
-    for key, (rows, cols) in zip(FUSED_MATRICES, ((h, i2), (i, h)), strict=True):
+    # gate_up [E, H, 2I] and down [E, I, H]; Gemma 4's (fused) are output-major, [E, 2I, H] and [E, H, I]
+    shapes = ((i2, h), (h, i)) if expert_storage(spec.model.family) == "fused" else ((h, i2), (i, h))
+    for key, (rows, cols) in zip(FUSED_MATRICES, shapes, strict=True):
         name = name_of(key, layer)
         if mxfp4_experts:
             if rows % mxfp4.BLOCK:
@@ -358,6 +427,8 @@ def check_checkpoint(spec: Spec, store: WeightStore) -> dict[tuple[str, int | No
             if info.dtype != t.dtype:
                 raise CheckpointError(f"tensor {t.name!r} is {info.dtype}, where {t.dtype} is expected ({t.key} as "
                                       "MXFP4)", where=info.file, key=t.name)
+        elif info.dtype in fp8.FLOAT8:
+            store.fp8_scales(t.name)  # its scales are there, with the shape the block size needs
         elif not info.dtype.is_floating_point:
             # converting integers to the compute dtype would run, and compute nonsense; a quantized
             # format's integer tensors have names and checks of their own (mobile.tools.quantize)

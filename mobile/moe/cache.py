@@ -188,13 +188,13 @@ class OffloadedCache:
 
     ondemand keeps nothing between uses; every other policy reuses cached experts and takes the
     prefetches its graph issues (next-layer prediction, complement sets) into the same slot pool,
-    where at most `staging` slots hold speculation (mobile.slots). A prefetch goes on the link at
+    where at most `staging` slots hold speculation (mobile.moe.slots). A prefetch goes on the link at
     the next wait, once the demand copies issued with it have landed: it never delays a copy that
     compute is about to wait for, and whether it is staged depends on the graph, never on timing.
     """
 
     tracks_routes = True  # the fetch's host read carries the router's big set, for the shadow
-    track_use = False  # its fetches count what each forward uses (ResidentExperts needs asking)
+    track_use = False  # its fetches count what each forward uses (ResidentCache needs asking)
 
     def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
                  plan: CachePlan, link: LinkModel, trace: list | None = None, progress=None, compiled: bool = False):
@@ -215,7 +215,7 @@ class OffloadedCache:
         self.store: HostStore | None = None
         for i, layer in enumerate(spec.moe_layers):
             rows = load_expert_rows(spec, store, layer, dtype)
-            if self.store is None:  # one allocation for every layer, pinned once (mobile.hoststore)
+            if self.store is None:  # one allocation for every layer, pinned once (mobile.moe.hoststore)
                 self.store = HostStore(len(spec.moe_layers), E, rows.shape[1], rows.dtype, pin)
             self.host[layer] = self.store.views[i]
             self.host[layer].copy_(rows)

@@ -21,7 +21,7 @@ from mobile.moe import quant
 @dataclass(frozen=True)
 class ExpertMLP:
     """What one routed expert computes besides its weights' values: H, I, whether its row carries
-    biases, and its activation (swiglu, or clamped_swiglu at alpha and limit)."""
+    biases, and its activation (swiglu, clamped_swiglu at alpha and limit, or geglu)."""
 
     hidden: int
     inter: int
@@ -46,6 +46,8 @@ class ExpertMLP:
         gate, up = h.chunk(2, dim=-1)
         if self.act == "clamped_swiglu":
             return clamped_swiglu(gate, up, self.alpha, self.limit)
+        if self.act == "geglu":  # Gemma 4: gelu's tanh approximation
+            return F.gelu(gate, approximate="tanh") * up
         return F.silu(gate) * up
 
 

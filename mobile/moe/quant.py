@@ -29,7 +29,7 @@ input-major, so that loading only concatenates the gate and up columns. Quantizi
 A native row (the spec's dtype, `native_row_elems`) is gate_up [H, 2I] then down [I, H]; with
 biases, gate_up's [2I] and down's [H] follow, and the row is padded to a whole number of 2I-wide
 and of H-wide rows, so that the decode path can still read the arena as such tables
-(mobile.moe._bagged).
+(mobile.moe.native._bagged).
 
 Rounding is round-to-nearest with the scale and zero rounded to float16 first, so that the stored
 numbers are the ones the values were rounded against. Non-expert weights and shared experts stay
@@ -213,7 +213,7 @@ class Layout:
 
     def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """rows [P, row_bytes] -> the same experts as a native arena [P, native_row_elems] in `dtype`
-        (mobile.moe.arena_views's layout; biases as stored), into `out` when given. The same numbers
+        (mobile.moe.layout.arena_views's layout; biases as stored), into `out` when given. The same numbers
         as `dequantize`, written in place into the one output (each matrix is a view of it), in few
         passes: this runs on the CPU decode path."""
         P, H, I = rows.shape[0], self.hidden, self.inter

@@ -14,18 +14,27 @@ import torch.nn.functional as F
 class Router:
     """x [T, H] -> (weights [T, K] float32, ids [T, K]), scored as the model's router scores
     (scoring, correction bias and groups: mobile.spec.schema.MoESpec; bias: gpt-oss's router bias).
-    shuffle: a generator that permutes each token's big set (the random-halving baseline)."""
+    shuffle: a generator that permutes each token's big set (the random-halving baseline).
+    gemma: Gemma 4's (input scale [H], per-expert scale [E], eps): see gemma_input."""
 
     def __init__(self, weight: torch.Tensor, top_k: int, norm_topk_prob: bool = False, scaling: float = 1.0,
                  scoring: str = "softmax", correction: torch.Tensor | None = None, n_group: int = 1,
-                 topk_group: int = 1, bias: torch.Tensor | None = None, shuffle: torch.Generator | None = None):
+                 topk_group: int = 1, bias: torch.Tensor | None = None, shuffle: torch.Generator | None = None,
+                 gemma: tuple[torch.Tensor, torch.Tensor, float] | None = None):
         self.weight, self.top_k, self.norm, self.scaling = weight, top_k, norm_topk_prob, scaling
         self.scoring, self.correction, self.n_group, self.topk_group = scoring, correction, n_group, topk_group
-        self.bias, self.shuffle = bias, shuffle
+        self.bias, self.shuffle, self.gemma = bias, shuffle, gemma
+
+    def _route(self, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gemma is None:
+            return route(x, self.weight, top_k, self.norm, self.scaling, self.scoring, self.correction,
+                         self.n_group, self.topk_group, self.bias)
+        scale, expert_scale, eps = self.gemma
+        weights, ids = route(gemma_input(x, scale, eps), self.weight, top_k, self.norm, self.scaling)
+        return weights * expert_scale.float()[ids], ids
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, ids = route(x, self.weight, self.top_k, self.norm, self.scaling, self.scoring, self.correction,
-                             self.n_group, self.topk_group, self.bias)
+        weights, ids = self._route(x, self.top_k)
         if self.shuffle is not None:
             perm = torch.argsort(torch.rand(weights.shape, generator=self.shuffle, device=weights.device), dim=-1)
             return weights.gather(1, perm), ids.gather(1, perm)
@@ -36,25 +45,37 @@ class Router:
         """Layer `layer`'s router as the spec's model scores it, on its weights (keyed (name, layer))."""
         moe = spec.model.moe
         sigmoid = moe.scoring == "sigmoid"
+        gemma = None
+        if moe.router_norm:
+            expert_scale = weights[("per_expert_scale", layer)] if moe.per_expert_scale else \
+                torch.ones(moe.num_experts, device=weights[("router", layer)].device)
+            gemma = (weights[("router_scale", layer)], expert_scale, spec.model.norm_eps)
         return cls(weights[("router", layer)], moe.top_k, moe.norm_topk_prob, moe.routed_scaling_factor, moe.scoring,
                    weights[("router_correction", layer)] if sigmoid and moe.correction_bias else None,
-                   moe.n_group if sigmoid else 1, moe.topk_group if sigmoid else 1, weights.get(("router_bias", layer)))
+                   moe.n_group if sigmoid else 1, moe.topk_group if sigmoid else 1, weights.get(("router_bias", layer)),
+                   gemma=gemma)
 
     def shuffled(self, seed: int) -> Router:
         """The same router, each token's big set in a random order (its own generator, seeded)."""
         gen = torch.Generator(device=self.weight.device).manual_seed(seed)
         return Router(self.weight, self.top_k, self.norm, self.scaling, self.scoring, self.correction, self.n_group,
-                      self.topk_group, self.bias, shuffle=gen)
+                      self.topk_group, self.bias, shuffle=gen, gemma=self.gemma)
 
     def with_top_k(self, top_k: int) -> Router:
         """The same router choosing top_k experts (a prediction of fewer than the big set)."""
         return Router(self.weight, top_k, self.norm, self.scaling, self.scoring, self.correction, self.n_group,
-                      self.topk_group, self.bias)
+                      self.topk_group, self.bias, gemma=self.gemma)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The ids only: next-layer prediction (this layer's choice from the previous layer's state)."""
-        return route(x, self.weight, self.top_k, self.norm, self.scaling, self.scoring, self.correction,
-                     self.n_group, self.topk_group, self.bias)[1]
+        return self._route(x, self.top_k)[1]
+
+
+def gemma_input(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """What Gemma 4's router scores: x [T, H] RMS-normed without a weight (in float32, cast back),
+    times its scale [H] and H ** -0.5, in x's dtype, as transformers' Gemma4TextRouter computes it."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    return normed * scale * x.shape[-1] ** -0.5
 
 
 def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float,

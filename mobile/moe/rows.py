@@ -31,8 +31,8 @@ from mobile.spec.schema import Spec
 
 def load_expert_rows(spec: Spec, store: WeightStore, layer: int, dtype: torch.dtype) -> torch.Tensor:
     """All experts of one layer in the spec's expert format, one row each, in host memory: native,
-    [E, native_row_elems] in `dtype` (mobile.moe.arena_views, biases after the matrices); int8 /
-    int4, [E, row_bytes] uint8 (mobile.quant), read packed from a quantized checkpoint or quantized
+    [E, native_row_elems] in `dtype` (mobile.moe.layout.arena_views, biases after the matrices); int8 /
+    int4, [E, row_bytes] uint8 (mobile.moe.quant), read packed from a quantized checkpoint or quantized
     now from a native (or MXFP4) one."""
     moe, h = spec.model.moe, spec.model.hidden_size
     i = moe.intermediate_size
@@ -74,7 +74,7 @@ def expert_matrices(spec: Spec, store: WeightStore, layer: int) -> Iterator[Expe
             yield torch.cat((gate.T, up.T), dim=1), down.T, None
         return
     names = tensor_names(spec.model.family, spec.checkpoint.tensor_names)
-    fused = {key: names[key].format(layer=layer) for key in (*FUSED_MATRICES, *FUSED_BIASES)}
+    fused = {key: names[key].format(layer=layer) for key in (*FUSED_MATRICES, *FUSED_BIASES) if key in names}
     # each tensor opened once (a memory-mapped view), each expert's slice read as it is needed
     if store.mxfp4:
         parts = {key: [store.get(n) for n in mxfp4.parts(fused[key])] for key in FUSED_MATRICES}
@@ -84,9 +84,15 @@ def expert_matrices(spec: Spec, store: WeightStore, layer: int) -> Iterator[Expe
             return mxfp4.decode(blocks, scales, where=store.dir, name=fused[key]).T
     else:
         dense = {key: store.get(fused[key]) for key in FUSED_MATRICES}
+        out_major = expert_storage(spec.model.family) == "fused"
 
-        def matrix(key: str, e: int) -> torch.Tensor:  # stored [E, in, out]
-            return dense[key][e]
+        def matrix(key: str, e: int) -> torch.Tensor:  # stored [E, in, out]; fused (Gemma 4): [E, out, in]
+            return dense[key][e].T if out_major else dense[key][e]
+
+        if out_major:  # gate and up apart already, no biases
+            for e in range(spec.model.moe.num_experts):
+                yield matrix("experts_gate_up", e), matrix("experts_down", e), None
+            return
     gu_bias, down_bias = (store.get(fused[k]) for k in FUSED_BIASES) if spec.model.moe.expert_bias else (None, None)
     for e in range(spec.model.moe.num_experts):
         gate_up = matrix("experts_gate_up", e)

@@ -228,7 +228,7 @@ class CopyEngine:
         job.done.set()
 
     def _traced(self, job: CopyJob) -> None:
-        """A timed copy's span in the measured trace (the executor's format: mobile.runtime.engine.write_trace)."""
+        """A timed copy's span in the measured trace (the executor's format: Engine.write_trace)."""
         if self.trace is not None:
             self.trace.append((job.tag, "prefetch" if job.priority == PREFETCH else "fetch", "copy",
                                job.start_s, job.end_s, job.nbytes, job.detail))

@@ -25,7 +25,8 @@ def fuse_qkv(weights: dict[tuple[str, int | None], torch.Tensor]) -> dict[tuple[
     """q, k and v projections of each GQA layer as one matrix (and one bias): one matmul instead of
     three. Replaces them in `weights`, so nothing is held twice."""
     for (_, layer) in [k for k in weights if k[0] == "k_proj"]:  # MLA layers have none
-        parts = [weights.pop((p, layer)) for p in ("q_proj", "k_proj", "v_proj")]
+        # a layer whose v is its k (Gemma 4's global layers) has no v_proj
+        parts = [weights.pop((p, layer)) for p in ("q_proj", "k_proj", "v_proj") if (p, layer) in weights]
         weights[("qkv_proj", layer)] = torch.cat(parts)
         biases = [weights.pop((p, layer), None) for p in ("q_bias", "k_bias", "v_bias")]
         if all(b is not None for b in biases):
@@ -86,24 +87,32 @@ class Kernels:
 
     # -- dense --------------------------------------------------------------------------------------
     def _embed(self, node: Node) -> Compute:
-        return Compute(functools.partial(F.embedding, weight=self.w[("embed", None)]))
+        weight = self.w[("embed", None)]
+        if self.spec.model.scale_embeddings:  # Gemma: times sqrt(H), rounded to the dtype as transformers does
+            scale = torch.tensor(self.spec.model.hidden_size ** 0.5, dtype=weight.dtype, device=weight.device)
+            return Compute(lambda ids: F.embedding(ids, weight) * scale)
+        return Compute(functools.partial(F.embedding, weight=weight))
 
     def _norm(self, node: Node) -> Compute:
         weight = self.w[(node.attr("weight"), node.attr("layer"))]
         return Compute(functools.partial(ops.rms_norm, weight=weight, eps=self.spec.model.norm_eps))
 
     def _add(self, node: Node) -> Compute:
+        if node.attr("scale") is not None:  # the layer's learned scalar (Gemma 4)
+            return Compute(functools.partial(ops.scaled_add, scale=self.w[(node.attr("scale"), node.attr("layer"))]))
         return ADD
 
-    _combine = _add
+    def _combine(self, node: Node) -> Compute:
+        return ADD
 
     def _mlp(self, node: Node) -> Compute:
         gate, up, down = (self.w[(k, node.attr("layer"))] for k in ("mlp_gate", "mlp_up", "mlp_down"))
-        return Compute(functools.partial(ops.swiglu, gate=gate, up=up, down=down))
+        fn = ops.geglu if self.spec.model.hidden_act == "gelu_pytorch_tanh" else ops.swiglu
+        return Compute(functools.partial(fn, gate=gate, up=up, down=down))
 
     def _lm_head(self, node: Node) -> Compute:
         head = self.w[("embed" if self.spec.model.tie_word_embeddings else "lm_head", None)]
-        return Compute(ops.LMHead(head), needs_ctx=True)
+        return Compute(ops.LMHead(head, self.spec.model.final_logit_softcap), needs_ctx=True)
 
     def _attention(self, node: Node) -> Compute:
         layer = node.attr("layer")
@@ -112,7 +121,7 @@ class Kernels:
             w = {k: self.w.get((k, layer)) for k in MLA_WEIGHTS}
             return Compute(ops.LatentAttention(self.spec, w, cache, self.attn_scale), needs_ctx=True)
         w = {k: self.w.get((k, layer)) for k in GQA_WEIGHTS}
-        attention = ops.Attention(self.spec, w, cache, self.attn_scale, self.spec.sliding_window(layer))
+        attention = ops.Attention(self.spec, w, cache, self.attn_scale, self.spec.sliding_window(layer), layer)
         return Compute(attention, needs_ctx=True)
 
     # -- the routed-expert layer (mobile.moe.layer) -------------------------------------------------

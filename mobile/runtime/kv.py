@@ -29,19 +29,23 @@ GROW = 256  # capacity grows in steps of this many positions, so compiled shapes
 KV_BUDGET_BYTES = 1 << 30
 
 
-def position_shapes(spec: Spec) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The shapes of one position's k and v entries in one layer."""
+def position_shapes(spec: Spec, layer: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of one position's k and v entries in `layer` (Gemma 4's full-attention layers
+    have shapes of their own: Spec.attention_shape)."""
     a = spec.model.attention
     if a.kind == "mla":
         return (1, a.kv_lora_rank), (1, a.qk_rope_head_dim)
-    return (a.num_kv_heads, a.head_dim), (a.num_kv_heads, a.head_dim)
+    n_kv, d = spec.attention_shape(layer)
+    return (n_kv, d), (n_kv, d)
 
 
 def bytes_per_position(spec: Spec) -> int:
     """KV-cache bytes one position takes over every layer, in the spec's dtype."""
-    k, v = position_shapes(spec)
-    per_layer = (torch.Size(k).numel() + torch.Size(v).numel()) * TORCH_DTYPES[spec.dtype].itemsize
-    return per_layer * spec.model.num_layers
+    total = 0
+    for layer in range(spec.model.num_layers):
+        k, v = position_shapes(spec, layer)
+        total += (torch.Size(k).numel() + torch.Size(v).numel()) * TORCH_DTYPES[spec.dtype].itemsize
+    return total
 
 
 def max_seq_len(spec: Spec, preallocated: bool) -> int:
@@ -69,7 +73,8 @@ class KVCache:
         """limit: the most positions it may hold (default: the model's context). fixed: allocate
         `limit` positions now and never move them. compiled: torch.compile reads it (its length is
         then marked dynamic; without compile that would import torch._dynamo for nothing: a second)."""
-        self.k_shape, self.v_shape = position_shapes(spec)
+        self.shapes = [position_shapes(spec, layer) for layer in range(spec.model.num_layers)]
+        self.k_shape, self.v_shape = self.shapes[0]
         self.device, self.dtype = device, dtype
         self.compiled = compiled
         self.max_positions = limit if limit is not None else spec.model.max_position_embeddings
@@ -94,9 +99,9 @@ class KVCache:
         # always ordinary tensors, also when growing inside inference mode (decoding): an inference
         # tensor has other dispatch keys, and a compiled segment that reads the cache would recompile
         with torch.inference_mode(False):
-            for layer in self.layers:
-                k = torch.zeros((cap, *self.k_shape), device=self.device, dtype=self.dtype)
-                v = torch.zeros((cap, *self.v_shape), device=self.device, dtype=self.dtype)
+            for layer, (k_shape, v_shape) in zip(self.layers, self.shapes, strict=True):
+                k = torch.zeros((cap, *k_shape), device=self.device, dtype=self.dtype)
+                v = torch.zeros((cap, *v_shape), device=self.device, dtype=self.dtype)
                 if self.capacity:
                     k[: self.capacity].copy_(layer.k)
                     v[: self.capacity].copy_(layer.v)

@@ -35,6 +35,13 @@ def check_consistency(spec: Spec) -> None:
              f"expected a divisor of num_heads={a.num_heads}, got {a.num_kv_heads}")
         need(a.head_dim >= 2 and a.head_dim % 2 == 0, "model.attention.head_dim",
              f"expected an even integer >= 2 (rope rotates pairs), got {a.head_dim}")
+        # Gemma 4's full-attention layers' own shapes (0: as the others')
+        need(a.full_head_dim == 0 or (a.full_head_dim >= 2 and a.full_head_dim % 2 == 0),
+             "model.attention.full_head_dim", f"expected 0 or an even integer >= 2, got {a.full_head_dim}")
+        need(a.full_num_kv_heads == 0 or (a.full_num_kv_heads >= 1 and a.num_heads % a.full_num_kv_heads == 0),
+             "model.attention.full_num_kv_heads",
+             f"expected 0 or a divisor of num_heads={a.num_heads}, got {a.full_num_kv_heads}")
+        need(not a.full_k_eq_v or not a.qkv_bias, "model.attention.full_k_eq_v", "expected false with qkv_bias")
     else:
         need(a.kv_lora_rank >= 1, "model.attention.kv_lora_rank", f"expected >= 1 for mla, got {a.kv_lora_rank}")
         need(a.qk_rope_head_dim >= 2 and a.qk_rope_head_dim % 2 == 0, "model.attention.qk_rope_head_dim",
@@ -61,6 +68,16 @@ def check_consistency(spec: Spec) -> None:
         rotary = int(a.head_dim * prf)
         need(rotary >= 2 and rotary % 2 == 0, "model.rope.partial_rotary_factor",
              f"expected int(head_dim * factor) to be an even integer >= 2 (rope rotates pairs), got {rotary}")
+    need(m.rope.type != "proportional", "model.rope.type", "proportional rope is for model.full_rope only (Gemma 4)")
+    if m.full_rope is not None:  # Gemma 4's full-attention layers' (mobile.models.ops.Attention)
+        need(a.kind == "gqa", "model.full_rope", "expected none for mla attention")
+        need(m.full_rope.type in ("default", "proportional"), "model.full_rope.type",
+             f"expected default or proportional, got {m.full_rope.type!r}")
+        need(m.full_rope.factor > 0, "model.full_rope.factor", f"expected a number > 0, got {m.full_rope.factor}")
+        need(0 < m.full_rope.partial_rotary_factor <= 1, "model.full_rope.partial_rotary_factor",
+             f"expected a number in (0, 1], got {m.full_rope.partial_rotary_factor}")
+        need(m.full_rope.type == "proportional" or m.full_rope.partial_rotary_factor == 1,
+             "model.full_rope.partial_rotary_factor", "expected 1 for a default rope")
     if moe.num_experts:
         need(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k",
              f"expected 1 <= top_k <= num_experts={moe.num_experts}, got {moe.top_k}")
@@ -70,8 +87,8 @@ def check_consistency(spec: Spec) -> None:
             need(0 <= layer < m.num_layers, f"model.moe.dense_layers[{i}]",
                  f"expected a layer index in [0, {m.num_layers}), got {layer}")
         _check_routing(moe, need)
-        fused = [f for f, storage in families.EXPERT_STORAGE.items() if storage != "per_expert"]
-        # the bias part of an expert's row comes only from a fused checkpoint's bias tensors
+        fused = [f for f, storage in families.EXPERT_STORAGE.items() if storage == "fused_interleaved"]
+        # the bias part of an expert's row comes only from a fused checkpoint's bias tensors (gpt-oss's)
         need(not moe.expert_bias or m.family in fused, "model.moe.expert_bias",
              f"family {m.family} has no expert biases (only {', '.join(fused)} do)")
         if moe.activation == "clamped_swiglu":
@@ -82,7 +99,12 @@ def check_consistency(spec: Spec) -> None:
                  "a shared-expert gate needs model.moe.shared_expert.intermediate_size > 0")
     else:
         need(moe.top_k == 0, "model.moe.top_k", "expected 0 when model.moe.num_experts is 0")
-    if moe.dense_layers or not moe.num_experts:
+    need(not moe.per_expert_scale or moe.router_norm, "model.moe.per_expert_scale",
+         "needs model.moe.router_norm (Gemma 4's router)")
+    need(not moe.router_norm or moe.scoring == "softmax", "model.moe.router_norm", "needs model.moe.scoring softmax")
+    need(m.final_logit_softcap is None or m.final_logit_softcap > 0, "model.final_logit_softcap",
+         f"expected a number > 0 or null, got {m.final_logit_softcap}")
+    if moe.dense_layers or not moe.num_experts or moe.parallel_mlp:
         need(m.intermediate_size >= 1, "model.intermediate_size",
              "expected >= 1: the model has dense MLP layers")
     p = spec.policy

@@ -8,7 +8,6 @@ says so too.
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +16,30 @@ from mobile.errors import SpecError
 from mobile.files import read_json
 from mobile.models.families import TENSOR_NAMES
 from mobile.models.weights import expert_format_of
+from mobile.spec import hf_aliases, hf_families, hf_gemma4
 
 # config.json's model_type -> family. Kimi-K2 is DeepSeek-V3's architecture under a name of its own
 # (transformers reads and writes it as deepseek_v3)
 MODEL_TYPES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe",
                "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3",
-               "glm4_moe": "glm4_moe", "gpt_oss": "gpt_oss"}
+               "glm4_moe": "glm4_moe", "gpt_oss": "gpt_oss", "minimax_m2": "minimax_m2"}
+# Model types that transformers runs with a family's modeling code (its models/auto/modeling_auto.py),
+# or with parts of two (glm4_moe_lite: DeepSeek-V3's MLA and GLM-4.5's MoE): their config classes read
+# some keys under other names or with other defaults (mobile.spec.hf_aliases). Sarvam-MoE's and
+# Param2-MoE's checkpoints keep names of their own (mobile.models.families)
+MODEL_TYPES.update({"glm4_moe_lite": "deepseek_v3", "sarvam_mla": "deepseek_v3", "sarvam_moe": "sarvam_moe",
+                    "param2moe": "sarvam_moe", "dots1": "glm4_moe", "solar_open": "glm4_moe"})
+# Gemma 4's MoE models (26B-A4B): gemma4 is the multimodal checkpoint, whose text model is gemma4_text
+# under model.language_model. (its vision and audio towers are not read)
+MODEL_TYPES.update({"gemma4": "gemma4", "gemma4_text": "gemma4"})
 
 
 
-def _rope(cfg: dict, where: str, interleaved: bool) -> dict[str, Any]:
+def _rope(cfg: dict, where: str, interleaved: bool, default_theta: float = 10000.0) -> dict[str, Any]:
     # transformers 5 writes rope_parameters; older Hub configs have rope_theta + rope_scaling.
     params = dict(cfg.get("rope_parameters") or {})
     scaling = cfg.get("rope_scaling") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", cfg.get("rope_theta", default_theta))
     rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") \
         or scaling.get("type") or "default"
     merged = {**scaling, **params}
@@ -70,6 +79,9 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         raise SpecError(f"unsupported model_type {model_type!r} (supported: {', '.join(MODEL_TYPES)})",
                         where=where, key="model_type")
     family = MODEL_TYPES[model_type]
+    if family == "gemma4":
+        cfg = hf_gemma4.gemma4_reads(model_type, cfg, where)
+    cfg = hf_aliases.as_transformers_reads(model_type, cfg, where)
     g = lambda key, default=...: _get(cfg, key, where, default)  # noqa: E731
 
     hidden, heads = g("hidden_size"), g("num_attention_heads")
@@ -130,29 +142,39 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
                    # transformers' DeepseekV2 router never renormalizes the top-k weights
                    norm_topk_prob=False,
                    routed_scaling_factor=float(g("routed_scaling_factor", 1.0)), dense_layers=dense)
-        _shared_experts(moe, g)
-        attention = _mla_attention(cfg, g, heads)
+        hf_families.shared_experts(moe, g)
+        attention = hf_families.mla_attention(cfg, g, heads)
         interleaved = True
     elif family == "deepseek_v3":
-        _refuse_v3_variants(cfg, g, where)
-        moe.update(_sigmoid_moe(g, num_layers))
-        _shared_experts(moe, g)
-        attention = _mla_attention(cfg, g, heads)
+        hf_families.refuse_v3_variants(cfg, g, where)
+        by_type = hf_families.mlp_layer_types(cfg, where, num_layers) if model_type == "glm4_moe_lite" else None
+        moe.update(hf_families.sigmoid_moe(g, num_layers, by_type))
+        hf_families.shared_experts(moe, g)
+        attention = hf_families.mla_attention(cfg, g, heads)
         interleaved = True
-    elif family == "glm4_moe":
-        moe.update(_sigmoid_moe(g, num_layers))
-        _shared_experts(moe, g)
+    elif family in ("glm4_moe", "sarvam_moe"):
+        moe.update(hf_families.sigmoid_moe(g, num_layers))
+        hf_families.shared_experts(moe, g)
         attention.update(qk_norm="per_head" if g("use_qk_norm", False) else "none",
                          qkv_bias=bool(g("attention_bias", False)))
         # transformers' Glm4MoeConfig rotates half of each head unless the config says otherwise
         partial_rotary = float((cfg.get("rope_parameters") or {}).get(
             "partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5)))
+        if model_type == "dots1":
+            attention.update(hf_families.dots1_attention(cfg, g, where, num_layers))
     elif family == "gpt_oss":
-        _gpt_oss(g, where, num_layers, attention, moe)
-    if not moe.get("dense_layers"):  # no dense MLP layers: a config's intermediate_size is the experts' (or unused)
+        hf_families.gpt_oss(g, where, num_layers, attention, moe)
+    elif family == "minimax_m2":
+        partial_rotary = hf_families.minimax_m2(cfg, g, where, attention, moe)
+    elif family == "gemma4":
+        hf_gemma4.gemma4(cfg, g, where, num_layers, model, attention, moe)
+    # no dense MLP (no dense layers, and none beside the experts as Gemma 4's): a config's
+    # intermediate_size is the experts' (or unused)
+    if not moe.get("dense_layers") and not moe.get("parallel_mlp"):
         model["intermediate_size"] = 0
     model["attention"] = attention
-    model["rope"] = _rope(cfg, where, interleaved)
+    # transformers' MiniMaxM2Config's default_theta; the others' is 10000
+    model["rope"] = _rope(cfg, where, interleaved, 5e6 if family == "minimax_m2" else 10000.0)
     if partial_rotary != 1:
         model["rope"]["partial_rotary_factor"] = partial_rotary
     model["moe"] = moe
@@ -164,86 +186,33 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         "name": _clean_name(name or default_name),
         "model": model,
         "dtype": dtype,
-        "checkpoint": {"path": checkpoint_path, "tensor_names": TENSOR_NAMES[family]},
+        "checkpoint": {"path": checkpoint_path, "tensor_names": _tensor_names(model_type, family)},
         "policy": {"name": policies.DEFAULT},
         "runtime": {"device": "cpu", **_expert_format(path, cfg)},
     }
 
 
-def _mla_attention(cfg: dict, g: Callable[..., Any], heads: int) -> dict[str, Any]:
-    """DeepSeek's multi-head latent attention (V2 and V3)."""
-    return {
-        "kind": "mla", "num_heads": heads, "num_kv_heads": g("num_key_value_heads", heads),
-        "head_dim": g("qk_nope_head_dim") + g("qk_rope_head_dim"),
-        "q_lora_rank": cfg.get("q_lora_rank"), "kv_lora_rank": g("kv_lora_rank"),
-        "qk_nope_head_dim": g("qk_nope_head_dim"), "qk_rope_head_dim": g("qk_rope_head_dim"),
-        "v_head_dim": g("v_head_dim"),
-    }
-
-
-def _shared_experts(moe: dict[str, Any], g: Callable[..., Any]) -> None:
-    """DeepSeek's and GLM's n_shared_experts, as one expert n times as wide (transformers builds it so)."""
-    shared = g("n_shared_experts", 0) or 0
-    if shared:
-        moe["shared_expert"] = {"intermediate_size": shared * g("moe_intermediate_size")}
-
-
-def _sigmoid_moe(g: Callable[..., Any], num_layers: int) -> dict[str, Any]:
-    """DeepSeek-V3's router (GLM-4.5's too): sigmoid scores, chosen with the correction bias within
-    the best groups, then renormalized and scaled as the config says; the first
-    first_k_dense_replace layers are dense. Every routing key is required: the config classes'
-    defaults differ by family, so a missing one is not guessed."""
-    return {"num_experts": g("n_routed_experts"), "intermediate_size": g("moe_intermediate_size"),
-            "norm_topk_prob": bool(g("norm_topk_prob")), "routed_scaling_factor": float(g("routed_scaling_factor")),
-            "scoring": "sigmoid", "correction_bias": True, "n_group": g("n_group"), "topk_group": g("topk_group"),
-            "dense_layers": list(range(min(g("first_k_dense_replace"), num_layers)))}
-
-
-def _refuse_v3_variants(cfg: dict, g: Callable[..., Any], where: str) -> None:
-    """Config keys of DeepSeek-V3 checkpoints that transformers' DeepseekV3 reads differently from
-    DeepSeek's own code, or that mobile does not run: refused rather than run one way silently."""
-    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
-        if cfg.get(key, want) != want:
-            raise SpecError(f"only {want!r} is supported for deepseek_v3, got {cfg[key]!r}", where=where, key=key)
-    if not g("rope_interleave", True):
-        raise SpecError("only true is supported: mobile's MLA rotates adjacent pairs", where=where,
-                        key="rope_interleave")
-    if g("attention_bias", False):
-        raise SpecError("attention biases are not supported with MLA attention", where=where, key="attention_bias")
-
-
-def _gpt_oss(g: Callable[..., Any], where: str, layers: int, attention: dict, moe: dict) -> None:
-    """gpt-oss: a router with a bias and a softmax over its top-k logits; experts with biases and
-    the clamped SwiGLU; attention with q/k/v/o biases, sinks, and sliding-window layers."""
-    # transformers' default when a config lists no layer_types: even layers slide, odd ones are full
-    types = g("layer_types", ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
-    if not isinstance(types, list) or len(types) != layers:
-        raise SpecError(f"expected a list of {layers} layer types (num_hidden_layers), got {types!r:.80}",
-                        where=where, key="layer_types")
-    for i, kind in enumerate(types):
-        if kind not in ("sliding_attention", "full_attention"):
-            raise SpecError(f"expected 'sliding_attention' or 'full_attention', got {kind!r}", where=where,
-                            key=f"layer_types[{i}]")
-    sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
-    bias = bool(g("attention_bias", True))
-    attention.update(qkv_bias=bias, o_bias=bias, sinks=True, sliding_layers=sliding,
-                     sliding_window=g("sliding_window") if sliding else 0)
-    moe.update(num_experts=g("num_local_experts"), intermediate_size=g("intermediate_size"),
-               scoring="softmax_topk", norm_topk_prob=False, router_bias=True, expert_bias=True,
-               # configs written before transformers made alpha a config field have none: 1.702 was fixed
-               activation="clamped_swiglu", swiglu_alpha=float(g("swiglu_alpha", 1.702)),
-               swiglu_limit=float(g("swiglu_limit")))
+def _tensor_names(model_type: str, family: str) -> dict[str, str]:
+    """The family's tensor names; a multimodal Gemma 4 keeps its text model under model.language_model."""
+    names = TENSOR_NAMES[family]
+    if model_type == "gemma4":
+        return {k: v.replace("model.", "model.language_model.", 1) if v.startswith("model.") else v
+                for k, v in names.items()}
+    return names
 
 
 def _expert_format(config: Path, cfg: dict) -> dict[str, Any]:
     """A checkpoint quantized by `mobile quantize` records its expert format; the spec says so too.
-    An FP8 checkpoint's shapes are the model's: its spec imports and compiles weight-free, and
-    loading its weights is refused there (mobile.models.weights.expert_format_of)."""
+    An FP8 checkpoint's weights are dequantized as they load (mobile.models.fp8), its experts to
+    the spec's format: native (the spec's dtype) unless the spec or a flag asks for int8 or int4,
+    so its spec says native outright. A format mobile cannot read is refused here, by name."""
     quant = cfg.get("quantization_config")
-    if not isinstance(quant, dict) or quant.get("quant_method") == "fp8":
+    if not isinstance(quant, dict):
         return {}
     found = expert_format_of(quant, config)
-    return {} if found is None else {"expert_format": found[0], "expert_group_size": found[1]}
+    if found is None:
+        return {"expert_format": "native"} if quant.get("quant_method") == "fp8" else {}
+    return {"expert_format": found[0], "expert_group_size": found[1]}
 
 
 def _clean_name(name: str) -> str:

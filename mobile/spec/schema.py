@@ -16,7 +16,8 @@ from typing import Any, Literal
 from mobile import policy as policies
 from mobile.moe import formats
 
-Family = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"]
+Family = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
+                 "minimax_m2", "sarvam_moe", "gemma4"]
 DType = Literal["float32", "bfloat16", "float16"]
 PolicyName = Literal[policies.NAMES]  # type: ignore[valid-type]  # the registry's names (mobile.policy)
 
@@ -28,7 +29,8 @@ class AttentionSpec:
     num_kv_heads: int = 0
     head_dim: int = 0
     qkv_bias: bool = False
-    # none; full: RMSNorm over all heads' q (k) projection (OLMoE); per_head: over head_dim (Qwen3)
+    # none; full: RMSNorm over all heads' q (k) projection at once, one weight of n * head_dim (OLMoE,
+    # MiniMax-M2); per_head: over head_dim, one weight shared by the heads (Qwen3)
     qk_norm: Literal["none", "full", "per_head"] = "none"
     clip_qkv: float | None = None
     o_bias: bool = False  # o_proj has a bias (gpt-oss)
@@ -38,6 +40,16 @@ class AttentionSpec:
     # these layers attend over only the last sliding_window positions (the query's own included)
     sliding_layers: list[int] = field(default_factory=list)
     sliding_window: int = 0
+    # the softmax scale; None: head_dim ** -0.5 (Gemma 4: 1.0, its q and k are RMS-normed)
+    scale: float | None = None
+    # v RMS-normed over head_dim, without a weight (Gemma 4)
+    v_norm: bool = False
+    # the full-attention (not sliding) layers' own shapes, where they differ (Gemma 4's global
+    # layers): head_dim and kv heads (0: as above); k_eq_v: no v_proj, v is k's projection before
+    # k_norm and rope
+    full_head_dim: int = 0
+    full_num_kv_heads: int = 0
+    full_k_eq_v: bool = False
     # MLA (DeepSeek-V2 and V3) only
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -49,7 +61,9 @@ class AttentionSpec:
 @dataclass(frozen=True)
 class RopeSpec:
     theta: float = 10000.0
-    type: Literal["default", "linear", "yarn", "dynamic", "llama3", "longrope"] = "default"
+    # proportional (Gemma 4): the first int(partial_rotary_factor * D / 2) of a head's D / 2
+    # frequency pairs rotate, at frequencies over the whole D; the others pass through
+    type: Literal["default", "linear", "yarn", "dynamic", "llama3", "longrope", "proportional"] = "default"
     # DeepSeek rotates adjacent pairs (complex form); the others rotate halves.
     interleaved: bool = False
     factor: float = 1.0
@@ -58,7 +72,8 @@ class RopeSpec:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
-    # GLM-4.5 rotates only the first int(head_dim * factor) dims of each head; the rest pass through
+    # GLM-4.5 and MiniMax-M2 rotate only the first int(head_dim * factor) dims of each head; the rest
+    # pass through
     partial_rotary_factor: float = 1.0
     # yarn: round the correction range to whole dimensions (transformers' default; gpt-oss sets false)
     truncate: bool = True
@@ -78,7 +93,7 @@ class MoESpec:
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
     # softmax: the top-k of softmax(logits) (renormalized with norm_topk_prob). sigmoid (DeepSeek-V3,
-    # GLM-4.5): the top-k of sigmoid(logits), chosen by the corrected score and group-limited below.
+    # GLM-4.5, MiniMax-M2): the top-k of sigmoid(logits), chosen by the corrected score and group-limited below.
     # softmax_topk (gpt-oss): the top-k of the logits, then a softmax over those k only (mobile.moe.router)
     scoring: Literal["softmax", "sigmoid", "softmax_topk"] = "softmax"
     # the checkpoint's per-expert e_score_correction_bias, added to the scores for choosing experts
@@ -94,10 +109,19 @@ class MoESpec:
     # the routed experts' activation. swiglu: down(silu(gate) * up); clamped_swiglu (gpt-oss): the
     # gate clamped above at swiglu_limit, up to [-swiglu_limit, swiglu_limit], then
     # down(gate * sigmoid(swiglu_alpha * gate) * (up + 1))
-    activation: Literal["swiglu", "clamped_swiglu"] = "swiglu"
+    # geglu (Gemma 4): down(gelu_tanh(gate) * up)
+    activation: Literal["swiglu", "clamped_swiglu", "geglu"] = "swiglu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     shared_expert: SharedExpertSpec = field(default_factory=SharedExpertSpec)
+    # Gemma 4's router: it reads the residual stream RMS-normed without a weight, times its own
+    # `router_scale` [H] and H ** -0.5; its renormalized top-k weights are then scaled by a learned
+    # per-expert scale [E] (per_expert_scale)
+    router_norm: bool = False
+    per_expert_scale: bool = False
+    # Gemma 4: every MoE layer also runs the dense MLP (intermediate_size) beside its experts, each
+    # with its own pre- and post-norms, the two summed (mobile.compiler.lower)
+    parallel_mlp: bool = False
     dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP instead of MoE
 
 
@@ -110,10 +134,19 @@ class ModelSpec:
     intermediate_size: int = 0  # dense MLP width (dense layers only)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    hidden_act: Literal["silu"] = "silu"
+    hidden_act: Literal["silu", "gelu_pytorch_tanh"] = "silu"  # the dense MLP's
     norm_eps: float = 1e-5
+    # Gemma 4: embeddings times sqrt(hidden_size) (rounded to the dtype); the attention and MLP outputs
+    # RMS-normed before their residual adds (sandwich norms); each layer's output times a learned
+    # scalar (layer_scalar); the logits soft-capped, cap * tanh(logits / cap)
+    scale_embeddings: bool = False
+    sandwich_norms: bool = False
+    layer_scalar: bool = False
+    final_logit_softcap: float | None = None
     attention: AttentionSpec = field(default_factory=AttentionSpec)
     rope: RopeSpec = field(default_factory=RopeSpec)
+    # the full-attention layers' rope, where it differs from the sliding ones' (Gemma 4); None: rope
+    full_rope: RopeSpec | None = None
     moe: MoESpec = field(default_factory=MoESpec)
 
 
@@ -298,6 +331,17 @@ class Spec:
         """How many positions `layer` attends over (the query's own included); 0: all of them."""
         a = self.model.attention
         return a.sliding_window if layer in a.sliding_layers else 0
+
+    def attention_shape(self, layer: int) -> tuple[int, int]:
+        """(kv heads, head dim) of a GQA layer: a full-attention layer's own where the spec gives them."""
+        a = self.model.attention
+        if layer in a.sliding_layers:
+            return a.num_kv_heads, a.head_dim
+        return a.full_num_kv_heads or a.num_kv_heads, a.full_head_dim or a.head_dim
+
+    def layer_rope(self, layer: int) -> RopeSpec:
+        m = self.model
+        return m.full_rope if m.full_rope is not None and layer not in m.attention.sliding_layers else m.rope
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.model.moe.num_experts > 0 and layer not in self.model.moe.dense_layers

@@ -80,7 +80,7 @@ def evaluate_policy(engine: Engine, chunks: list[torch.Tensor], big_greedy: list
            "bytes_per_token": s["expert_bytes_used"] / n if "expert_bytes_used" in s else None}
     if s["link"] != "none":
         out["moved_per_token"] = s["bytes_h2d"] / n  # an expert cache: what crossed the link
-        out["eviction"] = s["eviction"]
+        out["eviction"], out["slots"] = s["eviction"], s["cache_slots_per_layer"]
     return out
 
 
@@ -95,9 +95,9 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
     default for mobile and layer-mass): they run with the graph's expert cache over a fast emulated
     link, with no speculative copies unless the config names `prefetch` (also a config with
     offloaded: True, to compare with them). Big decoding then runs through the same cache too
-    (policy lru, the rows' eviction rule), a row for each eviction rule the cached rows use, so that
-    their moved bytes have a big row measured the same way; the resident big row is there when a
-    config runs resident.
+    (the same slots, LRU or LFU as the rows evict), a row for each eviction rule the cached rows
+    use, so that their moved bytes have a big row measured the same way; the resident big row is
+    there when a config runs resident.
 
     expert_format, expert_group_size: the configs run at this format (a config's own
     expert_format / expert_group_size keys win); the reference is native big decoding whatever the
@@ -114,8 +114,12 @@ def run_eval(graph: str, data: str, configs: list[tuple[str, dict]], weights: st
         if eviction is None:  # big decoding with every expert on the device
             return Engine.load(graph, weights=weights, device=device, policy=policies.REFERENCE, track_use=True,
                                expert_format=fmt, cuda_graphs=cuda_graphs)
-        return Engine.load(graph, weights=weights, device=device, policy="lru", policy_options={"eviction": eviction},
-                           link_gbps=FAST_LINK_GBPS, track_use=True, expert_format=fmt, cuda_graphs=cuda_graphs)
+        # lru-prefetch with its prefetches off is LRU over the same slots as the rows it is compared
+        # with: its plan keeps their staging share (plain lru's has none, which would give the big row
+        # fewer slots than theirs whenever the spec sets slots_per_layer)
+        return Engine.load(graph, weights=weights, device=device, policy="lru-prefetch",
+                           policy_options={"eviction": eviction, "prefetch": "none"}, link_gbps=FAST_LINK_GBPS,
+                           track_use=True, expert_format=fmt, cuda_graphs=cuda_graphs)
 
     # the greedy reference from a resident engine, so that no cache starts warm from it
     resident = big_engine(None)

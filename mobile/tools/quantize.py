@@ -8,7 +8,9 @@ Its config.json records the format:
 
 Each routed expert projection `P.weight` becomes `P.qweight`, `P.scales` and (int4) `P.zeros`,
 input-major (mobile.moe.quant). Every other tensor is copied as it was; the tokenizer and generation
-files are copied too.
+files are copied too. An FP8 checkpoint (mobile.models.fp8) is read as well: its experts are packed
+from their dequantized values, its other FP8 weights are written dequantized to the config's dtype,
+and their scales are dropped, so that the output is a `mobile quantize` checkpoint like any other.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from mobile.errors import CheckpointError, MobileError
-from mobile.models.weights import QUANT_METHOD, WeightStore, expert_tensor_names
+from mobile.models import fp8
+from mobile.models.weights import QUANT_METHOD, TORCH_DTYPES, WeightStore, expert_tensor_names
 from mobile.moe import formats, quant
 from mobile.moe.rows import dtype_name, input_major, packed_names
 from mobile.outputs import check_folder, new_folder
@@ -67,10 +70,12 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
                                   key=name)
     # the header lists every tensor up front; the data follows in the same order, layer by layer
     entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
-    copied = [n for n in store.index if n not in expert_names]
+    dropped = fp8_companions(store)
+    copied = [n for n in store.index if n not in expert_names and n not in dropped]
+    dense_dtype = TORCH_DTYPES[spec.dtype]  # what an FP8 weight is written as, dequantized
     for name in copied:
         info = store.info(name)
-        entries.append((name, info.dtype, info.shape))
+        entries.append((name, dense_dtype if info.dtype in fp8.FLOAT8 else info.dtype, info.shape))
     for layer_experts in experts.values():
         for per_e in layer_experts:
             for proj, name in per_e.items():
@@ -79,7 +84,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
 
     def tensors() -> Iterator[torch.Tensor]:
         for name in copied:
-            yield store.get(name)
+            yield store.get(name, dtype=dense_dtype if store.info(name).dtype in fp8.FLOAT8 else None)
         with tqdm(total=len(experts), desc=f"quantizing experts to {fmt}", unit="layer",
                   disable=None if progress else True) as bar:
             for layer_experts in experts.values():
@@ -100,6 +105,18 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int |
                                       "layout_version": formats.LAYOUT_VERSION, "modules": "routed experts"}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
+
+
+def fp8_companions(store: WeightStore) -> set[str]:
+    """The tensors of an FP8 checkpoint that only serve its float8 weights, which are written
+    dequantized: their scales, and a static activation scheme's input scales (unused by mobile)."""
+    out: set[str] = set()
+    for name, (_, info) in store.index.items():
+        if info.dtype in fp8.FLOAT8:
+            out.add(fp8.scale_name(name))
+            if name.endswith(".weight"):
+                out.add(f"{name[: -len('.weight')]}.activation_scale")
+    return out & set(store.index)
 
 
 def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],

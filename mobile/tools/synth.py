@@ -65,7 +65,7 @@ def write_synthetic_checkpoint(spec_path: str | Path, out: str | Path, layers: i
         for i, (_, tensors) in enumerate(tqdm(sorted(shards.items()), desc="writing shards", unit="shard")):
             data = {}
             for t in tensors:
-                if "norm" in t.key:
+                if "norm" in t.key or t.key in ("router_scale", "per_expert_scale", "layer_scalar"):  # Gemma 4's
                     data[t.name] = torch.ones(t.shape, dtype=torch.bfloat16)
                 else:
                     w = torch.randn(t.shape, generator=gen) * (0.5 if t.key == "router" else std)
