@@ -62,6 +62,10 @@ mobile bench --graph graphs/demo-gpu --device cuda --policies ondemand,lru,lru-p
   --cuda-graphs off,on --text demo/data/heldout_kjv.txt --tokens 128 --prompt-len 32 \
   --json "$OUT/bench-demo-policies-graphs.json" 2>&1 | tail -14 | tee "$OUT/bench-demo-policies-graphs.txt"
 echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
+# 6b. the host expert kernel on this machine's CPU (more cores than the CPU machines' two): GB/s against a
+#     STREAM-like read of the same int4 rows, at 1 thread and at all threads (needs a C compiler)
+python3 benchmarks/host_kernel.py --skip-torch --repeats 3 2>&1 | tail -9 | tee "$OUT/host-kernel.txt"
+echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 # 7. a peer row: transformers with accelerate's CPU offload on the same random OLMoE-shaped weights, the device
 #     capped at 1.5 GiB for both; last of the benches, as the one that may be skipped (skipped in one line when accelerate is not installed)
 python3 benchmarks/hf_offload_peer.py --device cuda --layers 4 --gpu-memory 1536MiB --tokens 16 2>&1 | tail -7 \

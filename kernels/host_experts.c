@@ -25,7 +25,7 @@
 #include <string.h>
 
 enum { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3 };
-enum { SWIGLU = 0, CLAMPED_SWIGLU = 1 };
+enum { SWIGLU = 0, CLAMPED_SWIGLU = 1, GEGLU = 2 };
 enum { GU_Q, GU_SCALE, GU_ZERO, D_Q, D_SCALE, D_ZERO, GU_BIAS, D_BIAS, SECTIONS };
 
 #ifndef CHUNK
@@ -288,6 +288,8 @@ int mobile_host_experts(const layout_t *L, const float *x, float *out, int token
                     g = fminf(g, L->limit);
                     u = fmaxf(fminf(u, L->limit), -L->limit);
                     hp[k] = g * sigmoid(L->alpha * g) * (u + 1.f);
+                } else if (L->act == GEGLU) { /* gelu's tanh approximation (Gemma 4), as torch's */
+                    hp[k] = 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * u;
                 } else {
                     hp[k] = g * sigmoid(g) * u;
                 }

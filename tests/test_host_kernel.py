@@ -60,6 +60,8 @@ CASES = [  # fmt, dtype, H, I, group, bias, activation
     ("int4", torch.float32, 64, 48, 16, False, "swiglu"),
     ("int4", torch.float32, 64, 32, 32, True, "clamped_swiglu"),
     ("native", torch.float32, 64, 48, 0, True, "clamped_swiglu"),
+    ("int4", torch.float32, 64, 48, 16, False, "geglu"),  # Gemma 4's
+    ("native", torch.bfloat16, 64, 48, 0, False, "geglu"),
     ("int4", torch.float32, 44, 30, 2, False, "swiglu"),  # widths not a multiple of 8; one byte row per group
     ("int8", torch.float32, 36, 21, 3, False, "swiglu"),  # odd groups and an odd I
     ("int4", torch.float32, 600, 300, 300, False, "swiglu"),  # groups longer than a chunk of rows

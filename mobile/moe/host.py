@@ -27,7 +27,7 @@ from mobile.moe import quant
 from mobile.moe.layout import ExpertMLP
 
 FORMATS = {torch.float32: 0, torch.bfloat16: 1, "int8": 2, "int4": 3}
-ACTIVATIONS = {"swiglu": 0, "clamped_swiglu": 1}
+ACTIVATIONS = {"swiglu": 0, "clamped_swiglu": 1, "geglu": 2}
 CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
 # the instruction sets to compile for: this CPU's own (AVX-512 where it has it), or AVX2 alone
 # (which the tests also build on an AVX-512 machine, so that both paths are checked)
