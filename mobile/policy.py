@@ -1,7 +1,8 @@
 """The policy registry: what each policy is, in one place. Lowering, the expert cache, the cache
 planner, eval, bench and the CLI ask it; nothing else matches policy names.
 
-A policy says where experts live (resident or offloaded), which experts a decode pass uses (big:
+A policy says where experts live (resident or offloaded) and where a missing one runs (moved to
+the device, or on the host), which experts a decode pass uses (big:
 top-K; little: top-k, optionally with the per-layer rule and the experts already cached), whether
 a confidence gate can send a token back through a big pass, which speculative copies its graph
 may issue, and which eviction rule its cache uses by default.
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Pass = Literal["big", "little"]
+Placement = Literal["move", "host"]
 Eviction = Literal["lru", "lfu"]
 EvalMode = Literal["reference", "resident", "cache"]
 
@@ -34,6 +36,9 @@ class Policy:
     cache_aware: bool = False  # cached_complement applies: its little pass may use cached dropped experts
     eviction: Eviction = "lru"  # under eviction: auto
     only_little: bool = False  # never uses more than little_k experts of a token (the cache's working set)
+    # where a routed expert that is not on the device runs: moved into a cache slot, or computed on
+    # the host from host memory (mobile.moe.hostcache; the placement rule: mobile.moe.placement)
+    placement: Placement = "move"
 
     @property
     def can_tune_tau(self) -> bool:
@@ -49,6 +54,8 @@ class Policy:
 POLICIES: dict[str, Policy] = {p.name: p for p in [
     Policy("resident", "all experts on the device (the upper bound when the model fits)", offloads=False),
     Policy("ondemand", "fetch every needed expert on every use; no reuse (naive offloading)", reuses_cache=False),
+    Policy("host", "every routed expert computed on the host, from host memory; no device expert cache, the link "
+           "unused (llama.cpp's --n-cpu-moe over all layers)", reuses_cache=False, placement="host"),
     Policy("lru", "per-layer LRU expert cache, demand fetch on a miss (mixtral-offloading style)"),
     Policy("lru-prefetch", "lru plus next-layer prediction prefetch (the strong baseline)",
            prefetch=frozenset({"predicted"})),

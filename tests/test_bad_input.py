@@ -64,6 +64,14 @@ CORPUS = [
     ([*RUN, "--link-ratio", "0"], 2, "argument --link-ratio: expected a number >= 0.001 and <= 10000, got '0'"),
     ([*RUN, "--link-ratio", "1e308"], 2, "argument --link-ratio: expected a number >= 0.001 and <= 10000, got '1e308'"),
     ([*RUN, "--link-gbps", "0"], 2, "argument --link-gbps: expected a number >= 0.001 and <= 1000, got '0'"),
+    ([*RUN, "--policy", "host", "--host-threads", "0"], 2, "argument --host-threads: expected an integer >= 1 and "
+     "<= 1024, got '0'"),
+    ([*RUN, "--policy", "host", "--host-threads", "-2"], 2, "argument --host-threads: expected an integer >= 1"),
+    ([*RUN, "--policy", "host", "--host-ratio", "0"], 2, "argument --host-ratio: expected a number >= 0.001 and "
+     "<= 10000, got '0'"),
+    ([*RUN, "--policy", "host", "--host-ratio", "-1"], 2, "argument --host-ratio: expected a number >= 0.001"),
+    ([*RUN, "--policy", "host", "--host-ratio", "nan"], 2, "argument --host-ratio: expected a number >= 0.001 and "
+     "<= 10000, got 'nan'"),
     ([*RUN, "--link-gbps", "-1"], 2, "argument --link-gbps: expected a number >= 0.001"),
     ([*RUN, "--link-gbps", "nan"], 2, "argument --link-gbps: expected a number >= 0.001 and <= 1000, got 'nan'"),
     ([*RUN, "--link-gbps", "1e-9"], 2, "argument --link-gbps: expected a number >= 0.001 and <= 1000, got '1e-9'"),

@@ -27,8 +27,8 @@ class CachePlan:
 def cache_plan(spec: Spec) -> CachePlan | None:
     """None for `resident` (everything on the device). Raises SpecError below the working set."""
     policy = spec.policy.traits
-    if not policy.offloads or not spec.moe_layers:
-        return None
+    if not policy.offloads or policy.placement == "host" or not spec.moe_layers:
+        return None  # every expert on the device, or every one computed where it lives (host)
     moe, cfg = spec.model.moe, spec.runtime.expert_cache
     # the working set is the experts one token uses in one layer
     k = spec.little_k if policy.only_little else moe.top_k

@@ -64,7 +64,8 @@ class MemoryPlan:
     non_expert: int  # on the device always (embeddings, attention, routers, dense MLPs, shared experts)
     per_expert: int  # one routed expert, packed when the format is int8 / int4
     all_experts: int
-    plan: CachePlan | None  # the device expert cache; None: every expert resident on the device
+    plan: CachePlan | None  # the device expert cache; None: every expert resident on the device, or on the host
+    on_host: bool = False  # every routed expert lives, and is computed, on the host (placement: host)
 
     @property
     def cache(self) -> int | None:
@@ -72,12 +73,14 @@ class MemoryPlan:
 
     @property
     def device(self) -> int:
+        if self.on_host:
+            return self.non_expert
         return self.non_expert + (self.all_experts if self.cache is None else self.cache)
 
     @property
     def host(self) -> int:
         """Host RAM the expert store takes (none when every expert is resident on the device)."""
-        return 0 if self.cache is None else self.all_experts
+        return self.all_experts if self.on_host or self.cache is not None else 0
 
 
 def memory_plan(spec: Spec) -> MemoryPlan:
@@ -94,7 +97,8 @@ def memory_plan(spec: Spec) -> MemoryPlan:
                   + mlp_layers * 3 * h * m.intermediate_size + len(moe_layers) * (shared + h * 2)) * dt
     non_expert += len(moe_layers) * m.moe.num_experts * h * 4  # float32 routers
     per_expert = expert_bytes(spec)
-    return MemoryPlan(non_expert, per_expert, per_expert * m.moe.num_experts * len(moe_layers), cache_plan(spec))
+    return MemoryPlan(non_expert, per_expert, per_expert * m.moe.num_experts * len(moe_layers), cache_plan(spec),
+                      on_host=spec.policy.traits.placement == "host" and bool(moe_layers))
 
 
 def memory_lines(spec: Spec) -> list[str]:
@@ -103,7 +107,8 @@ def memory_lines(spec: Spec) -> list[str]:
     plan = mp.plan
     fmt = spec.runtime.expert_format
     fmt_text = spec.dtype if fmt == "native" else f"{fmt}, group size {spec.expert_group or 'per output column'}"
-    where = "all experts resident on the device" if plan is None else (
+    where = "every routed expert computed on the host, from host memory (none on the device)" if mp.on_host else \
+        "all experts resident on the device" if plan is None else (
         f"experts stream from host memory into a device cache of {plan.main + plan.staging} slots per layer "
         f"(at most {plan.staging} of them prefetched, not yet used) = {human_bytes(plan.total_bytes)}")
     lines = [f"non-expert weights (always on device, {spec.dtype}): {human_bytes(mp.non_expert)}",

@@ -75,6 +75,13 @@ def node_cost(spec: Spec, node: Node) -> tuple[float, int, int]:
     return 0.0, 0, 0
 
 
+def host_time_us(spec: Spec, node: Node) -> float:
+    """A host_experts node's time: its experts' bytes read from host memory (a host expert kernel
+    runs near the DRAM read bandwidth: mobile.moe.host)."""
+    k = node.attr("k") or spec.model.moe.top_k
+    return k * expert_bytes(spec) / (spec.runtime.plan.host_gbps * 1e3)
+
+
 def node_time_us(spec: Spec, flops: float, device_bytes: int, h2d_bytes: int) -> float:
     plan = spec.runtime.plan
     if h2d_bytes:

@@ -226,7 +226,9 @@ def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node, r
         only = {"pass": pp.variant} if pp.big else {}
         predict = node("predict", Op.PREDICT, [predict_from], top_k=k_pred, **only, **_scoring_attrs(spec))
         node("prefetch", Op.PREFETCH, [predict], set="predicted", k=k_pred, staging=plan.staging, **only)
-    if plan is None:  # every expert is on the device: nothing to fetch or wait for
+    if spec.policy.traits.placement == "host":  # every expert computed where it lives, on the host
+        experts = node("host_experts", Op.HOST_EXPERTS, [h, router], **use)
+    elif plan is None:  # every expert is on the device: nothing to fetch or wait for
         experts = node("experts", Op.EXPERT, [h, router], **use)
     else:
         fetch = node("fetch", Op.FETCH, [router], **use)

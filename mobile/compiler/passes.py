@@ -14,7 +14,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from mobile import debug
-from mobile.compiler.costs import node_cost, node_time_us
+from mobile.compiler.costs import host_time_us, node_cost, node_time_us
 from mobile.compiler.ir import COPY_OPS, REGION, SYNC_OPS, Graph, Node, Op
 from mobile.compiler.lower import lower
 from mobile.compiler.verify import verify
@@ -155,7 +155,8 @@ def plan_timeline(g: Graph) -> Graph:
         flops, dev_bytes, h2d = node_cost(spec, n)
         stream = n.attr("stream", "compute")
         start = max([free[stream], *(end.get(i, 0.0) for i in n.inputs)])
-        dur = 0.0 if n.op is Op.WAIT else node_time_us(spec, flops, dev_bytes, h2d)
+        dur = 0.0 if n.op is Op.WAIT else host_time_us(spec, n) if n.op is Op.HOST_EXPERTS else \
+            node_time_us(spec, flops, dev_bytes, h2d)
         end[n.name] = start + dur
         free[stream] = end[n.name]
         nodes.append(n.with_attrs(flops=int(flops), bytes=dev_bytes, h2d_bytes=h2d,

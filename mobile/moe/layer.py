@@ -9,6 +9,7 @@ big pass's) when the executor builds it:
                -> cache.fetch(the status as read)                                 act on what was read
     wait       the fetch's handle -> the slot map: the fetched experts are usable  host
     experts    x, routed, slot map -> [T, H]: torch.ops.mobile.moe_experts       compute
+    host_experts  x, routed -> [T, H], computed on the host (placement host)      host: read, then compute
     predict    the previous layer's hidden state -> this layer's likely ids       compute
     prefetch   ids -> cache.prefetch: stage them at low priority                  host
 
@@ -27,6 +28,7 @@ import torch
 
 from mobile.compiler.ir import Node
 from mobile.moe.cache import ExpertCache, FetchHandle, ResidentCache
+from mobile.moe.hostcache import HostCache
 from mobile.moe.op import ExpertKind
 from mobile.moe.router import Router
 from mobile.moe.rule import KeepRule
@@ -107,6 +109,24 @@ class MoELayer:
             return cache.fetch(layer, values[0], (values[1], routed[1].shape[1]) if tracks else None, tag)
 
         return SyncKernel(fetch, plan)
+
+    def host_kernel(self, node: Node) -> SyncKernel:
+        """The host_experts node's (placement host): its one host read brings the router's choice and
+        the layer's hidden rows; the host computes every pair the node's rule keeps, and the output
+        goes back to the device."""
+        layer, cache, rule, tag = self.layer, self.cache, rule_of(node), node.name
+        assert isinstance(cache, HostCache), "a host_experts node runs on a HostCache"
+
+        def read(ctx: StepContext, x: torch.Tensor, routed) -> list[torch.Tensor]:
+            weights, ids = routed
+            return [x.float(), weights.float(), ids]
+
+        def act(ctx: StepContext, values: list[torch.Tensor], x: torch.Tensor, routed) -> torch.Tensor:
+            T, K = routed[1].shape
+            h, weights, ids = values[0].view(T, -1), values[1].view(T, K), values[2].view(T, K)
+            return cache.compute(layer, h, weights, ids, rule, tag).to(device=x.device, dtype=x.dtype)
+
+        return SyncKernel(act, read, raw=True)
 
     def wait_kernel(self) -> SyncKernel:
         cache = self.cache

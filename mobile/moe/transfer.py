@@ -283,15 +283,22 @@ def calibrated_gbps(spec: Spec, device: torch.device, dtype: torch.dtype, gbps: 
                                                                 "expert_compute_us": round(seconds * 1e6, 2)}
 
 
-def expert_compute_seconds(spec: Spec, device: torch.device, dtype: torch.dtype, repeats: int = 30) -> float:
+def expert_compute_seconds(spec: Spec, device: torch.device, dtype: torch.dtype, repeats: int = 30,
+                           packed: bool = False) -> float:
     """Median time to run one native expert (the spec's dtype, whatever the expert format) for one
     token on this machine: the unit --link-ratio calibrates against, so that every format shares
-    one link."""
-    h = spec.model.hidden_size
+    one link. packed: one expert in the spec's own format instead (int8 / int4 rows: the unit the
+    emulated host's --host-ratio scales, the device's time for the same expert)."""
+    h, inter = spec.model.hidden_size, spec.model.moe.intermediate_size
     x = torch.randn(1, h, dtype=dtype, device=device)
-    arena = torch.randn(1, 3 * h * spec.model.moe.intermediate_size, dtype=dtype, device=device) * 0.02
+    expert = ExpertKind(spec.runtime.expert_format if packed else "native", spec.expert_group if packed else 0,
+                        ExpertMLP(h, inter))
+    if expert.layout is not None:
+        arena = torch.zeros(1, expert.layout.row_bytes, dtype=torch.uint8, device=device)
+    else:
+        arena = torch.randn(1, 3 * h * inter, dtype=dtype, device=device) * 0.02
     weights, ids = torch.ones(1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device)
-    rule, kind = KeepRule.big(1).text, ExpertKind("native", 0, ExpertMLP(h, spec.model.moe.intermediate_size)).text
+    rule, kind = KeepRule.big(1).text, expert.text
     slot_map = torch.zeros(1, dtype=torch.long, device=device)
     times = []
     for n in range(repeats + 5):

@@ -32,7 +32,9 @@ class StepContext:
 class SyncKernel:
     """A node the host runs between compute segments.
     read(ctx, *inputs) -> the device tensors it needs on the host (one copy for its whole step);
-    act(ctx, values, *inputs) -> its value, given those tensors' values as lists of ints."""
+    act(ctx, values, *inputs) -> its value, given those tensors' values as lists of ints (raw: as
+    host tensors of their own dtypes, flattened: floats too)."""
 
     act: Callable[..., Any]
     read: Callable[..., list[torch.Tensor]] | None = None
+    raw: bool = False

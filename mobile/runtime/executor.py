@@ -217,10 +217,14 @@ class Executor:
         # steps; acts run in order and see what the step's earlier nodes made (a fetch's handle)
         wanted = [n.kernel.read(ctx, *[env.get(i) for i in n.inputs]) if n.kernel.read is not None else []
                   for n in step.sync]
-        values = self.reader.ints([t for ts in wanted for t in ts])
+        everything = [t for ts in wanted for t in ts]
+        raw = any(n.kernel.raw for n in step.sync)  # a host_experts node reads floats (weights, hidden rows)
+        values: list[Any] = self.reader.read(everything) if raw else self.reader.ints(everything)
         start = 0
         for node, ts in zip(step.sync, wanted, strict=True):
             mine, start = values[start:start + len(ts)], start + len(ts)
+            if raw and not node.kernel.raw:  # the others' values as lists of ints, as they always are
+                mine = [v.to(torch.int32).tolist() for v in mine]
             t0 = time.perf_counter()
             env[node.name] = node.kernel.act(ctx, mine, *[env.get(i) for i in node.inputs])
             if self.trace is not None:

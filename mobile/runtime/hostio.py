@@ -35,6 +35,25 @@ class HostReader:
             start += t.numel()
         return out
 
+    def read(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One read of several small tensors of any dtypes (their bytes in one copy): each, on the
+        host, flattened. The results are copies: the landing buffer is reused by the next read."""
+        if not tensors:
+            return []
+        self.reads += 1
+        flat = [t.reshape(-1) for t in tensors]
+        raw = [t.contiguous().view(torch.uint8) if t.element_size() == 1 else
+               t.contiguous().view(-1).view(torch.uint8) for t in flat]
+        pad = [(-r.numel()) % 8 for r in raw]  # each tensor starts 8-byte aligned, so each view is valid
+        parts = [torch.cat((r, r.new_zeros(p))) if p else r for r, p in zip(raw, pad, strict=True)]
+        landed = self._land(torch.cat(parts) if len(parts) > 1 else parts[0])
+        out, start = [], 0
+        for t, part in zip(flat, parts, strict=True):
+            n = t.numel() * t.element_size()
+            out.append(landed[start:start + n].clone().view(t.dtype))
+            start += part.numel()
+        return out
+
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         """One read of a whole tensor (the logits a sampler or an evaluation needs)."""
         self.reads += 1

@@ -17,7 +17,9 @@ from mobile.compiler.passes import compile_spec
 from mobile.errors import CheckpointError, MobileError, SpecError
 from mobile.models.weights import WeightStore
 from mobile.moe.cache import ExpertCache, OffloadedCache, ResidentCache
-from mobile.moe.transfer import LinkModel, calibrated_gbps
+from mobile.moe.hostcache import HostCache
+from mobile.moe.hostwork import HostModel
+from mobile.moe.transfer import LinkModel, calibrated_gbps, expert_compute_seconds
 from mobile.runtime.hostio import HostReader
 from mobile.runtime.stats import Stats
 from mobile.spec.load import spec_from_dict, with_policy, with_runtime
@@ -46,6 +48,8 @@ def expert_cache(spec: Spec, store: WeightStore, device: torch.device, dtype: to
     """Every expert on the device (no plan: a resident policy, or an eval that asks for it), or a
     bounded cache over the host link: the real one on a GPU, an emulated one on a CPU, whose
     bandwidth is given or calibrated (mobile.moe.transfer.calibrated_gbps)."""
+    if spec.policy.traits.placement == "host":
+        return HostCache(spec, store, device, dtype, stats, host_model(spec, device, dtype), progress=bar, trace=trace)
     if plan is None:
         return ResidentCache(spec, store, device, dtype, stats, reader, progress=bar, track_use=track_use)
     emulate = device.type != "cuda"  # a CPU has no real link to move experts over, so one is emulated
@@ -55,6 +59,14 @@ def expert_cache(spec: Spec, store: WeightStore, device: torch.device, dtype: to
         link.gbps, calibration = calibrated_gbps(spec, device, dtype, link_gbps, link_ratio)
         stats.extra.update(calibration, link_gbps=round(link.gbps, 4))
     return cache
+
+
+def host_model(spec: Spec, device: torch.device, dtype: torch.dtype) -> HostModel:
+    """How the host's expert work is timed: as it runs on CUDA (the host is this machine's CPU);
+    on a CPU-only machine, emulated at --host-ratio times the device's time for the same expert."""
+    if device.type == "cuda":
+        return HostModel("real")
+    return HostModel("emulated", spec.policy.host_ratio, expert_compute_seconds(spec, device, dtype, packed=True))
 
 
 def graphs_enabled(setting: str | None, spec: Spec, device: torch.device) -> bool:

@@ -217,6 +217,12 @@ class PolicySpec:
     little_select: Literal["top", "random"] = knob("top", "the little set: the top little_k (default), or a random "
                                                    "little_k of the big set (a baseline)")
     prefill: Literal["big", "little"] = knob("big", "mobile: the pass a prompt runs (default big)")
+    host_threads: int | None = knob(None, "host: threads of the host expert kernel (default: the physical cores "
+                                    "less one, at least one)", lo=1, hi=1024)
+    # an RTX 4090's HBM (about 1 TB/s) over dual-channel DDR5 (about 60 GB/s), as R = 40 is its link
+    host_ratio: float = knob(16.0, "host, on a CPU-only machine: the emulated host computes an expert this many "
+                             "times slower than the device (default 16); on CUDA the host is this machine's CPU",
+                             lo=1e-3, hi=1e4)
 
     @property
     def traits(self) -> policies.Policy:
@@ -285,6 +291,7 @@ class PlanSpec:
     compute_tflops: float = 82.0
     hbm_gbps: float = 1008.0
     link_gbps: float = 25.0
+    host_gbps: float = 60.0  # the host's DRAM read bandwidth (dual-channel DDR5): experts computed there
 
 
 LINK_GBPS = (1e-3, 1e3)

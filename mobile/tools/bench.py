@@ -39,6 +39,7 @@ def measure(engine: Engine, label: str, tokens: int, prompt_len: int, text: str 
     engine.generate(prompt, tokens, stop_ids=[], forced=forced)
     s = engine.stats
     looked_up = s["expert_hits"] + s["expert_misses"]
+    run_s = s["decode_s"] + (s["prefill_tokens"] / s["prefill_tokens_per_s"] if s["prefill_tokens_per_s"] else 0.0)
     print(f"  {label}: {s['decode_tokens_per_s']:.2f} tok/s", file=sys.stderr)
     return {
         "policy": label, "link": s["link"], "fallback_rate": s["fallback_rate"],
@@ -49,7 +50,11 @@ def measure(engine: Engine, label: str, tokens: int, prompt_len: int, text: str 
         "bytes_per_token": s.get("decode_bytes_h2d", 0) / max(1, s["decode_tokens"]),
         "bytes_vs_big_only": s.get("decode_bytes_vs_big_only"),
         "stall_fraction": s.get("decode_stall_s", 0.0) / max(1e-9, s.get("decode_s", 0.0)),
-        "hit_rate": s["expert_hits"] / looked_up if looked_up else 1.0,
+        "hit_rate": s["expert_hits"] / looked_up if looked_up else None,  # None: no cache to look up
+        # what share of the run (its prompt too) the link and the host spent on experts
+        "link_busy": s.get("link_busy_s", 0.0) / max(1e-9, run_s),
+        "host_busy": s["host_busy_s"] / max(1e-9, run_s) if "host_busy_s" in s else None,
+        "host": s.get("host", "none"), "host_ratio": s.get("host_ratio"),
         "prefetch_accuracy": (s["prefetch_used"] / s["prefetch_issued"]) if s.get("prefetch_issued") else None,
         "host_syncs_per_token": s.get("host_syncs_per_token"),
         "cuda_graphs": s["cuda_graphs"], "graph_replays_per_token": s.get("graph_replays_per_token"),
@@ -139,19 +144,26 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     what += "; compute segments compiled (torch.compile)" if compile else ""
     if any(r["cuda_graphs"] == "emulated" for r in rows):
         what += "; CUDA graphs EMULATED where on (static buffers, nothing captured on a CPU)"
+    host_ratios = sorted({r["host_ratio"] for r in rows if r["host"] == "emulated"})
     print(f"\nbench {graph}: {what}, device {device}"
-          + (f"; link EMULATED ({desc})" if emulated else ""), file=out)
+          + (f"; link EMULATED ({desc})" if emulated else "")
+          + (f"; host EMULATED (host_ratio={', '.join(f'{h:g}' for h in host_ratios)}: the host expert kernel runs, "
+             "its time padded to that many times the device's for the same expert)" if host_ratios else ""), file=out)
     width = max(20, *(len(r["policy"]) for r in rows))
     graphed = any(r["cuda_graphs"] != "off" for r in rows)  # then: graph replays per decoded token, eager segments
     print(f"{'policy':<{width}} {'evict':>5} {'tok/s':>9} {'vs ' + base_row['policy']:>16} {'MiB/token':>10} "
-          f"{'stall':>7} {'hit rate':>9} {'prefetch acc':>13} {'fallback':>9} {'bytes vs big-only':>18}"
+          f"{'stall':>7} {'link busy':>9} {'host busy':>9} {'hit rate':>9} {'prefetch acc':>13} {'fallback':>9} "
+          f"{'bytes vs big-only':>18}"
           + (f" {'graphs/tok':>10} {'eager segs':>10}" if graphed else ""), file=out)
     for r in rows:
         acc = "-" if r["prefetch_accuracy"] is None else f"{r['prefetch_accuracy']:.2f}"
         vs_big = "-" if r["bytes_vs_big_only"] is None else f"{r['bytes_vs_big_only']:.2f}x"
         per_token = "-" if r["graph_replays_per_token"] is None else f"{r['graph_replays_per_token']:.2f}"
+        hits = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+        host = "-" if r["host_busy"] is None else f"{r['host_busy']:.2f}"
         print(f"{r['policy']:<{width}} {r['eviction']:>5} {r['decode_tokens_per_s']:>9.2f} {r['ratio']:>15.2f}x "
-              f"{r['bytes_per_token'] / 2**20:>10.2f} {r['stall_fraction']:>7.2f} {r['hit_rate']:>9.3f} {acc:>13} "
+              f"{r['bytes_per_token'] / 2**20:>10.2f} {r['stall_fraction']:>7.2f} {r['link_busy']:>9.2f} {host:>9} "
+              f"{hits:>9} {acc:>13} "
               f"{r['fallback_rate']:>9.3f} {vs_big:>18}"
               + (f" {per_token:>10} {r['graph_eager_segments']:>10}" if graphed else ""), file=out)
     if any(r["bytes_vs_big_only"] is not None for r in rows):

@@ -1,0 +1,118 @@
+"""Every routed expert on the host, computed there (placement `host`: llama.cpp's --n-cpu-moe over
+all layers): the ExpertCache of a policy that keeps no expert on the device and never uses the link.
+
+A layer's host_experts node reads the router's choice and the layer's hidden rows from the device
+in its one host read; `compute` keeps the pairs its keep rule keeps, runs them with the host
+expert kernel (mobile.moe.host) on the host worker (mobile.moe.hostwork), and hands the output
+back. On a CPU-only machine the device and the host are the same CPU, so the host's speed is
+emulated: the kernel's time is padded to --host-ratio times the device's measured time for the
+same expert (HostModel). On CUDA nothing is emulated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mobile.models.weights import WeightStore
+from mobile.moe.cache import FetchHandle
+from mobile.moe.host import HostExperts, default_threads
+from mobile.moe.hoststore import HostStore
+from mobile.moe.hostwork import HostJob, HostModel, HostWorker
+from mobile.moe.layout import ExpertMLP, packed_layout
+from mobile.moe.rows import load_expert_rows
+from mobile.moe.rule import KeepRule, kept_weights
+from mobile.runtime.stats import Stats
+from mobile.spec.schema import Spec
+
+
+class HostCache:
+    """The host store, the host expert kernel and its worker; nothing on the device."""
+
+    link = "none"
+    tracks_routes = False
+
+    def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
+                 model: HostModel, progress=None, trace: list | None = None):
+        self.spec, self.stats, self.device = spec, stats, device
+        self.rows: dict[int, torch.Tensor] = {}
+        self.store: HostStore | None = None
+        for i, layer in enumerate(spec.moe_layers):
+            rows = load_expert_rows(spec, store, layer, dtype)
+            if self.store is None:  # one allocation for every layer, pinned once on CUDA (mobile.moe.hoststore)
+                self.store = HostStore(len(spec.moe_layers), rows.shape[0], rows.shape[1], rows.dtype,
+                                       pin=device.type == "cuda")
+            self.rows[layer] = self.store.views[i]
+            self.rows[layer].copy_(rows)
+            if progress is not None:
+                progress.update(1)
+        threads = spec.policy.host_threads or default_threads()
+        kernel = HostExperts(ExpertMLP.of_spec(spec), dtype, packed_layout(spec), threads)
+        self.worker = HostWorker(kernel, model, trace)
+        self.model, self.threads = model, threads
+        self.row_bytes = next(iter(self.rows.values())).stride(0) * next(iter(self.rows.values())).element_size() \
+            if self.rows else 0
+        self.pairs = 0
+        if self.store is not None:
+            stats.extra["host_expert_bytes"] = self.store.nbytes
+
+    def compute(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, rule: KeepRule,
+                tag: str = "") -> torch.Tensor:
+        """x [T, H] float32, weights [T, K] float32, ids [T, K] (host tensors, as the layer's read
+        brought them) -> the layer's routed-expert output [T, H] float32, on the host: every pair the
+        rule keeps, computed from the host store."""
+        keep = rule.keep(weights).expand_as(weights)  # a "top" rule's is one row for every token
+        kept = kept_weights(weights, keep, rule.rescale)
+        token, k = keep.nonzero(as_tuple=True)
+        base = self.rows[layer].data_ptr()
+        addresses = base + ids[token, k].to(torch.int64) * self.row_bytes
+        job = HostJob(x.contiguous(), token.to(torch.int32), addresses, kept[token, k].contiguous(), tag)
+        self.pairs += job.pairs
+        out, blocked = self.worker.submit(job).wait()
+        self.stats.stall_s += blocked  # the device waited for the host
+        return out
+
+    # -- the ExpertCache protocol: nothing is on the device, nothing moves --------------------------
+    def slot_map(self, layer: int) -> torch.Tensor:
+        return torch.full((self.spec.model.moe.num_experts,), -1, dtype=torch.long, device=self.device)
+
+    def fetch(self, layer: int, entries: list[int], routes=None, tag: str = "") -> FetchHandle:
+        raise AssertionError("a host placement's graph has no fetch nodes")
+
+    def wait(self, handle: FetchHandle) -> torch.Tensor:
+        raise AssertionError("a host placement's graph has no wait nodes")
+
+    def prefetch(self, layer: int, ids: list[int], kind: str = "predicted", tag: str = "") -> None:
+        """Nothing to stage: no expert lives on the device."""
+
+    def arena(self, layer: int) -> torch.Tensor:
+        return self.rows[layer]
+
+    def expert_rows(self, layer: int) -> torch.Tensor | None:
+        return self.rows.get(layer)
+
+    def begin_forward(self) -> None:
+        """Nothing to prepare: each layer's job is waited for inside its node."""
+
+    def end_forward(self, refreshed: int = 0) -> None:
+        """Nothing to settle."""
+
+    def settle(self) -> None:
+        """Every job has been waited for by its node."""
+
+    def collect_stats(self) -> None:
+        self.stats.extra.update(host_busy_s=self.worker.busy_s, experts_on_host=self.pairs,
+                                host_threads=self.threads, host=self.model.kind,
+                                **({"host_ratio": self.model.ratio} if self.model.kind == "emulated" else {}))
+
+    def reset_counters(self) -> None:
+        self.worker.busy_s = 0.0
+        self.pairs = 0
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self.worker.failure
+
+    def close(self) -> None:
+        self.worker.close()
+        if self.store is not None:
+            self.store.close()

@@ -1,0 +1,137 @@
+"""Placement `host` (every routed expert computed on the host, llama.cpp's --n-cpu-moe over all
+layers): resident's logits and tokens on the demo and on families with shared experts (Qwen2-MoE)
+and with biases and a clamped activation (gpt-oss), native and int4; its stats, its bench row and a
+failing host worker. Its bad flags are rows of tests/test_bad_input.py."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Tiny, run_cli
+from tiny import build_tiny_gpt_oss
+
+import mobile
+from mobile.moe import host
+from mobile.moe.host import HostExperts
+
+pytestmark = pytest.mark.skipif(host.unavailable() is not None, reason=str(host.unavailable()))
+DEMO = Path(__file__).parent.parent / "specs" / "demo.yaml"
+PROMPT = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MOBILE_CACHE", str(tmp_path_factory.getbasetemp() / "kernels"))
+
+
+class GptOssTiny(Tiny):
+    def build(self, ckpt: Path):
+        return build_tiny_gpt_oss(ckpt)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "graph"
+    assert run_cli("compile", DEMO, "-o", out, "--policy", "resident") == 0
+    return out
+
+
+def host_matches_resident(graph: Path, tokens: int, fmt: str | None = None, weights: Path | None = None,
+                          group: int | None = None) -> dict:
+    """Logits (within 1e-4) and `tokens` greedy tokens of `host` equal resident's; host's stats."""
+    options = {"expert_format": fmt, "expert_group_size": group} if fmt else {}
+    resident = mobile.Engine.load(graph, weights=weights, **options)
+    engine = mobile.Engine.load(graph, weights=weights, policy="host", **options)
+    try:
+        torch.testing.assert_close(engine.logits(PROMPT), resident.logits(PROMPT), atol=1e-4, rtol=1e-4)
+        assert engine.generate(PROMPT, tokens, stop_ids=[]) == resident.generate(PROMPT, tokens, stop_ids=[])
+        return engine.stats
+    finally:
+        engine.close()
+        resident.close()
+
+
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_the_demo_on_the_host_decodes_as_resident(demo, fmt):
+    s = host_matches_resident(demo, 64, fmt)
+    moe_layers, top_k = 4, 4  # the demo's
+    assert s["link"] == "none" and s["bytes_h2d"] == 0 and s["host"] == "emulated" and s["host_ratio"] == 16
+    # every decoded token's every layer ran its top-k on the host (the prompt's pairs on top)
+    assert s["experts_on_host"] >= 64 * moe_layers * top_k and s["host_busy_s"] > 0
+    assert s["host_syncs_per_token"] == moe_layers + 1  # one read per MoE layer, plus the token: no more
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe"])
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_shared_experts_on_the_host_decode_as_resident(tiny, family, fmt):
+    t = tiny(family)
+    host_matches_resident(t.graph, 64, fmt, group=8)  # a group the tiny widths divide
+
+
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_biases_and_clamped_experts_on_the_host_decode_as_resident(tmp_path_factory, fmt):
+    t = GptOssTiny(tmp_path_factory.mktemp("gpt_oss"), "gpt_oss")
+    host_matches_resident(t.graph, 64, fmt, group=8)
+
+
+def test_the_plan_says_where_experts_live(tmp_path, capsys):
+    assert run_cli("compile", DEMO, "-o", tmp_path / "g", "--policy", "host") == 0
+    out = capsys.readouterr().out
+    assert "every routed expert computed on the host, from host memory (none on the device)" in out
+    assert "host RAM for experts: 24.0MiB" in out
+    schedule = (tmp_path / "g" / "schedule.txt").read_text()
+    assert "host_experts" in schedule and "fetch" not in schedule
+
+
+def test_bench_names_the_emulated_host(demo, capsys):
+    assert run_cli("bench", "--graph", demo, "--policies", "lru-prefetch,host", "--tokens", "8", "--link-ratio",
+                   "40") == 0
+    out = capsys.readouterr().out
+    assert "host EMULATED (host_ratio=16" in out and "host busy" in out
+
+
+def test_a_failing_host_worker_ends_the_run_in_one_line(demo, monkeypatch, capsys):
+    def fail(self, *args):
+        raise ZeroDivisionError("injected")
+
+    monkeypatch.setattr(HostExperts, "__call__", fail)
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(run_cli("run", "--graph", demo, "--policy", "host",
+                                                                   "--prompt-ids", "5,6", "--max-new-tokens", "4")),
+                              daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the run hangs"
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert result == [1] and "Traceback" not in err and len(lines) == 1, err
+    assert "internal error in the host worker: ZeroDivisionError: injected" in lines[0]
+
+
+def test_host_ratio_scales_the_emulated_host(demo):
+    """The host's time is padded to host_ratio times the device's for the same expert: ratio 64
+    makes it busier than ratio 4 on the same tokens."""
+    busy = {}
+    for ratio in (4.0, 64.0):
+        engine = mobile.Engine.load(demo, policy="host", policy_options={"host_ratio": ratio})
+        engine.generate(PROMPT, 8, stop_ids=[])
+        busy[ratio] = engine.stats["host_busy_s"]
+        engine.close()
+    assert busy[64.0] > 4 * busy[4.0] and not math.isnan(busy[4.0])
+
+
+def test_host_under_cuda_graphs_decodes_as_eager(demo):
+    """Each host_experts node is a sync step between graph segments (emulated on the CPU): the
+    tokens are eager's, with one replay per segment."""
+    eager = mobile.Engine.load(demo, policy="host")
+    graphed = mobile.Engine.load(demo, policy="host", cuda_graphs="on")
+    try:
+        assert graphed.generate(PROMPT, 32, stop_ids=[]) == eager.generate(PROMPT, 32, stop_ids=[])
+        assert graphed.stats["graph_replays_per_token"] == 5.0  # 4 MoE layers' segments and the head's
+    finally:
+        eager.close()
+        graphed.close()
