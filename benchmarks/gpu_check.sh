@@ -62,6 +62,12 @@ mobile bench --graph graphs/demo-gpu --device cuda --policies ondemand,lru,lru-p
   --cuda-graphs off,on --text demo/data/heldout_kjv.txt --tokens 128 --prompt-len 32 \
   --json "$OUT/bench-demo-policies-graphs.json" 2>&1 | tail -14 | tee "$OUT/bench-demo-policies-graphs.txt"
 echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
+# 6a. experts computed on the host CPU (policy host) against the link, on the demo: nothing emulated here, the
+#     host's threads all of the machine's cores (docs/host-placement.md has the CPU machine's emulated rows)
+mobile bench --graph graphs/demo-gpu --device cuda --policies lru-prefetch,mobile --row "host host_threads=$(nproc)" \
+  --text demo/data/heldout_py.txt --tokens 128 --prompt-len 32 --repeats 2 --baseline lru-prefetch \
+  --json "$OUT/bench-demo-host.json" 2>&1 | tail -6 | tee "$OUT/bench-demo-host.txt"
+echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 # 6b. the host expert kernel on this machine's CPU (more cores than the CPU machines' two): GB/s against a
 #     STREAM-like read of the same int4 rows, at 1 thread and at all threads (needs a C compiler)
 python3 benchmarks/host_kernel.py --skip-torch --repeats 3 2>&1 | tail -9 | tee "$OUT/host-kernel.txt"
