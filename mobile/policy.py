@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Pass = Literal["big", "little"]
-Placement = Literal["move", "host"]
+# where a missed expert runs: moved into a cache slot; on the host (no cache); on the host now and
+# copied in behind; or by the placement rule per expert (mobile.moe.placement)
+Placement = Literal["move", "host", "both", "choose"]
 Eviction = Literal["lru", "lfu"]
 EvalMode = Literal["reference", "resident", "cache"]
 
@@ -57,6 +59,8 @@ POLICIES: dict[str, Policy] = {p.name: p for p in [
     Policy("host", "every routed expert computed on the host, from host memory; no device expert cache, the link "
            "unused (llama.cpp's --n-cpu-moe over all layers)", reuses_cache=False, placement="host"),
     Policy("lru", "per-layer LRU expert cache, demand fetch on a miss (mixtral-offloading style)"),
+    Policy("lru-host", "per-layer LRU expert cache whose misses are computed on the host and copied in behind "
+           "(llama.cpp's expert-cache pull requests)", placement="both"),
     Policy("lru-prefetch", "lru plus next-layer prediction prefetch (the strong baseline)",
            prefetch=frozenset({"predicted"})),
     Policy("little", "always the top ceil(K/2) experts (speed bound, quality floor)", decode_pass="little",

@@ -135,3 +135,50 @@ def test_host_under_cuda_graphs_decodes_as_eager(demo):
     finally:
         eager.close()
         graphed.close()
+
+
+# -- placements: lru-host (every miss on the host, copied in behind) and the placement rule --------
+def placed_matches(graph: Path, policy: str, tokens: int, fmt: str | None = None, group: int | None = None,
+                   **options) -> dict:
+    """`policy` with its placement gives resident's logits (1e-4) and greedy tokens; its stats."""
+    formats = {"expert_format": fmt, "expert_group_size": group} if fmt else {}
+    resident = mobile.Engine.load(graph, **formats)
+    engine = mobile.Engine.load(graph, policy=policy, policy_options=options, link_ratio=40.0, **formats)
+    try:
+        torch.testing.assert_close(engine.logits(PROMPT), resident.logits(PROMPT), atol=1e-4, rtol=1e-4)
+        assert engine.generate(PROMPT, tokens, stop_ids=[]) == resident.generate(PROMPT, tokens, stop_ids=[])
+        return engine.stats
+    finally:
+        engine.close()
+        resident.close()
+
+
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_lru_host_decodes_as_resident_and_copies_its_misses_behind(demo, fmt):
+    s = placed_matches(demo, "lru-host", 64, fmt)
+    # a miss whose copy behind has not been waited for yet is moved: the device waits for that copy
+    assert s["experts_both"] > s["experts_moved"] and s["host_busy_s"] > 0 and s["host"] == "emulated"
+    assert s["bytes_h2d"] > 0  # the copies behind
+
+
+@pytest.mark.parametrize("policy,options", [("lru-host", {}), ("lru-prefetch", {"placement": "choose"})])
+def test_placements_on_families_with_shared_experts_and_biases_decode_as_resident(tiny, tmp_path_factory, policy,
+                                                                                  options):
+    for t in (tiny("qwen2_moe"), GptOssTiny(tmp_path_factory.mktemp("gpt_oss"), "gpt_oss")):
+        cached = t.compile(tmp_path_factory.mktemp(policy), slots_per_layer=6)
+        for fmt in (None, "int4"):
+            placed_matches(cached, policy, 64, fmt, group=8, **options)
+
+
+def test_the_placement_rule_changes_where_not_what(demo):
+    """mobile with and without the placement rule compute the same pairs (with the cached experts
+    out of its keep rule, which would make them depend on what the cache holds): the same tokens."""
+    tokens, stats = [], []
+    for placement in ("move", "choose"):
+        engine = mobile.Engine.load(demo, policy="mobile", link_ratio=40.0,
+                                    policy_options={"placement": placement, "cached_complement": False})
+        tokens.append(engine.generate(PROMPT, 64, stop_ids=[]))
+        stats.append(engine.stats)
+        engine.close()
+    assert tokens[0] == tokens[1]
+    assert "experts_on_host" not in stats[0] and stats[1]["experts_on_host"] + stats[1]["experts_both"] > 0

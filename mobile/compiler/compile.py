@@ -111,6 +111,11 @@ def memory_lines(spec: Spec) -> list[str]:
         "all experts resident on the device" if plan is None else (
         f"experts stream from host memory into a device cache of {plan.main + plan.staging} slots per layer "
         f"(at most {plan.staging} of them prefetched, not yet used) = {human_bytes(plan.total_bytes)}")
+    placement = spec.policy.effective_placement
+    if plan is not None and placement != "move":
+        where += ("; a decoded token's misses are computed on the host and copied in behind" if placement == "both"
+                  else "; each miss of a decoded token is moved or computed on the host, whichever finishes the "
+                       "layer sooner (mobile.moe.placement)")
     lines = [f"non-expert weights (always on device, {spec.dtype}): {human_bytes(mp.non_expert)}",
              f"routed experts ({fmt_text}): {len(spec.moe_layers)} layers x {m.moe.num_experts} x "
              f"{human_bytes(mp.per_expert)} = {human_bytes(mp.all_experts)}",

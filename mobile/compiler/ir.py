@@ -49,11 +49,12 @@ class Op(enum.Enum):
     LM_HEAD = "lm_head"  # final norm output -> logits [T, V]
     PREDICT = "predict"  # next-layer prediction: layer l+1's router on layer l's hidden state
     HOST_EXPERTS = "host_experts"  # routed experts computed on the host: reads routes and hidden rows, adds nothing
+    HOST_JOIN = "host_join"  # the device's experts plus the host's share of the layer (its fetch's host job)
 
 
 # Ops that cross the host: the executor runs them between compiled segments. Their reads of device
 # values take only what compute made.
-SYNC_OPS = frozenset({Op.FETCH, Op.PREFETCH, Op.WAIT, Op.IMPORTANCE_GATE, Op.HOST_EXPERTS})
+SYNC_OPS = frozenset({Op.FETCH, Op.PREFETCH, Op.WAIT, Op.IMPORTANCE_GATE, Op.HOST_EXPERTS, Op.HOST_JOIN})
 COPY_OPS = frozenset({Op.FETCH, Op.PREFETCH})
 
 

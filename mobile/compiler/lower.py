@@ -231,8 +231,12 @@ def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node, r
     elif plan is None:  # every expert is on the device: nothing to fetch or wait for
         experts = node("experts", Op.EXPERT, [h, router], **use)
     else:
-        fetch = node("fetch", Op.FETCH, [router], **use)
+        # a placement that may compute misses on the host reads the hidden rows with the routes
+        placed = spec.policy.effective_placement in ("both", "choose")
+        fetch = node("fetch", Op.FETCH, [router, h] if placed else [router], **use)
         experts = node("experts", Op.EXPERT, [h, router, node("wait", Op.WAIT, [fetch])], **use)
+        if placed:  # the host's share of the layer, computed while the device runs its own
+            experts = node("host_join", Op.HOST_JOIN, [experts, fetch])
     if moe.parallel_mlp:  # Gemma 4: the experts' output post-normed, then the dense branch's added
         assert shared is not None  # _ffn_inputs made it
         experts = node("moe", Op.COMBINE, [shared, node("moe_post_norm", Op.NORM, [experts], weight="moe_post_norm")])

@@ -29,8 +29,9 @@ them in the same row, after the matrices, so they move and are cached with their
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -38,10 +39,12 @@ from mobile.compiler.budget import CachePlan
 from mobile.compiler.costs import expert_bytes
 from mobile.models.weights import WeightStore
 from mobile.moe.hoststore import HostStore
+from mobile.moe.hostwork import Hosted, HostPlacement, host_job
+from mobile.moe.placement import Miss, Placement, always, choose
 from mobile.moe.rows import load_expert_rows
 from mobile.moe.rule import FREE, MISSING, UNUSED
 from mobile.moe.shadow import BigOnlyShadow
-from mobile.moe.slots import SlotTable
+from mobile.moe.slots import CacheFull, SlotTable
 from mobile.moe.transfer import DEMAND, PREFETCH, CopyEngine, CopyJob, LinkModel
 from mobile.runtime.stats import Stats
 from mobile.spec.schema import Spec
@@ -80,6 +83,7 @@ class FetchHandle:
     jobs: list[CopyJob] = field(default_factory=list)
     placed: list[tuple[int, int]] = field(default_factory=list)  # (expert, slot) usable once waited for
     rounds: list[list[int]] = field(default_factory=list)  # when the set exceeds the cache (a prompt)
+    host_job: Any = None  # the layer's share computed on the host (a HostJob), under a host placement
 
 
 class Rounds:
@@ -197,8 +201,10 @@ class OffloadedCache:
     track_use = False  # its fetches count what each forward uses (ResidentCache needs asking)
 
     def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
-                 plan: CachePlan, link: LinkModel, trace: list | None = None, progress=None, compiled: bool = False):
+                 plan: CachePlan, link: LinkModel, trace: list | None = None, progress=None, compiled: bool = False,
+                 host: HostPlacement | None = None):
         self.spec, self.stats, self.plan, self.device = spec, stats, plan, device
+        self.host_placement = host  # where a miss may run besides a slot (lru-host; mobile with placement)
         self.reuses = spec.policy.traits.reuses_cache
         self.num_experts = E = spec.model.moe.num_experts
         pin = device.type == "cuda"
@@ -222,8 +228,8 @@ class OffloadedCache:
             del rows  # only the store's copy stays
             # zeros, not empty: the expert op may compute a pair against any slot and mask it after,
             # which must never meet a NaN in a slot no copy has filled yet (packed: zero scales)
-            host = self.host[layer]
-            self.rows[layer] = torch.zeros(plan.main + plan.staging, host.shape[1], dtype=host.dtype, device=device)
+            row = self.host[layer]
+            self.rows[layer] = torch.zeros(plan.main + plan.staging, row.shape[1], dtype=row.dtype, device=device)
             self.tables[layer] = SlotTable(plan.main, plan.staging, eviction)
             self.pending[layer] = {}
             self.usable[layer] = torch.full((E,), -1, dtype=torch.long, pin_memory=pin)
@@ -291,18 +297,21 @@ class OffloadedCache:
             self.released = None
 
     def fetch(self, layer: int, entries: list[int], routes: tuple[list[int], int] | None = None,
-              tag: str = "") -> FetchHandle:
+              tag: str = "", hosted: Hosted | None = None) -> FetchHandle:
         """entries: the layer's status as the host read it (mobile.moe.rule.KeepRule.status);
         routes: the router's big set (ids [T*K], K), for the big-only estimate (a fallback's big
-        pass overwrites its little pass's); tag: the fetch node, which names its copies in a trace."""
+        pass overwrites its little pass's); tag: the fetch node, which names its copies in a trace;
+        hosted: under a host placement, what the host needs to compute misses (decode only)."""
         if routes is not None:
             self.routes[layer] = routes
         self._mark_read()
         cached, missing, free = decode_status(entries, self.num_experts)
         if free:
             self.stats.extra["free_complement_experts"] = self.stats.extra.get("free_complement_experts", 0) + free
-        needed = sorted(cached + missing)
         handle = FetchHandle(layer, tag)
+        if hosted is not None and self.host_placement is not None and hosted.x.shape[0] == 1:
+            missing = self._place_misses(layer, missing, hosted, handle)
+        needed = sorted(cached + missing)
         if len(needed) > self.plan.main:
             handle.rounds = [needed[i:i + self.plan.main] for i in range(0, len(needed), self.plan.main)]
             needed = handle.rounds[0]
@@ -322,6 +331,61 @@ class OffloadedCache:
             else:
                 handle.jobs.append(self._copy(layer, e, slot, DEMAND, handle.tag, handle.round))
             handle.placed.append((e, slot))
+
+    def _place_misses(self, layer: int, missing: list[int], hosted: Hosted, handle: FetchHandle) -> list[int]:
+        """One decode step's misses placed (mobile.moe.placement): the ones to move are returned;
+        the host computes the others now, on the host worker, and a BOTH one is also copied in
+        behind, at prefetch priority and outside this step's slot map, so the device never computes
+        a pair the host does. A miss whose copy is already under way (staged) is moved."""
+        hp, table = self.host_placement, self.tables[layer]
+        assert hp is not None
+        ids = hosted.ids
+        in_flight = [e for e in missing if e in table.slot_of]
+        candidates = [e for e in missing if e not in table.slot_of]
+        if not candidates:
+            return missing
+        pairs = {e: int((ids == e).sum()) for e in candidates}
+        misses = [Miss(e, pairs[e], table.score(e)) for e in candidates]
+        if hp.rule == "both":
+            placed = always(Placement.BOTH, misses)
+        else:
+            now = time.perf_counter()
+            residents = [table.score(e) for e in table.residents()]
+            placed = choose(misses, hp.costs, max(0.0, self.engine.link_free - now), hp.worker.free_in(now),
+                            min(residents) if residents else 0.0)
+        on_host = [e for e, p in placed.items() if p is not Placement.MOVE]
+        behind = [e for e, p in placed.items() if p is Placement.BOTH]
+        counts = self.stats.extra
+        for key, n in (("experts_moved", len(missing) - len(on_host)), ("experts_on_host", len(on_host) - len(behind)),
+                       ("experts_both", len(behind))):
+            counts[key] = counts.get(key, 0) + n
+        handle.host_job = hp.worker.submit(host_job(self.host[layer], hosted.x, hosted.weights, ids, hosted.rule,
+                                                    only=on_host, tag=f"{handle.tag}.host"))
+        for e in on_host:
+            if e not in behind:
+                table.note_use(e)  # its use still counts towards what is hot
+        self._copy_behind(layer, behind, handle.tag)
+        return in_flight + [e for e, p in placed.items() if p is Placement.MOVE]
+
+    def _copy_behind(self, layer: int, experts: list[int], tag: str) -> None:
+        """Copy these experts into slots at prefetch priority, for the tokens after: no wait of this
+        step covers them, so they enter the slot map only when a later step's fetch finds them."""
+        table = self.tables[layer]
+        for e in experts:
+            try:
+                slot, _ = table.access(e)
+            except CacheFull:  # every slot is pinned by this step's demand: the host alone computes it
+                continue
+            self._copy(layer, e, slot, PREFETCH, tag)
+        self._forget_evicted(layer)
+
+    def host_result(self, handle: FetchHandle) -> torch.Tensor | None:
+        """The host's share of the layer (after its job has run), or None; the wait counts as stall."""
+        if handle.host_job is None:
+            return None
+        out, blocked = handle.host_job.wait()
+        self.stats.stall_s += blocked
+        return out
 
     def _copy(self, layer: int, expert: int, slot: int, priority: int, tag: str, round: int = 0) -> CopyJob:
         old = self.pending[layer].get(slot)
@@ -404,6 +468,11 @@ class OffloadedCache:
         c = [t.counters for t in self.tables.values()]
         self.stats.expert_hits = sum(x.hits for x in c)
         self.stats.expert_misses = sum(x.misses for x in c)
+        if self.host_placement is not None:
+            hp = self.host_placement
+            self.stats.extra.update(host_busy_s=hp.worker.busy_s, host=hp.worker.model.kind,
+                                    **({"host_ratio": hp.worker.model.ratio} if hp.worker.model.kind == "emulated"
+                                       else {}))
         self.stats.extra.update(
             link_busy_s=self.engine.busy_s, eviction=self.eviction, prefetch_issued=sum(x.prefetch_issued for x in c),
             prefetch_used=sum(x.prefetch_used for x in c),
@@ -417,16 +486,22 @@ class OffloadedCache:
         self.settle()
         self.shadow.bytes = 0
         self.engine.busy_s = 0.0
+        if self.host_placement is not None:
+            self.host_placement.worker.busy_s = 0.0
         for t in self.tables.values():
             t.counters = type(t.counters)()
 
     @property
     def failure(self) -> BaseException | None:
-        """What ended the copy worker, if it failed: no copy lands any more."""
+        """What ended the copy worker (or the host worker), if it failed."""
+        if self.host_placement is not None and self.host_placement.worker.failure is not None:
+            return self.host_placement.worker.failure
         return self.engine.failure
 
     def close(self) -> None:
         self.engine.close()
+        if self.host_placement is not None:
+            self.host_placement.worker.close()
         if self.store is not None:
             if self.cuda:
                 torch.cuda.synchronize(self.device)  # no copy may still read the store

@@ -17,10 +17,10 @@ from mobile.models.weights import WeightStore
 from mobile.moe.cache import FetchHandle
 from mobile.moe.host import HostExperts, default_threads
 from mobile.moe.hoststore import HostStore
-from mobile.moe.hostwork import HostJob, HostModel, HostWorker
+from mobile.moe.hostwork import HostModel, HostWorker, host_job
 from mobile.moe.layout import ExpertMLP, packed_layout
 from mobile.moe.rows import load_expert_rows
-from mobile.moe.rule import KeepRule, kept_weights
+from mobile.moe.rule import KeepRule
 from mobile.runtime.stats import Stats
 from mobile.spec.schema import Spec
 
@@ -49,8 +49,6 @@ class HostCache:
         kernel = HostExperts(ExpertMLP.of_spec(spec), dtype, packed_layout(spec), threads)
         self.worker = HostWorker(kernel, model, trace)
         self.model, self.threads = model, threads
-        self.row_bytes = next(iter(self.rows.values())).stride(0) * next(iter(self.rows.values())).element_size() \
-            if self.rows else 0
         self.pairs = 0
         if self.store is not None:
             stats.extra["host_expert_bytes"] = self.store.nbytes
@@ -60,12 +58,7 @@ class HostCache:
         """x [T, H] float32, weights [T, K] float32, ids [T, K] (host tensors, as the layer's read
         brought them) -> the layer's routed-expert output [T, H] float32, on the host: every pair the
         rule keeps, computed from the host store."""
-        keep = rule.keep(weights).expand_as(weights)  # a "top" rule's is one row for every token
-        kept = kept_weights(weights, keep, rule.rescale)
-        token, k = keep.nonzero(as_tuple=True)
-        base = self.rows[layer].data_ptr()
-        addresses = base + ids[token, k].to(torch.int64) * self.row_bytes
-        job = HostJob(x.contiguous(), token.to(torch.int32), addresses, kept[token, k].contiguous(), tag)
+        job = host_job(self.rows[layer], x, weights, ids, rule, tag=tag)
         self.pairs += job.pairs
         out, blocked = self.worker.submit(job).wait()
         self.stats.stall_s += blocked  # the device waited for the host

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from mobile.errors import worker_failure
+from mobile.moe.placement import Costs
+from mobile.moe.rule import KeepRule, kept_weights
 
 DEFAULT_HOST_RATIO = 16.0  # device HBM over host DRAM read bandwidth: 1 TB/s / 60 GB/s
 
@@ -63,6 +65,30 @@ class HostJob:
         return self.out, time.perf_counter() - t0
 
 
+def host_job(rows: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, rule: KeepRule,
+             only: list[int] | None = None, tag: str = "") -> HostJob:
+    """The job that computes, from a layer's host rows [E, row], the pairs of x [T, H] that the
+    rule keeps (weights, ids [T, K], host tensors), only those of the experts `only` where given."""
+    keep = rule.keep(weights).expand_as(weights)  # a "top" rule's is one row for every token
+    kept = kept_weights(weights, keep, rule.rescale)  # rescaled over everything the rule keeps, as the op does
+    if only is not None:
+        keep = keep & torch.isin(ids, torch.tensor(only, dtype=ids.dtype))
+    token, k = keep.nonzero(as_tuple=True)
+    addresses = rows.data_ptr() + ids[token, k].to(torch.int64) * rows.stride(0) * rows.element_size()
+    return HostJob(x.contiguous(), token.to(torch.int32), addresses, kept[token, k].contiguous(), tag)
+
+
+@dataclass(frozen=True)
+class Hosted:
+    """What the host needs to compute a layer's misses, as the layer's one read brought it (host
+    tensors): the hidden rows x [T, H] and the router's weights and ids [T, K], and the node's rule."""
+
+    x: torch.Tensor
+    weights: torch.Tensor
+    ids: torch.Tensor
+    rule: KeepRule
+
+
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -95,6 +121,10 @@ class HostWorker:
     @property
     def failure(self) -> BaseException | None:
         return self._failed
+
+    def free_in(self, now: float) -> float:
+        """Seconds from `now` until the host has finished what it was given (as far as it knows)."""
+        return max(0.0, self._free - now)
 
     def _run(self) -> None:
         job = None
@@ -142,3 +172,13 @@ class HostWorker:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=30)
+
+
+@dataclass
+class HostPlacement:
+    """A cache's second place for its misses: the rule ("both": every miss on the host and copied
+    in behind; "choose": mobile.moe.placement.choose), the host worker, and the costs it weighs."""
+
+    rule: str
+    worker: HostWorker
+    costs: Costs

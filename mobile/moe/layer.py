@@ -10,6 +10,7 @@ big pass's) when the executor builds it:
     wait       the fetch's handle -> the slot map: the fetched experts are usable  host
     experts    x, routed, slot map -> [T, H]: torch.ops.mobile.moe_experts       compute
     host_experts  x, routed -> [T, H], computed on the host (placement host)      host: read, then compute
+    host_join  experts, the fetch's handle -> experts + the host's share          host (lru-host, placement)
     predict    the previous layer's hidden state -> this layer's likely ids       compute
     prefetch   ids -> cache.prefetch: stage them at low priority                  host
 
@@ -27,8 +28,9 @@ import dataclasses
 import torch
 
 from mobile.compiler.ir import Node
-from mobile.moe.cache import ExpertCache, FetchHandle, ResidentCache
+from mobile.moe.cache import ExpertCache, FetchHandle, OffloadedCache, ResidentCache
 from mobile.moe.hostcache import HostCache
+from mobile.moe.hostwork import Hosted
 from mobile.moe.op import ExpertKind
 from mobile.moe.router import Router
 from mobile.moe.rule import KeepRule
@@ -99,6 +101,9 @@ class MoELayer:
         given what was read."""
         layer, cache, tracks, slot_map, rule, tag = (self.layer, self.cache, self.cache.tracks_routes,
                                                      self.slot_map, rule_of(node), node.name)
+        if len(node.inputs) == 2:  # a host placement: the read also brings the weights and hidden rows
+            assert isinstance(cache, OffloadedCache)
+            return self._placed_fetch_kernel(cache, rule, tag)
 
         def plan(ctx: StepContext, routed) -> list[torch.Tensor]:
             weights, ids = routed
@@ -109,6 +114,35 @@ class MoELayer:
             return cache.fetch(layer, values[0], (values[1], routed[1].shape[1]) if tracks else None, tag)
 
         return SyncKernel(fetch, plan)
+
+    def _placed_fetch_kernel(self, cache: OffloadedCache, rule: KeepRule, tag: str) -> SyncKernel:
+        """The fetch of a cache that may compute misses on the host (lru-host; mobile with
+        placement): the same one read, with the router's weights and the hidden rows riding along
+        (floats), so that the host can start on its share at once."""
+        layer, slot_map = self.layer, self.slot_map
+
+        def plan(ctx: StepContext, routed, x: torch.Tensor) -> list[torch.Tensor]:
+            weights, ids = routed
+            return [rule.status(weights, ids, slot_map), ids, weights.float(), x.float()]
+
+        def fetch(ctx: StepContext, values: list[torch.Tensor], routed, x: torch.Tensor) -> FetchHandle:
+            T, K = routed[1].shape
+            status, ids = values[0].tolist(), values[1]
+            hosted = Hosted(values[3].view(T, -1), values[2].view(T, K), ids.view(T, K), rule)
+            return cache.fetch(layer, status, (ids.tolist(), K), tag, hosted=hosted)
+
+        return SyncKernel(fetch, plan, raw=True)
+
+    def join_kernel(self) -> SyncKernel:
+        """The host_join node's: the device's experts plus the host's share of the layer."""
+        cache = self.cache
+        assert isinstance(cache, OffloadedCache)
+
+        def join(ctx: StepContext, values, experts: torch.Tensor, handle: FetchHandle) -> torch.Tensor:
+            host = cache.host_result(handle)
+            return experts if host is None else experts + host.to(device=experts.device, dtype=experts.dtype)
+
+        return SyncKernel(join)
 
     def host_kernel(self, node: Node) -> SyncKernel:
         """The host_experts node's (placement host): its one host read brings the router's choice and

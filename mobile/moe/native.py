@@ -118,7 +118,10 @@ def _cached(key: tuple, make):
     if torch.compiler.is_compiling():
         return make()
     if key not in _CACHE:
-        _CACHE[key] = make()
+        # a normal tensor even when first asked for under inference mode (an engine's generate): an
+        # inference tensor could not be written in place by a later call outside it
+        with torch.inference_mode(False):
+            _CACHE[key] = make()
     return _CACHE[key]
 
 

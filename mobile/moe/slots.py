@@ -138,6 +138,10 @@ class SlotTable:
         count, when = self.uses.get(expert, (0.0, self.clock))
         return count * self.decay ** (self.clock - when)
 
+    def note_use(self, expert: int) -> None:
+        """A use of an expert computed elsewhere (on the host): it counts towards what is hot (lfu)."""
+        self._count_use(expert)
+
     def take_evicted(self) -> list[int]:
         """The experts evicted since the last call (the device slot map must forget them)."""
         out, self.evicted = self.evicted, []

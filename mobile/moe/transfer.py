@@ -197,6 +197,11 @@ class CopyEngine:
             self._fail(e, job)
 
     @property
+    def link_free(self) -> float:
+        """When the emulated link is next free (perf_counter seconds; CUDA: not tracked, 0)."""
+        return 0.0 if self.cuda else self._link_free
+
+    @property
     def failure(self) -> BaseException | None:
         """What the worker failed with (CPU), or None."""
         return None if self.cuda else self._failed

@@ -137,6 +137,9 @@ class Kernels:
     def _wait(self, node: Node) -> SyncKernel:
         return self.moe(node.attr("layer")).wait_kernel()
 
+    def _host_join(self, node: Node) -> SyncKernel:
+        return self.moe(node.attr("layer")).join_kernel()
+
     def _host_experts(self, node: Node) -> SyncKernel:
         return self.moe(node.attr("layer")).host_kernel(node)
 

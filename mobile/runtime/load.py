@@ -11,14 +11,18 @@ from pathlib import Path
 import torch
 
 from mobile.compiler.budget import CachePlan
+from mobile.compiler.costs import expert_bytes
 from mobile.compiler.emit import load_graph
 from mobile.compiler.ir import Graph
 from mobile.compiler.passes import compile_spec
 from mobile.errors import CheckpointError, MobileError, SpecError
 from mobile.models.weights import WeightStore
 from mobile.moe.cache import ExpertCache, OffloadedCache, ResidentCache
+from mobile.moe.host import HostExperts, default_threads
 from mobile.moe.hostcache import HostCache
-from mobile.moe.hostwork import HostModel
+from mobile.moe.hostwork import HostModel, HostPlacement, HostWorker
+from mobile.moe.layout import ExpertMLP, packed_layout
+from mobile.moe.placement import Costs
 from mobile.moe.transfer import LinkModel, calibrated_gbps, expert_compute_seconds
 from mobile.runtime.hostio import HostReader
 from mobile.runtime.stats import Stats
@@ -54,11 +58,31 @@ def expert_cache(spec: Spec, store: WeightStore, device: torch.device, dtype: to
         return ResidentCache(spec, store, device, dtype, stats, reader, progress=bar, track_use=track_use)
     emulate = device.type != "cuda"  # a CPU has no real link to move experts over, so one is emulated
     link = LinkModel("emulated", latency_s=spec.runtime.link.latency_us * 1e-6) if emulate else LinkModel("real")
-    cache = OffloadedCache(spec, store, device, dtype, stats, plan, link, trace=trace, progress=bar, compiled=compile)
     if emulate:
         link.gbps, calibration = calibrated_gbps(spec, device, dtype, link_gbps, link_ratio)
         stats.extra.update(calibration, link_gbps=round(link.gbps, 4))
-    return cache
+    placement = spec.policy.effective_placement
+    host = host_placement(spec, device, dtype, link, trace) if placement in ("both", "choose") else None
+    return OffloadedCache(spec, store, device, dtype, stats, plan, link, trace=trace, progress=bar, compiled=compile,
+                          host=host)
+
+
+def host_placement(spec: Spec, device: torch.device, dtype: torch.dtype, link: LinkModel,
+                   trace: list | None) -> HostPlacement:
+    """The host as a second place for a cache's misses: its kernel on its worker, and the costs the
+    placement rule weighs (a move over the link; a pair on the device and on the host)."""
+    model = host_model(spec, device, dtype)
+    device_pair = expert_compute_seconds(spec, device, dtype, packed=True)
+    # on CUDA the host is real: its cost per pair is first the plan's (bytes over the host's read
+    # bandwidth) and the link's the plan's too
+    host_pair = model.ratio * device_pair if model.kind == "emulated" else \
+        expert_bytes(spec) / (spec.runtime.plan.host_gbps * 1e9)
+    move = link.duration(expert_bytes(spec)) if link.kind == "emulated" else \
+        expert_bytes(spec) / (spec.runtime.plan.link_gbps * 1e9)
+    threads = spec.policy.host_threads or default_threads()
+    kernel = HostExperts(ExpertMLP.of_spec(spec), dtype, packed_layout(spec), threads)
+    rule = "both" if spec.policy.effective_placement == "both" else "choose"
+    return HostPlacement(rule, HostWorker(kernel, model, trace), Costs(move, device_pair, host_pair))
 
 
 def host_model(spec: Spec, device: torch.device, dtype: torch.dtype) -> HostModel:

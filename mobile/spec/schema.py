@@ -217,11 +217,16 @@ class PolicySpec:
     little_select: Literal["top", "random"] = knob("top", "the little set: the top little_k (default), or a random "
                                                    "little_k of the big set (a baseline)")
     prefill: Literal["big", "little"] = knob("big", "mobile: the pass a prompt runs (default big)")
-    host_threads: int | None = knob(None, "host: threads of the host expert kernel (default: the physical cores "
-                                    "less one, at least one)", lo=1, hi=1024)
+    placement: Literal["auto", "move", "choose"] = knob(
+        "auto", "where a missed expert runs: move (into a cache slot over the link), or choose (per expert, moved or "
+        "computed on the host, whichever finishes the layer sooner; a hot one also copied in behind: "
+        "mobile.moe.placement); auto (default): the policy's own")
+    host_threads: int | None = knob(None, "host placement: threads of the host expert kernel (default: the "
+                                    "physical cores less one, at least one)", lo=1, hi=1024)
     # an RTX 4090's HBM (about 1 TB/s) over dual-channel DDR5 (about 60 GB/s), as R = 40 is its link
-    host_ratio: float = knob(16.0, "host, on a CPU-only machine: the emulated host computes an expert this many "
-                             "times slower than the device (default 16); on CUDA the host is this machine's CPU",
+    host_ratio: float = knob(16.0, "host placement, on a CPU-only machine: the emulated host computes an expert "
+                             "this many times slower than the device (default 16); on CUDA the host is this "
+                             "machine's CPU",
                              lo=1e-3, hi=1e4)
 
     @property
@@ -236,6 +241,13 @@ class PolicySpec:
     @property
     def effective_eviction(self) -> Literal["lru", "lfu"]:
         return self.traits.eviction if self.eviction == "auto" else self.eviction
+
+    @property
+    def effective_placement(self) -> policies.Placement:
+        """Where a missed expert runs: the policy's own (host, both: its definition), or as asked."""
+        if self.placement == "auto" or self.traits.placement in ("host", "both") or not self.traits.offloads:
+            return self.traits.placement
+        return self.placement
 
     @property
     def effective_layer_rule(self) -> Literal["switch", "prefix"]:
