@@ -18,7 +18,7 @@
     shadow.py     the big-only estimate (what big-only decoding would have moved)
     host.py       the host expert kernel (kernels/host_experts.c): a layer's pairs computed on the
                   CPU from the host store's rows; built on first use (host placement builds on it)
-    placement.py  where a missed expert runs: moved, on the host, or both (the rule; not wired yet)
+    placement.py  where a missed expert runs: moved, on the host, or both (the rule OffloadedCache applies)
     hostcache.py  HostCache: every routed expert on the host, computed there (policy host)
     hostwork.py   the host worker: host jobs on a thread of their own, the host's speed emulated on a
                   CPU-only machine as the link's is

@@ -49,7 +49,7 @@ class HostCache:
         kernel = HostExperts(ExpertMLP.of_spec(spec), dtype, packed_layout(spec), threads)
         self.worker = HostWorker(kernel, model, trace)
         self.model, self.threads = model, threads
-        self.pairs = 0
+        self.experts = 0
         if self.store is not None:
             stats.extra["host_expert_bytes"] = self.store.nbytes
 
@@ -59,7 +59,7 @@ class HostCache:
         brought them) -> the layer's routed-expert output [T, H] float32, on the host: every pair the
         rule keeps, computed from the host store."""
         job = host_job(self.rows[layer], x, weights, ids, rule, tag=tag)
-        self.pairs += job.pairs
+        self.experts += int(job.rows.unique().numel())  # each expert once per step, as the caches count
         out, blocked = self.worker.submit(job).wait()
         self.stats.stall_s += blocked  # the device waited for the host
         return out
@@ -93,13 +93,13 @@ class HostCache:
         """Every job has been waited for by its node."""
 
     def collect_stats(self) -> None:
-        self.stats.extra.update(host_busy_s=self.worker.busy_s, experts_on_host=self.pairs,
+        self.stats.extra.update(host_busy_s=self.worker.busy_s, experts_on_host=self.experts,
                                 host_threads=self.threads, host=self.model.kind,
                                 **({"host_ratio": self.model.ratio} if self.model.kind == "emulated" else {}))
 
     def reset_counters(self) -> None:
         self.worker.busy_s = 0.0
-        self.pairs = 0
+        self.experts = 0
 
     @property
     def failure(self) -> BaseException | None:

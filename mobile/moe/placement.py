@@ -16,9 +16,10 @@ what moving and computing cost (Costs). The layer then waits for both the device
   the coldest resident expert's, so the cache would keep it. The copy goes on the link after this
   step's moves, where it delays no one this step.
 
-The baselines' rules are constant: `host` (llama.cpp's -ot exps=CPU) and `hybrid-static`
-(KTransformers) put every miss on the host; `lru-host` (the expert-cache PRs) computes every miss
-on the host and copies it in behind.
+The baselines' rules are constant: `lru-host` (the expert-cache PRs) computes every miss on the
+host and copies it in behind (`always`). `host` (llama.cpp's -ot exps=CPU) has no cache at all
+(mobile.moe.hostcache). OffloadedCache applies the rule to a decoded token's misses; a prompt's
+experts are moved, many tokens sharing each.
 """
 
 from __future__ import annotations
