@@ -359,8 +359,9 @@ class OffloadedCache:
         for key, n in (("experts_moved", len(missing) - len(on_host)), ("experts_on_host", len(on_host) - len(behind)),
                        ("experts_both", len(behind))):
             counts[key] = counts.get(key, 0) + n
-        handle.host_job = hp.worker.submit(host_job(self.host[layer], hosted.x, hosted.weights, ids, hosted.rule,
-                                                    only=on_host, tag=f"{handle.tag}.host"))
+        if on_host:  # no job at all when every miss moves: the join then only passes the device's output on
+            handle.host_job = hp.worker.submit(host_job(self.host[layer], hosted.x, hosted.weights, ids, hosted.rule,
+                                                        only=on_host, tag=f"{handle.tag}.host"))
         for e in on_host:
             if e not in behind:
                 table.note_use(e)  # its use still counts towards what is hot
