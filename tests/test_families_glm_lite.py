@@ -15,8 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli, tiny_cache
-from test_families_v3 import PROMPT, SigmoidTiny, import_error
-from test_families_v3 import test_mobile_at_the_tau_extremes_is_big_and_little as tau_extremes
+from test_families_v3 import PROMPT, SigmoidTiny, import_error, tau_extremes_are_big_and_little
 from test_offload import offloading_matches_resident
 from tiny import ALIAS_VARIANTS
 
@@ -62,7 +61,7 @@ def test_offloading_gives_residents_tokens(alias_tiny, variant, policy):
 
 @pytest.mark.parametrize("variant", ALIAS_VARIANTS)
 def test_mobile_at_the_tau_extremes_is_big_and_little(alias_tiny, tmp_path, variant):
-    tau_extremes(alias_tiny, tmp_path, variant)
+    tau_extremes_are_big_and_little(alias_tiny(variant), tmp_path)
 
 
 def test_imported_variants_carry_their_quirks(alias_tiny):

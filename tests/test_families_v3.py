@@ -138,25 +138,29 @@ def policy_engine(t, tmp_path, policy: str, **fields) -> mobile.Engine:
     return mobile.Engine.load(tmp_path / path.stem, weights=t.ckpt, link_gbps=50.0)
 
 
-@pytest.mark.parametrize("variant", ["deepseek_v3", "glm4_moe"])
-def test_mobile_at_the_tau_extremes_is_big_and_little(sigmoid_tiny, tmp_path, variant):
-    t = sigmoid_tiny(variant)
-    always = policy_engine(t, tmp_path, "mobile", tau=1)  # tau 1: every token falls back
+def tau_extremes_are_big_and_little(t, tmp_path, prompt: torch.Tensor = PROMPT) -> None:
+    """`mobile` at tau 1 decodes as big (every token falls back), and at tau 0 with the per-layer
+    rule off as `little` (also for the newer families' tests). The rule is off because its default
+    layer_tau keeps more than the little set wherever that carries under 0.85 of the big set's
+    mass, which the tiny sigmoid routers' half does almost everywhere (a mean share of 0.6-0.66)."""
+    always = policy_engine(t, tmp_path, "mobile", tau=1)
     big = mobile.Engine.load(t.graph, policy="lru-prefetch", link_gbps=50.0)
-    # the per-layer rule off too: its default layer_tau keeps more than the little set wherever that
-    # carries under 0.85 of the big set's mass, which these tiny sigmoid routers' half does almost
-    # everywhere (a mean share of 0.6-0.66)
     never = policy_engine(t, tmp_path, "mobile", tau=0.0, prefill="little", layer_tau="null")
     little = policy_engine(t, tmp_path, "little")
     try:
-        assert always.generate(PROMPT, 16, stop_ids=[]) == big.generate(PROMPT, 16, stop_ids=[])
-        assert always.stats["fallback_tokens"] == 15
-        tokens = never.generate(PROMPT, 16, stop_ids=[])
-        assert tokens == little.generate(PROMPT, 16, stop_ids=[])
-        assert never.stats["fallback_tokens"] == 0 and never.stats["little_tokens"] == PROMPT.numel() + 15
+        n = 16
+        assert always.generate(prompt, n, stop_ids=[]) == big.generate(prompt, n, stop_ids=[])
+        assert always.stats["fallback_tokens"] == n - 1
+        assert never.generate(prompt, n, stop_ids=[]) == little.generate(prompt, n, stop_ids=[])
+        assert never.stats["fallback_tokens"] == 0 and never.stats["little_tokens"] == prompt.numel() + n - 1
     finally:
         for e in (always, big, never, little):
             e.close()
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "glm4_moe"])
+def test_mobile_at_the_tau_extremes_is_big_and_little(sigmoid_tiny, tmp_path, variant):
+    tau_extremes_are_big_and_little(sigmoid_tiny(variant), tmp_path)
 
 
 # -- published specs -----------------------------------------------------------------------------

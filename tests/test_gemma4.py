@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from conftest import Tiny, run_cli, tiny_cache
-from test_families_v3 import import_error, policy_engine
+from test_families_v3 import import_error, tau_extremes_are_big_and_little
 from test_offload import offloading_matches_resident
 from test_vs_transformers import test_logits_match as logits_match
 
@@ -167,20 +167,7 @@ def test_offloading_gives_residents_tokens(gemma4_tiny, policy, variant):
 
 
 def test_mobile_at_the_tau_extremes_is_big_and_little(gemma4_tiny, tmp_path):
-    t = gemma4_tiny("gemma4_text")
-    always = policy_engine(t, tmp_path, "mobile", tau=1)  # tau 1: every token falls back
-    big = mobile.Engine.load(t.graph, policy="lru-prefetch", link_gbps=50.0)
-    never = policy_engine(t, tmp_path, "mobile", tau=0.0, prefill="little", layer_tau="null")
-    little = policy_engine(t, tmp_path, "little")
-    try:
-        assert always.generate(PROMPT, 16, stop_ids=[]) == big.generate(PROMPT, 16, stop_ids=[])
-        assert always.stats["fallback_tokens"] == 15
-        tokens = never.generate(PROMPT, 16, stop_ids=[])
-        assert tokens == little.generate(PROMPT, 16, stop_ids=[])
-        assert never.stats["fallback_tokens"] == 0 and never.stats["little_tokens"] == PROMPT.numel() + 15
-    finally:
-        for e in (always, big, never, little):
-            e.close()
+    tau_extremes_are_big_and_little(gemma4_tiny("gemma4_text"), tmp_path, PROMPT)
 
 
 # -- GeGLU experts in the Triton kernels ----------------------------------------------------------

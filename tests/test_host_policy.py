@@ -40,12 +40,12 @@ def demo(tmp_path_factory) -> Path:
     return out
 
 
-def host_matches_resident(graph: Path, tokens: int, fmt: str | None = None, weights: Path | None = None,
-                          group: int | None = None) -> dict:
-    """Logits (within 1e-4) and `tokens` greedy tokens of `host` equal resident's; host's stats."""
-    options = {"expert_format": fmt, "expert_group_size": group} if fmt else {}
-    resident = mobile.Engine.load(graph, weights=weights, **options)
-    engine = mobile.Engine.load(graph, weights=weights, policy="host", **options)
+def placed_matches(graph: Path, policy: str, tokens: int, fmt: str | None = None, group: int | None = None,
+                   **options) -> dict:
+    """`policy` with its placement gives resident's logits (1e-4) and greedy tokens; its stats."""
+    formats = {"expert_format": fmt, "expert_group_size": group} if fmt else {}
+    resident = mobile.Engine.load(graph, **formats)
+    engine = mobile.Engine.load(graph, policy=policy, policy_options=options, link_ratio=40.0, **formats)
     try:
         torch.testing.assert_close(engine.logits(PROMPT), resident.logits(PROMPT), atol=1e-4, rtol=1e-4)
         assert engine.generate(PROMPT, tokens, stop_ids=[]) == resident.generate(PROMPT, tokens, stop_ids=[])
@@ -57,7 +57,7 @@ def host_matches_resident(graph: Path, tokens: int, fmt: str | None = None, weig
 
 @pytest.mark.parametrize("fmt", [None, "int4"])
 def test_the_demo_on_the_host_decodes_as_resident(demo, fmt):
-    s = host_matches_resident(demo, 64, fmt)
+    s = placed_matches(demo, "host", 64, fmt)
     moe_layers, top_k = 4, 4  # the demo's
     assert s["link"] == "none" and s["bytes_h2d"] == 0 and s["host"] == "emulated" and s["host_ratio"] == 16
     # every decoded token's every layer ran its top-k on the host (the prompt's pairs on top)
@@ -69,13 +69,13 @@ def test_the_demo_on_the_host_decodes_as_resident(demo, fmt):
 @pytest.mark.parametrize("fmt", [None, "int4"])
 def test_shared_experts_on_the_host_decode_as_resident(tiny, family, fmt):
     t = tiny(family)
-    host_matches_resident(t.graph, 64, fmt, group=8)  # a group the tiny widths divide
+    placed_matches(t.graph, "host", 64, fmt, group=8)  # a group the tiny widths divide
 
 
 @pytest.mark.parametrize("fmt", [None, "int4"])
 def test_biases_and_clamped_experts_on_the_host_decode_as_resident(tmp_path_factory, fmt):
     t = GptOssTiny(tmp_path_factory.mktemp("gpt_oss"), "gpt_oss")
-    host_matches_resident(t.graph, 64, fmt, group=8)
+    placed_matches(t.graph, "host", 64, fmt, group=8)
 
 
 def test_the_plan_says_where_experts_live(tmp_path, capsys):
@@ -138,21 +138,6 @@ def test_host_under_cuda_graphs_decodes_as_eager(demo):
 
 
 # -- placements: lru-host (every miss on the host, copied in behind) and the placement rule --------
-def placed_matches(graph: Path, policy: str, tokens: int, fmt: str | None = None, group: int | None = None,
-                   **options) -> dict:
-    """`policy` with its placement gives resident's logits (1e-4) and greedy tokens; its stats."""
-    formats = {"expert_format": fmt, "expert_group_size": group} if fmt else {}
-    resident = mobile.Engine.load(graph, **formats)
-    engine = mobile.Engine.load(graph, policy=policy, policy_options=options, link_ratio=40.0, **formats)
-    try:
-        torch.testing.assert_close(engine.logits(PROMPT), resident.logits(PROMPT), atol=1e-4, rtol=1e-4)
-        assert engine.generate(PROMPT, tokens, stop_ids=[]) == resident.generate(PROMPT, tokens, stop_ids=[])
-        return engine.stats
-    finally:
-        engine.close()
-        resident.close()
-
-
 @pytest.mark.parametrize("fmt", [None, "int4"])
 def test_lru_host_decodes_as_resident_and_copies_its_misses_behind(demo, fmt):
     s = placed_matches(demo, "lru-host", 64, fmt)

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from conftest import Tiny, run_cli, tiny_cache
-from test_families_v3 import import_error, policy_engine
+from test_families_v3 import import_error, tau_extremes_are_big_and_little
 from test_offload import offloading_matches_resident
 from test_vs_transformers import test_greedy_matches_generate as greedy_matches_generate
 from test_vs_transformers import test_logits_match as logits_match
@@ -147,21 +147,7 @@ def test_offloading_gives_residents_tokens(minimax, policy):
 
 
 def test_mobile_at_the_tau_extremes_is_big_and_little(minimax, tmp_path):
-    always = policy_engine(minimax, tmp_path, "mobile", tau=1)  # tau 1: every token falls back
-    big = mobile.Engine.load(minimax.graph, policy="lru-prefetch", link_gbps=50.0)
-    # the per-layer rule off too (as for DeepSeek-V3 and GLM-4.5: a sigmoid router's top half
-    # carries well under layer_tau of the big set's mass)
-    never = policy_engine(minimax, tmp_path, "mobile", tau=0.0, prefill="little", layer_tau="null")
-    little = policy_engine(minimax, tmp_path, "little")
-    try:
-        assert always.generate(PROMPT, 16, stop_ids=[]) == big.generate(PROMPT, 16, stop_ids=[])
-        assert always.stats["fallback_tokens"] == 15
-        tokens = never.generate(PROMPT, 16, stop_ids=[])
-        assert tokens == little.generate(PROMPT, 16, stop_ids=[])
-        assert never.stats["fallback_tokens"] == 0 and never.stats["little_tokens"] == PROMPT.numel() + 15
-    finally:
-        for e in (always, big, never, little):
-            e.close()
+    tau_extremes_are_big_and_little(minimax, tmp_path, PROMPT)
 
 
 # -- FP8, as MiniMax publishes its weights -------------------------------------------------------
