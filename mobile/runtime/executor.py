@@ -57,6 +57,10 @@ class Step:
     # with CUDA graphs: the segment without the executor's bookkeeping (the node list, the trace),
     # which a replay would skip; what the graph runner captures (fn itself when compiled)
     graph_fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None = None
+    raw: bool = False  # a sync step one of whose nodes reads floats (a host placement): one read of any dtypes
+
+    def __post_init__(self) -> None:
+        self.raw = any(n.kernel.raw for n in self.sync or ())
 
 
 @dataclass(frozen=True)
@@ -218,7 +222,7 @@ class Executor:
         wanted = [n.kernel.read(ctx, *[env.get(i) for i in n.inputs]) if n.kernel.read is not None else []
                   for n in step.sync]
         everything = [t for ts in wanted for t in ts]
-        raw = any(n.kernel.raw for n in step.sync)  # a host_experts node reads floats (weights, hidden rows)
+        raw = step.raw
         values: list[Any] = self.reader.read(everything) if raw else self.reader.ints(everything)
         start = 0
         for node, ts in zip(step.sync, wanted, strict=True):
