@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,16 @@ from mobile.cli import main  # noqa: E402
 
 def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
+
+
+def run_cli_within(seconds: float, *args: str) -> int:
+    """run_cli on a thread that must end within `seconds` (a run that hangs fails the test)."""
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(run_cli(*args)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "the run hangs"
+    return result[0]
 
 
 class Tiny:

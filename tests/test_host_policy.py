@@ -6,12 +6,11 @@ failing host worker. Its bad flags are rows of tests/test_bad_input.py."""
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import Tiny, run_cli
+from conftest import Tiny, run_cli, run_cli_within
 from tiny import build_tiny_gpt_oss
 
 import mobile
@@ -99,16 +98,11 @@ def test_a_failing_host_worker_ends_the_run_in_one_line(demo, monkeypatch, capsy
         raise ZeroDivisionError("injected")
 
     monkeypatch.setattr(HostExperts, "__call__", fail)
-    result: list[int] = []
-    worker = threading.Thread(target=lambda: result.append(run_cli("run", "--graph", demo, "--policy", "host",
-                                                                   "--prompt-ids", "5,6", "--max-new-tokens", "4")),
-                              daemon=True)
-    worker.start()
-    worker.join(30)
-    assert not worker.is_alive(), "the run hangs"
+    code = run_cli_within(30, "run", "--graph", demo, "--policy", "host", "--prompt-ids", "5,6",
+                          "--max-new-tokens", "4")
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert result == [1] and "Traceback" not in err and len(lines) == 1, err
+    assert code == 1 and "Traceback" not in err and len(lines) == 1, err
     assert "internal error in the host worker: ZeroDivisionError: injected" in lines[0]
 
 

@@ -8,12 +8,11 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_cli_within
 from safetensors.torch import load_file, save_file
 
 from mobile.errors import RunError
@@ -82,15 +81,10 @@ def test_a_failing_copy_worker_ends_the_run_in_seconds_with_one_line(ondemand, m
         raise OverflowError("injected: cannot convert float infinity to integer")
 
     monkeypatch.setattr(CopyEngine, "_copy", fail)
-    result: list[int] = []
-    worker = threading.Thread(target=lambda: result.append(run_cli("run", "--graph", ondemand, "--prompt-ids",
-                                                                   "5,6", "--max-new-tokens", "4")), daemon=True)
-    worker.start()
-    worker.join(30)
-    assert not worker.is_alive(), "the run hangs"
+    code = run_cli_within(30, "run", "--graph", ondemand, "--prompt-ids", "5,6", "--max-new-tokens", "4")
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert result == [1] and "Traceback" not in err and len(lines) == 1, err
+    assert code == 1 and "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("mobile: error: ") and "internal error in the copy worker: OverflowError: injected" \
         in lines[0]
 

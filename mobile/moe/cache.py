@@ -30,16 +30,17 @@ them in the same row, after the matrices, so they move and are cached with their
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from mobile.compiler.budget import CachePlan
 from mobile.compiler.costs import expert_bytes
 from mobile.models.weights import WeightStore
-from mobile.moe.hoststore import HostStore
-from mobile.moe.hostwork import Hosted, HostPlacement, host_job
+from mobile.moe.hoststore import load_host_store
+from mobile.moe.hostwork import Hosted, HostJob, HostPlacement, host_job
 from mobile.moe.placement import Miss, Placement, always, choose
 from mobile.moe.rows import load_expert_rows
 from mobile.moe.rule import FREE, MISSING, UNUSED
@@ -83,7 +84,7 @@ class FetchHandle:
     jobs: list[CopyJob] = field(default_factory=list)
     placed: list[tuple[int, int]] = field(default_factory=list)  # (expert, slot) usable once waited for
     rounds: list[list[int]] = field(default_factory=list)  # when the set exceeds the cache (a prompt)
-    host_job: Any = None  # the layer's share computed on the host (a HostJob), under a host placement
+    host_job: HostJob | None = None  # the layer's share computed on the host, under a host placement
 
 
 class Rounds:
@@ -209,7 +210,6 @@ class OffloadedCache:
         self.num_experts = E = spec.model.moe.num_experts
         pin = device.type == "cuda"
         self.link = "real" if link.kind == "real" else "emulated"
-        self.host: dict[int, torch.Tensor] = {}
         self.rows: dict[int, torch.Tensor] = {}
         self.tables: dict[int, SlotTable] = {}
         self.pending: dict[int, dict[int, CopyJob]] = {}  # layer -> slot -> its copy, until a wait covers it
@@ -218,14 +218,9 @@ class OffloadedCache:
         self.maps: dict[int, torch.Tensor] = {}  # layer -> the device slot map [E]
         self.dirty: set[int] = set()  # layers whose host record changed since the last copy
         self.eviction = eviction = spec.policy.effective_eviction
-        self.store: HostStore | None = None
-        for i, layer in enumerate(spec.moe_layers):
-            rows = load_expert_rows(spec, store, layer, dtype)
-            if self.store is None:  # one allocation for every layer, pinned once (mobile.moe.hoststore)
-                self.store = HostStore(len(spec.moe_layers), E, rows.shape[1], rows.dtype, pin)
-            self.host[layer] = self.store.views[i]
-            self.host[layer].copy_(rows)
-            del rows  # only the store's copy stays
+        # one allocation for every layer, pinned once (mobile.moe.hoststore)
+        self.store, self.host = load_host_store(spec, store, dtype, pin, progress)
+        for layer in spec.moe_layers:
             # zeros, not empty: the expert op may compute a pair against any slot and mask it after,
             # which must never meet a NaN in a slot no copy has filled yet (packed: zero scales)
             row = self.host[layer]
@@ -235,8 +230,6 @@ class OffloadedCache:
             self.usable[layer] = torch.full((E,), -1, dtype=torch.long, pin_memory=pin)
             self.record[layer] = [-1] * E
             self.maps[layer] = torch.full((E,), -1, dtype=torch.long, device=device)
-            if progress is not None:
-                progress.update(1)
         self.engine = CopyEngine(device, link, trace)
         self.cuda = device.type == "cuda"
         # CUDA: per layer, an event after the last compute that read its slots, so that a copy into
@@ -344,7 +337,7 @@ class OffloadedCache:
         candidates = [e for e in missing if e not in table.slot_of]
         if not candidates:
             return missing
-        pairs = {e: int((ids == e).sum()) for e in candidates}
+        pairs = Counter(ids.flatten().tolist())  # each miss's (token, expert) pairs in this step
         misses = [Miss(e, pairs[e], table.score(e)) for e in candidates]
         if hp.rule == "both":
             placed = always(Placement.BOTH, misses)
@@ -470,10 +463,7 @@ class OffloadedCache:
         self.stats.expert_hits = sum(x.hits for x in c)
         self.stats.expert_misses = sum(x.misses for x in c)
         if self.host_placement is not None:
-            hp = self.host_placement
-            self.stats.extra.update(host_busy_s=hp.worker.busy_s, host=hp.worker.model.kind,
-                                    **({"host_ratio": hp.worker.model.ratio} if hp.worker.model.kind == "emulated"
-                                       else {}))
+            self.stats.extra.update(self.host_placement.worker.stats())
         self.stats.extra.update(
             link_busy_s=self.engine.busy_s, eviction=self.eviction, prefetch_issued=sum(x.prefetch_issued for x in c),
             prefetch_used=sum(x.prefetch_used for x in c),

@@ -6,7 +6,7 @@ in its one host read; `compute` keeps the pairs its keep rule keeps, runs them w
 expert kernel (mobile.moe.host) on the host worker (mobile.moe.hostwork), and hands the output
 back. On a CPU-only machine the device and the host are the same CPU, so the host's speed is
 emulated: the kernel's time is padded to --host-ratio times the device's measured time for the
-same expert (HostModel). On CUDA nothing is emulated.
+same expert (mobile.moe.hostwork.HostModel). On CUDA nothing is emulated.
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ import torch
 
 from mobile.models.weights import WeightStore
 from mobile.moe.cache import FetchHandle
-from mobile.moe.host import HostExperts, default_threads
-from mobile.moe.hoststore import HostStore
-from mobile.moe.hostwork import HostModel, HostWorker, host_job
-from mobile.moe.layout import ExpertMLP, packed_layout
-from mobile.moe.rows import load_expert_rows
+from mobile.moe.hoststore import load_host_store
+from mobile.moe.hostwork import HostWorker, host_job
 from mobile.moe.rule import KeepRule
 from mobile.runtime.stats import Stats
 from mobile.spec.schema import Spec
@@ -32,23 +29,10 @@ class HostCache:
     tracks_routes = False
 
     def __init__(self, spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
-                 model: HostModel, progress=None, trace: list | None = None):
-        self.spec, self.stats, self.device = spec, stats, device
-        self.rows: dict[int, torch.Tensor] = {}
-        self.store: HostStore | None = None
-        for i, layer in enumerate(spec.moe_layers):
-            rows = load_expert_rows(spec, store, layer, dtype)
-            if self.store is None:  # one allocation for every layer, pinned once on CUDA (mobile.moe.hoststore)
-                self.store = HostStore(len(spec.moe_layers), rows.shape[0], rows.shape[1], rows.dtype,
-                                       pin=device.type == "cuda")
-            self.rows[layer] = self.store.views[i]
-            self.rows[layer].copy_(rows)
-            if progress is not None:
-                progress.update(1)
-        threads = spec.policy.host_threads or default_threads()
-        kernel = HostExperts(ExpertMLP.of_spec(spec), dtype, packed_layout(spec), threads)
-        self.worker = HostWorker(kernel, model, trace)
-        self.model, self.threads = model, threads
+                 worker: HostWorker, progress=None):
+        """worker: the host worker with the kernel for this spec's experts (mobile.runtime.load.host_worker)."""
+        self.spec, self.stats, self.device, self.worker = spec, stats, device, worker
+        self.store, self.rows = load_host_store(spec, store, dtype, pin=device.type == "cuda", progress=progress)
         self.experts = 0
         if self.store is not None:
             stats.extra["host_expert_bytes"] = self.store.nbytes
@@ -93,9 +77,7 @@ class HostCache:
         """Every job has been waited for by its node."""
 
     def collect_stats(self) -> None:
-        self.stats.extra.update(host_busy_s=self.worker.busy_s, experts_on_host=self.experts,
-                                host_threads=self.threads, host=self.model.kind,
-                                **({"host_ratio": self.model.ratio} if self.model.kind == "emulated" else {}))
+        self.stats.extra.update(self.worker.stats(), experts_on_host=self.experts)
 
     def reset_counters(self) -> None:
         self.worker.busy_s = 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from mobile.errors import MobileError
+from mobile.moe.rows import load_expert_rows
 
 
 class HostStore:
@@ -46,3 +47,20 @@ class HostStore:
         if self.registered:
             torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
             self.registered = False
+
+
+def load_host_store(spec, weights, dtype: torch.dtype, pin: bool, progress=None) -> tuple[HostStore | None,
+                                                                                          dict[int, torch.Tensor]]:
+    """Every MoE layer's expert rows (mobile.moe.rows) loaded into one HostStore, a layer at a time:
+    the store (None without MoE layers) and each layer's view of it [E, row]."""
+    store, views = None, {}
+    for i, layer in enumerate(spec.moe_layers):
+        rows = load_expert_rows(spec, weights, layer, dtype)
+        if store is None:
+            store = HostStore(len(spec.moe_layers), rows.shape[0], rows.shape[1], rows.dtype, pin)
+        views[layer] = store.views[i]
+        views[layer].copy_(rows)
+        del rows  # only the store's copy stays
+        if progress is not None:
+            progress.update(1)
+    return store, views

@@ -24,6 +24,7 @@ import torch
 from mobile.errors import worker_failure
 from mobile.moe.placement import Costs
 from mobile.moe.rule import KeepRule, kept_weights
+from mobile.moe.transfer import serial_end
 
 DEFAULT_HOST_RATIO = 16.0  # device HBM over host DRAM read bandwidth: 1 TB/s / 60 GB/s
 
@@ -122,6 +123,13 @@ class HostWorker:
     def failure(self) -> BaseException | None:
         return self._failed
 
+    def stats(self) -> dict:
+        """What a run's stats say of the host (mobile.runtime.stats; docs/stats.md)."""
+        emulated = {"host_ratio": self.model.ratio} if self.model.kind == "emulated" else {}
+        threads = getattr(self.kernel, "threads", None)  # mobile.moe.host.HostExperts's
+        return {"host_busy_s": self.busy_s, "host": self.model.kind, **emulated,
+                **({"host_threads": threads} if threads is not None else {})}
+
     def free_in(self, now: float) -> float:
         """Seconds from `now` until the host has finished what it was given (as far as it knows)."""
         return max(0.0, self._free - now)
@@ -144,12 +152,7 @@ class HostWorker:
     def _compute(self, job: HostJob) -> None:
         start = time.perf_counter()
         self.kernel(job.x, job.out, job.tokens, job.rows, job.weights)
-        # the emulated host is serial: this job ends `duration` after it could start
-        end = max(start, self._free) + self.model.duration(job.pairs)
-        now = time.perf_counter()
-        if end > now:
-            time.sleep(end - now)
-        job.start_s, job.end_s = start, max(end, time.perf_counter())
+        job.start_s, job.end_s = start, serial_end(start, self._free, self.model.duration(job.pairs))
         self._free = job.end_s
         self.busy_s += job.end_s - job.start_s
         if self.trace is not None:

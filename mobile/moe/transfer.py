@@ -221,12 +221,7 @@ class CopyEngine:
     def _copy(self, job: CopyJob) -> None:
         start = time.perf_counter()
         job.dst.copy_(job.src)
-        # The emulated link is serial: this copy ends `duration` after it could start.
-        end = max(start, self._link_free) + self.link.duration(job.nbytes)
-        now = time.perf_counter()
-        if end > now:
-            time.sleep(end - now)
-        job.start_s, job.end_s = start, max(end, time.perf_counter())
+        job.start_s, job.end_s = start, serial_end(start, self._link_free, self.link.duration(job.nbytes))
         self._link_free = job.end_s
         self.busy_s += job.end_s - job.start_s
         self._traced(job)
@@ -267,6 +262,17 @@ class CopyEngine:
             self._closed = True
             self._cv.notify()
         self._worker.join(timeout=5)
+
+
+def serial_end(start: float, free: float, duration: float) -> float:
+    """An emulated serial resource (the link; the host: mobile.moe.hostwork): work that started at
+    `start` ends `duration` after the resource was free (perf_counter seconds). Sleeps out what the
+    real work left of it, releasing the GIL; returns the end."""
+    end = max(start, free) + duration
+    now = time.perf_counter()
+    if end > now:
+        time.sleep(end - now)
+    return max(end, time.perf_counter())
 
 
 def calibrated_gbps(spec: Spec, device: torch.device, dtype: torch.dtype, gbps: float | None,

@@ -53,7 +53,8 @@ def expert_cache(spec: Spec, store: WeightStore, device: torch.device, dtype: to
     bounded cache over the host link: the real one on a GPU, an emulated one on a CPU, whose
     bandwidth is given or calibrated (mobile.moe.transfer.calibrated_gbps)."""
     if spec.policy.traits.placement == "host":
-        return HostCache(spec, store, device, dtype, stats, host_model(spec, device, dtype), progress=bar, trace=trace)
+        worker, _ = host_worker(spec, device, dtype, trace)
+        return HostCache(spec, store, device, dtype, stats, worker, progress=bar)
     if plan is None:
         return ResidentCache(spec, store, device, dtype, stats, reader, progress=bar, track_use=track_use)
     emulate = device.type != "cuda"  # a CPU has no real link to move experts over, so one is emulated
@@ -69,28 +70,28 @@ def expert_cache(spec: Spec, store: WeightStore, device: torch.device, dtype: to
 
 def host_placement(spec: Spec, device: torch.device, dtype: torch.dtype, link: LinkModel,
                    trace: list | None) -> HostPlacement:
-    """The host as a second place for a cache's misses: its kernel on its worker, and the costs the
-    placement rule weighs (a move over the link; a pair on the device and on the host)."""
-    model = host_model(spec, device, dtype)
-    device_pair = expert_compute_seconds(spec, device, dtype, packed=True)
-    # on CUDA the host is real: its cost per pair is first the plan's (bytes over the host's read
-    # bandwidth) and the link's the plan's too
-    host_pair = model.ratio * device_pair if model.kind == "emulated" else \
+    """The host as a second place for a cache's misses: its worker, and the costs the placement
+    rule weighs (a move over the link; a pair on the device and on the host)."""
+    worker, device_pair = host_worker(spec, device, dtype, trace)
+    # on CUDA the host and the link are real: their costs are first the plan's (bytes over the
+    # host's read bandwidth, and over the link's)
+    host_pair = worker.model.ratio * device_pair if worker.model.kind == "emulated" else \
         expert_bytes(spec) / (spec.runtime.plan.host_gbps * 1e9)
     move = link.duration(expert_bytes(spec)) if link.kind == "emulated" else \
         expert_bytes(spec) / (spec.runtime.plan.link_gbps * 1e9)
+    rule = "both" if spec.policy.effective_placement == "both" else "choose"
+    return HostPlacement(rule, worker, Costs(move, device_pair, host_pair))
+
+
+def host_worker(spec: Spec, device: torch.device, dtype: torch.dtype, trace: list | None) -> tuple[HostWorker, float]:
+    """The host expert kernel for the spec's experts on its worker, and the device's measured time
+    for one of those experts and one token. The host is timed as it runs on CUDA (it is this
+    machine's CPU); on a CPU-only machine it is emulated at --host-ratio times that time."""
+    device_pair = expert_compute_seconds(spec, device, dtype, packed=True)
+    model = HostModel("real") if device.type == "cuda" else HostModel("emulated", spec.policy.host_ratio, device_pair)
     threads = spec.policy.host_threads or default_threads()
     kernel = HostExperts(ExpertMLP.of_spec(spec), dtype, packed_layout(spec), threads)
-    rule = "both" if spec.policy.effective_placement == "both" else "choose"
-    return HostPlacement(rule, HostWorker(kernel, model, trace), Costs(move, device_pair, host_pair))
-
-
-def host_model(spec: Spec, device: torch.device, dtype: torch.dtype) -> HostModel:
-    """How the host's expert work is timed: as it runs on CUDA (the host is this machine's CPU);
-    on a CPU-only machine, emulated at --host-ratio times the device's time for the same expert."""
-    if device.type == "cuda":
-        return HostModel("real")
-    return HostModel("emulated", spec.policy.host_ratio, expert_compute_seconds(spec, device, dtype, packed=True))
+    return HostWorker(kernel, model, trace), device_pair
 
 
 def graphs_enabled(setting: str | None, spec: Spec, device: torch.device) -> bool:
