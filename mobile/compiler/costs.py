@@ -43,6 +43,36 @@ def attention_params(spec: Spec, layer: int = 0) -> int:
     return q + kv + a.num_heads * a.v_head_dim * h
 
 
+def linear_attention_params(spec: Spec) -> int:
+    """One linear-attention layer's weights (Gated DeltaNet): the in-projection (q, k, v, the output
+    gate z, b and a), the conv, the output projection and the per-head vectors."""
+    la, h = spec.model.linear_attention, spec.model.hidden_size
+    key, value = la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim
+    conv = 2 * key + value
+    return h * (conv + value + 2 * la.num_value_heads) + conv * la.conv_kernel + value * h \
+        + 2 * la.num_value_heads + la.value_head_dim
+
+
+def recurrent_state_bytes(spec: Spec) -> int:
+    """The recurrent state of every linear-attention layer, for one sequence: its conv window (the
+    last conv_kernel - 1 inputs, in the spec's dtype) and its delta-rule matrix [value heads,
+    key_head_dim, value_head_dim] in float32 (as transformers and flash-linear-attention keep it).
+    One copy; a policy that may fall back keeps more (kept_state_copies)."""
+    la = spec.model.linear_attention
+    conv = (2 * la.num_key_heads * la.key_head_dim + la.num_value_heads * la.value_head_dim) * (la.conv_kernel - 1)
+    per_layer = conv * DTYPE_BYTES[spec.dtype] + la.num_value_heads * la.key_head_dim * la.value_head_dim * 4
+    return per_layer * len(spec.linear_layers)
+
+
+def kept_state_copies(spec: Spec) -> int:
+    """Copies of the recurrent state kept beside the live one (mobile.runtime.state): none unless a
+    decoded token may fall back; then one per position a fallback may recompute, the token's own
+    and up to policy.kv_refresh before it (each restored before its big pass)."""
+    if not spec.linear_layers or not spec.policy.can_fall_back:
+        return 0
+    return spec.policy.kv_refresh + 1
+
+
 def node_cost(spec: Spec, node: Node) -> tuple[float, int, int]:
     """(flops, device bytes read, host-to-device bytes) of one node for one decode token."""
     m = spec.model

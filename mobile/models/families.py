@@ -121,6 +121,20 @@ TENSOR_NAMES["gemma4"] = {
     "experts_down": _LAYER + ".experts.down_proj",
 }
 
+# Qwen3-Next and Qwen3.5-MoE: Qwen2-MoE's experts and sigmoid-gated shared expert, Qwen3's per-head
+# q/k norm, and linear-attention layers (Gated DeltaNet: the la_* names). Qwen3-Next projects q, k,
+# v and the output gate z in one matrix grouped by key head (la_qkvz), and b and a likewise (la_ba);
+# Qwen3.5 in four plain ones (la_qkv: q's rows, k's, v's; la_z, la_b, la_a). The runtime turns both
+# into one projection (mobile.models.deltanet.in_projection)
+_LINEAR = _LAYER + ".linear_attn"
+_GATED_DELTANET = {"la_conv": _LINEAR + ".conv1d.weight", "la_dt_bias": _LINEAR + ".dt_bias",
+                   "la_a_log": _LINEAR + ".A_log", "la_norm": _LINEAR + ".norm.weight",
+                   "la_out": _LINEAR + ".out_proj.weight"}
+TENSOR_NAMES["qwen3_next"] = {**TENSOR_NAMES["qwen2_moe"], **_GATED_DELTANET,
+                              "la_qkvz": _LINEAR + ".in_proj_qkvz.weight", "la_ba": _LINEAR + ".in_proj_ba.weight"}
+TENSOR_NAMES["qwen3_5_moe"] = {**TENSOR_NAMES["qwen2_moe"], **_GATED_DELTANET,
+                               **{f"la_{p}": _LINEAR + f".in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")}}
+
 # How a family's checkpoints store a layer's routed experts. per_expert: three [out, in] matrices
 # per expert (expert_gate, expert_up, expert_down). fused_interleaved (gpt-oss): one tensor per
 # projection for all experts, input-major: experts_gate_up [E, H, 2I] whose gate and up columns

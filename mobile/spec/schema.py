@@ -17,7 +17,8 @@ from mobile import policy as policies
 from mobile.moe import formats
 
 Family = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
-                 "minimax_m2", "sarvam_moe", "gemma4"]
+                 "minimax_m2", "sarvam_moe", "gemma4", "qwen3_next", "qwen3_5_moe"]
+LayerType = Literal["full_attention", "linear_attention"]
 DType = Literal["float32", "bfloat16", "float16"]
 PolicyName = Literal[policies.NAMES]  # type: ignore[valid-type]  # the registry's names (mobile.policy)
 
@@ -50,12 +51,32 @@ class AttentionSpec:
     full_head_dim: int = 0
     full_num_kv_heads: int = 0
     full_k_eq_v: bool = False
+    # q_proj also gives each head a gate, interleaved per head (q_h, then gate_h): the attention's
+    # output is times sigmoid(gate) before o_proj (Qwen3-Next, Qwen3.5)
+    output_gate: bool = False
     # MLA (DeepSeek-V2 and V3) only
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+
+
+@dataclass(frozen=True)
+class LinearAttentionSpec:
+    """The linear-attention layers (model.layer_types): Gated DeltaNet (Qwen3-Next, Qwen3.5). Each
+    carries a recurrent state instead of a KV cache: the last conv_kernel - 1 inputs of its causal
+    conv (conv window) and a [value heads, key_head_dim, value_head_dim] delta-rule matrix."""
+
+    kind: Literal["gated_deltanet"] = "gated_deltanet"
+    num_key_heads: int = 0
+    num_value_heads: int = 0  # a multiple of num_key_heads: each q/k head serves that many v heads
+    key_head_dim: int = 0
+    value_head_dim: int = 0
+    conv_kernel: int = 4
+    # a prompt runs the delta rule in chunks of this many positions (transformers' and
+    # flash-linear-attention's 64), a decoded token one step of the recurrence
+    chunk_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -143,6 +164,13 @@ class ModelSpec:
     sandwich_norms: bool = False
     layer_scalar: bool = False
     final_logit_softcap: float | None = None
+    # RMSNorm weights stored zero-centred: the scale is 1 + weight, applied in float32 (Qwen3-Next,
+    # Qwen3.5; their linear attention's gated norm excepted)
+    zero_centered_norms: bool = False
+    # each layer's token mixer, as the config's layer_types: full_attention (the attention below) or
+    # linear_attention (linear_attention below); empty: every layer full attention
+    layer_types: list[LayerType] = field(default_factory=list)
+    linear_attention: LinearAttentionSpec = field(default_factory=LinearAttentionSpec)
     attention: AttentionSpec = field(default_factory=AttentionSpec)
     rope: RopeSpec = field(default_factory=RopeSpec)
     # the full-attention layers' rope, where it differs from the sliding ones' (Gemma 4); None: rope
@@ -361,6 +389,15 @@ class Spec:
     def layer_rope(self, layer: int) -> RopeSpec:
         m = self.model
         return m.full_rope if m.full_rope is not None and layer not in m.attention.sliding_layers else m.rope
+
+    def is_linear_layer(self, layer: int) -> bool:
+        """`layer` mixes tokens with linear attention (a recurrent state), not full attention (a KV cache)."""
+        types = self.model.layer_types
+        return bool(types) and types[layer] == "linear_attention"
+
+    @property
+    def linear_layers(self) -> list[int]:
+        return [i for i in range(self.model.num_layers) if self.is_linear_layer(i)]
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.model.moe.num_experts > 0 and layer not in self.model.moe.dense_layers
