@@ -2,6 +2,8 @@
 
 MOBILE_DEBUG=1   write a text dump of the graph after every pass (to MOBILE_DEBUG_DIR)
 MOBILE_DEBUG_DIR where those dumps go (default: ./mobile-debug)
+MOBILE_LINEAR_KERNELS=torch  run linear attention's delta rule in torch on CUDA too, not
+                 flash-linear-attention's kernels (auto, the default: those where installed)
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ if TYPE_CHECKING:
 class DebugFlags:
     dump_passes: bool
     dump_dir: Path
+    linear_kernels: str  # auto or torch (mobile.runtime.state.kernel_path)
 
 
 def flags() -> DebugFlags:
     return DebugFlags(dump_passes=os.environ.get("MOBILE_DEBUG", "0") not in ("", "0"),
-                      dump_dir=Path(os.environ.get("MOBILE_DEBUG_DIR", "mobile-debug")))
+                      dump_dir=Path(os.environ.get("MOBILE_DEBUG_DIR", "mobile-debug")),
+                     linear_kernels=os.environ.get("MOBILE_LINEAR_KERNELS", "auto"))
 
 
 def dump_after_pass(graph: Graph, pass_name: str) -> None:

@@ -36,7 +36,8 @@ def attention_params(spec: Spec, layer: int = 0) -> int:
     if a.kind == "gqa":
         n_kv, d = spec.attention_shape(layer)
         kv = 1 if a.full_k_eq_v and layer not in a.sliding_layers else 2  # v is k (Gemma 4's global layers)
-        return h * a.num_heads * d * 2 + h * n_kv * d * kv
+        q = 2 if a.output_gate else 1  # q_proj also gives each head its output gate (Qwen3-Next, Qwen3.5)
+        return h * a.num_heads * d * (q + 1) + h * n_kv * d * kv
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
     q = h * a.num_heads * qk if a.q_lora_rank is None else h * a.q_lora_rank + a.q_lora_rank * a.num_heads * qk
     kv = h * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
@@ -51,6 +52,20 @@ def linear_attention_params(spec: Spec) -> int:
     conv = 2 * key + value
     return h * (conv + value + 2 * la.num_value_heads) + conv * la.conv_kernel + value * h \
         + 2 * la.num_value_heads + la.value_head_dim
+
+
+def kv_bytes_per_position(spec: Spec) -> int:
+    """KV-cache bytes one position takes over the layers that keep one (a linear-attention layer
+    keeps a recurrent state instead: recurrent_state_bytes), in the spec's dtype. A GQA layer keeps
+    k and v [n_kv, D] (Gemma 4's full-attention layers their own shapes, v too where v is k); an MLA
+    layer its compressed latent and shared rotated key (mobile.runtime.kv)."""
+    a = spec.model.attention
+    full = [i for i in range(spec.model.num_layers) if not spec.is_linear_layer(i)]
+    if a.kind == "mla":
+        per_layer = [a.kv_lora_rank + a.qk_rope_head_dim] * len(full)
+    else:
+        per_layer = [2 * n_kv * d for n_kv, d in (spec.attention_shape(i) for i in full)]
+    return sum(per_layer) * DTYPE_BYTES[spec.dtype]
 
 
 def recurrent_state_bytes(spec: Spec) -> int:
@@ -82,6 +97,9 @@ def node_cost(spec: Spec, node: Node) -> tuple[float, int, int]:
         return 0.0, h * dt, 0
     if op is Op.ATTENTION:
         p = attention_params(spec, node.attr("layer") or 0)
+        return 2.0 * p, p * dt, 0
+    if op is Op.LINEAR_ATTENTION:
+        p = linear_attention_params(spec)
         return 2.0 * p, p * dt, 0
     if op is Op.MLP:
         p = 3 * h * m.intermediate_size

@@ -171,7 +171,7 @@ def render_trace(g: Graph) -> str:
 
 _DOT_STYLE = {Op.FETCH: "shape=cds,color=blue", Op.PREFETCH: "shape=cds,style=dashed,color=blue",
               Op.WAIT: "shape=octagon,color=red", Op.ROUTER: "shape=diamond", Op.EXPERT: "shape=box3d",
-              Op.IMPORTANCE_GATE: "shape=diamond,color=orange"}
+              Op.IMPORTANCE_GATE: "shape=diamond,color=orange", Op.LINEAR_ATTENTION: "shape=box,color=purple"}
 
 
 def render_dot(g: Graph) -> str:

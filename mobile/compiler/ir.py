@@ -37,6 +37,9 @@ class Op(enum.Enum):
     EMBED = "embed"  # token ids [T] -> hidden [T, H]
     NORM = "norm"  # RMSNorm
     ATTENTION = "attention"  # projections, rope, KV-cache write and read, output projection
+    # a linear-attention layer (Gated DeltaNet): projections, conv and delta rule over the layer's
+    # recurrent state (mobile.runtime.state), gated norm, output projection
+    LINEAR_ATTENTION = "linear_attention"
     ADD = "add"  # residual add
     MLP = "mlp"  # dense SwiGLU MLP (dense layers)
     ROUTER = "router"  # hidden -> (weights [T, K], expert ids [T, K]) for the big set

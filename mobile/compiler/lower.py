@@ -102,7 +102,7 @@ def _lower_shared_prefix(spec: Spec, x: str, add: Callable[[Node], None]) -> Ent
     first = spec.moe_layers[0]
     for layer in range(first + 1):
         node = _node_maker(add, f"L{layer}.", layer, {})
-        attn_res, h = _lower_attention(spec, x, node)
+        attn_res, h = _lower_attention(spec, x, node, layer)
         if layer < first:
             x = _layer_out(spec, attn_res, node("mlp", Op.MLP, [h]), node)
     h, router_in, shared = _ffn_inputs(spec, attn_res, h, node)
@@ -122,11 +122,15 @@ def _node_maker(add: Callable[[Node], None], prefix: str, layer: int, region: di
     return node
 
 
-def _lower_attention(spec: Spec, x: str, node) -> tuple[str, str]:
+def _lower_attention(spec: Spec, x: str, node, layer: int) -> tuple[str, str]:
     """attn_norm -> attention (-> post_attn_norm, Gemma's sandwich) -> residual -> ffn_norm;
-    returns (residual, normed hidden state)."""
-    attn = node("attn", Op.ATTENTION, [node("attn_norm", Op.NORM, [x], weight="attn_norm")],
-                kind=spec.model.attention.kind)
+    returns (residual, normed hidden state). A linear-attention layer's token mixer is its own node
+    kind: it reads and advances a recurrent state, which a fallback must restore (mobile.runtime.state)."""
+    normed = node("attn_norm", Op.NORM, [x], weight="attn_norm")
+    if spec.is_linear_layer(layer):
+        attn = node("linear_attn", Op.LINEAR_ATTENTION, [normed], kind=spec.model.linear_attention.kind)
+    else:
+        attn = node("attn", Op.ATTENTION, [normed], kind=spec.model.attention.kind)
     if spec.model.sandwich_norms:
         attn = node("post_attn_norm", Op.NORM, [attn], weight="post_attn_norm")
     attn_res = node("attn_res", Op.ADD, [x, attn])
@@ -166,7 +170,7 @@ def _lower_pass(spec: Spec, pp: PassPlan, x: str, out: str, plan: CachePlan | No
             attn_res, h, router, shared = entry.attn_res, entry.h, entry.router, entry.shared_expert
             router_in = entry.router_in
         else:
-            attn_res, h = _lower_attention(spec, x, node)
+            attn_res, h = _lower_attention(spec, x, node, layer)
             if spec.is_moe_layer(layer):
                 h, router_in, shared = _ffn_inputs(spec, attn_res, h, node)
         if spec.is_moe_layer(layer):

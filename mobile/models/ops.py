@@ -24,6 +24,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+def rms_norm_scaled(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm times a float32 scale, all in float32, then cast back: the zero-centred norm of
+    Qwen3-Next and Qwen3.5, whose scale is 1 + weight (zero_centered_scale)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), scale, eps).to(x.dtype)
+
+
+def zero_centered_scale(weight: torch.Tensor) -> torch.Tensor:
+    """A zero-centred norm's scale, 1 + weight, in float32 (as transformers computes it)."""
+    return 1.0 + weight.float()
+
+
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
@@ -169,7 +180,10 @@ class Attention:
 
     layer: its own shapes and rope where the spec gives full-attention layers theirs (Gemma 4's
     global layers: another head size and kv heads, v = k's projection, proportional rope, whose
-    tables it makes from ctx.positions rather than reading the context's)."""
+    tables it makes from ctx.positions rather than reading the context's).
+
+    With an output gate (Qwen3-Next, Qwen3.5), q_proj gives each head its q and then its gate, and
+    the heads' output is times sigmoid(gate) before o_proj; their q/k norms are zero-centred."""
 
     def __init__(self, spec, w: dict, cache, scale: float, window: int, layer: int | None = None):
         a, m = spec.model.attention, spec.model
@@ -177,6 +191,10 @@ class Attention:
         self.n, self.n_kv, self.d, self.eps = a.num_heads, a.num_kv_heads, a.head_dim, spec.model.norm_eps
         self.qk_norm, self.clip, self.interleaved = a.qk_norm, a.clip_qkv, spec.model.rope.interleaved
         self.v_norm, self.k_eq_v, self.inv_freq = a.v_norm, False, None
+        self.gated = a.output_gate
+        self.qk_scaled = spec.model.zero_centered_norms and a.qk_norm == "per_head"
+        if self.qk_scaled:  # 1 + weight, once
+            w["q_norm"], w["k_norm"] = zero_centered_scale(w["q_norm"]), zero_centered_scale(w["k_norm"])
         if layer is not None:
             self.n_kv, self.d = spec.attention_shape(layer)
             self.k_eq_v = a.full_k_eq_v and layer not in a.sliding_layers
@@ -186,9 +204,14 @@ class Attention:
 
     def __call__(self, ctx, x: torch.Tensor) -> torch.Tensor:
         w, n, n_kv, d, T = self.w, self.n, self.n_kv, self.d, x.shape[0]
+        gate = None
         if self.k_eq_v:  # v is k's projection, before k's norm and rope (Gemma 4's global layers)
             q, k = F.linear(x, w["qkv_proj"], w["qkv_bias"]).split([n * d, n_kv * d], dim=-1)
             v = k
+        elif self.gated:  # each head's q, then its gate
+            q, k, v = F.linear(x, w["qkv_proj"], w["qkv_bias"]).split([2 * n * d, n_kv * d, n_kv * d], dim=-1)
+            q, gate = q.view(T, n, 2 * d).split([d, d], dim=-1)
+            gate = gate.reshape(T, n * d)
         else:
             q, k, v = F.linear(x, w["qkv_proj"], w["qkv_bias"]).split([n * d, n_kv * d, n_kv * d], dim=-1)
         if self.qk_norm == "full":  # OLMoE: over all heads at once
@@ -196,7 +219,9 @@ class Attention:
         if self.clip is not None:
             q, k, v = q.clamp(-self.clip, self.clip), k.clamp(-self.clip, self.clip), v.clamp(-self.clip, self.clip)
         q, k, v = q.reshape(T, n, d), k.reshape(T, n_kv, d), v.reshape(T, n_kv, d)
-        if self.qk_norm == "per_head":  # Qwen3: over head_dim
+        if self.qk_scaled:  # Qwen3-Next, Qwen3.5: over head_dim, zero-centred
+            q, k = rms_norm_scaled(q, w["q_norm"], self.eps), rms_norm_scaled(k, w["k_norm"], self.eps)
+        elif self.qk_norm == "per_head":  # Qwen3: over head_dim
             q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
         if self.v_norm:  # Gemma 4: over head_dim, without a weight
             v = F.rms_norm(v.float(), (d,), None, self.eps).to(v.dtype)
@@ -209,6 +234,8 @@ class Attention:
         cache.v.index_copy_(0, ctx.positions, v)
         out = causal_attention(q, cache.k[: ctx.kv_len], cache.v[: ctx.kv_len], ctx.positions, self.scale,
                                ctx.all_visible, self.window, w["sinks"])
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
         return F.linear(out, w["o_proj"], w["o_bias"])
 
 

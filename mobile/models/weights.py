@@ -304,9 +304,11 @@ def required_tensors(spec: Spec, native_experts: bool = True, mxfp4_experts: boo
             need("post_ffn_norm", (h,), i)
         if m.layer_scalar:
             need("layer_scalar", (1,), i)
-        if a.kind == "gqa":
+        if spec.is_linear_layer(i):
+            out.extend(linear_attention_tensors(spec, i, name_of))
+        elif a.kind == "gqa":
             n_kv, d = spec.attention_shape(i)  # a full-attention layer's own (Gemma 4)
-            q, kv = a.num_heads * d, n_kv * d
+            q, kv = a.num_heads * d * (2 if a.output_gate else 1), n_kv * d  # with a gate: each head's q and gate
             # a family that stores q, k and v as one tensor (sarvam_moe) names it qkv_proj: the
             # runtime's own fused form (mobile.runtime.kernels.fuse_qkv), so it loads as it is
             fused_qkv = "qkv_proj" in names
@@ -316,7 +318,7 @@ def required_tensors(spec: Spec, native_experts: bool = True, mxfp4_experts: boo
                 k_eq_v = a.full_k_eq_v and i not in a.sliding_layers  # no v_proj: v is k's projection
                 for key, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv))[: 2 if k_eq_v else 3]:
                     need(key, (rows, h), i)
-            need("o_proj", (h, q), i)
+            need("o_proj", (h, a.num_heads * d), i)
             if a.o_bias:
                 need("o_bias", (h,), i)
             if a.sinks:
@@ -379,6 +381,22 @@ def required_tensors(spec: Spec, native_experts: bool = True, mxfp4_experts: boo
             need("mlp_up", (m.intermediate_size, h), i)
             need("mlp_down", (h, m.intermediate_size), i)
     return out
+
+
+def linear_attention_tensors(spec: Spec, layer: int, name_of) -> list[TensorNeed]:
+    """A linear-attention layer's tensors (Gated DeltaNet, mobile.models.deltanet): its input
+    projection as the family stores it (mobile.models.families), the depthwise conv, the per-head
+    decay parameters, the gated norm's weight and the output projection."""
+    la, h = spec.model.linear_attention, spec.model.hidden_size
+    key, value, nv = la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim, la.num_value_heads
+    channels = 2 * key + value
+    if spec.model.family == "qwen3_next":  # grouped by key head
+        projections = {"la_qkvz": (channels + value, h), "la_ba": (2 * nv, h)}
+    else:
+        projections = {"la_qkv": (channels, h), "la_z": (value, h), "la_b": (nv, h), "la_a": (nv, h)}
+    shapes = {**projections, "la_conv": (channels, 1, la.conv_kernel), "la_dt_bias": (nv,), "la_a_log": (nv,),
+              "la_norm": (la.value_head_dim,), "la_out": (h, value)}
+    return [TensorNeed(key, name_of(key, layer), shape, layer) for key, shape in shapes.items()]
 
 
 def fused_expert_tensors(spec: Spec, layer: int, name_of, mxfp4_experts: bool) -> list[TensorNeed]:

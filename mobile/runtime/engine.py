@@ -19,6 +19,7 @@ from tqdm import tqdm
 from mobile.compiler.budget import cache_plan
 from mobile.compiler.costs import expert_bytes
 from mobile.compiler.emit import trace_events
+from mobile import debug
 from mobile.compiler.ir import Graph, Pass
 from mobile.errors import MobileError, RunError, SpecError
 from mobile.models.ops import rope_inv_freq, rope_tables
@@ -44,6 +45,7 @@ from mobile.runtime.load import (
     resolve_policy,
 )
 from mobile.runtime.sampling import Sampler
+from mobile.runtime.state import RecurrentState, kernel_path
 from mobile.runtime.stats import Stats
 from mobile.runtime.tokenizer import load_tokenizer
 from mobile.spec.load import format_changes
@@ -97,10 +99,15 @@ class Engine:
         self.max_seq_len = max_seq_len(spec, preallocated=self.graphs_on)
         self.kv = KVCache(spec, self.device, self.dtype, limit=self.max_seq_len, fixed=self.graphs_on,
                           compiled=compile)
-        self.kernels = Kernels(spec, weights, self.kv, self.experts)
+        # the linear-attention layers' recurrent state (and the copies a fallback restores), allocated once
+        self.state = RecurrentState(spec, self.device, self.dtype) if spec.linear_layers else None
+        linear_kernels = kernel_path(self.device, debug.flags().linear_kernels)
+        if self.state is not None:
+            self.stats_.extra.update(linear_attention_kernels=linear_kernels, recurrent_state_bytes=self.state.nbytes)
+        self.kernels = Kernels(spec, weights, self.kv, self.experts, self.state, linear_kernels)
         self.graphs = GraphRunner(self.device) if self.graphs_on else None
         self.executor = Executor(graph, self.kernels, self.reader, compile=compile, trace=self.trace,
-                                 graphs=self.graphs)
+                                 graphs=self.graphs, state=self.state)
         if compile and self.device.type == "cpu" and spec.runtime.expert_format != "native":
             # measured on the demo: resident int4 decoded 81 tokens/s compiled, 203 eager
             print(f"mobile: note: --compile with {spec.runtime.expert_format} experts on the CPU runs slower than "
@@ -210,14 +217,16 @@ class Engine:
         kv_refresh = self.spec.policy.kv_refresh
         if kv_refresh:  # the refresh recomputes earlier positions, so it needs their token ids
             self.ids = torch.cat((self.ids[:start], ids.cpu()))
+        if self.state is not None and start == 0:  # a new sequence: nothing folded into the state yet
+            self.state.reset()
         if only is not None:
-            forward = Forward(only)
+            forward = Forward(only, start=start)
         elif T > 1:  # a prompt
-            forward = Forward(Pass(self.spec.policy.prefill) if len(passes) > 1 else passes[0])
+            forward = Forward(Pass(self.spec.policy.prefill) if len(passes) > 1 else passes[0], start=start)
         else:
             pending = kv_refresh and self.little_from is not None and self.little_from < start
             forward = Forward(passes[0], gated=len(passes) > 1,
-                              refresh=self._refresh(ids, start, kv_refresh) if pending else None)
+                              refresh=self._refresh(ids, start, kv_refresh) if pending else None, start=start)
         self.experts.begin_forward()
         ctx, tokens = self._context(ids, start, last_only)
         outcome = self.executor.run(ctx, tokens, forward)

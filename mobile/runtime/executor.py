@@ -7,7 +7,9 @@ nodes (fetch, wait, prefetch, gates) run between segments in plain Python, becau
 the expert cache on the host. A run of adjacent sync nodes is one sync step, and the device values
 its nodes need on the host are read in one copy (mobile.runtime.hostio): a MoE layer's fetch and
 the prefetches that go with it cost one read. A forward (Executor.run) runs its first pass; when a
-gate fires, it runs the big pass again from the region, or over a KV refresh's positions.
+gate fires, it runs the big pass again from the region, or over a KV refresh's positions. A model
+with linear-attention layers has a recurrent state (mobile.runtime.state): the executor keeps it
+before a gated pass and restores it before the big pass that follows a fallback.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mobile.runtime.context import StepContext, SyncKernel
 from mobile.runtime.devclock import clock_for
 from mobile.runtime.hostio import HostReader
 from mobile.runtime.kernels import Kernels
+from mobile.runtime.state import RecurrentState
 from mobile.runtime.segments import compiled, segment_fn
 
 if TYPE_CHECKING:
@@ -70,11 +73,12 @@ class Forward:
     fallback); else a gate's value is read and ignored. refresh: on a fallback, the input of a KV
     refresh, () -> (ctx, tokens, positions recomputed before the token), for a big pass over them
     from the first node; without it the big pass runs again from the region only, on this
-    forward's values."""
+    forward's values. start: the forward's first position (where a recurrent state is kept)."""
 
     first: Pass
     gated: bool = False
     refresh: Callable[[], tuple[StepContext, torch.Tensor, int]] | None = None
+    start: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,9 +122,10 @@ class Executor:
     Each pass's nodes (mobile.compiler.ir: Node.runs_in, Node.in_pass) are built into steps once."""
 
     def __init__(self, graph: Graph, kernels: Kernels, reader: HostReader, compile: bool = False,
-                 trace: list | None = None, graphs: GraphRunner | None = None):
+                 trace: list | None = None, graphs: GraphRunner | None = None, state: RecurrentState | None = None):
         """graphs: run the compute segments of static contexts (StepContext.key) through this
-        runner (mobile.runtime.graphs); other forwards run as without it."""
+        runner (mobile.runtime.graphs); other forwards run as without it. state: the recurrent
+        state of the graph's linear-attention layers, kept and restored around a fallback."""
         errors = verify(graph)
         if errors:
             more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -142,6 +147,11 @@ class Executor:
         # again, so no pass drops them
         once = {n.name for n in graph.nodes if n.attr("region") != REGION}
         self.keep = {i for n in graph.nodes if n.name in set(region) for i in n.inputs if i in once}
+        self.state = state
+        # the linear-attention layers a fallback's big pass runs again: their state is restored first
+        # (those before the region ran once, for both passes)
+        self.region_state = frozenset(n.attr("layer") for n in graph.nodes
+                                      if n.op is Op.LINEAR_ATTENTION and n.attr("region") == REGION)
         self.steps: dict[Pass, list[Step]] = {}
         self.entry: dict[Pass, int] = {}  # where a pass starts again after a fallback: its first region step
         for p in self.passes:
@@ -185,13 +195,20 @@ class Executor:
         big pass, again over the region on this forward's values, or over a KV refresh's positions."""
         self.executed.clear()
         env: dict[str, Any] = {GRAPH_INPUTS[0]: tokens}
+        state = self.state if forward.gated and self.state is not None and self.state.kept else None
+        if state is not None:  # the little pass advances it; a fallback's big pass starts from it again
+            state.keep(forward.start)
         if not self._pass(forward.first, ctx, env, 0, forward.gated):
             return Outcome(env[self.output], (forward.first,))
         if forward.refresh is not None:
             ctx, tokens, refreshed = forward.refresh()
+            if state is not None:  # the refresh runs every layer from its first position
+                state.restore(forward.start - refreshed)
             env = {GRAPH_INPUTS[0]: tokens}
             self._pass(Pass.BIG, ctx, env, 0, False)
             return Outcome(env[self.output], (forward.first, Pass.BIG), refreshed)
+        if state is not None:
+            state.restore(forward.start, self.region_state)
         self._pass(Pass.BIG, ctx, env, self.entry[Pass.BIG], False)
         return Outcome(env[self.output], (forward.first, Pass.BIG))
 

@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from mobile.compiler.ir import Node
 from mobile.errors import GraphError
 from mobile.models import ops
+from mobile.models.deltanet import IN_PROJECTIONS, GatedDeltaNet
 from mobile.moe.cache import ExpertCache
 from mobile.moe.layer import MoELayer
 from mobile.moe.op import ExpertKind
 from mobile.moe.router import Router
 from mobile.runtime.context import Kernel, SyncKernel
 from mobile.runtime.kv import KVCache
+from mobile.runtime.state import RecurrentState
 from mobile.spec.schema import Spec
 
 
@@ -48,6 +50,7 @@ ADD = Compute(None, inline="{0} + {1}")
 # an attention layer's weights by name (absent ones None): GQA/MHA (q, k, v fused) and MLA
 GQA_WEIGHTS = ("qkv_proj", "qkv_bias", "o_proj", "o_bias", "q_norm", "k_norm", "sinks")
 MLA_WEIGHTS = ("q_proj", "q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj")
+LINEAR_WEIGHTS = ("la_conv", "la_dt_bias", "la_a_log", "la_norm", "la_out")  # and the family's IN_PROJECTIONS
 
 
 class Kernels:
@@ -55,8 +58,11 @@ class Kernels:
     ones from mobile.models.ops, the routed-expert layer's from its MoELayer (mobile.moe.layer)."""
 
     def __init__(self, spec: Spec, weights: dict[tuple[str, int | None], torch.Tensor], kv: KVCache,
-                 experts: ExpertCache):
+                 experts: ExpertCache, state: RecurrentState | None = None, linear_kernels: str = "torch"):
+        """state: the linear-attention layers' recurrent state (a model that has them);
+        linear_kernels: which delta rule they run (mobile.runtime.state.kernel_path)."""
         self.spec, self.w, self.kv, self.experts = spec, fuse_qkv(weights), kv, experts
+        self.state, self.linear_kernels = state, linear_kernels
         self.attn_scale = ops.attention_scale(spec)
         self.kind = ExpertKind.of_spec(spec)
         self.layers: dict[int, MoELayer] = {}
@@ -95,6 +101,9 @@ class Kernels:
 
     def _norm(self, node: Node) -> Compute:
         weight = self.w[(node.attr("weight"), node.attr("layer"))]
+        if self.spec.model.zero_centered_norms:  # Qwen3-Next, Qwen3.5: 1 + weight
+            return Compute(functools.partial(ops.rms_norm_scaled, scale=ops.zero_centered_scale(weight),
+                                             eps=self.spec.model.norm_eps))
         return Compute(functools.partial(ops.rms_norm, weight=weight, eps=self.spec.model.norm_eps))
 
     def _add(self, node: Node) -> Compute:
@@ -123,6 +132,12 @@ class Kernels:
         w = {k: self.w.get((k, layer)) for k in GQA_WEIGHTS}
         attention = ops.Attention(self.spec, w, cache, self.attn_scale, self.spec.sliding_window(layer), layer)
         return Compute(attention, needs_ctx=True)
+
+    def _linear_attention(self, node: Node) -> Compute:
+        layer = node.attr("layer")
+        assert self.state is not None, "a graph with linear-attention layers needs a recurrent state"
+        w = {k: self.w[(k, layer)] for k in (*LINEAR_WEIGHTS, *IN_PROJECTIONS[self.spec.model.family])}
+        return Compute(GatedDeltaNet(self.spec, w, self.state.layers[layer], self.linear_kernels), needs_ctx=True)
 
     # -- the routed-expert layer (mobile.moe.layer) -------------------------------------------------
     def _router(self, node: Node) -> Compute:

@@ -31,8 +31,11 @@ KV_BUDGET_BYTES = 1 << 30
 
 def position_shapes(spec: Spec, layer: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The shapes of one position's k and v entries in `layer` (Gemma 4's full-attention layers
-    have shapes of their own: Spec.attention_shape)."""
+    have shapes of their own: Spec.attention_shape). A linear-attention layer keeps none: its
+    recurrent state is mobile.runtime.state's."""
     a = spec.model.attention
+    if spec.is_linear_layer(layer):
+        return (0,), (0,)
     if a.kind == "mla":
         return (1, a.kv_lora_rank), (1, a.qk_rope_head_dim)
     n_kv, d = spec.attention_shape(layer)

@@ -59,6 +59,8 @@ def check_consistency(spec: Spec) -> None:
     if a.sliding_layers:
         need(a.sliding_window >= 1, "model.attention.sliding_window",
              f"expected an integer >= 1 for the sliding layers, got {a.sliding_window}")
+    need(not a.output_gate or a.kind == "gqa", "model.attention.output_gate", "expected false for mla attention")
+    _check_layer_types(spec, need)
     need(m.rope.factor > 0, "model.rope.factor", f"expected a number > 0, got {m.rope.factor}")
     prf = m.rope.partial_rotary_factor
     need(0 < prf <= 1, "model.rope.partial_rotary_factor", f"expected a number in (0, 1], got {prf}")
@@ -144,6 +146,34 @@ def check_consistency(spec: Spec) -> None:
         value = getattr(link, key)
         need(value is None or lo <= value <= hi, f"runtime.link.{key}", f"expected a number in [{lo:g}, {hi:g}], "
              f"got {value}")
+
+
+# the families whose runtime has linear-attention layers (mobile.models.deltanet)
+LINEAR_FAMILIES = ("qwen3_next", "qwen3_5_moe")
+
+
+def _check_layer_types(spec: Spec, need: Callable[[bool, str, str], None]) -> None:
+    """One layer type per layer; linear-attention layers only where the family runs them, with
+    shapes the Gated DeltaNet can take."""
+    m, la = spec.model, spec.model.linear_attention
+    if not m.layer_types:
+        return
+    need(len(m.layer_types) == m.num_layers, "model.layer_types",
+         f"expected one layer type per layer (model.num_layers={m.num_layers}), got {len(m.layer_types)}")
+    if not spec.linear_layers:
+        return
+    need(m.family in LINEAR_FAMILIES, "model.layer_types",
+         f"linear_attention layers need family {' or '.join(LINEAR_FAMILIES)}, got {m.family}")
+    need(m.attention.kind == "gqa", "model.layer_types", "linear_attention layers need model.attention.kind gqa")
+    for key in ("num_key_heads", "num_value_heads", "key_head_dim", "value_head_dim"):
+        value = getattr(la, key)
+        need(value >= 1, f"model.linear_attention.{key}", f"expected an integer >= 1, got {value}")
+    need(la.num_value_heads % la.num_key_heads == 0, "model.linear_attention.num_value_heads",
+         f"expected a multiple of num_key_heads={la.num_key_heads} (each key head serves as many value heads), "
+         f"got {la.num_value_heads}")
+    need(la.conv_kernel >= 2, "model.linear_attention.conv_kernel",
+         f"expected an integer >= 2 (the conv keeps the last conv_kernel - 1 inputs), got {la.conv_kernel}")
+    need(la.chunk_size >= 1, "model.linear_attention.chunk_size", f"expected an integer >= 1, got {la.chunk_size}")
 
 
 def _check_routing(moe: MoESpec, need: Callable[[bool, str, str], None]) -> None:

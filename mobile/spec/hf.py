@@ -16,7 +16,7 @@ from mobile.errors import SpecError
 from mobile.files import read_json
 from mobile.models.families import TENSOR_NAMES
 from mobile.models.weights import expert_format_of
-from mobile.spec import hf_aliases, hf_families, hf_gemma4
+from mobile.spec import hf_aliases, hf_families, hf_gemma4, hf_qwen3_next
 
 # config.json's model_type -> family. Kimi-K2 is DeepSeek-V3's architecture under a name of its own
 # (transformers reads and writes it as deepseek_v3)
@@ -32,7 +32,12 @@ MODEL_TYPES.update({"glm4_moe_lite": "deepseek_v3", "sarvam_mla": "deepseek_v3",
 # Gemma 4's MoE models (26B-A4B): gemma4 is the multimodal checkpoint, whose text model is gemma4_text
 # under model.language_model. (its vision and audio towers are not read)
 MODEL_TYPES.update({"gemma4": "gemma4", "gemma4_text": "gemma4"})
-
+# Qwen3-Next and Qwen3.5-MoE (Qwen3.6 too): linear-attention layers between full-attention ones.
+# qwen3_5_moe is the multimodal checkpoint, whose text model is qwen3_5_moe_text under
+# model.language_model. (its vision tower is not read)
+MODEL_TYPES.update({"qwen3_next": "qwen3_next", "qwen3_5_moe": "qwen3_5_moe", "qwen3_5_moe_text": "qwen3_5_moe"})
+# the multimodal checkpoints, whose text model's tensors are under model.language_model.
+MULTIMODAL = ("gemma4", "qwen3_5_moe")
 
 
 def _rope(cfg: dict, where: str, interleaved: bool, default_theta: float = 10000.0) -> dict[str, Any]:
@@ -81,6 +86,8 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
     family = MODEL_TYPES[model_type]
     if family == "gemma4":
         cfg = hf_gemma4.gemma4_reads(model_type, cfg, where)
+    elif family == "qwen3_5_moe":
+        cfg = hf_qwen3_next.qwen3_5_reads(model_type, cfg, where)
     cfg = hf_aliases.as_transformers_reads(model_type, cfg, where)
     g = lambda key, default=...: _get(cfg, key, where, default)  # noqa: E731
 
@@ -168,6 +175,8 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         partial_rotary = hf_families.minimax_m2(cfg, g, where, attention, moe)
     elif family == "gemma4":
         hf_gemma4.gemma4(cfg, g, where, num_layers, model, attention, moe)
+    elif family in ("qwen3_next", "qwen3_5_moe"):
+        partial_rotary = hf_qwen3_next.qwen3_next(cfg, g, where, family, num_layers, model, attention, moe)
     # no dense MLP (no dense layers, and none beside the experts as Gemma 4's): a config's
     # intermediate_size is the experts' (or unused)
     if not moe.get("dense_layers") and not moe.get("parallel_mlp"):
@@ -193,9 +202,10 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
 
 
 def _tensor_names(model_type: str, family: str) -> dict[str, str]:
-    """The family's tensor names; a multimodal Gemma 4 keeps its text model under model.language_model."""
+    """The family's tensor names; a multimodal checkpoint (Gemma 4, Qwen3.5) keeps its text model
+    under model.language_model."""
     names = TENSOR_NAMES[family]
-    if model_type == "gemma4":
+    if model_type in MULTIMODAL:
         return {k: v.replace("model.", "model.language_model.", 1) if v.startswith("model.") else v
                 for k, v in names.items()}
     return names
