@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import run_cli
 from safetensors.torch import load_file, save_file
+from test_import_qwen3_next import NEXT
 
 from mobile.tools.quantize import packed_names
 
@@ -144,10 +145,20 @@ CORPUS = [
      "integers [rows, columns] such as [128, 128] (or null: one scale per matrix), got [128]"),
     ([*RUN, "--weights", "{fp8_no_scale}"], 2, f"model.safetensors: {Q_PROJ}_scale_inv: tensor '{Q_PROJ}_scale_inv' "
      f"not found: the FP8 weight '{Q_PROJ}' needs its block scales"),
+    (["import-hf", "{next_layer_type}"], 2, "config.json: layer_types[2]: expected 'linear_attention' or "
+     "'full_attention', got 'mamba'"),
+    (["import-hf", "{next_layer_count}"], 2, "config.json: layer_types: expected a list of 6 layer types"),
+    (["import-hf", "{next_no_key_dim}"], 2, "config.json: linear_key_head_dim: config.json has no value for this key"),
+    (["compile", "{short_layer_types}", "-o", "{tmp}/g"], 2, "short_layer_types.yaml: model.layer_types: expected one "
+     "layer type per layer (model.num_layers=40), got 39"),
+    (["compile", "{long_context}", "-o", "{tmp}/g", "--device-memory", "16GiB", "--strict"], 2,
+     "of weights fit, but not with 5.1GiB of KV cache and recurrent state; lower runtime.max_seq_len (262144 "
+     "positions: 5.0GiB of KV cache)"),
 ]
 
 
 OLMOE = "specs/olmoe-1b-7b.yaml"
+QWEN36 = "specs/qwen3.6-35b-a3b.yaml"  # linear-attention layers (model.layer_types)
 
 # name -> (a spec to start from, how to break it); None: the text itself
 SPECS = {
@@ -159,6 +170,8 @@ SPECS = {
                      .replace("name: resident", "name: lru")),
     "fp8_format": ("{spec}", lambda t: t.replace("runtime:\n", "runtime:\n  expert_format: fp8\n")),
     "bias_per_expert": ("{spec}", lambda t: t.replace("  moe:\n", "  moe:\n    expert_bias: true\n")),
+    "short_layer_types": (QWEN36, lambda t: t.replace("  - full_attention\n", "", 1)),
+    "long_context": (QWEN36, lambda t: t.replace("max_seq_len: 32768", "max_seq_len: 262144")),
 }
 
 
@@ -205,6 +218,15 @@ def _fp8_without_scales(folder):
     _quant({"quant_method": "fp8", "weight_block_size": [128, 128]})(folder)
 
 
+def _next_config(edit):
+    """The checkpoint's config.json replaced by a Qwen3-Next one, edit(cfg) changing it in place."""
+    def apply(folder):
+        cfg = dict(NEXT)
+        edit(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return apply
+
+
 # name -> (the checkpoint to copy: ckpt or q, how to break the copy)
 CHECKPOINTS = {
     "int_ckpt": ("ckpt", _set("model.norm.weight", lambda w: w.to(torch.int32))),
@@ -220,6 +242,11 @@ CHECKPOINTS = {
     "nvfp4": ("ckpt", _quant({"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16})),
     "fp8_block": ("ckpt", _quant({"quant_method": "fp8", "weight_block_size": [128]})),
     "fp8_no_scale": ("ckpt", _fp8_without_scales),
+    # a Qwen3-Next config.json (tests/test_import_qwen3_next.py) in the checkpoint's place
+    "next_layer_type": ("ckpt", _next_config(lambda c: c.__setitem__("layer_types", ["linear_attention",
+                                                                                   "full_attention", "mamba"] * 2))),
+    "next_layer_count": ("ckpt", _next_config(lambda c: c.__setitem__("layer_types", ["full_attention"] * 5))),
+    "next_no_key_dim": ("ckpt", _next_config(lambda c: c.pop("linear_key_head_dim"))),
 }
 
 

@@ -237,7 +237,7 @@ def import_error(tmp_path, capsys, cfg: dict) -> str:
 
 @pytest.mark.parametrize("cfg", [
     {"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 32},
-    {"model_type": "qwen3_next", "layer_types": ["linear_attention", "full_attention"], "num_experts": 512},
+    {"model_type": "jamba", "attn_layer_period": 8, "num_experts": 16},  # Mamba layers between attention ones
 ])
 def test_unsupported_family_is_one_line_naming_it_and_the_supported(tmp_path, capsys, cfg):
     err = import_error(tmp_path, capsys, cfg)

@@ -13,7 +13,8 @@ from mobile.spec.hf import spec_from_hf_config
 from mobile.spec.load import spec_from_dict
 
 PUBLISHED = ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite", "olmoe-1b-7b", "deepseek-v3",
-             "kimi-k2-instruct", "glm-4.5-air", "gpt-oss-20b", "gpt-oss-120b", "glm-4.7-flash"]
+             "kimi-k2-instruct", "glm-4.5-air", "gpt-oss-20b", "gpt-oss-120b", "glm-4.7-flash", "qwen3.6-35b-a3b",
+             "qwen3.5-122b-a10b", "qwen3-next-80b-a3b"]
 
 
 @pytest.mark.parametrize("name", PUBLISHED)

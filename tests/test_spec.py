@@ -91,7 +91,7 @@ def test_parse_bytes():
 
 
 @pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite",
-                                  "olmoe-1b-7b"])
+                                  "olmoe-1b-7b", "qwen3.6-35b-a3b", "qwen3.5-122b-a10b", "qwen3-next-80b-a3b"])
 def test_published_specs_fit_a_16gb_card_as_shipped(tmp_path, capsys, name):
     """Models larger than a consumer card ship with an offloading policy and a budget that fits 16 GB."""
     from conftest import run_cli
