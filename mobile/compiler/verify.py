@@ -26,7 +26,8 @@ REQUIRED_ATTRS: dict[Op, tuple[str, ...]] = {
 }
 # a complement prefetch also reads its layer's fetch (an ordering edge: the little set is pinned first)
 ARITY: dict[Op, tuple[int, ...]] = {
-    Op.EMBED: (1,), Op.NORM: (1,), Op.ATTENTION: (1,), Op.LINEAR_ATTENTION: (1,), Op.ADD: (2,), Op.MLP: (1,), Op.ROUTER: (1,),
+    Op.EMBED: (1,), Op.NORM: (1,), Op.ATTENTION: (1,), Op.LINEAR_ATTENTION: (1,), Op.ADD: (2,), Op.MLP: (1,),
+    Op.ROUTER: (1,),
     Op.FETCH: (1, 2), Op.WAIT: (1,), Op.PREDICT: (1,), Op.PREFETCH: (1, 2), Op.IMPORTANCE_GATE: (1,),
     Op.COMBINE: (2,), Op.LM_HEAD: (1,), Op.HOST_EXPERTS: (2,), Op.HOST_JOIN: (2,)}
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mobile.errors import CheckpointError
-
 L2_EPS = 1e-6  # transformers' and flash-linear-attention's l2norm eps
 
 
@@ -133,9 +131,7 @@ class GatedDeltaNet:
         self.projections = [w[key] for key in IN_PROJECTIONS[spec.model.family]]
         order = in_projection_order(spec)
         self.order = None if order is None else order.to(w["la_out"].device)
-        self.conv = w["la_conv"]  # [channels, 1, conv_kernel]
-        if self.conv.shape[1] != 1:
-            raise CheckpointError(f"expected a depthwise conv weight [channels, 1, kernel], got {list(self.conv.shape)}")
+        self.conv = w["la_conv"]  # [channels, 1, conv_kernel]: depthwise (its shape checked at load)
         self.neg_a = -w["la_a_log"].float().exp()  # the per-head decay rate, -exp(A_log) (float32, as transformers)
 
     def __call__(self, ctx, x: torch.Tensor) -> torch.Tensor:

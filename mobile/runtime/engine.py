@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mobile import debug
 from mobile.compiler.budget import cache_plan
 from mobile.compiler.costs import expert_bytes
 from mobile.compiler.emit import trace_events
-from mobile import debug
 from mobile.compiler.ir import Graph, Pass
 from mobile.errors import MobileError, RunError, SpecError
 from mobile.models.ops import rope_inv_freq, rope_tables

@@ -29,8 +29,8 @@ from mobile.runtime.context import StepContext, SyncKernel
 from mobile.runtime.devclock import clock_for
 from mobile.runtime.hostio import HostReader
 from mobile.runtime.kernels import Kernels
-from mobile.runtime.state import RecurrentState
 from mobile.runtime.segments import compiled, segment_fn
+from mobile.runtime.state import RecurrentState
 
 if TYPE_CHECKING:
     from mobile.runtime.graphs import GraphRunner

@@ -1,0 +1,238 @@
+"""Qwen3-Next and Qwen3.5-MoE: Gated DeltaNet layers with a recurrent state, three to every gated
+full-attention layer. Exact against transformers, and the state under big-little.
+
+The tiny checkpoints have every feature of the published models at small shapes: three linear
+layers then one full (as full_attention_interval 4), two key heads serving four value heads, a
+conv window of three, the sigmoid-gated shared expert, partial rotary (a quarter of each head),
+and the multimodal wrapper's prefix (qwen3_5_moe). Every tensor that init leaves at zero or one is
+filled first: the zero-centred norms, the gated norm's weight, dt_bias. The projections are
+wider than init's so that the linear layers steer the logits (a flatter model would agree with
+anything), and lm_head wide enough that a confidence gate can fire on some tokens and not others.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Tiny, tiny_cache
+from test_families_v3 import policy_engine, tau_extremes_are_big_and_little
+from test_offload import offloading_matches_resident
+
+import mobile
+from mobile.compiler.costs import recurrent_state_bytes
+from mobile.runtime.state import kernel_path
+from mobile.spec.load import load_spec
+
+VARIANTS = ("qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")
+LONG = torch.randint(3, 97, (150,), generator=torch.Generator().manual_seed(1))  # over two 64-position chunks
+PROMPT = LONG[:50]  # 32 new tokens from here cross the chunk boundary at 64
+SHAPES = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, max_position_embeddings=512, tie_word_embeddings=False, linear_conv_kernel_dim=4,
+              linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+              moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=4,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def build_tiny_qwen3_next(out: Path, variant: str, seed: int = 0):
+    """Save a tiny model of `variant` to `out`; returns the transformers model."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if variant == "qwen3_next":
+        model = tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(**SHAPES, intermediate_size=40))
+    elif variant == "qwen3_5_moe_text":
+        model = tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(**SHAPES))
+    else:  # the multimodal checkpoint, with the smallest vision tower its config takes (never read)
+        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32)
+        model = tf.Qwen3_5MoeForConditionalGeneration(tf.Qwen3_5MoeConfig(text_config=SHAPES, vision_config=vision))
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "visual" in name:
+                continue
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.5)  # decisive routing
+            elif name.endswith("linear_attn.norm.weight"):
+                p.copy_(1 + torch.randn_like(p) * 0.3)  # the gated norm's plain weight (init: ones)
+            elif name.endswith("norm.weight") or name.endswith("dt_bias"):
+                p.normal_(0, 0.3)  # zero-centred norms (init: zeros) and the decay's bias (init: ones)
+            elif name.endswith("lm_head.weight"):
+                p.normal_(0, 0.5)
+            elif p.dim() >= 2 and "embed" not in name and "conv1d" not in name:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out)
+    return model
+
+
+class Qwen3NextTiny(Tiny):
+    def build(self, ckpt):
+        return build_tiny_qwen3_next(ckpt, self.family)
+
+
+@pytest.fixture(scope="module")
+def hybrid_tiny(tmp_path_factory):
+    return tiny_cache(tmp_path_factory, Qwen3NextTiny)
+
+
+def reference_generate(t, prompt: torch.Tensor, n: int) -> list[int]:
+    with torch.no_grad():
+        return t.model.generate(prompt[None], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, prompt.numel():].tolist()
+
+
+# -- exact against transformers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_and_32_greedy_tokens_match_transformers(hybrid_tiny, variant):
+    """A prompt of 150 positions runs the chunked delta rule over three chunks; 32 tokens decoded
+    after 50 run the recurrent form across the chunk boundary at 64."""
+    t = hybrid_tiny(variant)
+    engine = mobile.Engine.load(t.graph)
+    try:
+        ours = engine.logits(LONG)
+        with torch.no_grad():
+            ref = t.model(LONG[None]).logits[0].float()
+        assert (ours - ref).abs().max().item() < 1e-4
+        tokens = engine.generate(PROMPT, max_new_tokens=32, stop_ids=[])
+        assert engine.stats["linear_attention_kernels"] == "torch"
+    finally:
+        engine.close()
+    ref_tokens = reference_generate(t, PROMPT, 32)
+    assert tokens == ref_tokens
+    assert len(set(ref_tokens)) > 8  # the tiny model does not settle on one token
+
+
+def test_decode_equals_prefill_across_chunks(hybrid_tiny):
+    """Each position decoded one at a time (the recurrent form, from position 60 across 64) gives
+    the logits of one prefill over all of them (the chunked form)."""
+    engine = mobile.Engine.load(hybrid_tiny("qwen3_5_moe_text").graph)
+    try:
+        whole = engine.logits(LONG[:72])
+        engine._forward(LONG[:60], 0)
+        steps = torch.cat([engine._forward(LONG[i:i + 1], i) for i in range(60, 72)])
+    finally:
+        engine.close()
+    assert (steps - whole[60:72]).abs().max().item() < 1e-4  # two float orders of one sum: the bound vs transformers
+
+
+def test_the_graph_shows_linear_attention_layers_as_their_own_nodes(hybrid_tiny):
+    t = hybrid_tiny("qwen3_next")
+    nodes = json.loads((t.graph / "graph.json").read_text())["nodes"]
+    ops = {n["name"]: n["op"] for n in nodes}
+    assert [ops.get(f"L{i}.linear_attn") for i in range(4)] == ["linear_attention"] * 3 + [None]
+    assert ops["L3.attn"] == "attention"
+    assert "linear_attention" in (t.graph / "schedule.txt").read_text()
+
+
+def test_imported_variants_carry_the_same_model(hybrid_tiny):
+    specs = [load_spec(hybrid_tiny(v).spec) for v in VARIANTS]
+    next_, text, full = (s.model for s in specs)
+    assert text == full and text.family == "qwen3_5_moe" and next_.family == "qwen3_next"
+    assert next_.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    assert next_.attention.output_gate and next_.zero_centered_norms and next_.rope.partial_rotary_factor == 0.25
+    assert specs[2].checkpoint.tensor_names["la_qkv"].startswith("model.language_model.layers.")
+
+
+# -- the state under big-little ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["qwen3_next", "qwen3_5_moe"])
+def test_mobile_at_the_tau_extremes_is_big_and_little(hybrid_tiny, tmp_path, variant):
+    """At tau 1 every decoded token's little pass advances the state, which the fallback restores
+    before the big pass: anything else would count the token twice and leave big decoding."""
+    tau_extremes_are_big_and_little(hybrid_tiny(variant), tmp_path, PROMPT)
+
+
+def test_little_and_big_decode_differently_here(hybrid_tiny, tmp_path):
+    """What makes the tau-extreme test above mean something on this checkpoint."""
+    t = hybrid_tiny("qwen3_5_moe_text")
+    little, big = policy_engine(t, tmp_path, "little"), mobile.Engine.load(t.graph)
+    try:
+        assert little.generate(PROMPT, 16, stop_ids=[]) != big.generate(PROMPT, 16, stop_ids=[])
+    finally:
+        little.close()
+        big.close()
+
+
+@pytest.mark.parametrize("variant", ["qwen3_next", "qwen3_5_moe"])
+def test_a_kv_refresh_recomputes_from_the_kept_state(hybrid_tiny, tmp_path, variant):
+    """With kv_refresh longer than the run, a fallback recomputes every little token since the last
+    big pass from the state kept before the first of them: after it, the model is exactly where
+    big decoding of the same tokens is, so each fallen-back token's logits are big decoding's (a
+    state restored wrong, or not at all, is off by whole units)."""
+    t = hybrid_tiny(variant)
+    engine = policy_engine(t, tmp_path, "mobile", tau=0.3, kv_refresh=1000)
+    big = mobile.Engine.load(t.graph)
+    forced = torch.randint(3, 97, (40,), generator=torch.Generator().manual_seed(3))
+    try:
+        assert len(engine.state.kept) == 1001
+        engine._forward(PROMPT, 0)
+        big._forward(PROMPT, 0)
+        fell = []
+        for i, token in enumerate(forced):
+            before = engine.stats_.fallback_tokens
+            ours = engine._forward(token[None], PROMPT.numel() + i)
+            ref = big._forward(token[None], PROMPT.numel() + i)
+            if engine.stats_.fallback_tokens > before:
+                fell.append(i)
+                # the refresh runs the chunked form over its tokens, big decoding the recurrent one
+                assert (ours - ref).abs().max().item() < 1e-4
+        assert 5 < len(fell) < 35  # some tokens fall back, not all
+        assert engine.stats["refreshed_tokens"] > 0
+    finally:
+        engine.close()
+        big.close()
+
+
+@pytest.mark.parametrize("policy", ["ondemand", "lru", "lru-prefetch"])
+def test_offloading_gives_residents_tokens(hybrid_tiny, policy):
+    offloading_matches_resident(hybrid_tiny("qwen3_5_moe"), policy, PROMPT)
+
+
+@pytest.mark.parametrize("policy", ["host", "lru-host"])
+def test_host_placements_give_residents_tokens(hybrid_tiny, tmp_path, policy):
+    """Experts computed on the host, with the cache at its minimum (top_k slots) so that decoding misses."""
+    t = hybrid_tiny("qwen3_next")
+    resident = mobile.Engine.load(t.graph)
+    graph = t.compile(tmp_path / policy, "--policy", policy, slots_per_layer=4)
+    engine = mobile.Engine.load(graph, weights=t.ckpt, link_gbps=50.0)
+    try:
+        assert engine.generate(PROMPT, 16, stop_ids=[]) == resident.generate(PROMPT, 16, stop_ids=[])
+        assert engine.stats["host_busy_s"] > 0  # the host computed some experts
+    finally:
+        engine.close()
+        resident.close()
+
+
+def test_static_state_decodes_as_eager_over_300_tokens(hybrid_tiny):
+    """With CUDA graphs on (emulated here) the state is read and written in place: its buffers
+    never move, and 300 decoded tokens equal eager decoding's."""
+    t = hybrid_tiny("qwen3_5_moe_text")
+    eager, static = mobile.Engine.load(t.graph), mobile.Engine.load(t.graph, cuda_graphs="on")
+    try:
+        assert static.state is not None
+        where = [(s.conv.data_ptr(), s.ssm.data_ptr()) for s in static.state.layers.values()]
+        assert static.generate(PROMPT, 300, stop_ids=[]) == eager.generate(PROMPT, 300, stop_ids=[])
+        assert [(s.conv.data_ptr(), s.ssm.data_ptr()) for s in static.state.layers.values()] == where
+        stats = static.stats
+        assert stats["cuda_graphs"] == "emulated" and stats["graph_replays"] > 0
+    finally:
+        eager.close()
+        static.close()
+
+
+def test_stats_say_the_kernel_path_and_the_state_bytes(hybrid_tiny, tmp_path):
+    t = hybrid_tiny("qwen3_5_moe_text")
+    engine = policy_engine(t, tmp_path, "mobile", tau=0.3, kv_refresh=4)
+    try:
+        spec = engine.spec
+        assert engine.stats["recurrent_state_bytes"] == recurrent_state_bytes(spec) * (1 + 5)
+        assert engine.stats["linear_attention_kernels"] == "torch"
+    finally:
+        engine.close()
+    assert kernel_path(torch.device("cpu"), "auto") == "torch"
+    assert kernel_path(torch.device("cuda"), "torch") == "torch"
