@@ -45,7 +45,9 @@ def write_synthetic_checkpoint(spec_path: str | Path, out: str | Path, layers: i
         if not 1 <= layers <= m.num_layers:
             raise SpecError(f"expected 1 <= --layers <= {m.num_layers}, got {layers}", key="--layers")
         dense = [i for i in m.moe.dense_layers if i < layers]
-        model = dataclasses.replace(m, num_layers=layers, moe=dataclasses.replace(m.moe, dense_layers=dense))
+        # the first `layers` layers, their kinds with them (a hybrid model's linear-attention layers)
+        model = dataclasses.replace(m, num_layers=layers, moe=dataclasses.replace(m.moe, dense_layers=dense),
+                                    layer_types=m.layer_types[:layers])
         spec = dataclasses.replace(spec, model=model)
     out = Path(out)
     check_folder(out, "synth", force)
