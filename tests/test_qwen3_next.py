@@ -236,3 +236,40 @@ def test_stats_say_the_kernel_path_and_the_state_bytes(hybrid_tiny, tmp_path):
         engine.close()
     assert kernel_path(torch.device("cpu"), "auto") == "torch"
     assert kernel_path(torch.device("cuda"), "torch") == "torch"
+
+
+# -- on CUDA (benchmarks/gpu_check.sh; skipped without a GPU) -----------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("path", ["auto", "torch"])
+@pytest.mark.parametrize("variant", ["qwen3_next", "qwen3_5_moe"])
+def test_cuda_matches_the_cpu_with_either_delta_rule(hybrid_tiny, monkeypatch, variant, path):
+    """auto: flash-linear-attention's kernels where installed (the stats say which ran), else torch's."""
+    monkeypatch.setenv("MOBILE_LINEAR_KERNELS", path)
+    t = hybrid_tiny(variant)
+    cpu, gpu = mobile.Engine.load(t.graph), mobile.Engine.load(t.graph, device="cuda")
+    try:
+        torch.testing.assert_close(gpu.logits(LONG), cpu.logits(LONG), atol=2e-4, rtol=1e-4)
+        expected = kernel_path(torch.device("cuda"), path)
+        assert gpu.stats["linear_attention_kernels"] == expected
+        print(f"{variant}: delta rule {expected}")
+        assert gpu.generate(PROMPT, 32, stop_ids=[]) == cpu.generate(PROMPT, 32, stop_ids=[])
+    finally:
+        cpu.close()
+        gpu.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_capture_the_state_and_decode_as_eager(hybrid_tiny):
+    """Captured and replayed segments (not emulated) read and advance the state in place."""
+    t = hybrid_tiny("qwen3_5_moe_text")
+    eager, graphs = (mobile.Engine.load(t.graph, device="cuda", cuda_graphs=m) for m in ("off", "on"))
+    try:
+        assert graphs.generate(PROMPT, 300, stop_ids=[]) == eager.generate(PROMPT, 300, stop_ids=[])
+        stats = graphs.stats
+        assert stats["cuda_graphs"] == "on" and stats["graph_replays"] > 0, stats
+    finally:
+        eager.close()
+        graphs.close()
