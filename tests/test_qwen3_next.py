@@ -96,7 +96,9 @@ def test_logits_and_32_greedy_tokens_match_transformers(hybrid_tiny, variant):
         ours = engine.logits(LONG)
         with torch.no_grad():
             ref = t.model(LONG[None]).logits[0].float()
-        assert (ours - ref).abs().max().item() < 1e-4
+        diff = (ours - ref).abs().max().item()
+        print(f"{variant}: max |logits - transformers| = {diff:.2g} (logits up to {ref.abs().max().item():.1f})")
+        assert diff < 1e-4
         tokens = engine.generate(PROMPT, max_new_tokens=32, stop_ids=[])
         assert engine.stats["linear_attention_kernels"] == "torch"
     finally:
@@ -220,6 +222,8 @@ def test_static_state_decodes_as_eager_over_300_tokens(hybrid_tiny):
         assert [(s.conv.data_ptr(), s.ssm.data_ptr()) for s in static.state.layers.values()] == where
         stats = static.stats
         assert stats["cuda_graphs"] == "emulated" and stats["graph_replays"] > 0
+        # a prompt short enough for the runner (GRAPH_MAX_TOKENS) runs the chunked form through it
+        assert static.generate(PROMPT[:5], 16, stop_ids=[]) == eager.generate(PROMPT[:5], 16, stop_ids=[])
     finally:
         eager.close()
         static.close()
