@@ -17,8 +17,9 @@ from typing import Literal
 
 Pass = Literal["big", "little"]
 # where a missed expert runs: moved into a cache slot; on the host (no cache); on the host now and
-# copied in behind; or by the placement rule per expert (mobile.moe.placement)
-Placement = Literal["move", "host", "both", "choose"]
+# copied in behind; by the placement rule per expert (mobile.moe.placement); or on the host, the
+# cache holding a fixed hot set that never changes (static)
+Placement = Literal["move", "host", "both", "choose", "static"]
 Eviction = Literal["lru", "lfu"]
 EvalMode = Literal["reference", "resident", "cache"]
 
@@ -61,6 +62,9 @@ POLICIES: dict[str, Policy] = {p.name: p for p in [
     Policy("lru", "per-layer LRU expert cache, demand fetch on a miss (mixtral-offloading style)"),
     Policy("lru-host", "per-layer LRU expert cache whose misses are computed on the host and copied in behind "
            "(llama.cpp's expert-cache pull requests)", placement="both"),
+    Policy("hybrid-static", "each layer's most-used experts (a routing profile: --profile) resident on the device, "
+           "every other one computed on the host; nothing moves after loading (KTransformers' placement)",
+           placement="static"),
     Policy("lru-prefetch", "lru plus next-layer prediction prefetch (the strong baseline)",
            prefetch=frozenset({"predicted"})),
     Policy("little", "always the top ceil(K/2) experts (speed bound, quality floor)", decode_pass="little",

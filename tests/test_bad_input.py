@@ -73,6 +73,12 @@ CORPUS = [
     ([*RUN, "--policy", "host", "--host-ratio", "-1"], 2, "argument --host-ratio: expected a number >= 0.001"),
     ([*RUN, "--policy", "host", "--host-ratio", "nan"], 2, "argument --host-ratio: expected a number >= 0.001 and "
      "<= 10000, got 'nan'"),
+    ([*RUN, "--policy", "hybrid-static"], 2, "--profile: hybrid-static keeps each layer's most-used experts on the "
+     "device and needs a routing profile"),
+    ([*RUN, "--policy", "hybrid-static", "--profile", "/nonexistent/p.json"], 2, "/nonexistent/p.json: no routing "
+     "profile here (--profile; `mobile profile` writes one)"),
+    (["profile", "--graph", "{graph}", "--text", "/nonexistent/t.txt", "-o", "/tmp/never-written.json"], 2,
+     "cannot read the profiling text"),
     ([*RUN, "--link-gbps", "-1"], 2, "argument --link-gbps: expected a number >= 0.001"),
     ([*RUN, "--link-gbps", "nan"], 2, "argument --link-gbps: expected a number >= 0.001 and <= 1000, got 'nan'"),
     ([*RUN, "--link-gbps", "1e-9"], 2, "argument --link-gbps: expected a number >= 0.001 and <= 1000, got '1e-9'"),

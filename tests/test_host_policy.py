@@ -5,6 +5,7 @@ failing host worker. Its bad flags are rows of tests/test_bad_input.py."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -161,3 +162,73 @@ def test_the_placement_rule_changes_where_not_what(demo):
         engine.close()
     assert tokens[0] == tokens[1]
     assert "experts_on_host" not in stats[0] and stats[1]["experts_on_host"] + stats[1]["experts_both"] > 0
+
+
+# -- hybrid-static (a routing profile's hot set on the device, every other expert on the host) ----
+TEXT = Path(__file__).parent.parent / "demo" / "data" / "heldout_kjv.txt"
+
+
+@pytest.fixture(scope="module")
+def demo_profile(demo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("profile") / "kjv.json"
+    assert run_cli("profile", "--graph", demo, "--text", TEXT, "--tokens", "2048", "-o", out) == 0
+    return out
+
+
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_hybrid_static_decodes_as_resident_and_moves_nothing_after_loading(demo, demo_profile, fmt):
+    """Native: the demo's cache holds 8 of each layer's 16 experts; int4 in the same bytes, all 16."""
+    s = placed_matches(demo, "hybrid-static", 64, fmt, profile=str(demo_profile))
+    assert s.get("experts_moved", 0) == 0 and s.get("experts_both", 0) == 0 and s["decode_bytes_h2d"] == 0
+    if fmt is None:
+        assert s["static_experts_per_layer"] == 8 and 0.5 < s["static_profile_coverage"] < 1
+        assert s["experts_on_host"] > 0 and s["host_busy_s"] > 0
+    else:
+        assert s["static_experts_per_layer"] == 16 and s["static_profile_coverage"] == 1
+        assert "experts_on_host" not in s  # nothing missed, so nothing was placed
+
+
+def test_hybrid_static_on_families_with_shared_experts_and_biases_decodes_as_resident(tiny, tmp_path_factory):
+    for t in (tiny("qwen2_moe"), GptOssTiny(tmp_path_factory.mktemp("gpt_oss"), "gpt_oss")):
+        profile = tmp_path_factory.mktemp("profile") / "p.json"
+        assert run_cli("profile", "--graph", t.graph, "--text", TEXT, "--tokens", "512", "-o", profile) == 0
+        cached = t.compile(tmp_path_factory.mktemp("static"), slots_per_layer=6)
+        for fmt in (None, "int4"):
+            placed_matches(cached, "hybrid-static", 64, fmt, group=8, profile=str(profile))
+
+
+def test_the_profile_counts_every_route_and_ranks_the_hot_set(demo, demo_profile):
+    from mobile.moe.profile import load_profile
+    from mobile.spec.load import load_spec
+
+    data = json.loads(demo_profile.read_text())
+    assert data["written_by"] == "mobile profile" and data["tokens"] == 2048 and data["top_k"] == 4
+    profile = load_profile(demo_profile, load_spec(DEMO))
+    for layer, counts in profile.counts.items():
+        assert sum(counts) == 2048 * 4  # each position's top-4, in every MoE layer
+        hot = profile.hot(layer, 8)
+        assert min(counts[e] for e in hot) >= max(counts[e] for e in range(16) if e not in hot)
+
+
+def test_hybrid_static_without_a_usable_profile_is_one_line(demo, demo_profile, tmp_path, capsys):
+    args = ("run", "--graph", demo, "--policy", "hybrid-static", "--prompt-ids", "5,6", "--max-new-tokens", "2")
+    assert run_cli(*args) == 2
+    assert "--profile: hybrid-static keeps each layer's most-used experts" in capsys.readouterr().err
+    data = json.loads(demo_profile.read_text())
+    data["layers"]["2"] = data["layers"]["2"][:15]
+    (tmp_path / "short.json").write_text(json.dumps(data))
+    (tmp_path / "other.json").write_text('{"format": "something else"}')
+    for name, key in (("short.json", "layers.2"), ("other.json", "format"), ("missing.json", None)):
+        assert run_cli(*args, "--profile", tmp_path / name) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(tmp_path / name) in err and (key is None or f": {key}:" in err), err
+    assert run_cli("bench", "--graph", demo, "--policies", "hybrid-static", "--tokens", "4") == 2
+    assert "--profile-text" in capsys.readouterr().err
+
+
+def test_bench_takes_the_profile_on_its_profile_text(demo, capsys):
+    assert run_cli("bench", "--graph", demo, "--policies", "lru-prefetch,hybrid-static", "--tokens", "8",
+                   "--link-ratio", "40", "--profile-text", TEXT, "--profile-tokens", "1024") == 0
+    out = capsys.readouterr().out
+    assert f"routing profile for hybrid-static: 1024 tokens of {TEXT}" in out
+    assert "hybrid-static" in out.split("policy")[-1]

@@ -6,6 +6,7 @@
     mobile import-hf DIR [-o FILE]           write a spec from a Hugging Face config.json
     mobile bench --graph DIR --policies ...  compare policies side by side (tokens/s, bytes, stalls)
     mobile eval --graph DIR --data FILE      quality of a policy on held-out text, next to big experts
+    mobile profile --graph DIR --text FILE -o FILE   how often each expert is routed to (hybrid-static's hot sets)
     mobile synth SPEC -o DIR [--layers N]    random weights at a spec's real shapes, for benchmarks
     mobile quantize CKPT -o DIR --format F   a copy of a checkpoint with int8 / int4 routed experts
 

@@ -204,7 +204,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               kv_refreshes=[int(r) for r in refreshes] if refreshes else None, extra_rows=rows,
               policy_options=policy_changes(args), repeats=args.repeats, compile=args.compile,
               expert_formats=expert_formats, expert_group_size=args.expert_group_size,
-              cuda_graphs=graph_modes(args.cuda_graphs))
+              cuda_graphs=graph_modes(args.cuda_graphs), profile_text=args.profile_text,
+              profile_tokens=args.profile_tokens)
     return 0
 
 
@@ -244,6 +245,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print("matplotlib is not installed (pip install 'mobile-moe[plot]'); no plot written", file=sys.stderr)
     if args.out:
         atomic_write_text(args.out, json.dumps({"written_by": "mobile eval", "rows": rows}, indent=1))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from mobile.tools.profile import take_profile
+
+    check_file(args.out, "profile", args.force)
+    profile = take_profile(args.graph, args.text, args.tokens, weights=args.weights, device=args.device)
+    profile.save(args.out)
+    print(f"routing profile of {profile.tokens} tokens of {args.text} -> {args.out}")
     return 0
 
 

@@ -146,6 +146,8 @@ def add_policy_options(p: argparse.ArgumentParser, tau_list: bool = False) -> No
             p.add_argument(flag, choices=list(typing.get_args(tp)), help=help)
         elif base is bool:
             p.add_argument(flag, choices=["on", "off"], help=help)
+        elif base is str:
+            p.add_argument(flag, metavar="FILE", help=help)
         else:
             p.add_argument(flag, type=number(base, lo, hi), metavar=f.name.upper(), help=help)
 

@@ -14,6 +14,7 @@ from mobile.cli.options import (
     add_format_options,
     add_link_options,
     add_policy_options,
+    device_name,
     number,
 )
 
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--text", metavar="FILE", help="take the prompt and the decode tokens from the start of this "
                    "text file, teacher-forced, so every policy decodes the same real text (needs the checkpoint's "
                    "tokenizer); default: a random prompt, then greedy decoding")
+    b.add_argument("--profile-text", metavar="FILE", help="take a routing profile on this text for the hybrid-static "
+                   "rows (their hot sets: each layer's most-used experts); use another text than --text")
+    b.add_argument("--profile-tokens", type=number(int, 1), metavar="N", help="profile only the first N tokens of "
+                   "--profile-text (default: all)")
     b.add_argument("--seed", type=number(int, 0), default=0, help="prompt seed (default 0)")
     b.add_argument("--repeats", type=number(int, 1), default=1,
                    help="runs per row, round-robin; report medians (default 1)")
@@ -162,6 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", metavar="FILE", help="also write every row as JSON to this file")
     add_force(e, "the --out and --plot files")
     e.set_defaults(fn=commands.cmd_eval)
+
+    f = sub.add_parser("profile", help="count how often each layer routes to each expert over a text (a routing "
+                       "profile, for hybrid-static)",
+                       description="Run a text through the model with every expert resident, in chunks of "
+                       "256 positions, each router counting its choices on the device, and write the counts as "
+                       "JSON: a routing profile. `--policy hybrid-static --profile FILE` keeps each layer's "
+                       "most-used experts of it on the device. Take it on another text than the one you measure "
+                       "on, so that the hot sets are not chosen on the test text.")
+    f.add_argument("--graph", required=True, help="a folder written by `mobile compile`")
+    f.add_argument("--weights", help="checkpoint folder (default: the spec's checkpoint.path)")
+    f.add_argument("--device", default="cpu", type=device_name, help="cpu or cuda[:N] (default cpu)")
+    f.add_argument("--text", required=True, metavar="FILE", help="the profiling text")
+    f.add_argument("--tokens", type=number(int, 1), help="profile only its first N tokens (default: all)")
+    f.add_argument("-o", "--out", required=True, metavar="FILE", help="the profile to write (JSON)")
+    add_force(f, "FILE")
+    f.set_defaults(fn=commands.cmd_profile)
 
     y = sub.add_parser("synth", help="write a random checkpoint at a spec's real shapes (for benchmarks)",
                        description="Write random weights in Hugging Face layout with the spec's shapes, "

@@ -156,7 +156,11 @@ def memory_lines(spec: Spec) -> list[str]:
         f"experts stream from host memory into a device cache of {plan.main + plan.staging} slots per layer "
         f"(at most {plan.staging} of them prefetched, not yet used) = {human_bytes(plan.total_bytes)}")
     placement = spec.policy.effective_placement
-    if plan is not None and placement != "move":
+    if plan is not None and placement == "static":
+        where = (f"each layer's {plan.main} most-used experts (policy.profile, a routing profile) loaded once into a "
+                 f"device cache of {plan.main} slots per layer = {human_bytes(plan.total_bytes)}; every other expert "
+                 "computed on the host, nothing moved after loading")
+    elif plan is not None and placement != "move":
         where += ("; a decoded token's misses are computed on the host and copied in behind" if placement == "both"
                   else "; each miss of a decoded token is moved or computed on the host, whichever finishes the "
                        "layer sooner (mobile.moe.placement)")

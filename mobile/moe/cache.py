@@ -302,7 +302,9 @@ class OffloadedCache:
         if free:
             self.stats.extra["free_complement_experts"] = self.stats.extra.get("free_complement_experts", 0) + free
         handle = FetchHandle(layer, tag)
-        if hosted is not None and self.host_placement is not None and hosted.x.shape[0] == 1:
+        # a decoded token's misses are placed; under a static hot set a prompt's too (nothing moves)
+        if hosted is not None and self.host_placement is not None and \
+                (hosted.x.shape[0] == 1 or self.host_placement.rule == "static"):
             missing = self._place_misses(layer, missing, hosted, handle)
         needed = sorted(cached + missing)
         if len(needed) > self.plan.main:
@@ -339,8 +341,8 @@ class OffloadedCache:
             return missing
         pairs = Counter(ids.flatten().tolist())  # each miss's (token, expert) pairs in this step
         misses = [Miss(e, pairs[e], table.score(e)) for e in candidates]
-        if hp.rule == "both":
-            placed = always(Placement.BOTH, misses)
+        if hp.rule in ("both", "static"):
+            placed = always(Placement.BOTH if hp.rule == "both" else Placement.HOST, misses)
         else:
             now = time.perf_counter()
             residents = [table.score(e) for e in table.residents()]
@@ -360,6 +362,14 @@ class OffloadedCache:
                 table.note_use(e)  # its use still counts towards what is hot
         self._copy_behind(layer, behind, handle.tag)
         return in_flight + [e for e, p in placed.items() if p is Placement.MOVE]
+
+    def load_static(self, hot: dict[int, list[int]]) -> None:
+        """Load each layer's hot set (hybrid-static) and wait for it: the slots it fills are the only
+        experts the device ever holds, since every miss is computed on the host."""
+        for layer, experts in hot.items():
+            handle = FetchHandle(layer, "static")
+            self._request(layer, experts, handle)
+            self.wait(handle)
 
     def _copy_behind(self, layer: int, experts: list[int], tag: str) -> None:
         """Copy these experts into slots at prefetch priority, for the tokens after: no wait of this

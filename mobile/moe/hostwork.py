@@ -180,7 +180,8 @@ class HostWorker:
 @dataclass
 class HostPlacement:
     """A cache's second place for its misses: the rule ("both": every miss on the host and copied
-    in behind; "choose": mobile.moe.placement.choose), the host worker, and the costs it weighs."""
+    in behind; "choose": mobile.moe.placement.choose; "static": every miss on the host, of every
+    step, the cache a fixed hot set), the host worker, and the costs it weighs."""
 
     rule: str
     worker: HostWorker

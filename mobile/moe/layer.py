@@ -48,8 +48,13 @@ class MoELayer:
     experts are; kind: what an expert is (its format and MLP). The kernels it gives a node take the
     node's keep rule (rule_of), fixed when the executor builds them."""
 
-    def __init__(self, layer: int, router: Router, cache: ExpertCache, kind: ExpertKind):
+    def __init__(self, layer: int, router: Router, cache: ExpertCache, kind: ExpertKind, count_routes: bool = False):
+        """count_routes: the router node counts each expert's uses on the device (`route_counts` [E]),
+        for a routing profile (mobile.moe.profile)."""
         self.layer, self.router, self.cache = layer, router, cache
+        weight = router.weight
+        self.route_counts = torch.zeros(weight.shape[0], dtype=torch.long, device=weight.device) \
+            if count_routes else None
         self.kind_text = kind.text
         self.arena = cache.arena(layer)
         # persistent, current after every wait: what a plan and (with no wait: nothing moves) the op read
@@ -61,7 +66,17 @@ class MoELayer:
     def route(self, shuffled: bool = False):
         """The router node's kernel: x [T, H] -> (weights [T, K], ids [T, K]), in selection order;
         shuffled: each token's big set in a random order (the random-halving baseline)."""
-        return self.router.shuffled(self.layer) if shuffled else self.router
+        router = self.router.shuffled(self.layer) if shuffled else self.router
+        counts = self.route_counts
+        if counts is None:
+            return router
+
+        def counted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            weights, ids = router(x)
+            counts.index_add_(0, ids.flatten(), torch.ones_like(ids.flatten()))  # on the device: no host read
+            return weights, ids
+
+        return counted
 
     def predict(self, top_k: int):
         """A kernel: the previous layer's hidden state -> the ids of this layer's top_k (next-layer

@@ -17,9 +17,11 @@ what moving and computing cost (Costs). The layer then waits for both the device
   step's moves, where it delays no one this step.
 
 The baselines' rules are constant: `lru-host` (the expert-cache PRs) computes every miss on the
-host and copies it in behind (`always`). `host` (llama.cpp's -ot exps=CPU) has no cache at all
+host and copies it in behind (`always`). `hybrid-static` (KTransformers) computes every miss on
+the host, a prompt's too, its cache a hot set loaded once from a routing profile
+(mobile.moe.profile). `host` (llama.cpp's -ot exps=CPU) has no cache at all
 (mobile.moe.hostcache). OffloadedCache applies the rule to a decoded token's misses; a prompt's
-experts are moved, many tokens sharing each.
+experts are moved, many tokens sharing each (but under hybrid-static).
 """
 
 from __future__ import annotations

@@ -139,8 +139,10 @@ class SlotTable:
         return count * self.decay ** (self.clock - when)
 
     def note_use(self, expert: int) -> None:
-        """A use of an expert computed elsewhere (on the host): it counts towards what is hot (lfu)."""
+        """A miss computed elsewhere (on the host): a miss all the same (the cache did not hold it),
+        and its use counts towards what is hot (lfu)."""
         self._count_use(expert)
+        self.counters.misses += 1
 
     def take_evicted(self) -> list[int]:
         """The experts evicted since the last call (the device slot map must forget them)."""

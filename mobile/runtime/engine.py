@@ -65,7 +65,7 @@ class Engine:
     def __init__(self, graph: Graph, spec: Spec, store: WeightStore, device: str = "cpu",
                  compile: bool = False, progress: bool = False, link_gbps: float | None = None,
                  link_ratio: float | None = None, trace: bool = False, all_resident: bool = False,
-                 track_use: bool = False, cuda_graphs: str | None = None):
+                 track_use: bool = False, cuda_graphs: str | None = None, count_routes: bool = False):
         self.graph, self.spec, self.store = graph, spec, store
         self.device = torch.device(device)
         self.graphs_on = graphs_enabled(cuda_graphs, spec, self.device)
@@ -104,7 +104,7 @@ class Engine:
         linear_kernels = kernel_path(self.device, debug.flags().linear_kernels)
         if self.state is not None:
             self.stats_.extra.update(linear_attention_kernels=linear_kernels, recurrent_state_bytes=self.state.nbytes)
-        self.kernels = Kernels(spec, weights, self.kv, self.experts, self.state, linear_kernels)
+        self.kernels = Kernels(spec, weights, self.kv, self.experts, self.state, linear_kernels, count_routes)
         self.graphs = GraphRunner(self.device) if self.graphs_on else None
         self.executor = Executor(graph, self.kernels, self.reader, compile=compile, trace=self.trace,
                                  graphs=self.graphs, state=self.state)
@@ -143,6 +143,7 @@ class Engine:
         options: link_gbps, link_ratio (emulated link), trace (record a measured timeline),
         all_resident (keep every expert on the device whatever the policy: for quality evals),
         track_use (count the experts each forward uses, also with every expert resident: for evals),
+        count_routes (each router counts its choices, for a routing profile: mobile.tools.profile),
         cuda_graphs (auto, on or off; default the spec's runtime.cuda_graphs: mobile.runtime.graphs)."""
         graph_dir = Path(graph_dir)
         runtime = format_changes(expert_format, expert_group_size)

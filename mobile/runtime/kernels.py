@@ -58,11 +58,13 @@ class Kernels:
     ones from mobile.models.ops, the routed-expert layer's from its MoELayer (mobile.moe.layer)."""
 
     def __init__(self, spec: Spec, weights: dict[tuple[str, int | None], torch.Tensor], kv: KVCache,
-                 experts: ExpertCache, state: RecurrentState | None = None, linear_kernels: str = "torch"):
+                 experts: ExpertCache, state: RecurrentState | None = None, linear_kernels: str = "torch",
+                 count_routes: bool = False):
         """state: the linear-attention layers' recurrent state (a model that has them);
-        linear_kernels: which delta rule they run (mobile.runtime.state.kernel_path)."""
+        linear_kernels: which delta rule they run (mobile.runtime.state.kernel_path); count_routes:
+        each router counts its choices (MoELayer.route_counts: a routing profile)."""
         self.spec, self.w, self.kv, self.experts = spec, fuse_qkv(weights), kv, experts
-        self.state, self.linear_kernels = state, linear_kernels
+        self.state, self.linear_kernels, self.count_routes = state, linear_kernels, count_routes
         self.attn_scale = ops.attention_scale(spec)
         self.kind = ExpertKind.of_spec(spec)
         self.layers: dict[int, MoELayer] = {}
@@ -71,7 +73,7 @@ class Kernels:
         """Layer `layer`'s MoELayer, made once."""
         if layer not in self.layers:
             router = Router.of_layer(self.spec, self.w, layer)
-            self.layers[layer] = MoELayer(layer, router, self.experts, self.kind)
+            self.layers[layer] = MoELayer(layer, router, self.experts, self.kind, self.count_routes)
         return self.layers[layer]
 
     def build(self, node: Node) -> Compute | SyncKernel:

@@ -23,6 +23,7 @@ from mobile.moe.hostcache import HostCache
 from mobile.moe.hostwork import HostModel, HostPlacement, HostWorker
 from mobile.moe.layout import ExpertMLP, packed_layout
 from mobile.moe.placement import Costs
+from mobile.moe.profile import load_profile
 from mobile.moe.transfer import LinkModel, calibrated_gbps, expert_compute_seconds
 from mobile.runtime.hostio import HostReader
 from mobile.runtime.stats import Stats
@@ -63,9 +64,26 @@ def expert_cache(spec: Spec, store: WeightStore, device: torch.device, dtype: to
         link.gbps, calibration = calibrated_gbps(spec, device, dtype, link_gbps, link_ratio)
         stats.extra.update(calibration, link_gbps=round(link.gbps, 4))
     placement = spec.policy.effective_placement
-    host = host_placement(spec, device, dtype, link, trace) if placement in ("both", "choose") else None
-    return OffloadedCache(spec, store, device, dtype, stats, plan, link, trace=trace, progress=bar, compiled=compile,
-                          host=host)
+    host = host_placement(spec, device, dtype, link, trace) if placement in ("both", "choose", "static") else None
+    cache = OffloadedCache(spec, store, device, dtype, stats, plan, link, trace=trace, progress=bar, compiled=compile,
+                           host=host)
+    if placement == "static":
+        hot_set(cache, spec, plan)
+    return cache
+
+
+def hot_set(cache: OffloadedCache, spec: Spec, plan: CachePlan) -> None:
+    """hybrid-static: each layer's plan.main most-used experts of its routing profile, loaded once
+    (mobile.moe.profile); the stats say how much of the profiled routing they cover."""
+    if spec.policy.profile is None:
+        raise MobileError("hybrid-static keeps each layer's most-used experts on the device and needs a routing "
+                          "profile to know them: `mobile profile --graph G --text FILE -o P`, then --profile P",
+                          key="--profile")
+    profile = load_profile(spec.policy.profile, spec, key="--profile")
+    hot = {layer: profile.hot(layer, plan.main) for layer in spec.moe_layers}
+    cache.load_static(hot)
+    cover = sum(profile.coverage(layer, plan.main) for layer in spec.moe_layers) / len(spec.moe_layers)
+    cache.stats.extra.update(static_experts_per_layer=plan.main, static_profile_coverage=round(cover, 4))
 
 
 def host_placement(spec: Spec, device: torch.device, dtype: torch.dtype, link: LinkModel,
@@ -79,7 +97,8 @@ def host_placement(spec: Spec, device: torch.device, dtype: torch.dtype, link: L
         expert_bytes(spec) / (spec.runtime.plan.host_gbps * 1e9)
     move = link.duration(expert_bytes(spec)) if link.kind == "emulated" else \
         expert_bytes(spec) / (spec.runtime.plan.link_gbps * 1e9)
-    rule = "both" if spec.policy.effective_placement == "both" else "choose"
+    placement = spec.policy.effective_placement
+    rule = placement if placement in ("both", "static") else "choose"
     return HostPlacement(rule, worker, Costs(move, device_pair, host_pair))
 
 

@@ -249,6 +249,9 @@ class PolicySpec:
         "auto", "where a missed expert runs: move (into a cache slot over the link), or choose (per expert, moved or "
         "computed on the host, whichever finishes the layer sooner; a hot one also copied in behind: "
         "mobile.moe.placement); auto (default): the policy's own")
+    profile: str | None = knob(None, "hybrid-static: the routing profile (a JSON file written by `mobile profile` "
+                               "or `mobile bench --profile-text`) whose most-used experts of each layer stay on the "
+                               "device")
     host_threads: int | None = knob(None, "host placement: threads of the host expert kernel (default: the "
                                     "physical cores less one, at least one)", lo=1, hi=1024)
     # an RTX 4090's HBM (about 1 TB/s) over dual-channel DDR5 (about 60 GB/s), as R = 40 is its link
@@ -273,7 +276,7 @@ class PolicySpec:
     @property
     def effective_placement(self) -> policies.Placement:
         """Where a missed expert runs: the policy's own (host, both: its definition), or as asked."""
-        if self.placement == "auto" or self.traits.placement in ("host", "both") or not self.traits.offloads:
+        if self.placement == "auto" or self.traits.placement in ("host", "both", "static") or not self.traits.offloads:
             return self.traits.placement
         return self.placement
 

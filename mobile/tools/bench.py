@@ -12,6 +12,8 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,7 @@ from mobile.errors import MobileError
 from mobile.outputs import atomic_write_text
 from mobile.runtime.engine import Engine
 from mobile.tools.evaluate import load_ids
+from mobile.tools.profile import take_profile
 
 
 def measure(engine: Engine, label: str, tokens: int, prompt_len: int, text: str | None, seed: int) -> dict:
@@ -78,13 +81,33 @@ def median_row(runs: list[dict]) -> dict:
 MIN_TOKENS = 128
 
 
+def with_profile(graph: str, runs: list[tuple[str, str, dict]], text: str | None, tokens: int | None,
+                 weights: str | None, device: str, out) -> list[tuple[str, str, dict]]:
+    """The runs, each hybrid-static one given the routing profile taken on `text` unless it names
+    its own (in a temporary file, for this bench only)."""
+    static = [i for i, (_, policy, options) in enumerate(runs)
+              if policy == "hybrid-static" and not options.get("profile")]
+    if not static:
+        return runs
+    if text is None:
+        raise MobileError("a hybrid-static row needs a routing profile: --profile-text FILE takes one (on another "
+                          "text than --text), or give the row profile=FILE", key="--profile-text")
+    profile = take_profile(graph, text, tokens, weights=weights, device=device)
+    path = Path(tempfile.mkdtemp(prefix="mobile-profile-")) / "profile.json"
+    profile.save(path)
+    print(f"routing profile for hybrid-static: {profile.tokens} tokens of {text}", file=out or sys.stdout)
+    return [(label, policy, {**options, "profile": str(path)}) if i in static else (label, policy, options)
+            for i, (label, policy, options) in enumerate(runs)]
+
+
 def run_bench(graph: str, policies: list[str], weights: str | None = None, device: str = "cpu", tokens: int = 32,
               prompt_len: int = 8, link_gbps: float | None = None, link_ratio: float | None = None, seed: int = 0,
               json_out: str | None = None, taus: list[float] | None = None, baseline: str | None = None,
               text: str | None = None, policy_options: dict | None = None, repeats: int = 1,
               kv_refreshes: list[int] | None = None, extra_rows: list[tuple[str, str, dict]] | None = None,
               compile: bool = False, expert_formats: list[str] | None = None, expert_group_size: int | None = None,
-              cuda_graphs: list[str] | None = None, out=None) -> list[dict]:
+              cuda_graphs: list[str] | None = None, profile_text: str | None = None,
+              profile_tokens: int | None = None, out=None) -> list[dict]:
     """policy_options: policy fields for every row (little_k, layer_tau, ...); taus: one row per tau;
     kv_refreshes: one mobile row per value (per tau); extra_rows: (label, policy, policy options), more
     rows after the others, with only their own options. expert_formats: every row once per format
@@ -92,7 +115,8 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     every row once per mode (auto, on, off; labelled graphs=MODE when more than one); default: the
     spec's runtime.cuda_graphs.
     repeats: runs per row, round-robin over the rows (so slow drift hits every row alike); each
-    number reported is the median over the runs."""
+    number reported is the median over the runs. profile_text: a routing profile is taken on this
+    text (its first profile_tokens tokens) for the hybrid-static rows that name none."""
     out = out or sys.stdout  # looked up per call: the stream may be swapped (tests, redirection)
     link: dict = {"link_gbps": link_gbps}
     runs: list[tuple[str, str, dict]] = []  # (label, policy, policy options)
@@ -104,6 +128,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
             variants = [(f"{label} kv={r}", {**v, "kv_refresh": r}) for label, v in variants for r in kv_refreshes]
         runs += [(p + label, p, {**(policy_options or {}), **v}) for label, v in variants]
     runs += extra_rows or []
+    runs = with_profile(graph, runs, profile_text, profile_tokens, weights, device, out)
     formats: list[str | None] = list(expert_formats) if expert_formats else [None]
     modes: list[str | None] = list(cuda_graphs) if cuda_graphs else [None]
     rowed = [(label + ("" if fmt is None else f" {fmt}") + (f" graphs={mode}" if len(modes) > 1 else ""),

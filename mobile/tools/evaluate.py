@@ -34,15 +34,16 @@ KEYS = ("ppl", "accuracy", "agreement", "fallback_rate", "bytes_per_token", "byt
 FAST_LINK_GBPS = 1e4  # an emulated link fast enough that a cached row's eval time is its compute
 
 
-def load_ids(engine: Engine, data: str | Path, max_tokens: int | None) -> torch.Tensor:
+def load_ids(engine: Engine, data: str | Path, max_tokens: int | None, what: str = "evaluation") -> torch.Tensor:
+    """The text file's token ids (its first max_tokens); what: the text's role, for the errors."""
     path = Path(data)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise MobileError(f"cannot read the evaluation text: {e}", where=path) from None
+        raise MobileError(f"cannot read the {what} text: {e}", where=path) from None
     ids = torch.tensor(engine.tokenizer.encode(text), dtype=torch.long)
     if ids.numel() < 2:
-        raise MobileError("the evaluation text has fewer than 2 tokens", where=path)
+        raise MobileError(f"the {what} text has fewer than 2 tokens", where=path)
     return ids[:max_tokens] if max_tokens else ids
 
 
