@@ -70,11 +70,12 @@ mobile bench --graph graphs/demo-gpu --device cuda --policies ondemand,lru,lru-p
   --cuda-graphs off,on --text demo/data/heldout_kjv.txt --tokens 128 --prompt-len 32 \
   --json "$OUT/bench-demo-policies-graphs.json" 2>&1 | tail -14 | tee "$OUT/bench-demo-policies-graphs.txt"
 echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
-# 6a. the host placements against the link on the demo (host, lru-host, mobile with the placement rule): nothing
+# 6a. the host placements against the link on the demo (host, lru-host, hybrid-static, mobile with the placement rule): nothing
 #     emulated here, the host's threads all of the machine's cores (docs/host-placement.md has the emulated rows)
 T=$(nproc)
 mobile bench --graph graphs/demo-gpu --device cuda --policies lru-prefetch,mobile --row "host host_threads=$T" \
-  --row "lru-host host_threads=$T" --row "mobile placement=choose host_threads=$T" \
+  --row "lru-host host_threads=$T" --row "hybrid-static host_threads=$T" --row "mobile placement=choose host_threads=$T" \
+  --profile-text demo/data/heldout_kjv.txt \
   --text demo/data/heldout_py.txt --tokens 128 --prompt-len 32 --repeats 2 --baseline lru-prefetch \
   --json "$OUT/bench-demo-host.json" 2>&1 | tail -8 | tee "$OUT/bench-demo-host.txt"
 echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"

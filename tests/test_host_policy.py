@@ -232,3 +232,27 @@ def test_bench_takes_the_profile_on_its_profile_text(demo, capsys):
     out = capsys.readouterr().out
     assert f"routing profile for hybrid-static: 1024 tokens of {TEXT}" in out
     assert "hybrid-static" in out.split("policy")[-1]
+
+
+@pytest.mark.parametrize("policy", ["host", "lru-host"])
+def test_ctrl_c_with_host_work_exits_130_and_leaves_no_thread(demo, policy):
+    """SIGINT while the host worker (and, under lru-host, the copy thread) has work: the run ends with
+    its stats and 130, and the process exits at once (a worker thread left running would keep it
+    alive past the timeout)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "mobile.cli", "run", "--graph", str(demo), "--policy", policy,
+                             "--link-ratio", "40", "--prompt", "In the", "--max-new-tokens", "2000", "--stats"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    assert proc.stdout is not None
+    made = proc.stdout.read(len("In the") + 10)  # the prompt, then ten characters decoded: mid-run
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived (an unusually fast machine)")
+    assert proc.returncode == 130, err
+    assert made.startswith("In the") and "stopped: interrupted" in err and "host_busy_s" in err
+    assert "Traceback" not in err
