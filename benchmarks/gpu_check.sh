@@ -14,12 +14,12 @@ python3 -c "import torch, transformers, triton; print(torch.__version__, transfo
 #    interpreter never runs); every policy equals the CPU result (pinned host store, copy stream, events)
 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/pytest-gpu.log"
 echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
-# 1a. the hybrid families (Qwen3-Next, Qwen3.5-MoE) on CUDA: the delta rule as flash-linear-attention runs it
-#     (where installed; the log says which ran) and as torch runs it, against the CPU; captured CUDA graphs
+# 1a. the hybrid families (Qwen3-Next, Qwen3.5-MoE) on CUDA: linear attention with flash-linear-attention's and
+#     causal-conv1d's kernels (where installed; the log says which ran) and in torch, against the CPU; captured CUDA graphs
 #     over the recurrent state against eager, 300 tokens
-python3 -c "import importlib.util as u; print('flash-linear-attention:', 'installed' if u.find_spec('fla') else 'not installed')" \
+python3 -c "import importlib.util as u; print(*(f'{n}: ' + ('installed' if u.find_spec(m) else 'not installed') for n, m in (('flash-linear-attention', 'fla'), ('causal-conv1d', 'causal_conv1d'))), sep='; ')" \
   | tee "$OUT/pytest-gpu-hybrid.log"
-python3 -m pytest -q -s -m gpu tests/test_qwen3_next.py 2>&1 | grep -E "delta rule|passed|failed|Error" | tail -15 \
+python3 -m pytest -q -s -m gpu tests/test_qwen3_next.py 2>&1 | grep -E "kernels:|passed|failed|Error" | tail -15 \
   | tee -a "$OUT/pytest-gpu-hybrid.log"
 echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 # 2. the Triton op against the native paths at OLMoE-1B-7B and Qwen3-30B-A3B layer shapes:

@@ -2,8 +2,8 @@
 
 MOBILE_DEBUG=1   write a text dump of the graph after every pass (to MOBILE_DEBUG_DIR)
 MOBILE_DEBUG_DIR where those dumps go (default: ./mobile-debug)
-MOBILE_LINEAR_KERNELS=torch  run linear attention's delta rule in torch on CUDA too, not
-                 flash-linear-attention's kernels (auto, the default: those where installed)
+MOBILE_LINEAR_KERNELS=torch  run linear attention in torch on CUDA too, not with
+                 flash-linear-attention's and causal-conv1d's kernels (auto, the default: those where installed)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class DebugFlags:
     dump_passes: bool
     dump_dir: Path
-    linear_kernels: str  # auto or torch (mobile.runtime.state.kernel_path)
+    linear_kernels: str  # auto or torch (mobile.models.linear_kernels.choose)
 
 
 def flags() -> DebugFlags:

@@ -23,7 +23,7 @@ from test_offload import offloading_matches_resident
 
 import mobile
 from mobile.compiler.costs import recurrent_state_bytes
-from mobile.runtime.state import kernel_path
+from mobile.models import linear_kernels
 from mobile.spec.load import load_spec
 
 VARIANTS = ("qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")
@@ -238,8 +238,9 @@ def test_stats_say_the_kernel_path_and_the_state_bytes(hybrid_tiny, tmp_path):
         assert engine.stats["linear_attention_kernels"] == "torch"
     finally:
         engine.close()
-    assert kernel_path(torch.device("cpu"), "auto") == "torch"
-    assert kernel_path(torch.device("cuda"), "torch") == "torch"
+    assert str(linear_kernels.choose(torch.device("cpu"), "auto")) == "torch"
+    assert str(linear_kernels.choose(torch.device("cuda"), "torch")) == "torch"
+    assert str(linear_kernels.LinearKernels("fla", "causal-conv1d")) == "delta rule fla, conv causal-conv1d"
 
 
 # -- on CUDA (benchmarks/gpu_check.sh; skipped without a GPU) -----------------------------------
@@ -255,9 +256,9 @@ def test_cuda_matches_the_cpu_with_either_delta_rule(hybrid_tiny, monkeypatch, v
     cpu, gpu = mobile.Engine.load(t.graph), mobile.Engine.load(t.graph, device="cuda")
     try:
         torch.testing.assert_close(gpu.logits(LONG), cpu.logits(LONG), atol=2e-4, rtol=1e-4)
-        expected = kernel_path(torch.device("cuda"), path)
+        expected = str(linear_kernels.choose(torch.device("cuda"), path))
         assert gpu.stats["linear_attention_kernels"] == expected
-        print(f"{variant}: delta rule {expected}")
+        print(f"{variant}: linear attention kernels: {expected}")
         assert gpu.generate(PROMPT, 32, stop_ids=[]) == cpu.generate(PROMPT, 32, stop_ids=[])
     finally:
         cpu.close()
@@ -277,3 +278,48 @@ def test_cuda_graphs_capture_the_state_and_decode_as_eager(hybrid_tiny):
     finally:
         eager.close()
         graphs.close()
+
+
+def test_the_library_paths_are_wired_as_the_torch_path(hybrid_tiny, monkeypatch):
+    """The CUDA libraries' calls, stood in for by torch functions of the same contract (the rule
+    l2-norms and scales q and k itself; the conv step shifts its window in place), give the torch
+    path's logits and tokens: what is handed to them and taken back is right. The libraries
+    themselves run in the GPU tests above."""
+    import torch.nn.functional as F
+
+    from mobile.models import deltanet
+
+    def rule(q, k, v, g, beta, state):  # flash-linear-attention's contract
+        q, k = deltanet.l2norm(q.float()), deltanet.l2norm(k.float())
+        if q.shape[0] == 1:
+            return deltanet.recurrent(q / q.shape[-1] ** 0.5, k, v.float(), g, beta.float(), state)
+        return deltanet.chunked(q * q.shape[-1] ** -0.5, k, v.float(), g, beta.float(), state, 64)
+
+    def conv_step(x, window, weight):  # causal-conv1d's update: [1, C] in, the window shifted in place
+        both = torch.cat((window, x.t().to(window.dtype)), dim=-1)
+        window.copy_(both[:, 1:])
+        return F.silu(F.conv1d(both[None], weight, groups=both.shape[0])[0]).t().to(x.dtype)
+
+    calls = {"rule": 0, "conv": 0}
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(linear_kernels, "delta_rule", counted("rule", rule))
+    monkeypatch.setattr(linear_kernels, "conv_step", counted("conv", conv_step))
+    t = hybrid_tiny("qwen3_next")
+    torch_path = mobile.Engine.load(t.graph)
+    both = linear_kernels.LinearKernels("fla", "causal-conv1d")
+    monkeypatch.setattr(linear_kernels, "choose", lambda device, asked: both)
+    libraries = mobile.Engine.load(t.graph)
+    try:
+        assert libraries.stats["linear_attention_kernels"] == "delta rule fla, conv causal-conv1d"
+        assert (libraries.logits(LONG) - torch_path.logits(LONG)).abs().max().item() < 1e-5
+        assert libraries.generate(PROMPT, 16, stop_ids=[]) == torch_path.generate(PROMPT, 16, stop_ids=[])
+        assert calls["rule"] > 0 and calls["conv"] > 0
+    finally:
+        torch_path.close()
+        libraries.close()

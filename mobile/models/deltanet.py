@@ -23,6 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mobile.models import linear_kernels
+from mobile.models.linear_kernels import LinearKernels
+
 L2_EPS = 1e-6  # transformers' and flash-linear-attention's l2norm eps
 
 
@@ -117,10 +120,10 @@ class GatedDeltaNet:
     """One linear-attention layer. A kernel: (ctx, x [T, H]) -> [T, H]; reads and advances its
     layer's recurrent state (mobile.runtime.state.LayerState) in place.
 
-    kernels: "torch" (this file), or "fla" on CUDA where flash-linear-attention is installed (its
-    chunked and fused-recurrent delta rule; the conv stays torch's): mobile.runtime.state.kernel_path."""
+    kernels: torch's (this file), or on CUDA the libraries installed there (mobile.models.linear_kernels:
+    flash-linear-attention's delta rule, causal-conv1d's conv step for a decoded token)."""
 
-    def __init__(self, spec, w: dict[str, torch.Tensor], state, kernels: str = "torch"):
+    def __init__(self, spec, w: dict[str, torch.Tensor], state, kernels: LinearKernels = linear_kernels.TORCH):
         """w: the layer's weights by canonical name (mobile.models.families: la_*)."""
         la = spec.model.linear_attention
         self.state, self.kernels, self.chunk, self.eps = state, kernels, la.chunk_size, spec.model.norm_eps
@@ -152,6 +155,8 @@ class GatedDeltaNet:
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         """The causal depthwise conv over [window | x] and silu; the window becomes x's last inputs."""
         window = self.state.conv  # [channels, kernel - 1]
+        if self.kernels.conv == "causal-conv1d" and x.shape[0] == 1:
+            return linear_kernels.conv_step(x, window, self.conv)
         both = torch.cat((window, x.t().to(window.dtype)), dim=-1)  # [channels, kernel - 1 + T]
         out = F.conv1d(both[None], self.conv, groups=both.shape[0])[0]  # [channels, T]
         window.copy_(both[:, -window.shape[1]:])
@@ -162,10 +167,8 @@ class GatedDeltaNet:
         groups = self.nv // self.nk  # each q/k head serves this many consecutive v heads
         if groups > 1:
             q, k = q.repeat_interleave(groups, dim=1), k.repeat_interleave(groups, dim=1)
-        if self.kernels == "fla":
-            from mobile.models import fla_kernels
-
-            return fla_kernels.delta_rule(q, k, v, g, beta, self.state.ssm)
+        if self.kernels.rule == "fla":
+            return linear_kernels.delta_rule(q, k, v, g, beta, self.state.ssm)
         q, k = l2norm(q.float()), l2norm(k.float())
         v, beta = v.float(), beta.float()
         if q.shape[0] == 1:  # q scaled as transformers' two forms each scale it, to the last bit

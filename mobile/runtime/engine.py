@@ -22,6 +22,7 @@ from mobile.compiler.costs import expert_bytes
 from mobile.compiler.emit import trace_events
 from mobile.compiler.ir import Graph, Pass
 from mobile.errors import MobileError, RunError, SpecError
+from mobile.models import linear_kernels as linear
 from mobile.models.ops import rope_inv_freq, rope_tables
 from mobile.models.weights import TORCH_DTYPES, WeightStore, check_checkpoint
 from mobile.moe.op import warm_up
@@ -45,7 +46,7 @@ from mobile.runtime.load import (
     resolve_policy,
 )
 from mobile.runtime.sampling import Sampler
-from mobile.runtime.state import RecurrentState, kernel_path
+from mobile.runtime.state import RecurrentState
 from mobile.runtime.stats import Stats
 from mobile.runtime.tokenizer import load_tokenizer
 from mobile.spec.load import format_changes
@@ -101,9 +102,10 @@ class Engine:
                           compiled=compile)
         # the linear-attention layers' recurrent state (and the copies a fallback restores), allocated once
         self.state = RecurrentState(spec, self.device, self.dtype) if spec.linear_layers else None
-        linear_kernels = kernel_path(self.device, debug.flags().linear_kernels)
+        linear_kernels = linear.choose(self.device, debug.flags().linear_kernels)
         if self.state is not None:
-            self.stats_.extra.update(linear_attention_kernels=linear_kernels, recurrent_state_bytes=self.state.nbytes)
+            self.stats_.extra.update(linear_attention_kernels=str(linear_kernels),
+                                     recurrent_state_bytes=self.state.nbytes)
         self.kernels = Kernels(spec, weights, self.kv, self.experts, self.state, linear_kernels, count_routes)
         self.graphs = GraphRunner(self.device) if self.graphs_on else None
         self.executor = Executor(graph, self.kernels, self.reader, compile=compile, trace=self.trace,

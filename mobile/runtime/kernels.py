@@ -13,6 +13,7 @@ from mobile.compiler.ir import Node
 from mobile.errors import GraphError
 from mobile.models import ops
 from mobile.models.deltanet import IN_PROJECTIONS, GatedDeltaNet
+from mobile.models.linear_kernels import TORCH, LinearKernels
 from mobile.moe.cache import ExpertCache
 from mobile.moe.layer import MoELayer
 from mobile.moe.op import ExpertKind
@@ -58,10 +59,11 @@ class Kernels:
     ones from mobile.models.ops, the routed-expert layer's from its MoELayer (mobile.moe.layer)."""
 
     def __init__(self, spec: Spec, weights: dict[tuple[str, int | None], torch.Tensor], kv: KVCache,
-                 experts: ExpertCache, state: RecurrentState | None = None, linear_kernels: str = "torch",
+                 experts: ExpertCache, state: RecurrentState | None = None,
+                 linear_kernels: LinearKernels = TORCH,
                  count_routes: bool = False):
         """state: the linear-attention layers' recurrent state (a model that has them);
-        linear_kernels: which delta rule they run (mobile.runtime.state.kernel_path); count_routes:
+        linear_kernels: the kernels they run (mobile.models.linear_kernels); count_routes:
         each router counts its choices (MoELayer.route_counts: a routing profile)."""
         self.spec, self.w, self.kv, self.experts = spec, fuse_qkv(weights), kv, experts
         self.state, self.linear_kernels, self.count_routes = state, linear_kernels, count_routes

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from mobile.compiler.costs import kept_state_copies
-from mobile.models import fla_kernels
 from mobile.spec.schema import Spec
 
 
@@ -28,14 +27,6 @@ from mobile.spec.schema import Spec
 class LayerState:
     conv: torch.Tensor  # [channels, conv_kernel - 1]: the conv's last inputs, in the model's dtype
     ssm: torch.Tensor  # [value heads, key_head_dim, value_head_dim] float32: the delta-rule matrix
-
-
-def kernel_path(device: torch.device, asked: str) -> str:
-    """Which delta rule runs: flash-linear-attention's on CUDA where it is installed, else torch's.
-    asked: auto, or torch to force torch's (MOBILE_LINEAR_KERNELS, mobile.debug)."""
-    if asked == "torch" or device.type != "cuda" or not fla_kernels.installed():
-        return "torch"
-    return "fla"
 
 
 class RecurrentState:
