@@ -256,3 +256,19 @@ def test_ctrl_c_with_host_work_exits_130_and_leaves_no_thread(demo, policy):
     assert proc.returncode == 130, err
     assert made.startswith("In the") and "stopped: interrupted" in err and "host_busy_s" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("policy", ["lru-host", "hybrid-static"])
+def test_the_schedule_shows_the_host_share_beside_the_device(tmp_path, policy):
+    """Each layer's host share is planned on a host lane from its fetch's read to its join, beside the
+    device's experts: in schedule.txt (the join's note, the step's host time) and the planned trace."""
+    assert run_cli("compile", DEMO, "-o", tmp_path / "g", "--policy", policy) == 0
+    schedule = (tmp_path / "g" / "schedule.txt").read_text()
+    joins = [ln for ln in schedule.splitlines() if " host_join " in ln]
+    assert len(joins) == 4 and all("host share" in ln for ln in joins)
+    assert "host 104.9 us" in schedule  # 4 layers x top-4 of the demo's 384 KiB experts at the plan's 60 GB/s
+    if policy == "hybrid-static":
+        assert "copy 0.0 us" in schedule  # nothing moves after loading
+    trace = json.loads((tmp_path / "g" / "schedule.trace.json").read_text())["traceEvents"]
+    assert {"name": "thread_name", "ph": "M", "pid": 1, "tid": 3, "args": {"name": "host"}} in trace
+    assert sum(e["name"].endswith("(host share)") and e["tid"] == 3 for e in trace) == 4

@@ -115,7 +115,9 @@ def node_cost(spec: Spec, node: Node) -> tuple[float, int, int]:
         p = 3 * h * m.moe.intermediate_size
         return 2.0 * p * k, expert_bytes(spec) * k, 0
     if op is Op.FETCH or op is Op.PREFETCH:
-        moved = (node.attr("k") or 0) * expert_bytes(spec) if spec.policy.traits.offloads else 0
+        # a static hot set (hybrid-static) moves nothing after loading: every miss runs on the host
+        moves = spec.policy.traits.offloads and spec.policy.effective_placement != "static"
+        moved = (node.attr("k") or 0) * expert_bytes(spec) if moves else 0
         return 0.0, 0, moved
     if op is Op.LM_HEAD:
         p = h * m.vocab_size
@@ -124,8 +126,8 @@ def node_cost(spec: Spec, node: Node) -> tuple[float, int, int]:
 
 
 def host_time_us(spec: Spec, node: Node) -> float:
-    """A host_experts node's time: its experts' bytes read from host memory (a host expert kernel
-    runs near the DRAM read bandwidth: mobile.moe.host)."""
+    """A host_experts node's time, or a fetch's experts all computed on the host: their bytes read
+    from host memory (a host expert kernel runs near the DRAM read bandwidth: mobile.moe.host)."""
     k = node.attr("k") or spec.model.moe.top_k
     return k * expert_bytes(spec) / (spec.runtime.plan.host_gbps * 1e3)
 

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from mobile import policy as policies
-from mobile.compiler.ir import COPY_OPS, GRAPH_FORMAT, GRAPH_VERSION, REGION, Graph, Op
+from mobile.compiler.ir import COPY_OPS, GRAPH_FORMAT, GRAPH_VERSION, REGION, Graph, Node, Op
 from mobile.errors import GraphError
 from mobile.files import read_json
 from mobile.outputs import new_folder, stamp, write_text
 
 GRAPH_FILES = ("graph.json", "schedule.txt", "schedule.trace.json", "graph.dot")
-STREAM_TIDS = {"compute": 1, "copy": 2}
+STREAM_TIDS = {"compute": 1, "copy": 2, "host": 3}
 
 
 def human_bytes(n: int) -> str:
@@ -38,11 +38,13 @@ def human_bytes(n: int) -> str:
 def summarize(g: Graph) -> dict[str, float]:
     """The planned timeline's totals: busy time per stream, the time both streams are busy at once
     (overlap), and the time compute waits with nothing to do (stall)."""
-    spans: dict[str, list[tuple[float, float]]] = {"compute": [], "copy": []}
+    spans: dict[str, list[tuple[float, float]]] = {"compute": [], "copy": [], "host": []}
     for n in g.nodes:
         start, end = n.attr("start_us"), n.attr("end_us")
         if start is not None and end > start:
             spans[n.attr("stream", "compute")].append((start, end))
+        if n.attr("host_start_us") is not None:  # a host_join's host share (passes.plan_timeline)
+            spans["host"].append((n.attr("host_start_us"), n.attr("host_end_us")))
     busy = {stream: _union(s) for stream, s in spans.items()}
     last_end = max((e for s in busy.values() for _, e in s), default=0.0)
     compute_busy = sum(e - s for s, e in busy["compute"])
@@ -50,7 +52,7 @@ def summarize(g: Graph) -> dict[str, float]:
     stall = busy["compute"][-1][1] - busy["compute"][0][0] - compute_busy if busy["compute"] else 0.0
     overlap = sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in busy["compute"] for s2, e2 in busy["copy"])
     return {"step_us": last_end, "compute_us": compute_busy, "copy_us": sum(e - s for s, e in busy["copy"]),
-            "stall_us": max(0.0, stall), "overlap_us": overlap}
+            "host_us": sum(e - s for s, e in busy["host"]), "stall_us": max(0.0, stall), "overlap_us": overlap}
 
 
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -78,8 +80,9 @@ def render_schedule(g: Graph) -> str:
     ]
     if any(n.attr("start_us") is not None for n in g.nodes):
         s = summarize(g)
+        host = f", host {s['host_us']:.1f} us" if s["host_us"] else ""
         lines.append(f"# planned step {s['step_us']:.1f} us: compute {s['compute_us']:.1f} us, copy "
-                     f"{s['copy_us']:.1f} us, overlap {s['overlap_us']:.1f} us, compute stalled "
+                     f"{s['copy_us']:.1f} us{host}, overlap {s['overlap_us']:.1f} us, compute stalled "
                      f"{s['stall_us']:.1f} us")
     lines.append(f"# schedule: {describe_moves(g)}")
     header = (f"{'step':>4} {'stream':<7} {'seg':>3} {'op':<15} {'name':<16} {'inputs':<36} {'bytes':>9} "
@@ -96,7 +99,8 @@ def render_schedule(g: Graph) -> str:
                                      f"{n.attr('pass')} pass only" if n.attr("pass") else "",
                                      f"on the link at {issued_at[n.name]}" if n.name in issued_at else "",
                                      f"hoisted over {n.attr('hoisted')} nodes" if n.attr("hoisted") else "",
-                                     n.attr("hoist_limit") or "") if x)
+                                     n.attr("hoist_limit") or "",
+                                     host_note(n)) if x)
         line = (
             f"{step:>4} {n.attr('stream', '-'):<7} {'-' if seg is None else seg:>3} {op:<15} {n.name:<16} "
             f"{','.join(n.inputs):<36} {human_bytes(n.attr('bytes', 0)):>9} "
@@ -105,6 +109,14 @@ def render_schedule(g: Graph) -> str:
         )
         lines.append(line.rstrip())
     return "\n".join(lines) + "\n"
+
+
+def host_note(n: Node) -> str:
+    """A host_join's planned host share, beside the device's experts: where the host works."""
+    if n.attr("host_start_us") is None:
+        return ""
+    return (f"host share {n.attr('host_start_us'):.3f}-{n.attr('host_end_us'):.3f} us beside the device's "
+            "experts (planned as every miss on the host)")
 
 
 def describe_moves(g: Graph) -> str:
@@ -166,6 +178,9 @@ def render_trace(g: Graph) -> str:
               "args": {"step": i, "inputs": list(n.inputs), "bytes": n.attr("bytes", 0),
                        "h2d_bytes": n.attr("h2d_bytes", 0)}}
              for i, n in enumerate(g.nodes) if n.attr("start_us") is not None]
+    spans += [{"name": f"{n.name} (host share)", "cat": "host", "stream": "host", "ts_us": n.attr("host_start_us"),
+               "dur_us": n.attr("host_end_us") - n.attr("host_start_us"), "args": {"planned": "every miss on the host"}}
+              for n in g.nodes if n.attr("host_start_us") is not None]
     return json.dumps(trace_events(spans, f"{g.name} (planned)", "compile"), indent=0)
 
 

@@ -61,6 +61,13 @@ SYNC_OPS = frozenset({Op.FETCH, Op.PREFETCH, Op.WAIT, Op.IMPORTANCE_GATE, Op.HOS
 COPY_OPS = frozenset({Op.FETCH, Op.PREFETCH})
 
 
+def stream_of(op: Op) -> str:
+    """Where a node's work runs in the planned timeline: transfers on the copy stream, routed experts
+    computed on the host on the host lane, everything else on the compute stream. (A host_join runs
+    on the compute stream; its host share is planned on the host lane: passes.plan_timeline.)"""
+    return "copy" if op in COPY_OPS else "host" if op is Op.HOST_EXPERTS else "compute"
+
+
 def _freeze(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return tuple(_freeze(v) for v in value)

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 from mobile import debug
 from mobile.compiler.costs import host_time_us, node_cost, node_time_us
-from mobile.compiler.ir import COPY_OPS, REGION, SYNC_OPS, Graph, Node, Op
+from mobile.compiler.ir import COPY_OPS, REGION, SYNC_OPS, Graph, Node, Op, stream_of
 from mobile.compiler.lower import lower
 from mobile.compiler.verify import verify
 from mobile.errors import GraphError
@@ -54,8 +54,9 @@ def fold_dead_gates(g: Graph) -> Graph:
 
 
 def assign_streams(g: Graph) -> Graph:
-    """Transfers go on the copy stream, everything else on the compute stream."""
-    nodes = [n.with_attrs(stream="copy" if n.op in COPY_OPS else "compute") for n in g.nodes]
+    """Transfers go on the copy stream, experts computed on the host on the host lane, everything
+    else on the compute stream (mobile.compiler.ir.stream_of)."""
+    nodes = [n.with_attrs(stream=stream_of(n.op)) for n in g.nodes]
     return g.with_nodes(nodes, "assign_streams")
 
 
@@ -149,18 +150,30 @@ def plan_timeline(g: Graph) -> Graph:
     """Cost each node for one decode token and simulate the two streams: planned start/end in us."""
     spec = spec_of(g)
     end: dict[str, float] = {}
-    free = {"compute": 0.0, "copy": 0.0}
+    begin: dict[str, float] = {}
+    by_name = {n.name: n for n in g.nodes}
+    free = {"compute": 0.0, "copy": 0.0, "host": 0.0}
     nodes = []
     for n in g.nodes:  # the decode pass's attrs: a fallback's big pass is not part of the plan
         flops, dev_bytes, h2d = node_cost(spec, n)
         stream = n.attr("stream", "compute")
         start = max([free[stream], *(end.get(i, 0.0) for i in n.inputs)])
-        dur = 0.0 if n.op is Op.WAIT else host_time_us(spec, n) if n.op is Op.HOST_EXPERTS else \
+        host: dict[str, float] = {}
+        if n.op is Op.HOST_JOIN:
+            # the host's share of the layer starts at its fetch's read, beside the device's experts,
+            # and the join waits for both. Planned at its worst case, every miss on the host, as the
+            # fetch's copies are planned at theirs, every miss moved
+            fetch = by_name[n.inputs[1]]
+            host_start = max(free["host"], begin[fetch.name])
+            free["host"] = host_start + host_time_us(spec, fetch)
+            host = {"host_start_us": round(host_start, 3), "host_end_us": round(free["host"], 3)}
+            start = max(start, free["host"])
+        dur = 0.0 if n.op in (Op.WAIT, Op.HOST_JOIN) else host_time_us(spec, n) if n.op is Op.HOST_EXPERTS else \
             node_time_us(spec, flops, dev_bytes, h2d)
-        end[n.name] = start + dur
+        begin[n.name], end[n.name] = start, start + dur
         free[stream] = end[n.name]
         nodes.append(n.with_attrs(flops=int(flops), bytes=dev_bytes, h2d_bytes=h2d,
-                                  start_us=round(start, 3), end_us=round(start + dur, 3)))
+                                  start_us=round(start, 3), end_us=round(start + dur, 3), **host))
     return g.with_nodes(nodes, "plan_timeline")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mobile import policy as policies
-from mobile.compiler.ir import COPY_OPS, GRAPH_INPUTS, REGION, SYNC_OPS, Graph, Op
+from mobile.compiler.ir import GRAPH_INPUTS, REGION, SYNC_OPS, Graph, Op, stream_of
 
 REQUIRED_ATTRS: dict[Op, tuple[str, ...]] = {
     Op.NORM: ("weight",),
@@ -143,7 +143,7 @@ def rule_streams(g: Graph) -> list[str]:
         stream = n.attr("stream")
         if stream is None:
             continue
-        want = "copy" if n.op in COPY_OPS else "compute"
+        want = stream_of(n.op)
         if stream != want:
             errors.append(f"{n.name}: {n.op.value} must run on the {want} stream, not {stream}")
     return errors
