@@ -6,6 +6,7 @@ the linear layers' weights, their recurrent state and the full-attention layers'
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -22,7 +23,8 @@ from mobile.compiler.costs import (
 )
 from mobile.compiler.emit import human_bytes
 from mobile.errors import SpecError
-from mobile.runtime.kv import bytes_per_position
+from mobile.models.weights import TORCH_DTYPES
+from mobile.runtime.kv import position_shapes
 from mobile.spec.hf import spec_from_hf_config
 from mobile.spec.load import load_spec, spec_from_dict, with_policy
 
@@ -298,10 +300,13 @@ def test_without_max_seq_len_the_kv_cache_is_per_position(tmp_path):
 
 
 def test_kv_bytes_count_every_layer_of_a_model_without_linear_layers():
-    """Without linear layers the plan's KV bytes are the runtime's (mobile.runtime.kv)."""
+    """Without linear layers the plan's KV bytes are what the runtime's cache allocates a position
+    (mobile.runtime.kv.position_shapes, every layer's k and v)."""
     for name in ("qwen3-30b-a3b", "gemma-4-26b-a4b", "deepseek-v3", "gpt-oss-20b"):
         spec = load_spec(f"specs/{name}.yaml")
-        assert kv_bytes_per_position(spec) == bytes_per_position(spec)
+        shapes = [position_shapes(spec, layer) for layer in range(spec.model.num_layers)]
+        allocated = sum(math.prod(k) + math.prod(v) for k, v in shapes) * TORCH_DTYPES[spec.dtype].itemsize
+        assert kv_bytes_per_position(spec) == allocated
         assert memory_plan(spec).device == memory_plan(spec).weights  # their plan stays weights only
 
 

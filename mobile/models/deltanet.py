@@ -61,7 +61,7 @@ def recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
               state: torch.Tensor) -> torch.Tensor:
     """The delta rule one token at a time. q, k [T, nv, dk] (normed and scaled), v [T, nv, dv], g,
     beta [T, nv], all float32; state [nv, dk, dv] float32, advanced in place. -> [T, nv, dv]."""
-    S = state.clone()
+    S = state  # each step makes a new tensor: the state is written once, at the end
     out = []
     for t in range(q.shape[0]):
         S = S * g[t].exp()[:, None, None]
@@ -97,7 +97,7 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
     q_read = q * G.exp()[..., None]  # q's reads of the state at the chunk's start, decayed to its position
     k_write = k * (G[..., -1:] - G).exp()[..., None]  # k's writes, decayed to the chunk's end
     span = G[..., -1].exp()[..., None, None]  # [nv, n, 1, 1]
-    S = state.clone()
+    S = state  # each chunk makes a new tensor: the state is written once, at the end
     out = torch.empty_like(v)
     for i in range(n):
         correction = u[:, i] - w[:, i] @ S

@@ -22,6 +22,7 @@
     hostcache.py  HostCache: every routed expert on the host, computed there (policy host)
     hostwork.py   the host worker: host jobs on a thread of their own, the host's speed emulated on a
                   CPU-only machine as the link's is
+    profile.py    a routing profile (each expert's uses over a text) and hybrid-static's hot sets
 
 Nothing outside this package knows slots, arenas or keep rules: the executor asks a MoELayer for
 its nodes' kernels, and the engine builds the ExpertCache.

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mobile.compiler.costs import kv_bytes_per_position
 from mobile.errors import MobileError
-from mobile.models.weights import TORCH_DTYPES
 from mobile.spec.schema import Spec
 
 GROW = 256  # capacity grows in steps of this many positions, so compiled shapes rarely change
@@ -43,12 +43,9 @@ def position_shapes(spec: Spec, layer: int = 0) -> tuple[tuple[int, ...], tuple[
 
 
 def bytes_per_position(spec: Spec) -> int:
-    """KV-cache bytes one position takes over every layer, in the spec's dtype."""
-    total = 0
-    for layer in range(spec.model.num_layers):
-        k, v = position_shapes(spec, layer)
-        total += (torch.Size(k).numel() + torch.Size(v).numel()) * TORCH_DTYPES[spec.dtype].itemsize
-    return total
+    """KV-cache bytes one position takes over every layer, in the spec's dtype: the plan's count
+    (mobile.compiler.costs.kv_bytes_per_position), of the shapes position_shapes gives."""
+    return kv_bytes_per_position(spec)
 
 
 def max_seq_len(spec: Spec, preallocated: bool) -> int:
