@@ -272,3 +272,23 @@ def test_the_schedule_shows_the_host_share_beside_the_device(tmp_path, policy):
     trace = json.loads((tmp_path / "g" / "schedule.trace.json").read_text())["traceEvents"]
     assert {"name": "thread_name", "ph": "M", "pid": 1, "tid": 3, "args": {"name": "host"}} in trace
     assert sum(e["name"].endswith("(host share)") and e["tid"] == 3 for e in trace) == 4
+
+
+def test_adaptive_placement_turns_the_rule_on_where_the_host_can_win(demo, tmp_path):
+    """adaptive weighs the costs measured at load. At native (a move costs R = 40 device pairs, the
+    host Hc = 16) the host wins a miss and the rule runs: resident's tokens. At int4 (a move a seventh
+    of native's, this CPU's packed op slower) it cannot, and every miss moves: the tokens of moving.
+    (At int4 the demo's budget holds all 16 experts, so 6 slots leave misses to place.)"""
+    s = placed_matches(demo, "lru-prefetch", 32, placement="adaptive")
+    assert s["placement_rule"] == "choose" and s["experts_on_host"] + s["experts_both"] > 0
+    text = DEMO.read_text().replace("budget: 12MiB", "slots_per_layer: 6")
+    (tmp_path / "demo6.yaml").write_text(text.replace("../demo/", f"{DEMO.parent.parent}/demo/"))
+    assert run_cli("compile", tmp_path / "demo6.yaml", "-o", tmp_path / "g") == 0
+    tokens, stats = [], []
+    for placement in ("move", "adaptive"):
+        engine = mobile.Engine.load(tmp_path / "g", policy="lru-prefetch", policy_options={"placement": placement},
+                                    link_ratio=40.0, expert_format="int4")
+        tokens.append(engine.generate(PROMPT, 32, stop_ids=[]))
+        stats.append(engine.stats)
+        engine.close()
+    assert tokens[0] == tokens[1] and stats[1]["placement_rule"] == "move" and "experts_on_host" not in stats[1]

@@ -163,7 +163,9 @@ def memory_lines(spec: Spec) -> list[str]:
     elif plan is not None and placement != "move":
         where += ("; a decoded token's misses are computed on the host and copied in behind" if placement == "both"
                   else "; each miss of a decoded token is moved or computed on the host, whichever finishes the "
-                       "layer sooner (mobile.moe.placement)")
+                       "layer sooner (mobile.moe.placement)" + (", where the costs measured at load let the host "
+                                                                "win one (adaptive), else moved"
+                                                                if placement == "adaptive" else ""))
     lines = [f"non-expert weights (always on device, {spec.dtype}): {human_bytes(mp.non_expert)}",
              f"routed experts ({fmt_text}): {len(spec.moe_layers)} layers x {m.moe.num_experts} x "
              f"{human_bytes(mp.per_expert)} = {human_bytes(mp.all_experts)}",

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mobile import policy as policies
 from mobile.compiler.budget import CachePlan, cache_plan
 from mobile.compiler.ir import REGION, Graph, Node, Op
 from mobile.moe.rule import KeepRule
@@ -236,7 +237,7 @@ def _lower_moe(spec: Spec, pp: PassPlan, h: str, plan: CachePlan | None, node, r
         experts = node("experts", Op.EXPERT, [h, router], **use)
     else:
         # a placement that may compute misses on the host reads the hidden rows with the routes
-        placed = spec.policy.effective_placement in ("both", "choose", "static")
+        placed = spec.policy.effective_placement in policies.PLACED
         fetch = node("fetch", Op.FETCH, [router, h] if placed else [router], **use)
         experts = node("experts", Op.EXPERT, [h, router, node("wait", Op.WAIT, [fetch])], **use)
         if placed:  # the host's share of the layer, computed while the device runs its own

@@ -302,9 +302,11 @@ class OffloadedCache:
         if free:
             self.stats.extra["free_complement_experts"] = self.stats.extra.get("free_complement_experts", 0) + free
         handle = FetchHandle(layer, tag)
-        # a decoded token's misses are placed; under a static hot set a prompt's too (nothing moves)
-        if hosted is not None and self.host_placement is not None and \
-                (hosted.x.shape[0] == 1 or self.host_placement.rule == "static"):
+        # a decoded token's misses are placed (unless adaptive found the host cannot win: rule move);
+        # under a static hot set a prompt's too, since nothing moves
+        hp = self.host_placement
+        if hp is not None and hp.rule != "move" and hosted is not None and \
+                (hosted.x.shape[0] == 1 or hp.rule == "static"):
             missing = self._place_misses(layer, missing, hosted, handle)
         needed = sorted(cached + missing)
         if len(needed) > self.plan.main:

@@ -181,7 +181,8 @@ class HostWorker:
 class HostPlacement:
     """A cache's second place for its misses: the rule ("both": every miss on the host and copied
     in behind; "choose": mobile.moe.placement.choose; "static": every miss on the host, of every
-    step, the cache a fixed hot set), the host worker, and the costs it weighs."""
+    step, the cache a fixed hot set; "move": every miss moved, where adaptive found that the host
+    cannot win: mobile.runtime.load.host_placement), the host worker, and the costs it weighs."""
 
     rule: str
     worker: HostWorker

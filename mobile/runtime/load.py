@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from mobile import policy as policies
 from mobile.compiler.budget import CachePlan
 from mobile.compiler.costs import expert_bytes
 from mobile.compiler.emit import load_graph
@@ -64,7 +65,7 @@ def expert_cache(spec: Spec, store: WeightStore, device: torch.device, dtype: to
         link.gbps, calibration = calibrated_gbps(spec, device, dtype, link_gbps, link_ratio)
         stats.extra.update(calibration, link_gbps=round(link.gbps, 4))
     placement = spec.policy.effective_placement
-    host = host_placement(spec, device, dtype, link, trace) if placement in ("both", "choose", "static") else None
+    host = host_placement(spec, device, dtype, link, trace, stats) if placement in policies.PLACED else None
     cache = OffloadedCache(spec, store, device, dtype, stats, plan, link, trace=trace, progress=bar, compiled=compile,
                            host=host)
     if placement == "static":
@@ -87,9 +88,11 @@ def hot_set(cache: OffloadedCache, spec: Spec, plan: CachePlan) -> None:
 
 
 def host_placement(spec: Spec, device: torch.device, dtype: torch.dtype, link: LinkModel,
-                   trace: list | None) -> HostPlacement:
+                   trace: list | None, stats: Stats) -> HostPlacement:
     """The host as a second place for a cache's misses: its worker, and the costs the placement
-    rule weighs (a move over the link; a pair on the device and on the host)."""
+    rule weighs (a move over the link; a pair on the device and on the host). adaptive: the rule
+    where the host can win a miss at all, a one-pair miss with both queues idle (a pair on the host
+    finishes before a move and a pair on the device), else every miss moved; the stats say which."""
     worker, device_pair = host_worker(spec, device, dtype, trace)
     # on CUDA the host and the link are real: their costs are first the plan's (bytes over the
     # host's read bandwidth, and over the link's)
@@ -98,7 +101,10 @@ def host_placement(spec: Spec, device: torch.device, dtype: torch.dtype, link: L
     move = link.duration(expert_bytes(spec)) if link.kind == "emulated" else \
         expert_bytes(spec) / (spec.runtime.plan.link_gbps * 1e9)
     placement = spec.policy.effective_placement
-    rule = placement if placement in ("both", "static") else "choose"
+    rule: str = placement if placement in ("both", "static") else "choose"
+    if placement == "adaptive":
+        rule = "choose" if host_pair < move + device_pair else "move"
+        stats.extra["placement_rule"] = rule
     return HostPlacement(rule, worker, Costs(move, device_pair, host_pair))
 
 

@@ -245,10 +245,11 @@ class PolicySpec:
     little_select: Literal["top", "random"] = knob("top", "the little set: the top little_k (default), or a random "
                                                    "little_k of the big set (a baseline)")
     prefill: Literal["big", "little"] = knob("big", "mobile: the pass a prompt runs (default big)")
-    placement: Literal["auto", "move", "choose"] = knob(
-        "auto", "where a missed expert runs: move (into a cache slot over the link), or choose (per expert, moved or "
+    placement: Literal["auto", "move", "choose", "adaptive"] = knob(
+        "auto", "where a missed expert runs: move (into a cache slot over the link); choose (per expert, moved or "
         "computed on the host, whichever finishes the layer sooner; a hot one also copied in behind: "
-        "mobile.moe.placement); auto (default): the policy's own")
+        "mobile.moe.placement); adaptive (choose where the costs measured at load let the host finish a miss "
+        "before a move would, else move); auto (default): the policy's own")
     profile: str | None = knob(None, "hybrid-static: the routing profile (a JSON file written by `mobile profile` "
                                "or `mobile bench --profile-text`) whose most-used experts of each layer stay on the "
                                "device")
