@@ -75,6 +75,7 @@ echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 T=$(nproc)
 mobile bench --graph graphs/demo-gpu --device cuda --policies lru-prefetch,mobile --row "host host_threads=$T" \
   --row "lru-host host_threads=$T" --row "hybrid-static host_threads=$T" --row "mobile placement=choose host_threads=$T" \
+  --row "mobile placement=adaptive host_threads=$T" \
   --profile-text demo/data/heldout_kjv.txt \
   --text demo/data/heldout_py.txt --tokens 128 --prompt-len 32 --repeats 2 --baseline lru-prefetch \
   --json "$OUT/bench-demo-host.json" 2>&1 | tail -8 | tee "$OUT/bench-demo-host.txt"

@@ -116,16 +116,18 @@ class MoELayer:
         given what was read."""
         layer, cache, tracks, slot_map, rule, tag = (self.layer, self.cache, self.cache.tracks_routes,
                                                      self.slot_map, rule_of(node), node.name)
-        if len(node.inputs) == 2:  # a host placement: the read also brings the weights and hidden rows
-            assert isinstance(cache, OffloadedCache)
+        if len(node.inputs) == 2 and isinstance(cache, OffloadedCache) and cache.host_placement is not None \
+                and cache.host_placement.rule != "move":  # the read also brings the weights and hidden rows
             return self._placed_fetch_kernel(cache, rule, tag)
 
-        def plan(ctx: StepContext, routed) -> list[torch.Tensor]:
+        # (a placed graph whose placement moves every miss, adaptive's `move`, reads no floats: the
+        # hidden rows, its fetch's second input, go unread)
+        def plan(ctx: StepContext, routed, *unread) -> list[torch.Tensor]:
             weights, ids = routed
             status = rule.status(weights, ids, slot_map)
             return [status, ids] if tracks else [status]
 
-        def fetch(ctx: StepContext, values: list[list[int]], routed) -> FetchHandle:
+        def fetch(ctx: StepContext, values: list[list[int]], routed, *unread) -> FetchHandle:
             return cache.fetch(layer, values[0], (values[1], routed[1].shape[1]) if tracks else None, tag)
 
         return SyncKernel(fetch, plan)
