@@ -323,3 +323,16 @@ def test_the_library_paths_are_wired_as_the_torch_path(hybrid_tiny, monkeypatch)
     finally:
         torch_path.close()
         libraries.close()
+
+
+def test_each_sequence_starts_from_a_zero_state(hybrid_tiny):
+    """A new prompt starts from nothing: the state an earlier sequence folded in is gone (a KV cache
+    forgets by position, a recurrent state only by being reset)."""
+    engine = mobile.Engine.load(hybrid_tiny("qwen3_5_moe_text").graph)
+    try:
+        first = engine.generate(PROMPT, 16, stop_ids=[])
+        engine.generate(LONG[:30], 16, stop_ids=[])  # another sequence in between
+        assert engine.generate(PROMPT, 16, stop_ids=[]) == first
+        assert all(not s.ssm.eq(0).all() for s in engine.state.layers.values())  # it did fold something in
+    finally:
+        engine.close()
