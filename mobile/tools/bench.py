@@ -82,22 +82,25 @@ MIN_TOKENS = 128
 
 
 def with_profile(graph: str, runs: list[tuple[str, str, dict]], text: str | None, tokens: int | None,
-                 weights: str | None, device: str, out) -> list[tuple[str, str, dict]]:
+                 weights: str | None, device: str, out
+                 ) -> tuple[list[tuple[str, str, dict]], tempfile.TemporaryDirectory | None]:
     """The runs, each hybrid-static one given the routing profile taken on `text` unless it names
-    its own (in a temporary file, for this bench only)."""
+    its own; and the temporary folder the profile is in, for this bench only (removed when the
+    caller lets go of it)."""
     static = [i for i, (_, policy, options) in enumerate(runs)
               if policy == "hybrid-static" and not options.get("profile")]
     if not static:
-        return runs
+        return runs, None
     if text is None:
         raise MobileError("a hybrid-static row needs a routing profile: --profile-text FILE takes one (on another "
                           "text than --text), or give the row profile=FILE", key="--profile-text")
     profile = take_profile(graph, text, tokens, weights=weights, device=device)
-    path = Path(tempfile.mkdtemp(prefix="mobile-profile-")) / "profile.json"
+    scratch = tempfile.TemporaryDirectory(prefix="mobile-profile-")
+    path = Path(scratch.name) / "profile.json"
     profile.save(path)
     print(f"routing profile for hybrid-static: {profile.tokens} tokens of {text}", file=out or sys.stdout)
     return [(label, policy, {**options, "profile": str(path)}) if i in static else (label, policy, options)
-            for i, (label, policy, options) in enumerate(runs)]
+            for i, (label, policy, options) in enumerate(runs)], scratch
 
 
 def run_bench(graph: str, policies: list[str], weights: str | None = None, device: str = "cpu", tokens: int = 32,
@@ -128,7 +131,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
             variants = [(f"{label} kv={r}", {**v, "kv_refresh": r}) for label, v in variants for r in kv_refreshes]
         runs += [(p + label, p, {**(policy_options or {}), **v}) for label, v in variants]
     runs += extra_rows or []
-    runs = with_profile(graph, runs, profile_text, profile_tokens, weights, device, out)
+    runs, _profile_dir = with_profile(graph, runs, profile_text, profile_tokens, weights, device, out)
     formats: list[str | None] = list(expert_formats) if expert_formats else [None]
     modes: list[str | None] = list(cuda_graphs) if cuda_graphs else [None]
     rowed = [(label + ("" if fmt is None else f" {fmt}") + (f" graphs={mode}" if len(modes) > 1 else ""),
