@@ -336,3 +336,56 @@ def test_each_sequence_starts_from_a_zero_state(hybrid_tiny):
         assert all(not s.ssm.eq(0).all() for s in engine.state.layers.values())  # it did fold something in
     finally:
         engine.close()
+
+
+def test_a_captured_segment_set_up_advances_the_state_once(hybrid_tiny, monkeypatch):
+    """On CUDA an entry's set-up runs its segment three times (the set-up run, the capture's warm-up,
+    the first replay). A KV write repeated writes the same rows; the recurrent state would fold the
+    token in three times, so the runner rewinds it between the runs. Here the CUDA protocol runs
+    with a stand-in for the capture: a warm-up run, then a graph whose replay runs the segment into
+    the entry's buffers."""
+    from mobile.runtime import graphs
+
+    class Replay:
+        def __init__(self, body, out):
+            self.body, self.out = body, out
+
+        def replay(self):
+            fresh, _ = graphs.flatten(self.body().values())
+            buffers, _ = graphs.flatten(self.out.values())
+            for buf, value in zip(buffers, fresh, strict=True):
+                if buf is not None and value is not None and value.data_ptr() != buf.data_ptr():
+                    buf.copy_(value)
+
+    def capture(runner, body):
+        out = body()  # the warm-up; a real capture then runs nothing
+        return Replay(body, out), out
+
+    monkeypatch.setattr(graphs.GraphRunner, "_capture", capture)
+    t = hybrid_tiny("qwen3_5_moe_text")
+    eager, static = mobile.Engine.load(t.graph), mobile.Engine.load(t.graph, cuda_graphs="on")
+    try:
+        assert static.graphs is not None
+        static.graphs.capture = True  # the CUDA protocol
+        assert static.generate(PROMPT, 24, stop_ids=[]) == eager.generate(PROMPT, 24, stop_ids=[])
+        # a prompt short enough for the runner: its entries are set up now too
+        assert static.generate(PROMPT[:5], 8, stop_ids=[]) == eager.generate(PROMPT[:5], 8, stop_ids=[])
+        assert static.graphs.captures > 0
+    finally:
+        eager.close()
+        static.close()
+
+
+def test_a_little_prompt_is_not_refreshed_on_a_hybrid_model(hybrid_tiny, tmp_path):
+    """A little prompt keeps no state per position, so a KV refresh recomputes only the decoded
+    little tokens after it (on other families it reaches into the prompt)."""
+    t = hybrid_tiny("qwen3_5_moe_text")
+    engine = policy_engine(t, tmp_path, "mobile", tau=0.3, kv_refresh=1000, prefill="little")
+    try:
+        engine.generate(PROMPT, 24, stop_ids=[])
+        s = engine.stats
+        assert s["fallback_tokens"] > 0 and s["refreshed_tokens"] > 0
+        # each refresh reaches back at most to the first decoded position (24 tokens decode 23 steps)
+        assert s["refreshed_tokens"] <= s["fallback_tokens"] * 23
+    finally:
+        engine.close()

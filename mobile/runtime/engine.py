@@ -127,6 +127,8 @@ class Engine:
             self.static = StaticState(self.device, cos, sin, self.graphs.register)
             # the slot maps change by copy into these tensors (mobile.moe.cache): read in place
             self.graphs.register(self.experts.slot_map(layer) for layer in spec.moe_layers)
+            if self.state is not None:  # advanced in place by its layers' segments
+                self.graphs.register_advanced(t for s in self.state.layers.values() for t in (s.conv, s.ssm))
         self._tokenizer = None
         self.length = 0  # positions [0, length) of the current sequence are in the KV cache
         self.ids = torch.zeros(0, dtype=torch.long)  # their token ids, kept only for the KV refresh
@@ -244,7 +246,9 @@ class Engine:
         if not (kv_refresh and outcome.passes == (Pass.LITTLE,) and only is None):
             self.little_from = None
         elif self.little_from is None or self.little_from >= start:
-            self.little_from = start
+            # a model with a recurrent state can recompute only positions whose state was kept,
+            # a decoded token's (Executor.run): a little prompt's positions stay little
+            self.little_from = start if self.state is None or T == 1 else start + T
         self.length = start + T
         return outcome.logits
 

@@ -237,6 +237,9 @@ class GraphRunner:
         self.reasons: dict[str, int] = {}
         self.captures = self.replays = self.eager = 0
         self.side: Any = None  # CUDA: the stream captures run on
+        # tensors a segment advances in place, not idempotently (a recurrent state): an entry's
+        # set-up runs its segment more than once on CUDA, so it rewinds them between the runs
+        self.advanced: list[torch.Tensor] = []
 
     @property
     def mode(self) -> str:
@@ -245,6 +248,11 @@ class GraphRunner:
     def register(self, tensors: Iterable[torch.Tensor]) -> None:
         """Tensors that live as long as the engine and never move: read in place, not copied."""
         self.persistent.update(identity(t) for t in tensors)
+
+    def register_advanced(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Tensors segments advance in place (a recurrent state, mobile.runtime.state): a KV write
+        done twice writes the same rows, but a state advanced twice has folded the token in twice."""
+        self.advanced.extend(tensors)
 
     def reset_counters(self) -> None:
         self.captures = self.replays = self.eager = 0
@@ -321,11 +329,26 @@ class GraphRunner:
             prologue(ctx, first)
             return fn(ctx, env)
 
+        # on CUDA the segment runs three times: this run, the capture's warm-up and the first replay;
+        # whatever it advances in place is rewound before each of the last two, so it advances once
+        before = [t.clone() for t in self.advanced] if self.capture else []
+
+        def rewind() -> None:
+            for t, kept in zip(self.advanced, before, strict=True):
+                t.copy_(kept)
+
         out = body()  # on CUDA also the one-time costs (kernel selection, Triton's compile), which may sync
         outputs, _ = flatten(out.values())
         graph = None
         if self.capture:
-            graph, out = self._capture(body)
+            rewind()
+            try:
+                graph, out = self._capture(body)
+            except NotCapturable:
+                rewind()  # the caller runs the segment once more, eagerly
+                raise
+            rewind()
+            graph.replay()  # this call's run (a capture computes nothing)
             outputs, _ = flatten(out.values())
         entry = Entry(inputs, copied, body, out, outputs, graph)
         self.entries[key] = entry
@@ -343,8 +366,8 @@ class GraphRunner:
 
     def _capture(self, body: Callable[[], dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
         """CUDA: a run with syncs as errors, then the capture, both on the runner's side stream
-        (torch's recipe: warm up where the capture runs), then one replay for this call (a capture
-        computes nothing)."""
+        (torch's recipe: warm up where the capture runs). The caller replays it once for this call
+        (a capture computes nothing)."""
         current = torch.cuda.current_stream(self.device)
         if self.side is None:
             self.side = torch.cuda.Stream(self.device)
@@ -364,5 +387,4 @@ class GraphRunner:
                 raise NotCapturable(f"cannot be captured ({str(e).splitlines()[0]})") from None
         finally:
             current.wait_stream(self.side)
-        graph.replay()
         return graph, out

@@ -17,7 +17,11 @@ def take_profile(graph: str | Path, text: str | Path, tokens: int | None = None,
                  device: str = "cpu", progress: bool = True) -> RoutingProfile:
     """Run the first `tokens` tokens of `text` (all of it: None) through the graph's model with every
     expert resident, CHUNK positions a forward, each router counting its choices on the device."""
-    engine = Engine.load(graph, weights=weights, device=device, policy="resident", count_routes=True)
+    # no CUDA graphs: a captured segment's set-up runs it more than once, and would count a chunk's
+    # routes as often (a profile's forwards are prompts, which run eagerly anyway, but its last chunk
+    # may be short enough for the graph runner)
+    engine = Engine.load(graph, weights=weights, device=device, policy="resident", count_routes=True,
+                         cuda_graphs="off")
     try:
         ids = load_ids(engine, text, tokens, what="profiling")
         chunks = [ids[i:i + CHUNK] for i in range(0, ids.numel(), CHUNK)]
