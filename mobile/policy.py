@@ -18,7 +18,7 @@ from typing import Literal
 Pass = Literal["big", "little"]
 # where a missed expert runs: moved into a cache slot; on the host (no cache); on the host now and
 # copied in behind; by the placement rule per expert (mobile.moe.placement); by that rule where the
-# costs measured at load let the host win a miss, else moved (adaptive); or on the host, the cache
+# costs weighed at load let the host win a miss, else moved (adaptive); or on the host, the cache
 # holding a fixed hot set that never changes (static)
 Placement = Literal["move", "host", "both", "choose", "adaptive", "static"]
 # the placements whose misses may run on the host beside a device cache: their fetch reads the

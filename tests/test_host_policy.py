@@ -218,7 +218,10 @@ def test_hybrid_static_without_a_usable_profile_is_one_line(demo, demo_profile, 
     data["layers"]["2"] = data["layers"]["2"][:15]
     (tmp_path / "short.json").write_text(json.dumps(data))
     (tmp_path / "other.json").write_text('{"format": "something else"}')
-    for name, key in (("short.json", "layers.2"), ("other.json", "format"), ("missing.json", None)):
+    (tmp_path / "words.json").write_text(json.dumps({**data, "tokens": "many"}))
+    (tmp_path / "bools.json").write_text(json.dumps({**data, "layers": {**data["layers"], "1": [True] * 16}}))
+    for name, key in (("short.json", "layers.2"), ("other.json", "format"), ("missing.json", None),
+                      ("words.json", "tokens"), ("bools.json", "layers.1")):
         assert run_cli(*args, "--profile", tmp_path / name) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(tmp_path / name) in err and (key is None or f": {key}:" in err), err

@@ -236,10 +236,13 @@ def test_stats_say_the_kernel_path_and_the_state_bytes(hybrid_tiny, tmp_path):
         spec = engine.spec
         assert engine.stats["recurrent_state_bytes"] == recurrent_state_bytes(spec) * (1 + 5)
         assert engine.stats["linear_attention_kernels"] == "torch"
+        engine.reset_stats()  # what describes the setup outlives a reset (bench, eval and serve reset)
+        assert engine.stats["linear_attention_kernels"] == "torch" and "recurrent_state_bytes" in engine.stats
     finally:
         engine.close()
-    assert str(linear_kernels.choose(torch.device("cpu"), "auto")) == "torch"
-    assert str(linear_kernels.choose(torch.device("cuda"), "torch")) == "torch"
+    assert str(linear_kernels.choose(torch.device("cpu"), torch.bfloat16, "auto")) == "torch"
+    assert str(linear_kernels.choose(torch.device("cuda"), torch.bfloat16, "torch")) == "torch"
+    assert linear_kernels.choose(torch.device("cuda"), torch.float32, "auto").rule == "torch"  # fla takes no float32
     assert str(linear_kernels.LinearKernels("fla", "causal-conv1d")) == "delta rule fla, conv causal-conv1d"
 
 
@@ -250,19 +253,48 @@ def test_stats_say_the_kernel_path_and_the_state_bytes(hybrid_tiny, tmp_path):
 @pytest.mark.parametrize("path", ["auto", "torch"])
 @pytest.mark.parametrize("variant", ["qwen3_next", "qwen3_5_moe"])
 def test_cuda_matches_the_cpu_with_either_delta_rule(hybrid_tiny, monkeypatch, variant, path):
-    """auto: flash-linear-attention's kernels where installed (the stats say which ran), else torch's."""
+    """float32 (torch's delta rule: flash-linear-attention takes no float32; causal-conv1d's conv step
+    where installed): the CPU's logits and tokens. The stats say which kernels ran."""
     monkeypatch.setenv("MOBILE_LINEAR_KERNELS", path)
     t = hybrid_tiny(variant)
     cpu, gpu = mobile.Engine.load(t.graph), mobile.Engine.load(t.graph, device="cuda")
     try:
         torch.testing.assert_close(gpu.logits(LONG), cpu.logits(LONG), atol=2e-4, rtol=1e-4)
-        expected = str(linear_kernels.choose(torch.device("cuda"), path))
+        expected = str(linear_kernels.choose(torch.device("cuda"), torch.float32, path))
         assert gpu.stats["linear_attention_kernels"] == expected
-        print(f"{variant}: linear attention kernels: {expected}")
+        print(f"{variant} float32: linear attention kernels: {expected}")
         assert gpu.generate(PROMPT, 32, stop_ids=[]) == cpu.generate(PROMPT, 32, stop_ids=[])
     finally:
         cpu.close()
         gpu.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["qwen3_next", "qwen3_5_moe"])
+def test_cuda_bfloat16_libraries_match_torchs_path(hybrid_tiny, tmp_path, monkeypatch, variant):
+    """bfloat16, where flash-linear-attention's delta rule runs (if installed): against torch's
+    path on the same GPU, within bfloat16's resolution (a tenth of the logits' range), most
+    positions agreeing on the top token."""
+    t = hybrid_tiny(variant)
+    spec = tmp_path / "bf16.yaml"
+    spec.write_text(t.spec.read_text().replace("dtype: float32", "dtype: bfloat16").replace("path: ckpt",
+                                                                                            f"path: {t.ckpt}"))
+    from conftest import run_cli
+
+    assert run_cli("compile", spec, "-o", tmp_path / "g") == 0
+    engines = {}
+    for path in ("auto", "torch"):
+        monkeypatch.setenv("MOBILE_LINEAR_KERNELS", path)
+        engines[path] = mobile.Engine.load(tmp_path / "g", device="cuda")
+    try:
+        print(f"{variant} bfloat16: linear attention kernels: {engines['auto'].stats['linear_attention_kernels']}")
+        ours, ref = engines["auto"].logits(LONG), engines["torch"].logits(LONG)
+        assert (ours - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+        assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
+    finally:
+        for e in engines.values():
+            e.close()
 
 
 @pytest.mark.gpu
@@ -313,7 +345,7 @@ def test_the_library_paths_are_wired_as_the_torch_path(hybrid_tiny, monkeypatch)
     t = hybrid_tiny("qwen3_next")
     torch_path = mobile.Engine.load(t.graph)
     both = linear_kernels.LinearKernels("fla", "causal-conv1d")
-    monkeypatch.setattr(linear_kernels, "choose", lambda device, asked: both)
+    monkeypatch.setattr(linear_kernels, "choose", lambda device, dtype, asked: both)
     libraries = mobile.Engine.load(t.graph)
     try:
         assert libraries.stats["linear_attention_kernels"] == "delta rule fla, conv causal-conv1d"

@@ -163,7 +163,7 @@ def memory_lines(spec: Spec) -> list[str]:
     elif plan is not None and placement != "move":
         where += ("; a decoded token's misses are computed on the host and copied in behind" if placement == "both"
                   else "; each miss of a decoded token is moved or computed on the host, whichever finishes the "
-                       "layer sooner (mobile.moe.placement)" + (", where the costs measured at load let the host "
+                       "layer sooner (mobile.moe.placement)" + (", where the costs weighed at load let the host "
                                                                 "win one (adaptive), else moved"
                                                                 if placement == "adaptive" else ""))
     lines = [f"non-expert weights (always on device, {spec.dtype}): {human_bytes(mp.non_expert)}",

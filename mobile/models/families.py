@@ -124,8 +124,8 @@ TENSOR_NAMES["gemma4"] = {
 # Qwen3-Next and Qwen3.5-MoE: Qwen2-MoE's experts and sigmoid-gated shared expert, Qwen3's per-head
 # q/k norm, and linear-attention layers (Gated DeltaNet: the la_* names). Qwen3-Next projects q, k,
 # v and the output gate z in one matrix grouped by key head (la_qkvz), and b and a likewise (la_ba);
-# Qwen3.5 in four plain ones (la_qkv: q's rows, k's, v's; la_z, la_b, la_a). The runtime turns both
-# into one projection (mobile.models.deltanet.in_projection)
+# Qwen3.5 in four plain ones (la_qkv: q's rows, k's, v's; la_z, la_b, la_a). The runtime keeps each
+# matrix and reorders the outputs (mobile.models.deltanet.in_projection_order)
 _LINEAR = _LAYER + ".linear_attn"
 _GATED_DELTANET = {"la_conv": _LINEAR + ".conv1d.weight", "la_dt_bias": _LINEAR + ".dt_bias",
                    "la_a_log": _LINEAR + ".A_log", "la_norm": _LINEAR + ".norm.weight",

@@ -26,11 +26,14 @@ class LinearKernels:
 TORCH = LinearKernels()  # torch's, everywhere
 
 
-def choose(device: torch.device, asked: str) -> LinearKernels:
-    """What runs on `device`: the libraries where installed, on CUDA, unless asked for torch."""
+def choose(device: torch.device, dtype: torch.dtype, asked: str) -> LinearKernels:
+    """What runs on `device` for a model in `dtype`: the libraries where installed, on CUDA, unless
+    asked for torch. flash-linear-attention's delta rule takes bfloat16 and float16 only (its
+    chunked kernel refuses float32), so a float32 model keeps torch's."""
     if asked == "torch" or device.type != "cuda":
         return TORCH
-    return LinearKernels("fla" if importlib.util.find_spec("fla") else "torch",
+    fla = importlib.util.find_spec("fla") is not None and dtype in (torch.bfloat16, torch.float16)
+    return LinearKernels("fla" if fla else "torch",
                          "causal-conv1d" if importlib.util.find_spec("causal_conv1d") else "torch")
 
 

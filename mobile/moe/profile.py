@@ -70,16 +70,25 @@ def load_profile(path: str | Path, spec: Spec, key: str = "policy.profile") -> R
     layers = data.get("layers")
     if not isinstance(layers, dict):
         raise ProfileError("expected a mapping of MoE layer -> expert counts", where=path, key="layers")
+    for key in ("tokens", "top_k"):
+        if not count(data.get(key, 0)):
+            raise ProfileError(f"expected an integer >= 0, got {json.dumps(data.get(key))}", where=path, key=key)
     E, counts = spec.model.moe.num_experts, {}
     for layer in spec.moe_layers:
         c = layers.get(str(layer))
-        if not isinstance(c, list) or len(c) != E or not all(isinstance(v, int) and v >= 0 for v in c):
+        if not isinstance(c, list) or len(c) != E or not all(count(v) for v in c):
+            other = ": is the profile of another model?" if not isinstance(c, list) or len(c) != E else ""
             raise ProfileError(f"expected {E} counts (one per expert, integers >= 0) for MoE layer {layer} of "
-                               f"{spec.name}: is the profile of another model?", where=path, key=f"layers.{layer}")
+                               f"{spec.name}{other}", where=path, key=f"layers.{layer}")
         counts[layer] = c
     extra = sorted(set(layers) - {str(layer) for layer in spec.moe_layers})
     if extra:
         raise ProfileError(f"layer {extra[0]} is not a MoE layer of {spec.name}: is the profile of another model?",
                            where=path, key=f"layers.{extra[0]}")
-    return RoutingProfile(counts, int(data.get("tokens") or 0), str(data.get("text") or ""),
-                          str(data.get("graph") or ""), int(data.get("top_k") or 0))
+    return RoutingProfile(counts, data.get("tokens", 0), str(data.get("text") or ""), str(data.get("graph") or ""),
+                          data.get("top_k", 0))
+
+
+def count(value) -> bool:
+    """A count: an integer >= 0 (JSON's true and false are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

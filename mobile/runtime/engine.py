@@ -102,7 +102,7 @@ class Engine:
                           compiled=compile)
         # the linear-attention layers' recurrent state (and the copies a fallback restores), allocated once
         self.state = RecurrentState(spec, self.device, self.dtype) if spec.linear_layers else None
-        linear_kernels = linear.choose(self.device, debug.flags().linear_kernels)
+        linear_kernels = linear.choose(self.device, self.dtype, debug.flags().linear_kernels)
         if self.state is not None:
             self.stats_.extra.update(linear_attention_kernels=str(linear_kernels),
                                      recurrent_state_bytes=self.state.nbytes)

@@ -92,7 +92,9 @@ def host_placement(spec: Spec, device: torch.device, dtype: torch.dtype, link: L
     """The host as a second place for a cache's misses: its worker, and the costs the placement
     rule weighs (a move over the link; a pair on the device and on the host). adaptive: the rule
     where the host can win a miss at all, a one-pair miss with both queues idle (a pair on the host
-    finishes before a move and a pair on the device), else every miss moved; the stats say which."""
+    finishes before a move and a pair on the device), else every miss moved; the stats say which.
+    On a CPU-only machine those costs are measured (and emulated); on CUDA the device's is measured
+    and the host's and the link's are the plan's (host_gbps, link_gbps)."""
     worker, device_pair = host_worker(spec, device, dtype, trace)
     # on CUDA the host and the link are real: their costs are first the plan's (bytes over the
     # host's read bandwidth, and over the link's)

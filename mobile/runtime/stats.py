@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 # keys of Stats.extra that describe the setup rather than count work (the link's rate and its
 # calibration, the expert format, the cache's size, the host store): a reset keeps them
 SETUP_KEYS = frozenset({"link_gbps", "link_ratio", "expert_compute_us", "expert_format", "expert_bytes",
-                        "cache_slots_per_layer", "host_expert_bytes", "pinned_host_bytes"})
+                        "cache_slots_per_layer", "host_expert_bytes", "pinned_host_bytes",
+                        "linear_attention_kernels", "recurrent_state_bytes", "placement_rule",
+                        "static_experts_per_layer", "static_profile_coverage"})
 
 
 @dataclass

@@ -123,9 +123,7 @@ def spec_from_hf_config(config_dir: str | Path, name: str | None = None,
         if cfg.get("clip_qkv") is not None:
             attention["clip_qkv"] = float(cfg["clip_qkv"])
     elif family in ("qwen2_moe", "qwen3_moe"):
-        step = g("decoder_sparse_step", 1)
-        mlp_only = list(g("mlp_only_layers", []))
-        dense = [i for i in range(num_layers) if i in mlp_only or (i + 1) % step != 0]
+        dense = hf_families.qwen2_dense_layers(g, where, num_layers)
         moe.update(num_experts=g("num_experts"), intermediate_size=g("moe_intermediate_size"),
                    norm_topk_prob=bool(g("norm_topk_prob", False)), dense_layers=dense)
         if family == "qwen2_moe":

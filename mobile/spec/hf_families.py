@@ -13,6 +13,15 @@ from typing import Any
 from mobile.errors import SpecError
 
 
+def qwen2_dense_layers(g: Callable[..., Any], where: str, layers: int) -> list[int]:
+    """Qwen2-MoE's dense layers (Qwen3-MoE's and Qwen3-Next's too): those in mlp_only_layers, and
+    those off decoder_sparse_step."""
+    step, mlp_only = g("decoder_sparse_step", 1), list(g("mlp_only_layers", []))
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise SpecError(f"expected an integer >= 1, got {json.dumps(step)}", where=where, key="decoder_sparse_step")
+    return [i for i in range(layers) if i in mlp_only or (i + 1) % step != 0]
+
+
 def mla_attention(cfg: dict, g: Callable[..., Any], heads: int) -> dict[str, Any]:
     """DeepSeek's multi-head latent attention (V2 and V3)."""
     return {

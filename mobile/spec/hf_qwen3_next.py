@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mobile.errors import SpecError
+from mobile.spec import hf_families
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 # transformers' Qwen3NextConfig and Qwen3_5MoeTextConfig (their __post_init__): a config without
@@ -110,10 +111,7 @@ def _dense_layers(cfg: dict, g: Callable[..., Any], where: str, family: str, lay
     Qwen3.5 runs experts in every layer whatever those keys say (its config class has neither), so a
     config that says otherwise is refused rather than read one way."""
     if family == "qwen3_next":
-        step, mlp_only = g("decoder_sparse_step", 1), list(g("mlp_only_layers", []))
-        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-            raise SpecError(f"expected an integer >= 1, got {json.dumps(step)}", where=where, key="decoder_sparse_step")
-        return [i for i in range(layers) if i in mlp_only or (i + 1) % step != 0]
+        return hf_families.qwen2_dense_layers(g, where, layers)
     for key, want in (("mlp_only_layers", []), ("decoder_sparse_step", 1)):
         if cfg.get(key) not in (None, want):
             raise SpecError(f"only {json.dumps(want)} is supported: transformers' qwen3_5_moe runs experts in every "

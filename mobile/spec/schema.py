@@ -248,8 +248,9 @@ class PolicySpec:
     placement: Literal["auto", "move", "choose", "adaptive"] = knob(
         "auto", "where a missed expert runs: move (into a cache slot over the link); choose (per expert, moved or "
         "computed on the host, whichever finishes the layer sooner; a hot one also copied in behind: "
-        "mobile.moe.placement); adaptive (choose where the costs measured at load let the host finish a miss "
-        "before a move would, else move); auto (default): the policy's own")
+        "mobile.moe.placement); adaptive (choose where the costs weighed at load let the host finish a miss "
+        "before a move would, else move; on a CPU-only machine they are measured, on CUDA the host's and the "
+        "link's are the plan's); auto (default): the policy's own")
     profile: str | None = knob(None, "hybrid-static: the routing profile (a JSON file written by `mobile profile` "
                                "or `mobile bench --profile-text`) whose most-used experts of each layer stay on the "
                                "device")
