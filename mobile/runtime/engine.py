@@ -128,7 +128,7 @@ class Engine:
             # the slot maps change by copy into these tensors (mobile.moe.cache): read in place
             self.graphs.register(self.experts.slot_map(layer) for layer in spec.moe_layers)
             if self.state is not None:  # advanced in place by its layers' segments
-                self.graphs.register_advanced(t for s in self.state.layers.values() for t in (s.conv, s.ssm))
+                self.graphs.register_advanced(self.state.tensors())
         self._tokenizer = None
         self.length = 0  # positions [0, length) of the current sequence are in the KV cache
         self.ids = torch.zeros(0, dtype=torch.long)  # their token ids, kept only for the KV refresh

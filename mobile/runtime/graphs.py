@@ -200,6 +200,13 @@ def unflatten(leaves: list[Any], structure: list[Any]) -> list[Any]:
     return out
 
 
+def copy_into(buffers: list[Any], values: list[Any]) -> None:
+    """A run's results into an entry's persistent output buffers (a value already in its buffer stays)."""
+    for buf, value in zip(buffers, values, strict=True):
+        if buf is not None and value is not None and value.data_ptr() != buf.data_ptr():
+            buf.copy_(value)
+
+
 def identity(t: torch.Tensor) -> tuple:
     """What makes a tensor the same persistent tensor: its memory and its view of it."""
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
@@ -360,9 +367,7 @@ class GraphRunner:
     def _run_static(self, entry: Entry) -> None:
         """The CPU's replay: the segment on the entry's inputs, its results into the entry's outputs."""
         fresh, _ = flatten(entry.body().values())
-        for buf, value in zip(entry.outputs, fresh, strict=True):
-            if buf is not None and value is not None and value.data_ptr() != buf.data_ptr():
-                buf.copy_(value)
+        copy_into(entry.outputs, fresh)
 
     def _capture(self, body: Callable[[], dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
         """CUDA: a run with syncs as errors, then the capture, both on the runner's side stream

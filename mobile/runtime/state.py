@@ -45,11 +45,14 @@ class RecurrentState:
         self.kept = [fresh() for _ in range(kept_state_copies(spec))]  # the ring, by position
         self.kept_at: list[int | None] = [None] * len(self.kept)  # the position each copy was kept before
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every live buffer: what the layers advance in place (CUDA graphs rewind them: mobile.runtime.graphs)."""
+        return [t for s in self.layers.values() for t in (s.conv, s.ssm)]
+
     def reset(self) -> None:
         """A new sequence: every layer's state zero."""
-        for s in self.layers.values():
-            s.conv.zero_()
-            s.ssm.zero_()
+        for t in self.tensors():
+            t.zero_()
 
     def keep(self, position: int) -> None:
         """Keep the state as it is before `position` runs."""
@@ -73,5 +76,5 @@ class RecurrentState:
     @property
     def nbytes(self) -> int:
         """The live state and its kept copies."""
-        tensors = [t for states in (self.layers, *self.kept) for s in states.values() for t in (s.conv, s.ssm)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        kept = [t for states in self.kept for s in states.values() for t in (s.conv, s.ssm)]
+        return sum(t.numel() * t.element_size() for t in (*self.tensors(), *kept))

@@ -107,16 +107,22 @@ def dots1_attention(cfg: dict, g: Callable[..., Any], where: str, layers: int) -
     return {"sliding_layers": sliding, "sliding_window": window}
 
 
-def sliding_layers(types: Any, layers: int, where: str) -> list[int]:
-    """The sliding-window layers of a config's layer_types: one 'sliding_attention' or
-    'full_attention' a layer."""
+def checked_layer_types(types: Any, kinds: tuple[str, str], layers: int, where: str) -> list[str]:
+    """A config's layer_types: a list of one of `kinds` a layer, or an error naming the key."""
     if not isinstance(types, list) or len(types) != layers:
         raise SpecError(f"expected a list of {layers} layer types (num_hidden_layers), got {types!r:.80}",
                         where=where, key="layer_types")
     for i, kind in enumerate(types):
-        if kind not in ("sliding_attention", "full_attention"):
-            raise SpecError(f"expected 'sliding_attention' or 'full_attention', got {kind!r}", where=where,
+        if kind not in kinds:
+            raise SpecError(f"expected {kinds[0]!r} or {kinds[1]!r}, got {kind!r}", where=where,
                             key=f"layer_types[{i}]")
+    return types
+
+
+def sliding_layers(types: Any, layers: int, where: str) -> list[int]:
+    """The sliding-window layers of a config's layer_types: one 'sliding_attention' or
+    'full_attention' a layer."""
+    types = checked_layer_types(types, ("sliding_attention", "full_attention"), layers, where)
     return [i for i, kind in enumerate(types) if kind == "sliding_attention"]
 
 

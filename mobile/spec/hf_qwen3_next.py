@@ -85,14 +85,7 @@ def layer_types(cfg: dict, where: str, layers: int) -> list[str]:
             raise SpecError(f"expected an integer >= 1, got {json.dumps(interval)}", where=where,
                             key="full_attention_interval")
         types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers)]
-    if not isinstance(types, list) or len(types) != layers:
-        raise SpecError(f"expected a list of {layers} layer types (num_hidden_layers), got {types!r:.80}",
-                        where=where, key="layer_types")
-    for i, kind in enumerate(types):
-        if kind not in LAYER_TYPES:
-            raise SpecError(f"expected 'linear_attention' or 'full_attention', got {kind!r}", where=where,
-                            key=f"layer_types[{i}]")
-    return types
+    return hf_families.checked_layer_types(types, LAYER_TYPES, layers, where)
 
 
 def _norm_topk_prob(cfg: dict, g: Callable[..., Any], where: str, family: str) -> bool:
