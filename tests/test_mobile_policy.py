@@ -140,6 +140,57 @@ def test_prefix_rule_keeps_the_fewest_top_experts_that_reach_the_mass():
     assert keep.all()  # a share that never quite reaches 1.0 in float32 still stops at K
 
 
+def _kept_count(kind: str, n: int, tau: float, share: list[float]) -> int:
+    """How many first experts a rule keeps for one token, in the rule's own words (its docstring)."""
+    K = len(share)
+    if kind == "top":
+        return n
+    if kind == "switch":
+        return n if share[n - 1] >= tau else K
+    return max(n, next((j + 1 for j, s in enumerate(share) if s >= tau), K))  # prefix
+
+
+@pytest.mark.parametrize("kind", ["top", "switch", "prefix"])
+def test_the_rule_keeps_what_its_words_say_on_random_routes(kind):
+    """keep, pairs and the host's status against a per-token Python reading of the rule, over random
+    routes with ties and shares exactly at tau, every n, and cached or not."""
+    from mobile.moe.cache import decode_status
+    from mobile.moe.rule import CACHED, FREE, MISSING, UNUSED, KeepRule
+
+    g, E = torch.Generator().manual_seed(3), 16
+    for trial in range(150):
+        T, K = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+        weights = torch.rand(T, K, generator=g) + 0.05
+        if trial % 2:
+            weights = (weights * 4).round() / 4 + 0.25  # ties, and shares that land on tau exactly
+        weights = weights.sort(descending=True).values
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        slot_map = torch.where(torch.rand(E, generator=g) < 0.5, torch.arange(E), -1)
+        tau = (0.25, 0.5, 0.75, 0.85, 1.0)[trial % 5]
+        shares = (weights.cumsum(-1) / weights.sum(-1, keepdim=True)).tolist()
+        for n in range(1, K + 1):
+            for cached in (False, True):
+                rule = KeepRule(kind, n, tau, cached=cached)
+                kept = [[j < _kept_count(kind, n, tau, share) for j in range(K)] for share in shares]
+                assert rule.keep(weights).expand(T, K).tolist() == kept
+                present = (slot_map[ids] >= 0).tolist()
+                runs = [[k or (cached and p) for k, p in zip(kr, pr)] for kr, pr in zip(kept, present)]
+                w, slots = rule.pairs(weights, ids, slot_map)
+                assert (w > 0).tolist() == runs
+                assert slots.tolist() == [[int(slot_map[e]) if r else -1 for e, r in zip(er, rr)]
+                                          for er, rr in zip(ids.tolist(), runs)]
+                code: dict[int, int] = {}
+                for er, kr, pr in zip(ids.tolist(), kept, present):
+                    for e, k, p in zip(er, kr, pr):
+                        c = (CACHED if p else MISSING) if k else (FREE if cached and p else UNUSED)
+                        code[e] = max(code.get(e, UNUSED), c)
+                got = decode_status(rule.status(weights, ids, slot_map).tolist(), E)
+                want_cached = sorted(e for e, c in code.items() if c in (CACHED, FREE))
+                want_missing = sorted(e for e, c in code.items() if c == MISSING)
+                assert (sorted(got[0]), sorted(got[1]), got[2]) == \
+                    (want_cached, want_missing, sum(c == FREE for c in code.values()))
+
+
 def test_prefix_rule_extremes_and_bytes(tiny, tmp_path):
     """layer_rule prefix: tau above 1 == big, tau 0 == little; in between it never uses more
     experts than the switch rule at the same tau, and somewhere fewer."""

@@ -411,7 +411,8 @@ class OffloadedCache:
         return job
 
     def wait(self, handle: FetchHandle) -> torch.Tensor | Rounds:
-        self.stats.stall_s += self.engine.wait(handle.jobs)
+        if handle.jobs:  # (a layer that hit everything has nothing to wait for)
+            self.stats.stall_s += self.engine.wait(handle.jobs)
         pending = self.pending[handle.layer]
         for e, slot in handle.placed:  # covered by this wait: usable from now on
             self._set_usable(handle.layer, e, slot)

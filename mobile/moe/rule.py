@@ -53,15 +53,15 @@ class KeepRule:
 
     def keep(self, weights: torch.Tensor) -> torch.Tensor:
         """weights [T, K] in selection order -> keep [T, K] bool, the cached experts left out."""
-        K = weights.shape[1]
+        ranks = torch.arange(weights.shape[1], device=weights.device)[None, :]  # [1, K]
+        first = ranks < self.n
         if self.kind == "top":
-            return torch.arange(K, device=weights.device)[None, :] < self.n
+            return first
         share = weights.cumsum(-1) / weights.sum(-1, keepdim=True)  # [T, K]: mass of the top 1..K
-        if self.kind == "prefix":
-            n = ((share < self.tau).sum(-1, keepdim=True) + 1).clamp(self.n, K)  # the first n reaching tau
-        else:
-            n = torch.where(share[:, self.n - 1:self.n] >= self.tau, self.n, K)
-        return torch.arange(K, device=weights.device)[None, :] < n
+        if self.kind == "prefix":  # ranks up to the first reaching tau (one past those short of it)
+            return first | (ranks <= (share < self.tau).sum(-1, keepdim=True))
+        # switch: all K unless the little set reaches tau (a token with no mass, 0 / 0, falls short)
+        return first | ~(share[:, self.n - 1:self.n] >= self.tau)
 
     def pairs(self, weights: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,26 +76,27 @@ class KeepRule:
         return kept_weights(weights, keep, self.rescale), torch.where(keep, slots, -1)
 
     def status(self, weights: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor) -> torch.Tensor:
-        """What a layer's fetch must do, as one small int32 vector for the host to read.
+        """What a layer's fetch must do, as one small integer vector for the host to read.
 
         Entry = code * E + expert, sorted descending, the first min(E, T*K) kept: MISSING (kept,
         not on the device), CACHED (kept, on the device), FREE (not kept, on the device, taken by a
-        cached rule), then UNUSED, where the host stops reading (decode_status)."""
+        cached rule), then UNUSED, where the host stops reading (decode_status). An expert no token
+        routed to has entry 0."""
         E = slot_map.shape[0]
-        present = slot_map[ids] >= 0  # [T, K]
-        pick = self.keep(weights)
-        free = present & self.cached
-        code = torch.where(pick, torch.where(present, CACHED, MISSING), torch.where(free, FREE, UNUSED))
-        per_expert = torch.zeros(E, dtype=torch.int32, device=ids.device)
-        per_expert.scatter_reduce_(0, ids.flatten(), code.flatten().to(torch.int32), "amax")
-        entries = per_expert * E + torch.arange(E, dtype=torch.int32, device=ids.device)
+        present = (slot_map[ids] >= 0).long()  # [T, K]
+        # kept: MISSING (3) or CACHED (2), that is 3 - present; else FREE (1) where a cached rule
+        # takes it for free, else UNUSED (0)
+        code = torch.where(self.keep(weights), MISSING - present, present if self.cached else 0)
+        # one entry per expert, its highest code: for one expert the entry grows with the code
+        entries = torch.zeros(E, dtype=torch.long, device=ids.device)
+        entries.scatter_reduce_(0, ids.flatten(), (code * E + ids).flatten(), "amax")
         return torch.topk(entries, min(E, ids.numel())).values
 
 
 def kept_weights(weights: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
     """weights [T, K] with the pairs that `keep` drops zeroed; rescale: the kept ones then carry the
     big set's total weight, else the router's own weights."""
-    kept = weights.masked_fill(~keep, 0.0)
+    kept = torch.where(keep, weights, 0.0)
     if rescale:
         kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
     return kept
