@@ -174,14 +174,15 @@ def test_the_rule_keeps_what_its_words_say_on_random_routes(kind):
                 kept = [[j < _kept_count(kind, n, tau, share) for j in range(K)] for share in shares]
                 assert rule.keep(weights).expand(T, K).tolist() == kept
                 present = (slot_map[ids] >= 0).tolist()
-                runs = [[k or (cached and p) for k, p in zip(kr, pr)] for kr, pr in zip(kept, present)]
+                runs = [[k or (cached and p) for k, p in zip(kr, pr, strict=True)]
+                        for kr, pr in zip(kept, present, strict=True)]
                 w, slots = rule.pairs(weights, ids, slot_map)
                 assert (w > 0).tolist() == runs
-                assert slots.tolist() == [[int(slot_map[e]) if r else -1 for e, r in zip(er, rr)]
-                                          for er, rr in zip(ids.tolist(), runs)]
+                assert slots.tolist() == [[int(slot_map[e]) if r else -1 for e, r in zip(er, rr, strict=True)]
+                                          for er, rr in zip(ids.tolist(), runs, strict=True)]
                 code: dict[int, int] = {}
-                for er, kr, pr in zip(ids.tolist(), kept, present):
-                    for e, k, p in zip(er, kr, pr):
+                for er, kr, pr in zip(ids.tolist(), kept, present, strict=True):
+                    for e, k, p in zip(er, kr, pr, strict=True):
                         c = (CACHED if p else MISSING) if k else (FREE if cached and p else UNUSED)
                         code[e] = max(code.get(e, UNUSED), c)
                 got = decode_status(rule.status(weights, ids, slot_map).tolist(), E)
