@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 # KeepRule.status codes, by priority: an expert one token needs and another could take for free is needed
+# (status computes them as MISSING - present and present, so the values matter)
 UNUSED, FREE, CACHED, MISSING = 0, 1, 2, 3
 
 
