@@ -29,7 +29,7 @@ from mobile.runtime.context import StepContext, SyncKernel
 from mobile.runtime.devclock import clock_for
 from mobile.runtime.hostio import HostReader
 from mobile.runtime.kernels import Kernels
-from mobile.runtime.segments import compiled, segment_fn
+from mobile.runtime.segments import Read, compiled, segment_fn
 from mobile.runtime.state import RecurrentState
 
 if TYPE_CHECKING:
@@ -110,6 +110,31 @@ def plan_steps(nodes: list[Node]) -> list[list[Node]]:
     return steps
 
 
+def read_name(node: str) -> str:
+    """The value a segment computes for the sync node after it: what the node will read (Read)."""
+    return f"{node}:read"
+
+
+def folded_reads(step: list[Node], hosts: dict[str, HostNode]) -> tuple[Read, ...]:
+    """The reads of sync step `step` that the segment before it computes: those of its nodes whose
+    inputs are all compute values (a read of another sync node's value, a fetch's handle, waits for
+    the step)."""
+    reads = []
+    for n in step:
+        read = hosts[n.name].kernel.read
+        if read is not None and not any(i in hosts for i in n.inputs):
+            reads.append(Read(read_name(n.name), read, n.inputs))
+    return tuple(reads)
+
+
+def _read(node: HostNode, ctx: StepContext, env: dict[str, Any]) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
+    """What a sync node reads: as the segment before its step computed it, else computed now."""
+    if node.kernel.read is None:
+        return []
+    done = env.pop(read_name(node.name), None)
+    return done if done is not None else node.kernel.read(ctx, *[env.get(i) for i in node.inputs])
+
+
 def passes_of(graph: Graph) -> tuple[Pass, ...]:
     """The passes a graph runs, as its policy says (mobile.policy)."""
     name = graph.spec.get("policy", {}).get("name", policies.REFERENCE)
@@ -168,26 +193,29 @@ class Executor:
                     last_use[i] = si
         for out in self.graph.outputs:
             last_use[out] = len(groups)
+        hosts = {n.name: HostNode(n.name, n.op.value, n.inputs, n.op is Op.IMPORTANCE_GATE, kernels.sync(n))
+                 for n in nodes if n.op in SYNC_OPS}
         steps = []
         for si, group in enumerate(groups):
             defined = {n.name for n in group}
-            live_in = sorted({i for n in group for i in n.inputs if i not in defined})
+            live_in = {i for n in group for i in n.inputs if i not in defined}
             drop = [v for v, s in last_use.items() if s == si and v not in self.keep]
             if group[0].op in SYNC_OPS:
-                host = [HostNode(n.name, n.op.value, n.inputs, n.op is Op.IMPORTANCE_GATE, kernels.sync(n))
-                        for n in group]
-                steps.append(Step((p.value, si), group, None, host, live_in, drop))
+                steps.append(Step((p.value, si), group, None, [hosts[n.name] for n in group], sorted(live_in), drop))
                 continue
+            after = groups[si + 1] if si + 1 < len(groups) and groups[si + 1][0].op in SYNC_OPS else []
+            reads = folded_reads(after, hosts)
+            live_in |= {i for r in reads for i in r.inputs if i not in defined}
             live_out = [n.name for n in group if last_use.get(n.name, -1) > si or n.name in self.keep]
             built = [kernels.compute(n) for n in group]
             if self.compile:  # compiled code keeps no bookkeeping: it is what the runner captures too
-                fn = compiled(segment_fn(group, built, live_out, None, None, self.clock))
+                fn = compiled(segment_fn(group, built, live_out, None, None, self.clock, reads))
             else:
-                fn = segment_fn(group, built, live_out, self.executed, self.trace, self.clock)
+                fn = segment_fn(group, built, live_out, self.executed, self.trace, self.clock, reads)
             plain = None
             if self.graphs is not None:
-                plain = fn if self.compile else segment_fn(group, built, live_out, None, None, self.clock)
-            steps.append(Step((p.value, si), group, fn, None, live_in, drop, plain))
+                plain = fn if self.compile else segment_fn(group, built, live_out, None, None, self.clock, reads)
+            steps.append(Step((p.value, si), group, fn, None, sorted(live_in), drop, plain))
         return steps
 
     def run(self, ctx: StepContext, tokens: torch.Tensor, forward: Forward) -> Outcome:
@@ -235,9 +263,10 @@ class Executor:
         node by node. True when a gate fired (the nodes after it are not run)."""
         assert step.sync is not None
         # reads take device values, which only compute makes, so all of them come from earlier
-        # steps; acts run in order and see what the step's earlier nodes made (a fetch's handle)
-        wanted = [n.kernel.read(ctx, *[env.get(i) for i in n.inputs]) if n.kernel.read is not None else []
-                  for n in step.sync]
+        # steps: most were computed by the segment before this step (Read), the others are now (a
+        # step a pass starts at, after a fallback; a read of another sync node's value); acts run in
+        # order and see what the step's earlier nodes made (a fetch's handle)
+        wanted = [_read(n, ctx, env) for n in step.sync]
         everything = [t for ts in wanted for t in ts]
         raw = step.raw
         values: list[Any] = self.reader.read(everything) if raw else self.reader.ints(everything)
