@@ -9,6 +9,10 @@ and each return to one, names the file now running; a switch is two consecutive 
 different files. The code the executor generates for its compute segments counts as a file of its
 own, `<segments>` (--segments-as-executor: as the executor's). Calls into torch or the standard
 library are not counted, and a return through them lands on the mobile file below.
+
+It also counts the torch ops that the same token's sync steps run themselves (a TorchDispatchMode
+around Executor._sync, views and ops on host tensors included): on a GPU, device work there is
+launched op by op between two CUDA graphs, where work in a segment is inside its graph.
 """
 
 from __future__ import annotations
@@ -64,11 +68,42 @@ def trace(fn) -> dict:
             "pairs": pairs}
 
 
+def ops_in_sync_steps(fn) -> collections.Counter[str]:
+    """Run fn(); the torch ops, by name, that ran inside the executor's sync steps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mobile.runtime.executor import Executor
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: collections.Counter[str] = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    ops, sync = Ops(), Executor._sync
+
+    def counted(self, *args):
+        with ops:
+            return sync(self, *args)
+
+    Executor._sync = counted  # type: ignore[method-assign]
+    try:
+        fn()
+    finally:
+        Executor._sync = sync  # type: ignore[method-assign]
+    return ops.names
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--graph", default=str(ROOT / "graphs" / "demo"))
     p.add_argument("--tokens", type=int, default=8, help="warm-up decode tokens before the traced one")
     p.add_argument("--top", type=int, default=12, help="functions and file pairs to list")
+    p.add_argument("--policy", help="override the graph's policy")
+    p.add_argument("--placement", choices=["move", "choose", "adaptive"], help="the policy's placement of a miss")
     p.add_argument("--segments-as-executor", action="store_true", help="count the generated segment code as the "
                    "executor's file, which writes it")
     args = p.parse_args()
@@ -79,7 +114,8 @@ def main() -> None:
     import mobile
     from mobile.runtime.sampling import Sampler
 
-    engine = mobile.Engine.load(args.graph)
+    options = {"placement": args.placement} if args.placement else None
+    engine = mobile.Engine.load(args.graph, policy=args.policy, policy_options=options)
     prompt = torch.tensor([5, 6, 7, 8])
     engine.generate(prompt, args.tokens, stop_ids=[])  # the prompt and warm-up tokens: the cache fills
     start, token, sampler = engine.length, torch.tensor([9]), Sampler()
@@ -89,9 +125,12 @@ def main() -> None:
         sampler(engine._forward(token, start)[-1], engine.reader)
 
     t = trace(one_token)
+    sync_ops = ops_in_sync_steps(one_token)
     engine.close()
     print(f"one decode token, {Path(args.graph).name}, policy {engine.spec.policy.name}: {t['calls']} Python calls "
           f"inside mobile/, {len(t['files'])} files entered, {t['switches']} file switches")
+    print(f"torch ops the sync steps ran themselves: {sum(sync_ops.values())} "
+          f"({', '.join(f'{name} {n}' for name, n in sync_ops.most_common(args.top))})")
     print("files:", ", ".join(t["files"]))
     print("busiest file pairs (switches either way):")
     for (a, b), n in t["pairs"].most_common(args.top):
