@@ -125,7 +125,7 @@ class MoELayer:
         def plan(ctx: StepContext, routed, *unread) -> list[torch.Tensor]:
             weights, ids = routed
             status = rule.status(weights, ids, slot_map)
-            return [status, ids] if tracks else [status]
+            return [status, ids.int()] if tracks else [status]  # int32, as the host reads them: no cast there
 
         def fetch(ctx: StepContext, values: list[list[int]], routed, *unread) -> FetchHandle:
             return cache.fetch(layer, values[0], (values[1], routed[1].shape[1]) if tracks else None, tag)

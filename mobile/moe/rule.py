@@ -77,7 +77,7 @@ class KeepRule:
         return kept_weights(weights, keep, self.rescale), torch.where(keep, slots, -1)
 
     def status(self, weights: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor) -> torch.Tensor:
-        """What a layer's fetch must do, as one small integer vector for the host to read.
+        """What a layer's fetch must do, as one small int32 vector for the host to read.
 
         Entry = code * E + expert, sorted descending, the first min(E, T*K) kept: MISSING (kept,
         not on the device), CACHED (kept, on the device), FREE (not kept, on the device, taken by a
@@ -91,7 +91,7 @@ class KeepRule:
         # one entry per expert, its highest code: for one expert the entry grows with the code
         entries = torch.zeros(E, dtype=torch.long, device=ids.device)
         entries.scatter_reduce_(0, ids.flatten(), (code * E + ids).flatten(), "amax")
-        return torch.topk(entries, min(E, ids.numel())).values
+        return torch.topk(entries, min(E, ids.numel())).values.int()  # what the host reads: no cast there
 
 
 def kept_weights(weights: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
