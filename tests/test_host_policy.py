@@ -94,6 +94,16 @@ def test_bench_names_the_emulated_host(demo, capsys):
     assert "host EMULATED (host_ratio=16" in out and "host busy" in out
 
 
+def test_bench_rows_share_one_emulated_host(demo, tmp_path, capsys):
+    """As every row sees one link, every row and run sees one host: its unit (the device's time for
+    one expert) is measured once, by the link's calibration at native, and padded to by all."""
+    assert run_cli("bench", "--graph", demo, "--policies", "host,lru-host", "--row", "mobile placement=choose",
+                   "--tokens", "4", "--repeats", "2", "--link-ratio", "40", "--json", tmp_path / "b.json") == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert {r["host_pair_us"] for r in data["rows"]} == {data["link"]["expert_compute_us"]}
+    assert f"native {data['link']['expert_compute_us']:.2f} us" in capsys.readouterr().out
+
+
 def test_a_failing_host_worker_ends_the_run_in_one_line(demo, monkeypatch, capsys):
     def fail(self, *args):
         raise ZeroDivisionError("injected")

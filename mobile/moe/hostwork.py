@@ -125,7 +125,8 @@ class HostWorker:
 
     def stats(self) -> dict:
         """What a run's stats say of the host (mobile.runtime.stats; docs/stats.md)."""
-        emulated = {"host_ratio": self.model.ratio} if self.model.kind == "emulated" else {}
+        emulated = {"host_ratio": self.model.ratio, "host_pair_us": self.model.pair_seconds * 1e6} \
+            if self.model.kind == "emulated" else {}
         threads = getattr(self.kernel, "threads", None)  # mobile.moe.host.HostExperts's
         return {"host_busy_s": self.busy_s, "host": self.model.kind, **emulated,
                 **({"host_threads": threads} if threads is not None else {})}

@@ -66,7 +66,8 @@ class Engine:
     def __init__(self, graph: Graph, spec: Spec, store: WeightStore, device: str = "cpu",
                  compile: bool = False, progress: bool = False, link_gbps: float | None = None,
                  link_ratio: float | None = None, trace: bool = False, all_resident: bool = False,
-                 track_use: bool = False, cuda_graphs: str | None = None, count_routes: bool = False):
+                 track_use: bool = False, cuda_graphs: str | None = None, count_routes: bool = False,
+                 host_pair_us: float | None = None):
         self.graph, self.spec, self.store = graph, spec, store
         self.device = torch.device(device)
         self.graphs_on = graphs_enabled(cuda_graphs, spec, self.device)
@@ -89,7 +90,7 @@ class Engine:
             weights = load_dense(spec, store, needs, self.device, self.dtype, bar)
             self.experts = expert_cache(spec, store, self.device, self.dtype, self.stats_, self.reader, plan, bar,
                                         track_use=track_use or all_resident, trace=self.trace, compile=compile,
-                                        link_gbps=link_gbps, link_ratio=link_ratio)
+                                        link_gbps=link_gbps, link_ratio=link_ratio, host_pair_us=host_pair_us)
         self.stats_.link = self.experts.link
         # what one expert is and how many the cache holds: equal budgets hold more packed experts
         slots = None if plan is None else plan.main + plan.staging
@@ -148,7 +149,9 @@ class Engine:
         all_resident (keep every expert on the device whatever the policy: for quality evals),
         track_use (count the experts each forward uses, also with every expert resident: for evals),
         count_routes (each router counts its choices, for a routing profile: mobile.tools.profile),
-        cuda_graphs (auto, on or off; default the spec's runtime.cuda_graphs: mobile.runtime.graphs)."""
+        cuda_graphs (auto, on or off; default the spec's runtime.cuda_graphs: mobile.runtime.graphs),
+        host_pair_us (an emulated host's unit: the device's time for one expert and one token, given
+        instead of measured at load; a bench's rows share one)."""
         graph_dir = Path(graph_dir)
         runtime = format_changes(expert_format, expert_group_size)
         graph, spec = resolve_policy(graph_dir, policy, policy_options, runtime)

@@ -7,10 +7,11 @@ nodes (fetch, wait, prefetch, gates) run between segments in plain Python, becau
 the expert cache on the host. A run of adjacent sync nodes is one sync step, and the device values
 its nodes need on the host are read in one copy (mobile.runtime.hostio): a MoE layer's fetch and
 the prefetches that go with it cost one read. The segment before a sync step computes those
-values (segments.Read), so that a CUDA graph holds that device work too. A forward (Executor.run) runs its first pass; when a
-gate fires, it runs the big pass again from the region, or over a KV refresh's positions. A model
-with linear-attention layers has a recurrent state (mobile.runtime.state): the executor keeps it
-before a gated pass and restores it before the big pass that follows a fallback.
+values (segments.Read), so that a CUDA graph holds that device work too. A forward (Executor.run)
+runs its first pass; when a gate fires, it runs the big pass again from the region, or over a KV
+refresh's positions. A model with linear-attention layers has a recurrent state
+(mobile.runtime.state): the executor keeps it before a gated pass and restores it before the big
+pass that follows a fallback.
 """
 
 from __future__ import annotations

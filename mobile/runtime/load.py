@@ -50,12 +50,14 @@ def load_dense(spec: Spec, store: WeightStore, needs: dict, device: torch.device
 
 def expert_cache(spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
                  reader: HostReader, plan: CachePlan | None, bar, track_use: bool, trace: list | None,
-                 compile: bool, link_gbps: float | None, link_ratio: float | None) -> ExpertCache:
+                 compile: bool, link_gbps: float | None, link_ratio: float | None,
+                 host_pair_us: float | None = None) -> ExpertCache:
     """Every expert on the device (no plan: a resident policy, or an eval that asks for it), or a
     bounded cache over the host link: the real one on a GPU, an emulated one on a CPU, whose
-    bandwidth is given or calibrated (mobile.moe.transfer.calibrated_gbps)."""
+    bandwidth is given or calibrated (mobile.moe.transfer.calibrated_gbps). host_pair_us: the
+    emulated host's unit, given (host_worker)."""
     if spec.policy.traits.placement == "host":
-        worker, _ = host_worker(spec, device, dtype, trace)
+        worker, _ = host_worker(spec, device, dtype, trace, host_pair_us)
         return HostCache(spec, store, device, dtype, stats, worker, progress=bar)
     if plan is None:
         return ResidentCache(spec, store, device, dtype, stats, reader, progress=bar, track_use=track_use)
@@ -64,8 +66,11 @@ def expert_cache(spec: Spec, store: WeightStore, device: torch.device, dtype: to
     if emulate:
         link.gbps, calibration = calibrated_gbps(spec, device, dtype, link_gbps, link_ratio)
         stats.extra.update(calibration, link_gbps=round(link.gbps, 4))
+        if host_pair_us is None and spec.runtime.expert_format == "native":  # one measured unit for R and Hc
+            host_pair_us = calibration.get("expert_compute_us")
     placement = spec.policy.effective_placement
-    host = host_placement(spec, device, dtype, link, trace, stats) if placement in policies.PLACED else None
+    host = host_placement(spec, device, dtype, link, trace, stats, host_pair_us) \
+        if placement in policies.PLACED else None
     cache = OffloadedCache(spec, store, device, dtype, stats, plan, link, trace=trace, progress=bar, compiled=compile,
                            host=host)
     if placement == "static":
@@ -88,14 +93,14 @@ def hot_set(cache: OffloadedCache, spec: Spec, plan: CachePlan) -> None:
 
 
 def host_placement(spec: Spec, device: torch.device, dtype: torch.dtype, link: LinkModel,
-                   trace: list | None, stats: Stats) -> HostPlacement:
+                   trace: list | None, stats: Stats, host_pair_us: float | None = None) -> HostPlacement:
     """The host as a second place for a cache's misses: its worker, and the costs the placement
     rule weighs (a move over the link; a pair on the device and on the host). adaptive: the rule
     where the host can win a miss at all, a one-pair miss with both queues idle (a pair on the host
     finishes before a move and a pair on the device), else every miss moved; the stats say which.
     On a CPU-only machine those costs are measured (and emulated); on CUDA the device's is measured
     and the host's and the link's are the plan's (host_gbps, link_gbps)."""
-    worker, device_pair = host_worker(spec, device, dtype, trace)
+    worker, device_pair = host_worker(spec, device, dtype, trace, host_pair_us)
     # on CUDA the host and the link are real: their costs are first the plan's (bytes over the
     # host's read bandwidth, and over the link's)
     host_pair = worker.model.ratio * device_pair if worker.model.kind == "emulated" else \
@@ -110,12 +115,16 @@ def host_placement(spec: Spec, device: torch.device, dtype: torch.dtype, link: L
     return HostPlacement(rule, worker, Costs(move, device_pair, host_pair))
 
 
-def host_worker(spec: Spec, device: torch.device, dtype: torch.dtype, trace: list | None) -> tuple[HostWorker, float]:
+def host_worker(spec: Spec, device: torch.device, dtype: torch.dtype, trace: list | None,
+                pair_us: float | None = None) -> tuple[HostWorker, float]:
     """The host expert kernel for the spec's experts on its worker, and the device's measured time
     for one of those experts and one token. The host is timed as it runs on CUDA (it is this
-    machine's CPU); on a CPU-only machine it is emulated at --host-ratio times that time."""
-    device_pair = expert_compute_seconds(spec, device, dtype, packed=True)
-    model = HostModel("real") if device.type == "cuda" else HostModel("emulated", spec.policy.host_ratio, device_pair)
+    machine's CPU); on a CPU-only machine it is emulated at --host-ratio times that time, or times
+    pair_us where given (a bench measures it once for all its rows, as it calibrates the link once)."""
+    emulated = device.type != "cuda"
+    device_pair = pair_us * 1e-6 if emulated and pair_us is not None else \
+        expert_compute_seconds(spec, device, dtype, packed=True)
+    model = HostModel("emulated", spec.policy.host_ratio, device_pair) if emulated else HostModel("real")
     threads = spec.policy.host_threads or default_threads()
     kernel = HostExperts(ExpertMLP.of_spec(spec), dtype, packed_layout(spec), threads)
     return HostWorker(kernel, model, trace), device_pair

@@ -4,7 +4,9 @@ With --text, the prompt and the decode steps come from a text file, teacher-forc
 decodes exactly the same tokens, real text rather than a small model's repetitive greedy output.
 
 Ratios are to --baseline (default: the first policy). On a CPU the host-to-device link is emulated; with --link-ratio
-the emulated bandwidth is calibrated once, then shared by every policy, so all rows see one link.
+the emulated bandwidth is calibrated once, then shared by every policy, so all rows see one link. An emulated host
+(host placement) is likewise timed once per expert format, by the first row that has one, and every later row
+and run pads to that same unit.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import torch
 
 from mobile import policy as registry
 from mobile.errors import MobileError
+from mobile.models.weights import TORCH_DTYPES
+from mobile.moe.transfer import calibrated_gbps
 from mobile.outputs import atomic_write_text
 from mobile.runtime.engine import Engine
+from mobile.runtime.load import resolve_policy
 from mobile.tools.evaluate import load_ids
 from mobile.tools.profile import take_profile
 
@@ -57,7 +62,7 @@ def measure(engine: Engine, label: str, tokens: int, prompt_len: int, text: str 
         # what share of the run (its prompt too) the link and the host spent on experts
         "link_busy": s.get("link_busy_s", 0.0) / max(1e-9, run_s),
         "host_busy": s["host_busy_s"] / max(1e-9, run_s) if "host_busy_s" in s else None,
-        "host": s.get("host", "none"), "host_ratio": s.get("host_ratio"),
+        "host": s.get("host", "none"), "host_ratio": s.get("host_ratio"), "host_pair_us": s.get("host_pair_us"),
         "prefetch_accuracy": (s["prefetch_used"] / s["prefetch_issued"]) if s.get("prefetch_issued") else None,
         "host_syncs_per_token": s.get("host_syncs_per_token"),
         "cuda_graphs": s["cuda_graphs"], "graph_replays_per_token": s.get("graph_replays_per_token"),
@@ -103,6 +108,15 @@ def with_profile(graph: str, runs: list[tuple[str, str, dict]], text: str | None
             for i, (label, policy, options) in enumerate(runs)], scratch
 
 
+def calibrated_link(graph: str, ratio: float) -> tuple[dict, float, str]:
+    """The emulated link of --link-ratio, calibrated once for every row (link_gbps, link_ratio,
+    expert_compute_us: mobile.moe.transfer.calibrated_gbps); its unit in us, the time this machine
+    takes to compute one native expert for one token; and the graph's own expert format."""
+    _, spec = resolve_policy(Path(graph))
+    gbps, calibration = calibrated_gbps(spec, torch.device("cpu"), TORCH_DTYPES[spec.dtype], None, ratio)
+    return {"link_gbps": gbps, **calibration}, calibration["expert_compute_us"], spec.runtime.expert_format
+
+
 def run_bench(graph: str, policies: list[str], weights: str | None = None, device: str = "cpu", tokens: int = 32,
               prompt_len: int = 8, link_gbps: float | None = None, link_ratio: float | None = None, seed: int = 0,
               json_out: str | None = None, taus: list[float] | None = None, baseline: str | None = None,
@@ -145,16 +159,24 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     if short:
         print(f"mobile: warning: {' and '.join(short)}: too short for the ratios to mean much; use --tokens "
               f"{MIN_TOKENS} or more and --repeats 3", file=sys.stderr)
+    host_units: dict[str | None, tuple[str, float]] = {}  # an emulated host's unit (us), per --expert-format
+    if device == "cpu" and link_gbps is None and link_ratio is not None:
+        # one measurement, before every row: the link's unit, and at native the emulated host's
+        link, native_us, own = calibrated_link(graph, link_ratio)
+        host_units.update({fmt: ("native", native_us) for fmt in formats
+                           if fmt == "native" or (fmt is None and own == "native")})
     for _ in range(repeats):
         for label, policy, options, fmt, mode in rowed:
             engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,
                                  policy_options=options, compile=compile, link_gbps=link["link_gbps"],
                                  link_ratio=None if link["link_gbps"] else link_ratio, expert_format=fmt,
                                  expert_group_size=expert_group_size if fmt not in (None, "native") else None,
-                                 cuda_graphs=mode)
+                                 cuda_graphs=mode, host_pair_us=host_units[fmt][1] if fmt in host_units else None)
             if engine.stats_.link == "emulated" and link["link_gbps"] is None:
                 # calibrated once, by the first row; every later run uses that same link
                 link = {k: v for k, v in engine.stats.items() if k in ("link_gbps", "link_ratio", "expert_compute_us")}
+            if engine.stats.get("host") == "emulated":  # likewise the host: measured once per format
+                host_units.setdefault(fmt, (engine.spec.runtime.expert_format, engine.stats["host_pair_us"]))
             samples[label].append(measure(engine, label, tokens, prompt_len, text, seed))
             engine.close()
             del engine
@@ -176,7 +198,9 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     print(f"\nbench {graph}: {what}, device {device}"
           + (f"; link EMULATED ({desc})" if emulated else "")
           + (f"; host EMULATED (host_ratio={', '.join(f'{h:g}' for h in host_ratios)}: the host expert kernel runs, "
-             "its time padded to that many times the device's for the same expert)" if host_ratios else ""), file=out)
+             "its time padded to that many times the device's for the same expert, measured once: "
+             + ", ".join(f"{name} {us:.2f} us" for name, us in host_units.values()) + ")"
+             if host_ratios else ""), file=out)
     width = max(20, *(len(r["policy"]) for r in rows))
     graphed = any(r["cuda_graphs"] != "off" for r in rows)  # then: graph replays per decoded token, eager segments
     print(f"{'policy':<{width}} {'evict':>5} {'tok/s':>9} {'vs ' + base_row['policy']:>16} {'MiB/token':>10} "
