@@ -114,7 +114,7 @@ def calibrated_link(graph: str, ratio: float) -> tuple[dict, float, str]:
     takes to compute one native expert for one token; and the graph's own expert format."""
     _, spec = resolve_policy(Path(graph))
     gbps, calibration = calibrated_gbps(spec, torch.device("cpu"), TORCH_DTYPES[spec.dtype], None, ratio)
-    return {"link_gbps": gbps, **calibration}, calibration["expert_compute_us"], spec.runtime.expert_format
+    return {"link_gbps": round(gbps, 4), **calibration}, calibration["expert_compute_us"], spec.runtime.expert_format
 
 
 def run_bench(graph: str, policies: list[str], weights: str | None = None, device: str = "cpu", tokens: int = 32,
