@@ -67,7 +67,7 @@ class Engine:
                  compile: bool = False, progress: bool = False, link_gbps: float | None = None,
                  link_ratio: float | None = None, trace: bool = False, all_resident: bool = False,
                  track_use: bool = False, cuda_graphs: str | None = None, count_routes: bool = False,
-                 host_pair_us: float | None = None):
+                 host_units: dict[str, float] | None = None):
         self.graph, self.spec, self.store = graph, spec, store
         self.device = torch.device(device)
         self.graphs_on = graphs_enabled(cuda_graphs, spec, self.device)
@@ -90,7 +90,7 @@ class Engine:
             weights = load_dense(spec, store, needs, self.device, self.dtype, bar)
             self.experts = expert_cache(spec, store, self.device, self.dtype, self.stats_, self.reader, plan, bar,
                                         track_use=track_use or all_resident, trace=self.trace, compile=compile,
-                                        link_gbps=link_gbps, link_ratio=link_ratio, host_pair_us=host_pair_us)
+                                        link_gbps=link_gbps, link_ratio=link_ratio, host_units=host_units)
         self.stats_.link = self.experts.link
         # what one expert is and how many the cache holds: equal budgets hold more packed experts
         slots = None if plan is None else plan.main + plan.staging
@@ -150,8 +150,8 @@ class Engine:
         track_use (count the experts each forward uses, also with every expert resident: for evals),
         count_routes (each router counts its choices, for a routing profile: mobile.tools.profile),
         cuda_graphs (auto, on or off; default the spec's runtime.cuda_graphs: mobile.runtime.graphs),
-        host_pair_us (an emulated host's unit: the device's time for one expert and one token, given
-        instead of measured at load; a bench's rows share one)."""
+        host_units (an emulated host's unit per expert format, in us: the device's time for one expert
+        of that format and one token, given instead of measured at load; a bench's rows share them)."""
         graph_dir = Path(graph_dir)
         runtime = format_changes(expert_format, expert_group_size)
         graph, spec = resolve_policy(graph_dir, policy, policy_options, runtime)

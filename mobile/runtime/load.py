@@ -51,11 +51,12 @@ def load_dense(spec: Spec, store: WeightStore, needs: dict, device: torch.device
 def expert_cache(spec: Spec, store: WeightStore, device: torch.device, dtype: torch.dtype, stats: Stats,
                  reader: HostReader, plan: CachePlan | None, bar, track_use: bool, trace: list | None,
                  compile: bool, link_gbps: float | None, link_ratio: float | None,
-                 host_pair_us: float | None = None) -> ExpertCache:
+                 host_units: dict[str, float] | None = None) -> ExpertCache:
     """Every expert on the device (no plan: a resident policy, or an eval that asks for it), or a
     bounded cache over the host link: the real one on a GPU, an emulated one on a CPU, whose
-    bandwidth is given or calibrated (mobile.moe.transfer.calibrated_gbps). host_pair_us: the
-    emulated host's unit, given (host_worker)."""
+    bandwidth is given or calibrated (mobile.moe.transfer.calibrated_gbps). host_units: an emulated
+    host's unit per expert format, where given (host_worker)."""
+    host_pair_us = (host_units or {}).get(spec.runtime.expert_format)
     if spec.policy.traits.placement == "host":
         worker, _ = host_worker(spec, device, dtype, trace, host_pair_us)
         return HostCache(spec, store, device, dtype, stats, worker, progress=bar)

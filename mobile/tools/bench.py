@@ -5,8 +5,8 @@ decodes exactly the same tokens, real text rather than a small model's repetitiv
 
 Ratios are to --baseline (default: the first policy). On a CPU the host-to-device link is emulated; with --link-ratio
 the emulated bandwidth is calibrated once, then shared by every policy, so all rows see one link. An emulated host
-(host placement) is likewise timed once per expert format, by the first row that has one, and every later row
-and run pads to that same unit.
+(host placement) is likewise timed once per expert format (at native by the link's calibration, else by the first
+row with a host in that format), and every later row and run pads to that same unit.
 """
 
 from __future__ import annotations
@@ -108,13 +108,13 @@ def with_profile(graph: str, runs: list[tuple[str, str, dict]], text: str | None
             for i, (label, policy, options) in enumerate(runs)], scratch
 
 
-def calibrated_link(graph: str, ratio: float) -> tuple[dict, float, str]:
-    """The emulated link of --link-ratio, calibrated once for every row (link_gbps, link_ratio,
-    expert_compute_us: mobile.moe.transfer.calibrated_gbps); its unit in us, the time this machine
-    takes to compute one native expert for one token; and the graph's own expert format."""
+def calibrated_link(graph: str, ratio: float) -> dict:
+    """The emulated link of --link-ratio, calibrated once for every row: link_gbps, link_ratio and
+    its unit, expert_compute_us, the time this machine takes to compute one native expert for one
+    token (mobile.moe.transfer.calibrated_gbps)."""
     _, spec = resolve_policy(Path(graph))
     gbps, calibration = calibrated_gbps(spec, torch.device("cpu"), TORCH_DTYPES[spec.dtype], None, ratio)
-    return {"link_gbps": round(gbps, 4), **calibration}, calibration["expert_compute_us"], spec.runtime.expert_format
+    return {"link_gbps": round(gbps, 4), **calibration}
 
 
 def run_bench(graph: str, policies: list[str], weights: str | None = None, device: str = "cpu", tokens: int = 32,
@@ -159,24 +159,23 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     if short:
         print(f"mobile: warning: {' and '.join(short)}: too short for the ratios to mean much; use --tokens "
               f"{MIN_TOKENS} or more and --repeats 3", file=sys.stderr)
-    host_units: dict[str | None, tuple[str, float]] = {}  # an emulated host's unit (us), per --expert-format
+    host_units: dict[str, float] = {}  # an emulated host's unit (us), per expert format
     if device == "cpu" and link_gbps is None and link_ratio is not None:
-        # one measurement, before every row: the link's unit, and at native the emulated host's
-        link, native_us, own = calibrated_link(graph, link_ratio)
-        host_units.update({fmt: ("native", native_us) for fmt in formats
-                           if fmt == "native" or (fmt is None and own == "native")})
+        # one measurement, before every row: the link's unit, and the emulated host's at native
+        link = calibrated_link(graph, link_ratio)
+        host_units["native"] = link["expert_compute_us"]
     for _ in range(repeats):
         for label, policy, options, fmt, mode in rowed:
             engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,
                                  policy_options=options, compile=compile, link_gbps=link["link_gbps"],
                                  link_ratio=None if link["link_gbps"] else link_ratio, expert_format=fmt,
                                  expert_group_size=expert_group_size if fmt not in (None, "native") else None,
-                                 cuda_graphs=mode, host_pair_us=host_units[fmt][1] if fmt in host_units else None)
+                                 cuda_graphs=mode, host_units=host_units)
             if engine.stats_.link == "emulated" and link["link_gbps"] is None:
                 # calibrated once, by the first row; every later run uses that same link
                 link = {k: v for k, v in engine.stats.items() if k in ("link_gbps", "link_ratio", "expert_compute_us")}
             if engine.stats.get("host") == "emulated":  # likewise the host: measured once per format
-                host_units.setdefault(fmt, (engine.spec.runtime.expert_format, engine.stats["host_pair_us"]))
+                host_units.setdefault(engine.spec.runtime.expert_format, engine.stats["host_pair_us"])
             samples[label].append(measure(engine, label, tokens, prompt_len, text, seed))
             engine.close()
             del engine
@@ -195,11 +194,12 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
     if any(r["cuda_graphs"] == "emulated" for r in rows):
         what += "; CUDA graphs EMULATED where on (static buffers, nothing captured on a CPU)"
     host_ratios = sorted({r["host_ratio"] for r in rows if r["host"] == "emulated"})
+    formats_run = {r["expert_format"] for r in rows if r["host"] == "emulated"}
     print(f"\nbench {graph}: {what}, device {device}"
           + (f"; link EMULATED ({desc})" if emulated else "")
           + (f"; host EMULATED (host_ratio={', '.join(f'{h:g}' for h in host_ratios)}: the host expert kernel runs, "
              "its time padded to that many times the device's for the same expert, measured once: "
-             + ", ".join(f"{name} {us:.2f} us" for name, us in host_units.values()) + ")"
+             + ", ".join(f"{name} {us:.2f} us" for name, us in host_units.items() if name in formats_run) + ")"
              if host_ratios else ""), file=out)
     width = max(20, *(len(r["policy"]) for r in rows))
     graphed = any(r["cuda_graphs"] != "off" for r in rows)  # then: graph replays per decoded token, eager segments
