@@ -10,9 +10,9 @@ different files. The code the executor generates for its compute segments counts
 own, `<segments>` (--segments-as-executor: as the executor's). Calls into torch or the standard
 library are not counted, and a return through them lands on the mobile file below.
 
-It also counts the torch ops that the same token's sync steps run themselves (a TorchDispatchMode
-around Executor._sync, views and ops on host tensors included): on a GPU, device work there is
-launched op by op between two CUDA graphs, where work in a segment is inside its graph.
+It also counts the torch ops that the same token's sync steps run themselves (tests/opcount.py:
+views and ops on host tensors included): on a GPU, device work there is launched op by op between
+two CUDA graphs, where work in a segment is inside its graph.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from opcount import ops_in_sync_steps  # noqa: E402
+
 SEGMENTS = "<segments>"
 OURS = (str(ROOT / "mobile") + "/", str(ROOT / "kernels") + "/")
 
@@ -66,35 +69,6 @@ def trace(fn) -> dict:
     pairs = collections.Counter(tuple(sorted((a, b))) for a, b in zip(visits, visits[1:], strict=False) if a != b)
     return {"calls": sum(calls.values()), "files": sorted(set(visits)), "switches": switches, "by_function": calls,
             "pairs": pairs}
-
-
-def ops_in_sync_steps(fn) -> collections.Counter[str]:
-    """Run fn(); the torch ops, by name, that ran inside the executor's sync steps."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from mobile.runtime.executor import Executor
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names: collections.Counter[str] = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
-
-    ops, sync = Ops(), Executor._sync
-
-    def counted(self, *args):
-        with ops:
-            return sync(self, *args)
-
-    Executor._sync = counted  # type: ignore[method-assign]
-    try:
-        fn()
-    finally:
-        Executor._sync = sync  # type: ignore[method-assign]
-    return ops.names
 
 
 def main() -> None:

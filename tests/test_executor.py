@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import shutil
 
@@ -151,42 +150,24 @@ def test_the_interpreter_reports_the_passes_it_ran(tiny, tmp_path):
     assert not hasattr(executor, "fell_back") and not hasattr(executor, "ran_little")
 
 
-def test_a_sync_step_reads_what_the_segment_before_it_computed(tiny, tmp_path, monkeypatch):
+def test_a_sync_step_reads_what_the_segment_before_it_computed(tiny, tmp_path):
     """What a sync step reads (a fetch's keep-rule status, a gate's confidence) is computed at the
     end of the segment before it, so that on a GPU the segment's CUDA graph holds that device work:
     the step runs none of the rule's ops itself. A step that a fallback's big pass starts at has no
     segment before it in that pass, so it computes its reads itself, and the tokens are the same."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from opcount import ops_in_sync_steps
 
-    from mobile.runtime.executor import Executor
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names: collections.Counter[str] = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
-
-    in_sync, sync = Ops(), Executor._sync
-
-    def counted(self, *args):
-        with in_sync:
-            return sync(self, *args)
-
-    monkeypatch.setattr(Executor, "_sync", counted)
     t = tiny("olmoe")
     rule_ops = ("cumsum", "scatter_reduce", "topk")
     engine = mobile.Engine.load(t.compile(tmp_path / "little", "--policy", "mobile", slots_per_layer=6),
                                 weights=t.ckpt, link_gbps=50.0)
-    engine.generate(PROMPT, 8, stop_ids=[])
-    assert in_sync.names["cat"] > 0 and not any(in_sync.names[op] for op in rule_ops)  # reads packed, not computed
-    in_sync.names.clear()
+    ops = ops_in_sync_steps(lambda: engine.generate(PROMPT, 8, stop_ids=[]))
+    assert ops["cat"] > 0 and not any(ops[op] for op in rule_ops)  # reads packed, not computed
     falls_back = mobile.Engine.load(t.compile(tmp_path / "big", "--policy", "mobile", "--tau", "1",
                                               slots_per_layer=6), weights=t.ckpt, link_gbps=50.0)
-    tokens = falls_back.generate(PROMPT, 8, stop_ids=[])
-    assert in_sync.names["topk"] > 0  # the big pass's first fetch computed its status in its step
+    tokens: list[int] = []
+    ops = ops_in_sync_steps(lambda: tokens.extend(falls_back.generate(PROMPT, 8, stop_ids=[])))
+    assert ops["topk"] > 0  # the big pass's first fetch computed its status in its step
     assert tokens == mobile.Engine.load(t.graph).generate(PROMPT, 8, stop_ids=[])  # tau 1: every token big
     engine.close()
     falls_back.close()

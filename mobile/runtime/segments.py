@@ -55,13 +55,16 @@ def segment_fn(nodes: list[Node], kernels: list[Compute], live_out: list[str], e
     var = {n.name: f"v{i}" for i, n in enumerate(nodes)}
     args: list[str] = []
     body: list[str] = []
-    for i, (node, kernel) in enumerate(zip(nodes, kernels, strict=True)):
-        ins = []
-        for name in node.inputs:
+
+    def refs(names) -> list[str]:  # the variables holding these values; those from outside come as arguments
+        for name in names:
             if name not in var:
                 var[name] = f"a{len(args)}"
                 args.append(name)
-            ins.append(var[name])
+        return [var[name] for name in names]
+
+    for i, (node, kernel) in enumerate(zip(nodes, kernels, strict=True)):
+        ins = refs(node.inputs)
         if kernel.inline is not None:
             value = kernel.inline.format(*ins)
         else:
@@ -73,12 +76,7 @@ def segment_fn(nodes: list[Node], kernels: list[Compute], live_out: list[str], e
         else:
             body.append(f"    {call}")
     for j, read in enumerate(reads):
-        ins = []
-        for name in read.inputs:
-            if name not in var:
-                var[name] = f"a{len(args)}"
-                args.append(name)
-            ins.append(var[name])
+        ins = refs(read.inputs)
         var[read.name] = f"r{j}"
         body.append(f"    r{j} = tuple(read{j}({', '.join(['ctx'] + ins)}))  # {read.name}")
     if executed is not None:
