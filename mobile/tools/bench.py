@@ -3,10 +3,10 @@
 With --text, the prompt and the decode steps come from a text file, teacher-forced: every policy
 decodes exactly the same tokens, real text rather than a small model's repetitive greedy output.
 
-Ratios are to --baseline (default: the first policy). On a CPU the host-to-device link is emulated; with --link-ratio
-the emulated bandwidth is calibrated once, then shared by every policy, so all rows see one link. An emulated host
-(host placement) is likewise timed once per expert format (at native by the link's calibration, else by the first
-row with a host in that format), and every later row and run pads to that same unit.
+Ratios are to --baseline (default: the first policy). On a CPU the host-to-device link is emulated; its bandwidth is
+fixed once, before the rows (with --link-ratio: calibrated), then shared by every policy, so all rows see one link.
+An emulated host (host placement) is likewise timed once per expert format (at native by the link's calibration,
+else by the first row with a host in that format), and every later row and run pads to that same unit.
 """
 
 from __future__ import annotations
@@ -108,10 +108,10 @@ def with_profile(graph: str, runs: list[tuple[str, str, dict]], text: str | None
             for i, (label, policy, options) in enumerate(runs)], scratch
 
 
-def calibrated_link(graph: str, ratio: float) -> dict:
-    """The emulated link of --link-ratio, calibrated once for every row: link_gbps, link_ratio and
-    its unit, expert_compute_us, the time this machine takes to compute one native expert for one
-    token (mobile.moe.transfer.calibrated_gbps)."""
+def calibrated_link(graph: str, ratio: float | None) -> dict:
+    """The emulated link, fixed once for every row: link_gbps; calibrated from --link-ratio (else
+    the spec's runtime.link), also link_ratio and its unit, expert_compute_us, the time this machine
+    takes to compute one native expert for one token (mobile.moe.transfer.calibrated_gbps)."""
     _, spec = resolve_policy(Path(graph))
     gbps, calibration = calibrated_gbps(spec, torch.device("cpu"), TORCH_DTYPES[spec.dtype], None, ratio)
     return {"link_gbps": round(gbps, 4), **calibration}
@@ -160,10 +160,11 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
         print(f"mobile: warning: {' and '.join(short)}: too short for the ratios to mean much; use --tokens "
               f"{MIN_TOKENS} or more and --repeats 3", file=sys.stderr)
     host_units: dict[str, float] = {}  # an emulated host's unit (us), per expert format
-    if device == "cpu" and link_gbps is None and link_ratio is not None:
+    if device == "cpu" and link_gbps is None:
         # one measurement, before every row: the link's unit, and the emulated host's at native
         link = calibrated_link(graph, link_ratio)
-        host_units["native"] = link["expert_compute_us"]
+        if "expert_compute_us" in link:
+            host_units["native"] = link["expert_compute_us"]
     for _ in range(repeats):
         for label, policy, options, fmt, mode in rowed:
             engine = Engine.load(graph, weights=weights, device=device, policy=policy, progress=True,
@@ -171,10 +172,7 @@ def run_bench(graph: str, policies: list[str], weights: str | None = None, devic
                                  link_ratio=None if link["link_gbps"] else link_ratio, expert_format=fmt,
                                  expert_group_size=expert_group_size if fmt not in (None, "native") else None,
                                  cuda_graphs=mode, host_units=host_units)
-            if engine.stats_.link == "emulated" and link["link_gbps"] is None:
-                # calibrated once, by the first row; every later run uses that same link
-                link = {k: v for k, v in engine.stats.items() if k in ("link_gbps", "link_ratio", "expert_compute_us")}
-            if engine.stats.get("host") == "emulated":  # likewise the host: measured once per format
+            if engine.stats.get("host") == "emulated":  # the host's unit: measured once per format
                 host_units.setdefault(engine.spec.runtime.expert_format, engine.stats["host_pair_us"])
             samples[label].append(measure(engine, label, tokens, prompt_len, text, seed))
             engine.close()
