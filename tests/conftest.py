@@ -20,6 +20,14 @@ from tiny import build_tiny, save_char_tokenizer  # noqa: E402
 from mobile.cli import main  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def kernel_cache(tmp_path_factory):
+    """The C kernels (mobile.moe.cbuild) compile into the test session's folder, not the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOBILE_CACHE", str(tmp_path_factory.getbasetemp() / "kernels"))
+        yield
+
+
 def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
 

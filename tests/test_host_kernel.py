@@ -8,17 +8,11 @@ import pytest
 import torch
 
 from mobile.errors import MobileError
-from mobile.moe import host, quant
+from mobile.moe import cbuild, host, quant
 from mobile.moe.layout import ExpertMLP, arena_views, bias_views
 from mobile.moe.reference import reference
 
 pytestmark = pytest.mark.skipif(host.unavailable() is not None, reason=str(host.unavailable()))
-
-
-@pytest.fixture(autouse=True)
-def kernel_cache(tmp_path_factory, monkeypatch):
-    """Compile into the test session's folder, not the user's cache."""
-    monkeypatch.setenv("MOBILE_CACHE", str(tmp_path_factory.getbasetemp() / "kernels"))
 
 
 def expert_rows(fmt: str, mlp: ExpertMLP, experts: int, group: int, dtype=torch.float32, seed: int = 0):
@@ -115,7 +109,7 @@ def test_unreadable_formats_are_refused_in_words():
 
 
 def test_no_compiler_is_one_reason(monkeypatch):
-    monkeypatch.setattr(host.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cbuild.shutil, "which", lambda name: None)
     host.unavailable.cache_clear()
     try:
         assert "no C compiler" in str(host.unavailable())

@@ -23,11 +23,6 @@ DEMO = Path(__file__).parent.parent / "specs" / "demo.yaml"
 PROMPT = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture(autouse=True)
-def kernel_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MOBILE_CACHE", str(tmp_path_factory.getbasetemp() / "kernels"))
-
-
 class GptOssTiny(Tiny):
     def build(self, ckpt: Path):
         return build_tiny_gpt_oss(ckpt)

@@ -16,11 +16,6 @@ from mobile.moe.layout import ExpertMLP
 from mobile.moe.reference import reference
 
 
-@pytest.fixture(autouse=True)
-def kernel_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MOBILE_CACHE", str(tmp_path_factory.getbasetemp() / "kernels"))
-
-
 def job_for(rows, ids: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, tag: str = "L0.host") -> HostJob:
     tokens = torch.arange(ids.shape[0], dtype=torch.int32).repeat_interleave(ids.shape[1])
     addresses = torch.tensor([rows[e].data_ptr() for e in ids.flatten().tolist()])

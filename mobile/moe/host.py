@@ -1,29 +1,22 @@
 """The host expert kernel (kernels/host_experts.c): a layer's host-placed (token, expert) pairs,
 computed on the CPU from the host store's rows in one call, on `threads` OpenMP threads.
 
-The C source is compiled on first use with the machine's C compiler (gcc or cc), for the machine's
-own instruction set (AVX2 at least; AVX-512 where the CPU has it), into a cache folder, and loaded
-with ctypes: a few kilobytes of C compile in about a second,
-where a torch C++ extension takes a minute. `available()` says whether this machine can run it,
-and why not.
+The C source is compiled on first use (mobile.moe.cbuild), for the machine's own instruction set
+(AVX2 at least; AVX-512 where the CPU has it). `unavailable()` says why this machine cannot run
+it, if it cannot.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from mobile.errors import MobileError
-from mobile.moe import quant
+from mobile.moe import cbuild, quant
 from mobile.moe.layout import ExpertMLP
 
 FORMATS = {torch.float32: 0, torch.bfloat16: 1, "int8": 2, "int4": 3}
@@ -40,13 +33,6 @@ class LayoutStruct(ctypes.Structure):  # layout_t in kernels/host_experts.c
     _fields_ = [("fmt", ctypes.c_int32), ("hidden", ctypes.c_int32), ("inter", ctypes.c_int32),
                 ("group", ctypes.c_int32), ("bias", ctypes.c_int32), ("act", ctypes.c_int32),
                 ("alpha", ctypes.c_float), ("limit", ctypes.c_float), ("offset", ctypes.c_int64 * len(SECTIONS))]
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels live: $MOBILE_CACHE, else $XDG_CACHE_HOME/mobile, else ~/.cache/mobile."""
-    if os.environ.get("MOBILE_CACHE"):
-        return Path(os.environ["MOBILE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mobile"
 
 
 def _cpu_flags() -> set[str]:
@@ -68,33 +54,18 @@ def unavailable() -> str | None:
     missing = {"avx2", "fma", "f16c"} - _cpu_flags()
     if missing:
         return f"the host kernel needs AVX2, FMA and F16C; this CPU lacks {', '.join(sorted(missing))}"
-    if not (shutil.which("gcc") or shutil.which("cc")):
+    if cbuild.compiler() is None:
         return "the host kernel is compiled on first use, and no C compiler (gcc or cc) is on PATH"
     return None
 
 
 @cache
 def library(isa: str = "native") -> ctypes.CDLL:
-    """The compiled kernel for `isa` (ISAS), built once per source and compiler flags (atomically,
-    so concurrent first uses never load half a file)."""
+    """The compiled kernel for `isa` (ISAS)."""
     why = unavailable()
     if why:
         raise MobileError(why)
-    source = (resources.files("mobile.kernels") / "host_experts.c").read_bytes()
-    flags = [*CFLAGS, *ISAS[isa]]
-    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
-    path = cache_dir() / f"host_experts-{isa}-{digest}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        compiler = shutil.which("gcc") or shutil.which("cc") or "cc"
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src, out = Path(tmp) / "host_experts.c", Path(tmp) / "host_experts.so"
-            src.write_bytes(source)
-            done = subprocess.run([compiler, *flags, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise MobileError(f"could not compile the host kernel ({compiler}): {done.stderr.strip()[-500:]}")
-            os.replace(out, path)
-    lib = ctypes.CDLL(str(path))
+    lib = cbuild.build("host_experts.c", [*CFLAGS, *ISAS[isa]], tag=isa)
     lib.mobile_host_experts.restype = ctypes.c_int
     lib.mobile_host_experts.argtypes = [ctypes.POINTER(LayoutStruct), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,

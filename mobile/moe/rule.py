@@ -13,6 +13,10 @@ rescale: the kept experts carry the big set's total weight (else the router's ow
 bias (a prefix is then the model's own preference, not the heaviest experts).
 
 The op takes a rule as one value, its text ("prefix n=2 tau=0.85 cached"; KeepRule.parse reads it).
+
+A token's total is its last prefix sum, not torch's sum: the sum adds in an order of its own, and
+the rule's CPU kernel (mobile.moe.rule_kernel, which status and pairs call where it runs) gives
+these ops' numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from mobile.moe import rule_kernel
 
 # KeepRule.status codes, by priority: an expert one token needs and another could take for free is needed
 # (status computes them as MISSING - present and present, so the values matter)
@@ -58,7 +64,8 @@ class KeepRule:
         first = ranks < self.n
         if self.kind == "top":
             return first
-        share = weights.cumsum(-1) / weights.sum(-1, keepdim=True)  # [T, K]: mass of the top 1..K
+        prefix = weights.cumsum(-1)
+        share = prefix / prefix[:, -1:]  # [T, K]: mass of the top 1..K
         if self.kind == "prefix":  # ranks up to the first reaching tau (one past those short of it)
             return first | (ranks <= (share < self.tau).sum(-1, keepdim=True))
         # switch: all K unless the little set reaches tau (a token with no mass, 0 / 0, falls short)
@@ -68,9 +75,11 @@ class KeepRule:
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """The (token, expert) pairs that run: (weights [T, K], 0 where dropped; slots [T, K], -1
         where dropped). A kept expert that is not in the slot map (-1) adds nothing."""
-        slots = slot_map[ids]  # [T, K]
         if self.kind == "top" and self.n >= weights.shape[1] and not self.cached:
-            return weights, slots  # the big set: nothing dropped, nothing to re-weigh
+            return weights, slot_map[ids]  # the big set: nothing dropped, nothing to re-weigh
+        if rule_kernel.takes(weights, ids, slot_map):
+            return rule_kernel.pairs(self, weights, ids, slot_map)
+        slots = slot_map[ids]  # [T, K]
         keep = self.keep(weights)
         if self.cached:
             keep = keep | (slots >= 0)
@@ -83,6 +92,8 @@ class KeepRule:
         not on the device), CACHED (kept, on the device), FREE (not kept, on the device, taken by a
         cached rule), then UNUSED, where the host stops reading (decode_status). An expert no token
         routed to has entry 0."""
+        if rule_kernel.takes(weights, ids, slot_map):
+            return rule_kernel.status(self, weights, ids, slot_map)
         E = slot_map.shape[0]
         present = (slot_map[ids] >= 0).long()  # [T, K]
         # kept: MISSING (3) or CACHED (2), that is 3 - present; else FREE (1) where a cached rule
@@ -98,6 +109,6 @@ def kept_weights(weights: torch.Tensor, keep: torch.Tensor, rescale: bool) -> to
     """weights [T, K] with the pairs that `keep` drops zeroed; rescale: the kept ones then carry the
     big set's total weight, else the router's own weights."""
     kept = torch.where(keep, weights, 0.0)
-    if rescale:
-        kept = kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
+    if rescale:  # totals as keep's: last prefix sums
+        kept = kept * (weights.cumsum(-1)[:, -1:] / kept.cumsum(-1)[:, -1:])
     return kept
