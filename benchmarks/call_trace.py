@@ -13,6 +13,9 @@ library are not counted, and a return through them lands on the mobile file belo
 It also counts the torch ops that the same token's sync steps run themselves (tests/opcount.py:
 views and ops on host tensors included): on a GPU, device work there is launched op by op between
 two CUDA graphs, where work in a segment is inside its graph.
+
+Both counts are a GPU's: the keep rule runs as its torch ops, as it does there (on a CPU device its
+C kernel, mobile.moe.rule_kernel, would take their place).
 """
 
 from __future__ import annotations
@@ -86,7 +89,10 @@ def main() -> None:
         SEGMENTS = next(str(f.relative_to(ROOT)) for f in (ROOT / "mobile").rglob("executor.py"))
 
     import mobile
+    from mobile.moe import rule_kernel
     from mobile.runtime.sampling import Sampler
+
+    rule_kernel.takes = lambda *tensors: False  # the rule as on a GPU: its torch ops
 
     options = {"placement": args.placement} if args.placement else None
     engine = mobile.Engine.load(args.graph, policy=args.policy, policy_options=options)
