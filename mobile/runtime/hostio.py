@@ -41,18 +41,10 @@ class HostReader:
         if not tensors:
             return []
         self.reads += 1
-        flat = [t.reshape(-1) for t in tensors]
-        raw = [t.contiguous().view(torch.uint8) if t.element_size() == 1 else
-               t.contiguous().view(-1).view(torch.uint8) for t in flat]
-        pad = [(-r.numel()) % 8 for r in raw]  # each tensor starts 8-byte aligned, so each view is valid
-        parts = [torch.cat((r, r.new_zeros(p))) if p else r for r, p in zip(raw, pad, strict=True)]
-        landed = self._land(torch.cat(parts) if len(parts) > 1 else parts[0])
-        out, start = [], 0
-        for t, part in zip(flat, parts, strict=True):
-            n = t.numel() * t.element_size()
-            out.append(landed[start:start + n].clone().view(t.dtype))
-            start += part.numel()
-        return out
+        if not tensors[0].is_cuda:  # host memory already: no copy to pack them into
+            return [t.reshape(-1).clone() for t in tensors]
+        parts = packed(tensors)
+        return unpacked(self._land(torch.cat(parts) if len(parts) > 1 else parts[0]), tensors, parts)
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         """One read of a whole tensor (the logits a sampler or an evaluation needs)."""
@@ -71,3 +63,21 @@ class HostReader:
         out.copy_(t, non_blocking=True)
         torch.cuda.current_stream(t.device).synchronize()
         return out
+
+
+def packed(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors' bytes, each part padded to 8 bytes, so that each lands 8-byte aligned and each
+    view of the landed bytes is valid (uint8 parts, for one cat)."""
+    raw = [t.reshape(-1).contiguous().view(torch.uint8) for t in tensors]
+    pad = [(-r.numel()) % 8 for r in raw]
+    return [torch.cat((r, r.new_zeros(p))) if p else r for r, p in zip(raw, pad, strict=True)]
+
+
+def unpacked(landed: torch.Tensor, tensors: Sequence[torch.Tensor], parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor again from the landed bytes of its packed parts: flattened copies, in its dtype."""
+    out, start = [], 0
+    for t, part in zip(tensors, parts, strict=True):
+        n = t.numel() * t.element_size()
+        out.append(landed[start:start + n].clone().view(t.dtype))
+        start += part.numel()
+    return out
