@@ -87,3 +87,24 @@ def test_torch_compile_traces_the_torch_ops_not_the_kernel():
     compiled = torch.compile(both, fullgraph=True, backend="eager")
     for got, want in zip(compiled(weights, ids, slot_map), both(weights, ids, slot_map), strict=True):
         assert torch.equal(got, want)
+
+
+def test_a_kernel_that_does_not_build_leaves_the_torch_ops_with_a_warning(monkeypatch, capsys):
+    from mobile.errors import MobileError
+    from mobile.moe import cbuild
+
+    weights, ids, slot_map = torch.tensor([[0.6, 0.3, 0.1]]), torch.tensor([[4, 1, 7]]), torch.full((8,), -1)
+    rule = KeepRule("prefix", 1, 0.85, cached=True)
+    want = rule.status(weights, ids, slot_map)
+
+    def broken(*args, **kwargs):
+        raise MobileError("could not compile kernels/keep_rule.c (cc): error: something")
+
+    monkeypatch.setattr(cbuild, "build", broken)
+    rule_kernel.library.cache_clear()
+    try:
+        assert not rule_kernel.takes(weights, ids, slot_map)
+        assert torch.equal(rule.status(weights, ids, slot_map), want)
+    finally:
+        rule_kernel.library.cache_clear()
+    assert "could not compile kernels/keep_rule.c" in capsys.readouterr().err

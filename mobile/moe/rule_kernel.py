@@ -6,17 +6,20 @@ Why: run eagerly, the rule is about twenty small torch ops, each with its fixed 
 layer and token. On a CPU device that was the largest cost after the model's own math. On a GPU the
 same ops run inside the segment's CUDA graph, or fused by torch.compile.
 
-Without a C compiler the torch ops run, as they would anyway: the kernel changes no number.
+Without a C compiler, or where the kernel does not compile (a warning says why), the torch ops run:
+the kernel changes no number, only the time.
 """
 
 from __future__ import annotations
 
 import ctypes
+import sys
 from functools import cache
 from typing import TYPE_CHECKING
 
 import torch
 
+from mobile.errors import MobileError
 from mobile.moe import cbuild
 
 if TYPE_CHECKING:
@@ -34,10 +37,14 @@ class RuleStruct(ctypes.Structure):  # rule_t in kernels/keep_rule.c
 
 @cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where no C compiler is on PATH (the torch ops then run)."""
+    """The compiled kernel, or None where there is none (the torch ops then run)."""
     if cbuild.compiler() is None:
         return None
-    lib = cbuild.build("keep_rule.c", CFLAGS)
+    try:
+        lib = cbuild.build("keep_rule.c", CFLAGS)
+    except (MobileError, OSError) as e:  # the torch ops give the same numbers: a slower run, not a failed one
+        print(f"mobile: warning: {e}; the keep rule runs as torch ops", file=sys.stderr)
+        return None
     pointer, i32 = ctypes.c_void_p, ctypes.c_int
     lib.mobile_keep_status.restype = i32
     lib.mobile_keep_status.argtypes = [pointer, pointer, pointer, pointer, i32, i32, i32, pointer]
