@@ -4,6 +4,8 @@
                   wait -> experts; the kernels of its graph nodes. Start here.
     router.py     the router: hidden state -> the big set, in the model's selection order
     rule.py       KeepRule: which of a token's experts run (the host's plan and the op share it)
+    rule_kernel.py  the rule's CPU kernel (kernels/keep_rule.c): status and pairs in one C call each,
+                  where the rule runs eagerly on a CPU
     cache.py      ExpertCache: ResidentCache, or OffloadedCache (slot cache, fetch, wait, prefetch)
     slots.py      one layer's slot bookkeeping (LRU / decayed LFU, staging, pinning)
     transfer.py   the copy engine (a worker thread and an emulated link, or CUDA copy streams) and
@@ -23,6 +25,7 @@
     hostwork.py   the host worker: host jobs on a thread of their own, the host's speed emulated on a
                   CPU-only machine as the link's is
     profile.py    a routing profile (each expert's uses over a text) and hybrid-static's hot sets
+    cbuild.py     the C kernels of kernels/, compiled on first use and loaded with ctypes
 
 Nothing outside this package knows slots, arenas or keep rules: the executor asks a MoELayer for
 its nodes' kernels, and the engine builds the ExpertCache.
