@@ -71,6 +71,7 @@ def test_the_kernel_runs_eagerly_on_float32_cpu_tensors_only():
     assert not rule_kernel.takes(torch.full((1, 4), 0.5)[:, ::2], ids, slot_map)  # not contiguous
     assert not rule_kernel.takes(weights, ids.int(), slot_map)
     assert not rule_kernel.takes(weights[:0], ids[:0], slot_map)  # no tokens
+    assert not rule_kernel.takes(weights, ids[:, :1], slot_map)  # shapes that do not match
 
 
 def test_torch_compile_traces_the_torch_ops_not_the_kernel():

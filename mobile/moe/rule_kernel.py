@@ -53,17 +53,25 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def built() -> ctypes.CDLL:
+    """The kernel, where `takes` said it runs."""
+    lib = library()
+    assert lib is not None
+    return lib
+
+
 @cache
 def packed(rule: KeepRule) -> RuleStruct:
     return RuleStruct(KINDS[rule.kind], rule.n, int(rule.cached), int(rule.rescale), rule.tau)
 
 
 def takes(weights: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor) -> bool:
-    """Whether the kernel runs this call: eager, on the CPU, float32 weights, int64 ids and slot
-    map, all contiguous, with a kernel built."""
+    """Whether the kernel runs this call: eager, on the CPU, float32 weights and int64 ids [T, K]
+    (T, K > 0), an int64 slot map, all contiguous, with a kernel built."""
     return (weights.device.type == "cpu" and weights.dtype == torch.float32 and ids.dtype == slot_map.dtype
-            == torch.int64 and weights.is_contiguous() and ids.is_contiguous() and slot_map.is_contiguous()
-            and weights.numel() > 0 and not torch.compiler.is_compiling() and library() is not None)
+            == torch.int64 and weights.dim() == 2 and weights.shape == ids.shape and weights.numel() > 0
+            and weights.is_contiguous() and ids.is_contiguous() and slot_map.is_contiguous()
+            and not torch.compiler.is_compiling() and library() is not None)
 
 
 def status(rule: KeepRule, weights: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor) -> torch.Tensor:
@@ -71,8 +79,8 @@ def status(rule: KeepRule, weights: torch.Tensor, ids: torch.Tensor, slot_map: t
     T, K = weights.shape
     E = slot_map.shape[0]
     out = torch.empty(min(E, T * K), dtype=torch.int32)
-    if library().mobile_keep_status(ctypes.byref(packed(rule)), weights.data_ptr(), ids.data_ptr(),  # type: ignore[union-attr]
-                                    slot_map.data_ptr(), T, K, E, out.data_ptr()) < 0:
+    if built().mobile_keep_status(ctypes.byref(packed(rule)), weights.data_ptr(), ids.data_ptr(),
+                                  slot_map.data_ptr(), T, K, E, out.data_ptr()) < 0:
         raise IndexError(f"an expert id outside [0, {E}) in the router's ids")
     return out
 
@@ -83,7 +91,7 @@ def pairs(rule: KeepRule, weights: torch.Tensor, ids: torch.Tensor, slot_map: to
     T, K = weights.shape
     E = slot_map.shape[0]
     kept, slots = torch.empty_like(weights), torch.empty_like(ids)
-    if library().mobile_keep_pairs(ctypes.byref(packed(rule)), weights.data_ptr(), ids.data_ptr(),  # type: ignore[union-attr]
-                                   slot_map.data_ptr(), T, K, E, kept.data_ptr(), slots.data_ptr()) < 0:
+    if built().mobile_keep_pairs(ctypes.byref(packed(rule)), weights.data_ptr(), ids.data_ptr(),
+                                 slot_map.data_ptr(), T, K, E, kept.data_ptr(), slots.data_ptr()) < 0:
         raise IndexError(f"an expert id outside [0, {E}) in the router's ids")
     return kept, slots
