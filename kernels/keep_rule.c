@@ -48,8 +48,9 @@ static void keep_row(const rule_t *r, const float *w, int K, uint8_t *keep) {
         for (int k = 0; k < K; k++) keep[k] = k < r->n || k <= short_of;
         return;
     }
-    /* switch: the little set when its share reaches tau, else all K */
-    int all = r->n > K || !(cum[r->n - 1] / total >= r->tau);
+    /* switch: the little set when its share reaches tau, else all K (an empty little set never
+     * does; one of K or more is all K anyway) */
+    int all = r->n < 1 || r->n > K || !(cum[r->n - 1] / total >= r->tau);
     for (int k = 0; k < K; k++) keep[k] = k < r->n || all;
 }
 
