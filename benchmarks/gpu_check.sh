@@ -27,6 +27,12 @@ echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 #    bf16 rows, then int8 and int4 (group 64) rows with their ratio to bf16
 python3 benchmarks/moe_kernels.py --dtype bfloat16 --formats int8,int4 --group 64 2>&1 | tee "$OUT/moe-kernels.txt"
 echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
+# 2a. the keep rule on the GPU at Qwen3-30B-A3B's router shape (128 experts, top 8): its torch ops launched one by
+#     one and replayed from a CUDA graph, and per token over 48 MoE layers (decides whether CUDA needs a fused rule
+#     kernel too; on the CPU it is kernels/keep_rule.c)
+python3 benchmarks/keep_rule.py --device cuda --experts 128 --top-k 8 --layers 48 --calls 2000 --repeats 3 2>&1 \
+  | tee "$OUT/keep-rule.txt"
+echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
 # 3. the default CPU suite, on this machine's versions (torch 2.11, transformers 5.17)
 python3 -m pytest -q -x 2>&1 | tail -5 | tee "$OUT/pytest.log"
 echo "-- ${SECONDS}s elapsed" | tee -a "$OUT/elapsed.txt"
