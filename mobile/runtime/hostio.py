@@ -36,8 +36,8 @@ class HostReader:
         return out
 
     def read(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """One read of several small tensors of any dtypes (their bytes in one copy): each, on the
-        host, flattened. The results are copies: the landing buffer is reused by the next read."""
+        """One read of several small tensors of any dtypes (on CUDA their bytes in one copy): each, on
+        the host, flattened. The results are copies: the landing buffer is reused by the next read."""
         if not tensors:
             return []
         self.reads += 1
