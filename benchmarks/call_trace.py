@@ -92,7 +92,7 @@ def main() -> None:
     from mobile.moe import rule_kernel
     from mobile.runtime.sampling import Sampler
 
-    rule_kernel.takes = lambda *tensors: False  # the rule as on a GPU: its torch ops
+    rule_kernel.enabled = False  # the rule as on a GPU: its torch ops
 
     options = {"placement": args.placement} if args.placement else None
     engine = mobile.Engine.load(args.graph, policy=args.policy, policy_options=options)

@@ -75,11 +75,9 @@ def main() -> None:
     if cuda:  # the kernel is the CPU's: on CUDA the torch ops run either way
         ways = {"launched": dict(calls), "graph replay": {name: replayed(fn) for name, fn in calls.items()}}
     else:
-        kernel_takes = rule_kernel.takes
-
         def on_path(fn, kernel: bool):
             def call():
-                rule_kernel.takes = kernel_takes if kernel else (lambda *tensors: False)
+                rule_kernel.enabled = kernel
                 return fn()
             return call
 
@@ -90,8 +88,7 @@ def main() -> None:
         for way, fns in ways.items():
             for name, fn in fns.items():
                 times.setdefault((name, way), []).append(us_per_call(fn, args.calls, cuda))
-    if not cuda:
-        rule_kernel.takes = kernel_takes
+    rule_kernel.enabled = True
     first, second = ways
     print(f"rule {args.rule!r}, {args.tokens} token(s), top {args.top_k} of {args.experts}; median of "
           f"{args.repeats}, {torch.cuda.get_device_name() if cuda else 'this CPU, 1 torch thread'}")

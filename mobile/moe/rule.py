@@ -77,7 +77,7 @@ class KeepRule:
         where dropped). A kept expert that is not in the slot map (-1) adds nothing."""
         if self.kind == "top" and self.n >= weights.shape[1] and not self.cached:
             return weights, slot_map[ids]  # the big set: nothing dropped, nothing to re-weigh
-        if rule_kernel.takes(weights, ids, slot_map):
+        if rule_kernel.enabled and weights.is_cpu and rule_kernel.takes(weights, ids, slot_map):
             return rule_kernel.pairs(self, weights, ids, slot_map)
         slots = slot_map[ids]  # [T, K]
         keep = self.keep(weights)
@@ -92,7 +92,7 @@ class KeepRule:
         not on the device), CACHED (kept, on the device), FREE (not kept, on the device, taken by a
         cached rule), then UNUSED, where the host stops reading (decode_status). An expert no token
         routed to has entry 0."""
-        if rule_kernel.takes(weights, ids, slot_map):
+        if rule_kernel.enabled and weights.is_cpu and rule_kernel.takes(weights, ids, slot_map):
             return rule_kernel.status(self, weights, ids, slot_map)
         E = slot_map.shape[0]
         present = (slot_map[ids] >= 0).long()  # [T, K]

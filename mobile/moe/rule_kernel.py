@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from mobile.moe.rule import KeepRule
 
 KINDS = {"top": 0, "switch": 1, "prefix": 2}
+# False: the torch ops run on the CPU too, as on a GPU (the tests and benchmarks that count or compare them)
+enabled = True
 # no fused multiply-add: each rounding stays the one the torch ops make
 CFLAGS = ["-O2", "-fPIC", "-shared", "-ffp-contract=off"]
 
@@ -66,8 +68,9 @@ def packed(rule: KeepRule) -> RuleStruct:
 
 
 def takes(weights: torch.Tensor, ids: torch.Tensor, slot_map: torch.Tensor) -> bool:
-    """Whether the kernel runs this call: eager, on the CPU, float32 weights and int64 ids [T, K]
-    (T, K > 0), an int64 slot map, all contiguous, with a kernel built."""
+    """Whether the kernel can run this call: eager, on the CPU, float32 weights and int64 ids [T, K]
+    (T, K > 0), an int64 slot map, all contiguous, with a kernel built. (KeepRule asks only when
+    `enabled` and the weights are on the CPU: a GPU's rule makes no call here.)"""
     return (weights.device.type == "cpu" and weights.dtype == torch.float32 and ids.dtype == slot_map.dtype
             == torch.int64 and weights.dim() == 2 and weights.shape == ids.shape and weights.numel() > 0
             and weights.is_contiguous() and ids.is_contiguous() and slot_map.is_contiguous()
