@@ -1,7 +1,16 @@
 """How a decode token moves through mobile's own code: the Python calls it makes inside mobile/
 (and kernels/), the files it enters, and how often it switches from one file to another.
 
-    python benchmarks/call_trace.py [--graph graphs/demo] [--tokens 8] [--top 12]
+    python benchmarks/call_trace.py [--graph graphs/demo] [--tokens 8] [--traced 16] [--top 12]
+
+It traces two paths of the same token, each on an engine of its own:
+- eager: the CPU's default (`runtime.cuda_graphs` auto is off there). Every compute segment runs
+  its generated Python, which calls the model's math (mobile.models.ops) and the MoE op.
+- CUDA graphs: the GPU's default (auto is on there). Here on the CPU the graphs are emulated
+  (mobile.runtime.graphs): an emulated replay runs the segment's Python again, where a GPU's
+  `graph.replay()` is one call into CUDA that runs none. The emulated replay
+  (GraphRunner._run_static) is therefore left out of the count, and the count is what a GPU's
+  Python runs: the executor, the sync steps, the graph runner's bookkeeping, the sampler.
 
 After a prompt and a few warm-up tokens, one more decode step (the forward and the sampled
 token's read) runs under sys.setprofile. Each call into a function defined in mobile/ or kernels/,
@@ -21,103 +30,63 @@ C kernel, mobile.moe.rule_kernel, would take their place).
 from __future__ import annotations
 
 import argparse
-import collections
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from opcount import ops_in_sync_steps  # noqa: E402
-
-SEGMENTS = "<segments>"
-OURS = (str(ROOT / "mobile") + "/", str(ROOT / "kernels") + "/")
-
-
-def file_of(code) -> str | None:
-    """The repository file a code object belongs to, or None for code that is not mobile's."""
-    name = code.co_filename
-    if name.startswith("<mobile segment"):
-        return SEGMENTS
-    if name.startswith(OURS):
-        return str(Path(name).relative_to(ROOT))
-    return None
-
-
-def trace(fn) -> dict:
-    """Run fn() under a profiler; the calls, files and switches of mobile's code it made."""
-    calls: collections.Counter[str] = collections.Counter()
-    visits: list[str] = []
-
-    def profile(frame, event, arg):
-        if event == "call":
-            f = file_of(frame.f_code)
-            if f is not None:
-                calls[f"{f}:{frame.f_code.co_name}"] += 1
-                visits.append(f)
-        elif event == "return":
-            caller = frame.f_back
-            while caller is not None and file_of(caller.f_code) is None:
-                caller = caller.f_back
-            if caller is not None and file_of(frame.f_code) != file_of(caller.f_code):
-                visits.append(file_of(caller.f_code))  # type: ignore[arg-type]
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    switches = sum(1 for a, b in zip(visits, visits[1:], strict=False) if a != b)
-    pairs = collections.Counter(tuple(sorted((a, b))) for a, b in zip(visits, visits[1:], strict=False) if a != b)
-    return {"calls": sum(calls.values()), "files": sorted(set(visits)), "switches": switches, "by_function": calls,
-            "pairs": pairs}
+from calltrace import SEGMENTS, measure  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--graph", default=str(ROOT / "graphs" / "demo"))
-    p.add_argument("--tokens", type=int, default=8, help="warm-up decode tokens before the traced one")
+    p.add_argument("--tokens", type=int, default=8, help="warm-up decode tokens before the traced ones")
+    p.add_argument("--traced", type=int, default=16, help="decode tokens traced, each on its own")
     p.add_argument("--top", type=int, default=12, help="functions and file pairs to list")
     p.add_argument("--policy", help="override the graph's policy")
     p.add_argument("--placement", choices=["move", "choose", "adaptive"], help="the policy's placement of a miss")
     p.add_argument("--segments-as-executor", action="store_true", help="count the generated segment code as the "
                    "executor's file, which writes it")
     args = p.parse_args()
-    global SEGMENTS
+    segments = SEGMENTS
     if args.segments_as_executor:
-        SEGMENTS = next(str(f.relative_to(ROOT)) for f in (ROOT / "mobile").rglob("executor.py"))
+        segments = next(str(f.relative_to(ROOT)) for f in (ROOT / "mobile").rglob("executor.py"))
 
-    import mobile
     from mobile.moe import rule_kernel
-    from mobile.runtime.sampling import Sampler
 
     rule_kernel.enabled = False  # the rule as on a GPU: its torch ops
 
     options = {"placement": args.placement} if args.placement else None
-    engine = mobile.Engine.load(args.graph, policy=args.policy, policy_options=options)
-    prompt = torch.tensor([5, 6, 7, 8])
-    engine.generate(prompt, args.tokens, stop_ids=[])  # the prompt and warm-up tokens: the cache fills
-    start, token, sampler = engine.length, torch.tensor([9]), Sampler()
+    for path, cuda_graphs in (("eager (the CPU's default)", "off"),
+                              ("CUDA graphs (a GPU's default; emulated here, the replay not counted)", "on")):
+        traces, sync_ops, policy = measure(args.graph, cuda_graphs, args.tokens, args.traced, segments,
+                                           policy=args.policy, policy_options=options)
+        print(f"{len(traces)} decode tokens, {Path(args.graph).name}, policy {policy}, {path}:")
+        for moved, label in ((False, "tokens that moved no expert"), (True, "tokens that moved experts")):
+            some = [t for t in traces if t["copies"] == moved]
+            if some:
+                print(f"  {len(some):2d} {label}: {spread(some, 'calls')} Python calls inside mobile/, "
+                      f"{spread(some, 'files')} files entered, {spread(some, 'switches')} file switches")
+        print(f"  torch ops one token's sync steps ran themselves: {sum(sync_ops.values())} "
+              f"({', '.join(f'{name} {n}' for name, n in sync_ops.most_common(args.top))})")
+        t = max(traces, key=lambda t: t["switches"])
+        print(f"  the token with the most switches ({t['switches']}):", t.get("graphs", ""))
+        print("    files:", ", ".join(t["files"]))
+        print("    busiest file pairs (switches either way):")
+        for (a, b), n in t["pairs"].most_common(args.top):
+            print(f"      {n:4d}  {a} <-> {b}")
+        print("    most called functions:")
+        for name, n in t["by_function"].most_common(args.top):
+            print(f"      {n:4d}  {name}")
+        print()
 
-    @torch.inference_mode()
-    def one_token() -> None:  # what Engine.generate does for one decoded token
-        sampler(engine._forward(token, start)[-1], engine.reader)
 
-    t = trace(one_token)
-    sync_ops = ops_in_sync_steps(one_token)
-    engine.close()
-    print(f"one decode token, {Path(args.graph).name}, policy {engine.spec.policy.name}: {t['calls']} Python calls "
-          f"inside mobile/, {len(t['files'])} files entered, {t['switches']} file switches")
-    print(f"torch ops the sync steps ran themselves: {sum(sync_ops.values())} "
-          f"({', '.join(f'{name} {n}' for name, n in sync_ops.most_common(args.top))})")
-    print("files:", ", ".join(t["files"]))
-    print("busiest file pairs (switches either way):")
-    for (a, b), n in t["pairs"].most_common(args.top):
-        print(f"  {n:4d}  {a} <-> {b}")
-    print("most called functions:")
-    for name, n in t["by_function"].most_common(args.top):
-        print(f"  {n:4d}  {name}")
+def spread(traces: list[dict], key: str) -> str:
+    """min-max of a count over traces (one number when they agree)."""
+    values = [len(t[key]) if key == "files" else t[key] for t in traces]
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 if __name__ == "__main__":

@@ -292,17 +292,39 @@ def test_prefetch_option_selects_the_speculative_copies(prefetch, sets):
 def test_big_only_estimate_counts_a_kv_refresh_once():
     """A KV refresh's big pass routes the recomputed positions again; big-only decoding ran them
     once already, so the estimate replays only the token's own row, and a refresh (more than one
-    row) is not mistaken for a prompt, which would resync the estimate with the real cache. Decoded
-    tokens are replayed in batches, when the stats are settled."""
+    row) is not mistaken for a prompt, which would resync the estimate with the real cache."""
     shadow = BigOnlyShadow([0], slots=2, expert_bytes=10)
-    shadow.end_forward({0: ([0, 1], 2)})
-    assert shadow.bytes == 0 and shadow.flush() == 20  # replayed only when asked
     real = SlotTable(main=2)
     real.access(7)  # the real cache holds another expert: a resync would show
-    shadow.end_forward({0: ([2, 3, 4, 5, 0, 1], 2)}, tables={0: real}, refreshed=2)  # t-2, t-1 refreshed; t: [0, 1]
-    assert shadow.flush() == 20 and shadow.tables[0].residents() == [0, 1]
-    shadow.end_forward({0: ([2, 3, 4, 5], 2)}, tables={0: real})  # a prompt: replayed at once, whole, then resynced
-    assert shadow.bytes == 60 and shadow.tables[0].residents() == [7]
+    forwards = [({0: ([0, 1], 2)}, 0)]
+    assert shadow.replay(forwards, {0: real}) == 20 and forwards == []  # replayed, and taken
+    forwards = [({0: ([2, 3, 4, 5, 0, 1], 2)}, 2)]  # t-2, t-1 refreshed; t: [0, 1]
+    assert shadow.replay(forwards, {0: real}) == 20 and shadow.tables[0].residents() == [0, 1]
+    forwards = [({0: ([2, 3, 4, 5], 2)}, 0)]  # a prompt: replayed whole, then resynced
+    assert shadow.replay(forwards, {0: real}) == 60 and shadow.tables[0].residents() == [7]
+
+
+def test_big_only_estimate_is_replayed_in_batches(tiny, tmp_path):
+    """The cache hands decoded tokens' big sets to the estimate in batches (no call per token), a
+    prompt at once, and the rest when the stats are read: the same bytes as one by one."""
+    t = tiny("olmoe")
+    graph = t.compile(tmp_path / "lru", "--policy", "lru", slots_per_layer=4)
+    engine = mobile.Engine.load(graph, weights=t.ckpt, link_gbps=50.0)
+    cache = engine.experts
+    with torch.inference_mode():
+        engine._forward(PROMPT, 0)
+        assert cache.unestimated == []  # a prompt's forward is replayed at once
+        for token in (3, 5):
+            engine._forward(torch.tensor([token]), engine.length)
+    assert len(cache.unestimated) == 2  # decoded tokens wait for a batch
+    queued = list(cache.unestimated)
+    by_one = BigOnlyShadow(list(cache.shadow.tables), 4, cache.shadow.expert_bytes, cache.eviction)
+    by_one.tables = {layer: table.demand_copy() for layer, table in cache.shadow.tables.items()}
+    before = cache.shadow.bytes
+    for forward in queued:
+        by_one.replay([forward])
+    assert cache.shadow.replay(cache.unestimated) - before == by_one.bytes > 0
+    engine.close()
 
 
 @pytest.mark.slow

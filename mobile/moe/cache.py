@@ -44,7 +44,7 @@ from mobile.moe.hostwork import Hosted, HostJob, HostPlacement, host_job
 from mobile.moe.placement import Miss, Placement, always, choose
 from mobile.moe.rows import load_expert_rows
 from mobile.moe.rule import FREE, MISSING, UNUSED
-from mobile.moe.shadow import BigOnlyShadow
+from mobile.moe.shadow import SHADOW_BATCH, BigOnlyShadow, Routes
 from mobile.moe.slots import CacheFull, SlotTable
 from mobile.moe.transfer import DEMAND, PREFETCH, CopyEngine, CopyJob, LinkModel
 from mobile.runtime.stats import Stats
@@ -241,7 +241,8 @@ class OffloadedCache:
         stats.extra.update(host_expert_bytes=self.store.nbytes, pinned_host_bytes=self.store.pinned_bytes)
         self.shadow = BigOnlyShadow(spec.moe_layers, plan.main + plan.staging, expert_bytes(spec), eviction)
         self.deferred: list[tuple[int, list[int], str, str]] = []  # prefetches waiting for the next wait
-        self.routes: dict[int, tuple[list[int], int]] = {}  # this forward's big sets: layer -> (ids [T*K], K)
+        self.routes: Routes = {}  # this forward's big sets: layer -> (ids [T*K], K)
+        self.unestimated: list[tuple[Routes, int]] = []  # forwards the estimate has not replayed yet
         if compiled:  # host work (copies, the slot table): a compiled expert segment must call it eagerly
             # (on the instance, only with compile: torch.compiler.disable imports torch._dynamo, a second)
             self.load_round = torch.compiler.disable(self.load_round)  # type: ignore[method-assign]
@@ -462,12 +463,16 @@ class OffloadedCache:
         self.deferred.clear()  # a prefetch no wait followed (its pass ended at a gate) is stale now
         self._publish()
         routes, self.routes = self.routes, {}
-        self.shadow.end_forward(routes, self.tables, refreshed)
+        if routes:  # the big-only estimate's input, handed over in batches (mobile.moe.shadow)
+            self.unestimated.append((routes, refreshed))
+            ids, k = next(iter(routes.values()))
+            if len(ids) > k or len(self.unestimated) >= SHADOW_BATCH:
+                self.shadow.replay(self.unestimated, self.tables)
 
     def settle(self) -> None:
         """Bring the statistics up to date (the big-only estimate replays its pending forwards; on
         CUDA the copies' and waits' timing events are read)."""
-        self.stats.extra["big_only_bytes_h2d"] = self.shadow.flush()
+        self.stats.extra["big_only_bytes_h2d"] = self.shadow.replay(self.unestimated, self.tables)
         self.stats.stall_s += self.engine.collect()
 
     def collect_stats(self) -> None:

@@ -16,6 +16,7 @@ pass that follows a fallback.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class HostNode:
     inputs: tuple[str, ...]
     gate: bool  # an importance gate: its value says whether the token falls back
     kernel: SyncKernel
+    read_as: str  # where the segment before its step leaves what it reads (read_name)
 
 
 @dataclass
@@ -63,9 +65,11 @@ class Step:
     # which a replay would skip; what the graph runner captures (fn itself when compiled)
     graph_fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None = None
     raw: bool = False  # a sync step one of whose nodes reads floats (a host placement): one read of any dtypes
+    names: tuple[str, ...] = ()  # its nodes' names, for the record of what ran
 
     def __post_init__(self) -> None:
         self.raw = any(n.kernel.raw for n in self.sync or ())
+        self.names = tuple(n.name for n in self.nodes)
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,8 @@ def _read(node: HostNode, ctx: StepContext, env: dict[str, Any]) -> list[torch.T
     """What a sync node reads: as the segment before its step computed it, else computed now."""
     if node.kernel.read is None:
         return []
-    done = env.pop(read_name(node.name), None)
-    return done if done is not None else node.kernel.read(ctx, *[env.get(i) for i in node.inputs])
+    done = env.pop(node.read_as, None)
+    return done if done is not None else node.kernel.read(ctx, *map(env.get, node.inputs))
 
 
 def passes_of(graph: Graph) -> tuple[Pass, ...]:
@@ -195,8 +199,8 @@ class Executor:
                     last_use[i] = si
         for out in self.graph.outputs:
             last_use[out] = len(groups)
-        hosts = {n.name: HostNode(n.name, n.op.value, n.inputs, n.op is Op.IMPORTANCE_GATE, kernels.sync(n))
-                 for n in nodes if n.op in SYNC_OPS}
+        hosts = {n.name: HostNode(n.name, n.op.value, n.inputs, n.op is Op.IMPORTANCE_GATE, kernels.sync(n),
+                                  read_name(n.name)) for n in nodes if n.op in SYNC_OPS}
         steps = []
         for si, group in enumerate(groups):
             defined = {n.name for n in group}
@@ -250,12 +254,14 @@ class Executor:
             if step.sync is not None:
                 if self._sync(step, ctx, env) and gated:
                     return True
-            elif static:
-                env.update(self._graph_step(step, ctx, {k: env.get(k) for k in step.live_in}, first))
-                first = False
             else:
-                assert step.fn is not None
-                env.update(step.fn(ctx, {k: env.get(k) for k in step.live_in}))
+                inputs = dict(zip(step.live_in, map(env.get, step.live_in), strict=True))
+                if static:
+                    env.update(self._graph_step(step, ctx, inputs, first))
+                    first = False
+                else:
+                    assert step.fn is not None
+                    env.update(step.fn(ctx, inputs))
             for v in step.drop_after:
                 env.pop(v, None)
         return False
@@ -269,7 +275,7 @@ class Executor:
         # step a pass starts at, after a fallback; a read of another sync node's value); acts run in
         # order and see what the step's earlier nodes made (a fetch's handle)
         wanted = [_read(n, ctx, env) for n in step.sync]
-        everything = [t for ts in wanted for t in ts]
+        everything = list(itertools.chain.from_iterable(wanted))
         raw = step.raw
         values: list[Any] = self.reader.read(everything) if raw else self.reader.ints(everything)
         start = 0
@@ -278,7 +284,7 @@ class Executor:
             if raw and not node.kernel.raw:  # the others' values as lists of ints, as they always are
                 mine = [v.to(torch.int32).tolist() for v in mine]
             t0 = time.perf_counter()
-            env[node.name] = node.kernel.act(ctx, mine, *[env.get(i) for i in node.inputs])
+            env[node.name] = node.kernel.act(ctx, mine, *map(env.get, node.inputs))
             if self.trace is not None:
                 self.trace.append((node.name, node.op, "compute", t0, time.perf_counter(), 0))
             self.executed.append(node.name)
@@ -297,5 +303,5 @@ class Executor:
             name = f"{step.nodes[0].name}..{step.nodes[-1].name}"
             self.trace.append((name, "graph", "compute", t0, self.clock(), 0))
         if not self.compile:
-            self.executed.extend(n.name for n in step.nodes)
+            self.executed.extend(step.names)
         return out

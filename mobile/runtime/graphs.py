@@ -279,7 +279,7 @@ class GraphRunner:
             leaves, structure, reason = [], [], reason or f"{nodes[0].name}..{nodes[-1].name}: {e}"
         key: tuple = ()
         if reason is None:
-            key = (si, ctx.key, first, tuple(structure), tuple(self._leaf_key(t) for t in leaves))
+            key = (si, ctx.key, first, tuple(structure), tuple(map(self._leaf_key, leaves)))
             reason = self.refused.get(key)
         if reason is not None:
             return self._eager(reason, fn, ctx, inputs, first)
@@ -306,7 +306,7 @@ class GraphRunner:
             return ("none",)
         if not isinstance(t, torch.Tensor):  # a replay repeats what the capture did with this value
             return ("value", type(t).__name__, t)
-        same = identity(t)
+        same = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)  # identity(t), inline: per leaf per run
         if same in self.persistent:
             return ("in place", *same)
         return ("copied", same[1], t.dtype)
