@@ -33,7 +33,12 @@ def offloading_matches_resident(t, policy: str, prompt: torch.Tensor = PROMPT) -
     resident = mobile.Engine.load(t.graph)
     engine = mobile.Engine.load(t.graph, policy=policy, link_gbps=50.0)
     try:
-        torch.testing.assert_close(engine.logits(prompt), resident.logits(prompt), atol=1e-5, rtol=1e-5)
+        expected = resident.logits(prompt)
+        # a prompt that needs more experts than a layer's cache holds runs in rounds (Rounds): each
+        # round's experts are summed apart, then the rounds, an order of float32 additions of its own
+        rounds = engine.experts.plan.main < engine.spec.model.moe.num_experts
+        atol = 1e-5 * max(1.0, expected.abs().max().item()) if rounds else 1e-5
+        torch.testing.assert_close(engine.logits(prompt), expected, atol=atol, rtol=1e-5)
         assert engine.generate(prompt, 16, stop_ids=[]) == resident.generate(prompt, 16, stop_ids=[])
         s = engine.stats
         assert s["link"] == "emulated" and s["bytes_h2d"] > 0 and s["expert_misses"] > 0
