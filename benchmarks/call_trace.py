@@ -60,7 +60,7 @@ def main() -> None:
     options = {"placement": args.placement} if args.placement else None
     for path, cuda_graphs in (("eager (the CPU's default)", "off"),
                               ("CUDA graphs (a GPU's default; emulated here, the replay not counted)", "on")):
-        traces, sync_ops, policy = measure(args.graph, cuda_graphs, args.tokens, args.traced, segments,
+        traces, (sync_ops, ops_moved), policy = measure(args.graph, cuda_graphs, args.tokens, args.traced, segments,
                                            policy=args.policy, policy_options=options)
         print(f"{len(traces)} decode tokens, {Path(args.graph).name}, policy {policy}, {path}:")
         for moved, label in ((False, "tokens that moved no expert"), (True, "tokens that moved experts")):
@@ -68,7 +68,8 @@ def main() -> None:
             if some:
                 print(f"  {len(some):2d} {label}: {spread(some, 'calls')} Python calls inside mobile/, "
                       f"{spread(some, 'files')} files entered, {spread(some, 'switches')} file switches")
-        print(f"  torch ops one token's sync steps ran themselves: {sum(sync_ops.values())} "
+        moved = "moved experts" if ops_moved else "moved no expert"
+        print(f"  torch ops one more token's sync steps ran themselves ({moved}): {sum(sync_ops.values())} "
               f"({', '.join(f'{name} {n}' for name, n in sync_ops.most_common(args.top))})")
         t = max(traces, key=lambda t: t["switches"])
         print(f"  the token with the most switches ({t['switches']}):", t.get("graphs", ""))

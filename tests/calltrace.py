@@ -58,10 +58,11 @@ def trace(fn, segments: str = SEGMENTS) -> dict:
 
 
 def measure(graph: str | Path, cuda_graphs: str, tokens: int = 8, traced: int = 16, segments: str = SEGMENTS,
-            **load) -> tuple[list[dict], collections.Counter[str], str]:
+            **load) -> tuple[list[dict], tuple[collections.Counter[str], bool], str]:
     """One engine (mobile.Engine.load(graph, cuda_graphs=..., **load)), a prompt and `tokens`
     decoded tokens (the cache fills), then `traced` more decoded tokens, each traced on its own:
-    (their traces, the torch ops one more token's sync steps ran, the policy's name). Under CUDA
+    (their traces, (the torch ops one more token's sync steps ran, whether that token moved
+    experts), the policy's name). Under CUDA
     graphs on a CPU the emulated replay is left out: a GPU's replay runs no Python. A trace's
     "copies": whether the token moved an expert (entered the transfer engine); "graphs": how its
     segments ran."""
@@ -100,6 +101,7 @@ def measure(graph: str | Path, cuda_graphs: str, tokens: int = 8, traced: int = 
         if engine.graphs is not None:  # a segment refused capture would run its Python on a GPU too, and counts
             t["graphs"] = f"{engine.graphs.replays} segments replayed, {engine.graphs.eager} run eagerly"
         traces.append(t)
+    copies_before = engine.stats_.bytes_h2d
     sync_ops = ops_in_sync_steps(one_token)
     engine.close()
-    return traces, sync_ops, engine.spec.policy.name
+    return traces, (sync_ops, engine.stats_.bytes_h2d > copies_before), engine.spec.policy.name
