@@ -72,7 +72,7 @@ def main() -> None:
         print(f"  torch ops one more token's sync steps ran themselves ({moved}): {sum(sync_ops.values())} "
               f"({', '.join(f'{name} {n}' for name, n in sync_ops.most_common(args.top))})")
         t = max(traces, key=lambda t: t["switches"])
-        print(f"  the token with the most switches ({t['switches']}):", t.get("graphs", ""))
+        print(f"  the token with the most switches ({t['switches']})" + (f": {t['graphs']}" if "graphs" in t else ""))
         print("    files:", ", ".join(t["files"]))
         print("    busiest file pairs (switches either way):")
         for (a, b), n in t["pairs"].most_common(args.top):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mobile.moe.slots import Eviction, SlotTable
 
-SHADOW_BATCH = 64  # forwards the estimate buffers before it replays them
+SHADOW_BATCH = 64  # decoded forwards the cache queues for the estimate before it has them replayed
 
 
 Routes = dict[int, tuple[list[int], int]]  # a forward's big set per layer: (ids [T*K], K)

@@ -306,7 +306,7 @@ class GraphRunner:
             return ("none",)
         if not isinstance(t, torch.Tensor):  # a replay repeats what the capture did with this value
             return ("value", type(t).__name__, t)
-        same = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)  # identity(t), inline: per leaf per run
+        same = identity(t)
         if same in self.persistent:
             return ("in place", *same)
         return ("copied", same[1], t.dtype)
