@@ -60,8 +60,8 @@ def main() -> None:
     options = {"placement": args.placement} if args.placement else None
     for path, cuda_graphs in (("eager (the CPU's default)", "off"),
                               ("CUDA graphs (a GPU's default; emulated here, the replay not counted)", "on")):
-        traces, (sync_ops, ops_moved), policy = measure(args.graph, cuda_graphs, args.tokens, args.traced, segments,
-                                           policy=args.policy, policy_options=options)
+        traces, (sync_ops, ops_moved), policy = measure(args.graph, cuda_graphs, args.tokens, args.traced,
+                                                        segments, policy=args.policy, policy_options=options)
         print(f"{len(traces)} decode tokens, {Path(args.graph).name}, policy {policy}, {path}:")
         for moved, label in ((False, "tokens that moved no expert"), (True, "tokens that moved experts")):
             some = [t for t in traces if t["copies"] == moved]

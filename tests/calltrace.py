@@ -60,12 +60,11 @@ def trace(fn, segments: str = SEGMENTS) -> dict:
 def measure(graph: str | Path, cuda_graphs: str, tokens: int = 8, traced: int = 16, segments: str = SEGMENTS,
             **load) -> tuple[list[dict], tuple[collections.Counter[str], bool], str]:
     """One engine (mobile.Engine.load(graph, cuda_graphs=..., **load)), a prompt and `tokens`
-    decoded tokens (the cache fills), then `traced` more decoded tokens, each traced on its own:
-    (their traces, (the torch ops one more token's sync steps ran, whether that token moved
-    experts), the policy's name). Under CUDA
-    graphs on a CPU the emulated replay is left out: a GPU's replay runs no Python. A trace's
-    "copies": whether the token moved an expert (entered the transfer engine); "graphs": how its
-    segments ran."""
+    decoded tokens (the cache fills), then `traced` more decoded tokens, each traced on its own.
+    Returns their traces, (the torch ops one more token's sync steps ran, whether that token moved
+    experts), and the policy's name. Under CUDA graphs on a CPU the emulated replay is left out: a
+    GPU's replay runs no Python. A trace's "copies": whether the token moved an expert (its bytes
+    went over the link); "graphs": how its segments ran."""
     import mobile
     from mobile.runtime.sampling import Sampler
 
