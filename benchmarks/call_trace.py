@@ -60,15 +60,16 @@ def main() -> None:
     options = {"placement": args.placement} if args.placement else None
     for path, cuda_graphs in (("eager (the CPU's default)", "off"),
                               ("CUDA graphs (a GPU's default; emulated here, the replay not counted)", "on")):
-        traces, (sync_ops, ops_moved), policy = measure(args.graph, cuda_graphs, args.tokens, args.traced,
-                                                        segments, policy=args.policy, policy_options=options)
-        print(f"{len(traces)} decode tokens, {Path(args.graph).name}, policy {policy}, {path}:")
+        m = measure(args.graph, cuda_graphs, args.tokens, args.traced, segments, policy=args.policy,
+                    policy_options=options)
+        traces, sync_ops = m.traces, m.sync_ops
+        print(f"{len(traces)} decode tokens, {Path(args.graph).name}, policy {m.policy}, {path}:")
         for moved, label in ((False, "tokens that moved no expert"), (True, "tokens that moved experts")):
             some = [t for t in traces if t["copies"] == moved]
             if some:
                 print(f"  {len(some):2d} {label}: {spread(some, 'calls')} Python calls inside mobile/, "
                       f"{spread(some, 'files')} files entered, {spread(some, 'switches')} file switches")
-        moved = "moved experts" if ops_moved else "moved no expert"
+        moved = "moved experts" if m.sync_ops_moved else "moved no expert"
         print(f"  torch ops one more token's sync steps ran themselves ({moved}): {sum(sync_ops.values())} "
               f"({', '.join(f'{name} {n}' for name, n in sync_ops.most_common(args.top))})")
         t = max(traces, key=lambda t: t["switches"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,14 +58,21 @@ def trace(fn, segments: str = SEGMENTS) -> dict:
             "pairs": pairs}
 
 
+@dataclass
+class Measured:
+    traces: list[dict]  # one per traced token; "copies": it moved an expert (bytes went over the link),
+    # "graphs": how its segments ran (under CUDA graphs)
+    sync_ops: collections.Counter[str]  # the torch ops one more token's sync steps ran themselves
+    sync_ops_moved: bool  # whether that token moved an expert
+    policy: str
+
+
 def measure(graph: str | Path, cuda_graphs: str, tokens: int = 8, traced: int = 16, segments: str = SEGMENTS,
-            **load) -> tuple[list[dict], tuple[collections.Counter[str], bool], str]:
+            **load) -> Measured:
     """One engine (mobile.Engine.load(graph, cuda_graphs=..., **load)), a prompt and `tokens`
-    decoded tokens (the cache fills), then `traced` more decoded tokens, each traced on its own.
-    Returns their traces, (the torch ops one more token's sync steps ran, whether that token moved
-    experts), and the policy's name. Under CUDA graphs on a CPU the emulated replay is left out: a
-    GPU's replay runs no Python. A trace's "copies": whether the token moved an expert (its bytes
-    went over the link); "graphs": how its segments ran."""
+    decoded tokens (the cache fills), then `traced` more decoded tokens, each traced on its own, and
+    one more whose sync steps' torch ops are counted. Under CUDA graphs on a CPU the emulated replay
+    is left out: a GPU's replay runs no Python."""
     import mobile
     from mobile.runtime.sampling import Sampler
 
@@ -103,4 +111,4 @@ def measure(graph: str | Path, cuda_graphs: str, tokens: int = 8, traced: int = 
     copies_before = engine.stats_.bytes_h2d
     sync_ops = ops_in_sync_steps(one_token)
     engine.close()
-    return traces, (sync_ops, engine.stats_.bytes_h2d > copies_before), engine.spec.policy.name
+    return Measured(traces, sync_ops, engine.stats_.bytes_h2d > copies_before, engine.spec.policy.name)

@@ -24,8 +24,9 @@ def graph(tiny, tmp_path):
 def test_decode_tokens_under_cuda_graphs_stay_in_few_files(graph, monkeypatch):
     monkeypatch.setattr(rule_kernel, "enabled", False)  # the rule as a GPU runs it: its torch ops
     folder, ckpt = graph
-    traces, _, policy = measure(folder, "on", tokens=3, traced=6, weights=ckpt, link_gbps=50.0)
-    assert policy == "mobile" and any(t["copies"] for t in traces)  # some tokens moved experts
+    m = measure(folder, "on", tokens=3, traced=6, weights=ckpt, link_gbps=50.0)
+    traces = m.traces
+    assert m.policy == "mobile" and any(t["copies"] for t in traces)  # some tokens moved experts
     for t in traces:
         assert t["graphs"].endswith(", 0 run eagerly")
         moved = {"mobile/moe/transfer.py"} if t["copies"] else set()
@@ -35,7 +36,6 @@ def test_decode_tokens_under_cuda_graphs_stay_in_few_files(graph, monkeypatch):
 def test_eager_decode_tokens_run_their_segments_python(graph):
     """The count is not blind: eagerly the same tokens enter the segments, the math and the op."""
     folder, ckpt = graph
-    traces, _, _ = measure(folder, "off", tokens=3, traced=2, weights=ckpt, link_gbps=50.0)
-    for t in traces:
+    for t in measure(folder, "off", tokens=3, traced=2, weights=ckpt, link_gbps=50.0).traces:
         assert "graphs" not in t
         assert {SEGMENTS, "mobile/models/ops.py", "mobile/moe/op.py", "mobile/moe/rule.py"} <= set(t["files"])

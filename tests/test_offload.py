@@ -323,7 +323,8 @@ def test_big_only_estimate_is_replayed_in_batches(tiny, tmp_path):
             engine._forward(torch.tensor([token]), engine.length)
     assert len(cache.unestimated) == 2  # decoded tokens wait for a batch
     queued = list(cache.unestimated)
-    by_one = BigOnlyShadow(list(cache.shadow.tables), 4, cache.shadow.expert_bytes, cache.eviction)
+    by_one = BigOnlyShadow(list(cache.shadow.tables), cache.plan.main + cache.plan.staging, cache.shadow.expert_bytes,
+                           cache.eviction)
     by_one.tables = {layer: table.demand_copy() for layer, table in cache.shadow.tables.items()}
     before = cache.shadow.bytes
     for forward in queued:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,8 +64,10 @@ class Step:
     # with CUDA graphs: the segment without the executor's bookkeeping (the node list, the trace),
     # which a replay would skip; what the graph runner captures (fn itself when compiled)
     graph_fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None = None
-    raw: bool = False  # a sync step one of whose nodes reads floats (a host placement): one read of any dtypes
-    names: tuple[str, ...] = ()  # its nodes' names, for the record of what ran
+    # derived, once: a sync step one of whose nodes reads floats (a host placement) reads any dtypes in
+    # its one read; the nodes' names, for the record of what ran
+    raw: bool = field(init=False)
+    names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.raw = any(n.kernel.raw for n in self.sync or ())
@@ -127,9 +129,9 @@ def folded_reads(step: list[Node], hosts: dict[str, HostNode]) -> tuple[Read, ..
     the step)."""
     reads = []
     for n in step:
-        read = hosts[n.name].kernel.read
-        if read is not None and not any(i in hosts for i in n.inputs):
-            reads.append(Read(read_name(n.name), read, n.inputs))
+        host = hosts[n.name]
+        if host.kernel.read is not None and not any(i in hosts for i in n.inputs):
+            reads.append(Read(host.read_as, host.kernel.read, n.inputs))
     return tuple(reads)
 
 
