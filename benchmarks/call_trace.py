@@ -1,7 +1,7 @@
 """How a decode token moves through mobile's own code: the Python calls it makes inside mobile/
 (and kernels/), the files it enters, and how often it switches from one file to another.
 
-    python benchmarks/call_trace.py [--graph graphs/demo] [--tokens 8] [--traced 16] [--top 12]
+    python benchmarks/call_trace.py [--graph graphs/demo] [--tokens 8] [--traced 16] [--top 12] [--sampled]
 
 It traces two paths of the same token, each on an engine of its own:
 - eager: the CPU's default (`runtime.cuda_graphs` auto is off there). Every compute segment runs
@@ -10,7 +10,8 @@ It traces two paths of the same token, each on an engine of its own:
   (mobile.runtime.graphs): an emulated replay runs the segment's Python again, where a GPU's
   `graph.replay()` is one call into CUDA that runs none. The emulated replay
   (GraphRunner._run_static) is therefore left out of the count, and the count is what a GPU's
-  Python runs: the executor, the sync steps, the graph runner's bookkeeping, the sampler.
+  Python runs: the executor, the sync steps, the graph runner's bookkeeping. The next token's
+  pick is replayed too, greedy or sampled (--sampled).
 
 After a prompt and a few warm-up tokens, one more decode step (the forward and the sampled
 token's read) runs under sys.setprofile. Each call into a function defined in mobile/ or kernels/,
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from calltrace import SEGMENTS, measure  # noqa: E402
 
+SAMPLED = {"greedy": False, "temperature": 0.8, "top_p": 0.9, "seed": 0}  # --sampled
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,6 +51,8 @@ def main() -> None:
     p.add_argument("--placement", choices=["move", "choose", "adaptive"], help="the policy's placement of a miss")
     p.add_argument("--segments-as-executor", action="store_true", help="count the generated segment code as the "
                    "executor's file, which writes it")
+    p.add_argument("--sampled", action="store_true", help="draw the traced tokens at temperature 0.8 and top-p "
+                   "0.9 (seed 0), not greedily")
     args = p.parse_args()
     segments = SEGMENTS
     if args.segments_as_executor:
@@ -60,10 +65,11 @@ def main() -> None:
     options = {"placement": args.placement} if args.placement else None
     for path, cuda_graphs in (("eager (the CPU's default)", "off"),
                               ("CUDA graphs (a GPU's default; emulated here, the replay not counted)", "on")):
-        m = measure(args.graph, cuda_graphs, args.tokens, args.traced, segments, policy=args.policy,
-                    policy_options=options)
+        m = measure(args.graph, cuda_graphs, args.tokens, args.traced, segments, SAMPLED if args.sampled else None,
+                    policy=args.policy, policy_options=options)
         traces, sync_ops = m.traces, m.sync_ops
-        print(f"{len(traces)} decode tokens, {Path(args.graph).name}, policy {m.policy}, {path}:")
+        drawn = "sampled at temperature 0.8, top-p 0.9" if args.sampled else "greedy"
+        print(f"{len(traces)} decode tokens ({drawn}), {Path(args.graph).name}, policy {m.policy}, {path}:")
         for moved, label in ((False, "tokens that moved no expert"), (True, "tokens that moved experts")):
             some = [t for t in traces if t["copies"] == moved]
             if some:

@@ -68,11 +68,12 @@ class Measured:
 
 
 def measure(graph: str | Path, cuda_graphs: str, tokens: int = 8, traced: int = 16, segments: str = SEGMENTS,
-            **load) -> Measured:
+            sampling: dict | None = None, **load) -> Measured:
     """One engine (mobile.Engine.load(graph, cuda_graphs=..., **load)), a prompt and `tokens`
     decoded tokens (the cache fills), then `traced` more decoded tokens, each traced on its own, and
-    one more whose sync steps' torch ops are counted. Under CUDA graphs on a CPU the emulated replay
-    is left out: a GPU's replay runs no Python."""
+    one more whose sync steps' torch ops are counted. The traced tokens are greedy, or drawn by
+    Sampler(**sampling). Under CUDA graphs on a CPU the emulated replay is left out: a GPU's
+    replay runs no Python."""
     import mobile
     from mobile.runtime.sampling import Sampler
 
@@ -90,13 +91,12 @@ def measure(graph: str | Path, cuda_graphs: str, tokens: int = 8, traced: int = 
 
         engine.graphs._run_static = replay  # type: ignore[method-assign]
     prompt = torch.tensor([5, 6, 7, 8])
-    out = engine.generate(prompt, tokens, stop_ids=[])
-    sampler, last = Sampler(), [out[-1] if out else 9]
+    out = engine.generate(prompt, tokens, stop_ids=[], **(sampling or {}))  # the picks set up too
+    sampler, last = Sampler(**(sampling or {})), [out[-1] if out else 9]
 
     @torch.inference_mode()
     def one_token() -> None:  # what Engine.generate does for one decoded token
-        token = sampler(engine._forward(torch.tensor([last[0]]), engine.length)[-1], engine.reader)
-        last[0] = token if token is not None else 9
+        last[0] = engine._next_token(torch.tensor([last[0]]), engine.length, sampler)
 
     traces = []
     for _ in range(traced):

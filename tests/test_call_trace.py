@@ -1,7 +1,7 @@
 """Issue 21's count of a decode token's Python (tests/calltrace.py). Under CUDA graphs, the path a
-GPU runs, the model's math and the MoE op run inside the replayed segments: a token that moves no
-expert enters 8 of mobile's files, one that moves experts also the transfer engine, and every
-token switches files at most 100 times."""
+GPU runs, the model's math, the MoE op and the next token's pick (greedy or sampled) run inside
+the replayed graphs: a token that moves no expert enters 7 of mobile's files, one that moves
+experts also the transfer engine, and every token switches files at most 100 times."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from calltrace import SEGMENTS, measure
 from mobile.moe import rule_kernel
 
 GPU_FILES = {"mobile/runtime/engine.py", "mobile/runtime/executor.py", "mobile/runtime/graphs.py",
-             "mobile/runtime/hostio.py", "mobile/runtime/sampling.py", "mobile/moe/layer.py", "mobile/moe/cache.py",
-             "mobile/moe/slots.py"}
+             "mobile/runtime/hostio.py", "mobile/moe/layer.py", "mobile/moe/cache.py", "mobile/moe/slots.py"}
 
 
 @pytest.fixture
@@ -21,10 +20,11 @@ def graph(tiny, tmp_path):
     return t.compile(tmp_path / "mobile", "--policy", "mobile", slots_per_layer=4), t.ckpt
 
 
-def test_decode_tokens_under_cuda_graphs_stay_in_few_files(graph, monkeypatch):
+@pytest.mark.parametrize("sampling", [None, {"greedy": False, "temperature": 0.8, "top_p": 0.9}])
+def test_decode_tokens_under_cuda_graphs_stay_in_few_files(graph, monkeypatch, sampling):
     monkeypatch.setattr(rule_kernel, "enabled", False)  # the rule as a GPU runs it: its torch ops
     folder, ckpt = graph
-    m = measure(folder, "on", tokens=3, traced=6, weights=ckpt, link_gbps=50.0)
+    m = measure(folder, "on", tokens=3, traced=6, sampling=sampling, weights=ckpt, link_gbps=50.0)
     traces = m.traces
     assert m.policy == "mobile" and any(t["copies"] for t in traces)  # some tokens moved experts
     for t in traces:
@@ -34,8 +34,10 @@ def test_decode_tokens_under_cuda_graphs_stay_in_few_files(graph, monkeypatch):
 
 
 def test_eager_decode_tokens_run_their_segments_python(graph):
-    """The count is not blind: eagerly the same tokens enter the segments, the math and the op."""
+    """The count is not blind: eagerly the same tokens enter the segments, the math, the op and the
+    sampler."""
     folder, ckpt = graph
     for t in measure(folder, "off", tokens=3, traced=2, weights=ckpt, link_gbps=50.0).traces:
         assert "graphs" not in t
-        assert {SEGMENTS, "mobile/models/ops.py", "mobile/moe/op.py", "mobile/moe/rule.py"} <= set(t["files"])
+        assert {SEGMENTS, "mobile/models/ops.py", "mobile/moe/op.py", "mobile/moe/rule.py",
+                "mobile/runtime/sampling.py"} <= set(t["files"])

@@ -7,6 +7,7 @@ import torch
 
 import mobile
 from mobile.errors import MobileError
+from mobile.runtime.context import StepContext
 from mobile.runtime.hostio import HostReader
 from mobile.runtime.sampling import Sampler
 
@@ -21,14 +22,62 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert a == b and a != c
 
 
+def chosen(sampler: Sampler, logits: torch.Tensor, reader: HostReader, position: int = 0) -> int:
+    """The token a sampler picks from logits [V] at `position`, read as the engine reads it
+    (Engine._next_token)."""
+    z = torch.zeros(1)
+    ctx = StepContext(positions=torch.tensor([position]), cos=z, sin=z, kv_len=position + 1)
+    (token,), (finite,) = reader.ints(sampler.pick.fn(ctx, logits[None], sampler.pick.params))
+    assert finite
+    return token
+
+
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     sampler, reader = Sampler(greedy=False, top_p=0.7, seed=0), HostReader(torch.device("cpu"))
-    assert {sampler(logits, reader) for _ in range(200)} == {0, 1}
-    assert Sampler(greedy=True)(logits, reader) == 0
+    assert {chosen(sampler, logits, reader, position) for position in range(200)} == {0, 1}
+    assert chosen(Sampler(greedy=True), logits, reader) == 0
     assert reader.reads == 201  # each choice is one read of the device
     with pytest.raises(MobileError, match="temperature must be > 0"):
         Sampler(greedy=False, temperature=0)
+
+
+def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """What a sampler draws from, written out: softmax at the temperature, cut to the top-p nucleus."""
+    probs = torch.softmax(logits / temperature, dim=-1).double()
+    order = torch.argsort(probs, descending=True)
+    before = torch.cumsum(probs[order], 0) - probs[order]
+    kept = torch.zeros_like(probs)
+    kept[order[before < top_p]] = probs[order[before < top_p]]
+    return kept / kept.sum()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5)])
+def test_draws_follow_the_distribution_one_read_each(temperature, top_p):
+    """Over positions, a seed's draws have the nucleus's frequencies (to 4.5 standard errors)."""
+    logits = torch.randn(12, generator=torch.Generator().manual_seed(1)) * 2
+    sampler, reader, n = Sampler(greedy=False, temperature=temperature, top_p=top_p, seed=5), \
+        HostReader(torch.device("cpu")), 6000
+    counts = torch.bincount(torch.tensor([chosen(sampler, logits, reader, p) for p in range(n)]), minlength=12)
+    p = nucleus(logits, temperature, top_p)
+    assert ((counts / n - p).abs() <= 4.5 * (p * (1 - p) / n).sqrt() + 1e-9).all(), (counts / n, p)
+    assert reader.reads == n  # one read per token: the id
+
+
+def test_draws_at_neighbouring_positions_are_independent():
+    """The noise is a hash of (seed, position, id): a token's draw says nothing of the next one's."""
+    logits = torch.zeros(4)  # four equally likely ids: each pair of neighbours 1/16
+    sampler, reader, n = Sampler(greedy=False, seed=11), HostReader(torch.device("cpu")), 8000
+    draws = torch.tensor([chosen(sampler, logits, reader, p) for p in range(n + 1)])
+    pairs = torch.bincount(draws[:-1] * 4 + draws[1:], minlength=16) / n
+    assert ((pairs - 1 / 16).abs() <= 4.5 * (1 / 16 * 15 / 16 / n) ** 0.5).all(), pairs
+
+
+def test_seeds_draw_apart():
+    logits = torch.zeros(1000)
+    runs = [[chosen(Sampler(greedy=False, seed=seed), logits, HostReader(torch.device("cpu")), p) for p in range(8)]
+            for seed in (0, 1, 2**40, 2**40 + 1, 2**63 - 1)]
+    assert len({tuple(r) for r in runs}) == len(runs)
 
 
 def test_stop_tokens(tiny):

@@ -132,7 +132,7 @@ def interrupt_at(monkeypatch, call: int) -> None:
     """Ctrl-C during the engine's `call`-th forward (1: the prompt's)."""
     from mobile.runtime.engine import Engine
 
-    real, calls = Engine._forward, [0]
+    real, calls = Engine._run, [0]
 
     def forward(self, *args, **kwargs):
         calls[0] += 1
@@ -140,7 +140,7 @@ def interrupt_at(monkeypatch, call: int) -> None:
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Engine, "_forward", forward)
+    monkeypatch.setattr(Engine, "_run", forward)
 
 
 def test_an_interrupted_json_run_prints_what_it_made(tiny, monkeypatch, capsys):

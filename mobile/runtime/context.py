@@ -38,3 +38,16 @@ class SyncKernel:
     act: Callable[..., Any]
     read: Callable[..., list[torch.Tensor]] | None = None
     raw: bool = False
+
+
+@dataclass(frozen=True)
+class Pick:
+    """How a forward's next token is chosen on the device (mobile.runtime.sampling), after its last
+    pass. fn(ctx, logits [T, V], params) -> (the id chosen from the last row, whether that row's
+    logits are all finite): two device tensors, which the host reads in one copy. params: the
+    device tensors fn reads besides (a seed, a temperature). key: names fn for the graph runner,
+    which captures the pick once per bucket and replays it with each call's params copied in."""
+
+    fn: Callable[[StepContext, torch.Tensor, tuple], tuple[torch.Tensor, torch.Tensor]]
+    params: tuple[torch.Tensor, ...]
+    key: str

@@ -27,10 +27,10 @@ from mobile.models.ops import rope_inv_freq, rope_tables
 from mobile.models.weights import TORCH_DTYPES, WeightStore, check_checkpoint
 from mobile.moe.op import warm_up
 from mobile.outputs import atomic_write_text
-from mobile.runtime.context import StepContext
+from mobile.runtime.context import Pick, StepContext
 from mobile.runtime.devclock import clock_for
 from mobile.runtime.diagnose import first_nonfinite_weight
-from mobile.runtime.executor import Executor, Forward
+from mobile.runtime.executor import Executor, Forward, Outcome
 from mobile.runtime.graphs import GRAPH_MAX_TOKENS, GraphRunner, StaticState, kv_bucket
 from mobile.runtime.hostio import HostReader
 from mobile.runtime.kernels import Kernels
@@ -208,7 +208,23 @@ class Engine:
     def _forward(self, ids: torch.Tensor, start: int, only: Pass | None = None, last_only: bool = False
                  ) -> torch.Tensor:
         """Run positions [start, start + T) of the current sequence; returns logits [T, V] ([1, V]
-        with last_only). only: run this pass alone, whatever the gates say (studies of one pass).
+        with last_only). only: run this pass alone, whatever the gates say (studies of one pass)."""
+        return self._run(ids, start, only, last_only).logits
+
+    def _next_token(self, ids: torch.Tensor, start: int, sampler: Sampler, last_only: bool = False) -> int:
+        """Run positions [start, start + T) (Engine._forward) and pick the next token on the device
+        (Sampler.pick, run by the executor after the forward's last pass); returns it, read in one
+        copy. A RunError when the last position's logits are not all finite."""
+        picked = self._run(ids, start, last_only=last_only, pick=sampler.pick).picked
+        assert picked is not None
+        (token,), (finite,) = self.reader.ints(picked)
+        if not finite:
+            raise self._nonfinite(start + ids.shape[0] - 1)
+        return token
+
+    def _run(self, ids: torch.Tensor, start: int, only: Pass | None = None, last_only: bool = False,
+             pick: Pick | None = None) -> Outcome:
+        """Engine._forward's forward, with the executor's whole Outcome; pick: the next token's choice.
 
         Which passes run is the executor's to decide (Executor.run), from what this asks for: a
         prompt runs the prompt pass (`prefill`: big by default), a decoded token the policy's decode
@@ -227,14 +243,16 @@ class Engine:
             self.ids = torch.cat((self.ids[:start], ids.cpu()))
         if self.state is not None and start == 0:  # a new sequence: nothing folded into the state yet
             self.state.reset()
+        gated, refresh = False, None
         if only is not None:
-            forward = Forward(only, start=start)
+            first = only
         elif T > 1:  # a prompt
-            forward = Forward(Pass(self.spec.policy.prefill) if len(passes) > 1 else passes[0], start=start)
+            first = Pass(self.spec.policy.prefill) if len(passes) > 1 else passes[0]
         else:
-            pending = kv_refresh and self.little_from is not None and self.little_from < start
-            forward = Forward(passes[0], gated=len(passes) > 1,
-                              refresh=self._refresh(ids, start, kv_refresh) if pending else None, start=start)
+            first, gated = passes[0], len(passes) > 1
+            if kv_refresh and self.little_from is not None and self.little_from < start:
+                refresh = self._refresh(ids, start, kv_refresh)
+        forward = Forward(first, gated, refresh, start, pick)
         self.experts.begin_forward()
         ctx, tokens = self._context(ids, start, last_only)
         outcome = self.executor.run(ctx, tokens, forward)
@@ -253,7 +271,7 @@ class Engine:
             # a decoded token's (Executor.run): a little prompt's positions stay little
             self.little_from = start if self.state is None or T == 1 else start + T
         self.length = start + T
-        return outcome.logits
+        return outcome
 
     def _refresh(self, ids: torch.Tensor, start: int, limit: int):
         """A KV refresh's input, made if the token falls back: it and the accepted little tokens
@@ -354,16 +372,15 @@ class Engine:
         if forced is not None and len(forced) < max_new_tokens:
             raise MobileError(f"teacher-forced decoding of {max_new_tokens} tokens needs as many forced tokens, "
                               f"got {len(forced)}")
-        sampler = Sampler(greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)
+        sampler = Sampler(greedy=greedy, temperature=temperature, top_p=top_p, seed=seed, device=self.device)
         stops = set(self.default_stop_ids() if stop_ids is None else stop_ids)
 
-        def choose(logits: torch.Tensor, i: int) -> int:
-            if forced is not None:
-                return int(forced[i])
-            token = sampler(logits[-1], self.reader)
-            if token is None:
-                raise self._nonfinite(ids.numel() - 1 + i)
-            return token
+        def next_token(fed: torch.Tensor, start: int, i: int, last_only: bool = False) -> int:
+            """Run the fed tokens; the i-th new token: sampled, or the i-th forced one."""
+            if forced is None:
+                return self._next_token(fed, start, sampler, last_only)
+            self._forward(fed, start, last_only=last_only)
+            return int(forced[i])
 
         new: list[int] = []
         before: dict[str, float] | None = None  # the counters when decoding began
@@ -371,7 +388,7 @@ class Engine:
         stopped = "max_new_tokens"
         t0 = time.perf_counter()
         try:
-            token = choose(self._forward(ids, 0, last_only=True), 0)  # the prompt's next token
+            token = next_token(ids, 0, 0, last_only=True)  # the prompt's next token
             self.stats_.prefill_tokens += ids.numel()
             self.stats_.prefill_s += time.perf_counter() - t0
             self.experts.settle()  # the prompt's statistics are complete before decoding is counted
@@ -392,7 +409,7 @@ class Engine:
                     break
                 step, reads = time.perf_counter(), self.reader.reads
                 replays = self.graphs.replays if self.graphs is not None else 0
-                token = choose(self._forward(torch.tensor([token]), self.length), len(new))
+                token = next_token(torch.tensor([token]), self.length, len(new))
                 if self.executor.compile and not self.decode_compiled:
                     # torch.compile traces and compiles the decode step on its first call (tens of seconds):
                     # that step (its time, its token, its host reads) is reported apart, not as decoding

@@ -20,7 +20,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -28,15 +28,13 @@ from mobile import policy as policies
 from mobile.compiler.ir import GRAPH_INPUTS, REGION, SYNC_OPS, Graph, Node, Op, Pass
 from mobile.compiler.verify import verify
 from mobile.errors import GraphError
-from mobile.runtime.context import StepContext, SyncKernel
+from mobile.runtime.context import Pick, StepContext, SyncKernel
 from mobile.runtime.devclock import clock_for
+from mobile.runtime.graphs import GraphRunner, Segment, refusal
 from mobile.runtime.hostio import HostReader
 from mobile.runtime.kernels import Kernels
 from mobile.runtime.segments import Read, compiled, segment_fn
 from mobile.runtime.state import RecurrentState
-
-if TYPE_CHECKING:
-    from mobile.runtime.graphs import GraphRunner
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,7 @@ class Step:
     drop_after: list[str]  # values no later step reads
     # with CUDA graphs: the segment without the executor's bookkeeping (the node list, the trace),
     # which a replay would skip; what the graph runner captures (fn itself when compiled)
-    graph_fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None = None
+    graph: Segment | None = None
     # derived, once: a sync step one of whose nodes reads floats (a host placement) reads any dtypes in
     # its one read; the nodes' names, for the record of what ran
     raw: bool = field(init=False)
@@ -81,12 +79,14 @@ class Forward:
     fallback); else a gate's value is read and ignored. refresh: on a fallback, the input of a KV
     refresh, () -> (ctx, tokens, positions recomputed before the token), for a big pass over them
     from the first node; without it the big pass runs again from the region only, on this
-    forward's values. start: the forward's first position (where a recurrent state is kept)."""
+    forward's values. start: the forward's first position (where a recurrent state is kept). pick:
+    the next token's choice, made on the logits after the last pass (Outcome.picked)."""
 
     first: Pass
     gated: bool = False
     refresh: Callable[[], tuple[StepContext, torch.Tensor, int]] | None = None
     start: int = 0
+    pick: Pick | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ class Outcome:
     logits: torch.Tensor
     passes: tuple[Pass, ...]  # the passes that ran, in order: (little, big) after a fallback
     refreshed: int = 0  # positions before the token that a KV refresh recomputed
+    picked: tuple[torch.Tensor, torch.Tensor] | None = None  # Forward.pick's (id, all finite), on the device
 
     @property
     def fell_back(self) -> bool:
@@ -186,6 +187,7 @@ class Executor:
         self.region_state = frozenset(n.attr("layer") for n in graph.nodes
                                       if n.op is Op.LINEAR_ATTENTION and n.attr("region") == REGION)
         self.steps: dict[Pass, list[Step]] = {}
+        self.picks: dict[str, Segment] = {}  # with graphs: the segment of each captured pick (Pick.key)
         self.entry: dict[Pass, int] = {}  # where a pass starts again after a fallback: its first region step
         for p in self.passes:
             nodes = [n.in_pass(p) for n in graph.nodes if n.runs_in(p)]
@@ -220,33 +222,43 @@ class Executor:
                 fn = compiled(segment_fn(group, built, live_out, None, None, self.clock, reads))
             else:
                 fn = segment_fn(group, built, live_out, self.executed, self.trace, self.clock, reads)
-            plain = None
+            graph = None
             if self.graphs is not None:
                 plain = fn if self.compile else segment_fn(group, built, live_out, None, None, self.clock, reads)
-            steps.append(Step((p.value, si), group, fn, None, sorted(live_in), drop, plain))
+                graph = Segment((p.value, si), f"{group[0].name}..{group[-1].name}", plain, refusal(group))
+            steps.append(Step((p.value, si), group, fn, None, sorted(live_in), drop, graph))
         return steps
 
     def run(self, ctx: StepContext, tokens: torch.Tensor, forward: Forward) -> Outcome:
         """One forward: its first pass; after a fallback (a gate fired in a gated little pass) the
-        big pass, again over the region on this forward's values, or over a KV refresh's positions."""
+        big pass, again over the region on this forward's values, or over a KV refresh's positions.
+        Then the forward's pick of the next token, if it has one."""
+        logits, passes, refreshed, ctx = self._passes(ctx, tokens, forward)
+        picked = None if forward.pick is None else self._pick(forward.pick, ctx, logits)
+        return Outcome(logits, passes, refreshed, picked)
+
+    def _passes(self, ctx: StepContext, tokens: torch.Tensor, forward: Forward
+                ) -> tuple[torch.Tensor, tuple[Pass, ...], int, StepContext]:
+        """The passes of Executor.run: (logits, the passes that ran, positions refreshed, the
+        context of the last pass)."""
         self.executed.clear()
         env: dict[str, Any] = {GRAPH_INPUTS[0]: tokens}
         state = self.state if forward.gated and self.state is not None and self.state.kept else None
         if state is not None:  # the little pass advances it; a fallback's big pass starts from it again
             state.keep(forward.start)
         if not self._pass(forward.first, ctx, env, 0, forward.gated):
-            return Outcome(env[self.output], (forward.first,))
+            return env[self.output], (forward.first,), 0, ctx
         if forward.refresh is not None:
             ctx, tokens, refreshed = forward.refresh()
             if state is not None:  # the refresh runs every layer from its first position
                 state.restore(forward.start - refreshed)
             env = {GRAPH_INPUTS[0]: tokens}
             self._pass(Pass.BIG, ctx, env, 0, False)
-            return Outcome(env[self.output], (forward.first, Pass.BIG), refreshed)
+            return env[self.output], (forward.first, Pass.BIG), refreshed, ctx
         if state is not None:
             state.restore(forward.start, self.region_state)
         self._pass(Pass.BIG, ctx, env, self.entry[Pass.BIG], False)
-        return Outcome(env[self.output], (forward.first, Pass.BIG))
+        return env[self.output], (forward.first, Pass.BIG), 0, ctx
 
     def _pass(self, p: Pass, ctx: StepContext, env: dict[str, Any], start: int, gated: bool) -> bool:
         """Run pass p's steps from step `start`; True when a gate fired and `gated`: the pass ends there."""
@@ -298,12 +310,24 @@ class Executor:
         """One compute step through the graph runner, with the bookkeeping its function leaves out:
         the nodes it ran, and with a trace one span for the whole segment (a replay has no node
         boundaries to time)."""
-        assert self.graphs is not None and step.graph_fn is not None
+        assert self.graphs is not None and step.graph is not None
         t0 = self.clock() if self.trace is not None else 0.0
-        out = self.graphs.run(step.key, step.nodes, step.graph_fn, ctx, inputs, first)
+        out = self.graphs.run(step.graph, ctx, inputs, first)
         if self.trace is not None:
             name = f"{step.nodes[0].name}..{step.nodes[-1].name}"
             self.trace.append((name, "graph", "compute", t0, self.clock(), 0))
         if not self.compile:
             self.executed.extend(step.names)
         return out
+
+    def _pick(self, pick: Pick, ctx: StepContext, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next token's pick on the forward's logits: through the graph runner when the forward
+        ran through it (captured once per bucket, as a segment is), else as its ops."""
+        if self.graphs is None or ctx.key is None:
+            return pick.fn(ctx, logits, pick.params)
+        segment = self.picks.get(pick.key)
+        if segment is None:
+            fn = pick.fn  # the same key is the same fn (Pick)
+            segment = self.picks[pick.key] = Segment(("pick", pick.key), f"the {pick.key} pick",
+                                                     lambda ctx, env: {"picked": fn(ctx, env["logits"], env["params"])})
+        return self.graphs.run(segment, ctx, {"logits": logits, "params": pick.params}, False)["picked"]

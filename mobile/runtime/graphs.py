@@ -18,7 +18,9 @@ A decode step is cut by host reads (one per MoE layer, mobile.runtime.hostio) in
   holds in its environment between steps.
 
 Under `resident` a decoded token is one graph: the whole forward is one segment (the token id and
-position are written into the static state before it, and the sampler runs after it).
+position are written into the static state before it). The next token's pick after the forward's
+last segment is an entry of its own (Segment key ("pick", ...)), captured and replayed with each
+request's seed and knobs copied in (mobile.runtime.sampling).
 
 What a captured segment must not do, and how each is kept out:
 - host reads: only sync steps read (mobile.runtime.hostio), and they run between segments, in Python; on
@@ -153,6 +155,16 @@ class StaticState:
         return gather
 
 
+@dataclass(frozen=True)
+class Segment:
+    """What the runner runs: a compute step's function, or a forward's pick of its next token."""
+
+    key: Hashable  # the executor's: (pass, step index), or ("pick", the pick's key)
+    name: str  # what a refusal's reason names: a step's first and last node
+    fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]]  # what a capture records: no bookkeeping
+    refusal: str | None = None  # why it can never be captured, known when it is built (refusal())
+
+
 class NotCapturable(Exception):
     pass
 
@@ -240,7 +252,6 @@ class GraphRunner:
         self.entries: dict[tuple, Entry] = {}
         self.persistent: set[tuple] = set()  # identities of tensors read in place
         self.refused: dict[tuple, str] = {}  # entry keys that run eagerly, and why
-        self.static_refusals: dict[Hashable, str | None] = {}  # per step
         self.reasons: dict[str, int] = {}
         self.captures = self.replays = self.eager = 0
         self.side: Any = None  # CUDA: the stream captures run on
@@ -265,21 +276,17 @@ class GraphRunner:
         self.captures = self.replays = self.eager = 0
         self.reasons.clear()
 
-    def run(self, si: Hashable, nodes: list[Node], fn: Callable, ctx: StepContext, inputs: dict[str, Any],
-            first: bool) -> dict[str, Any]:
-        """Run compute step `si` (its generated function `fn`; the executor's key of it: pass and
-        index) on `inputs` through its entry for this bucket; `first`: the forward's first compute
-        step, which gathers the rope rows."""
-        if si not in self.static_refusals:
-            self.static_refusals[si] = refusal(nodes)
-        reason = self.static_refusals[si]
+    def run(self, segment: Segment, ctx: StepContext, inputs: dict[str, Any], first: bool) -> dict[str, Any]:
+        """Run `segment` on `inputs` through its entry for this bucket; `first`: the forward's first
+        compute step, which gathers the rope rows."""
+        fn, reason = segment.fn, segment.refusal
         try:
             leaves, structure = flatten(inputs.values(), plain=True)
         except NotCapturable as e:
-            leaves, structure, reason = [], [], reason or f"{nodes[0].name}..{nodes[-1].name}: {e}"
+            leaves, structure, reason = [], [], reason or f"{segment.name}: {e}"
         key: tuple = ()
         if reason is None:
-            key = (si, ctx.key, first, tuple(structure), tuple(map(self._leaf_key, leaves)))
+            key = (segment.key, ctx.key, first, tuple(structure), tuple(map(self._leaf_key, leaves)))
             reason = self.refused.get(key)
         if reason is not None:
             return self._eager(reason, fn, ctx, inputs, first)
@@ -288,7 +295,7 @@ class GraphRunner:
             try:
                 entry = self._set_up(key, list(inputs), leaves, structure, fn, ctx, first)
             except NotCapturable as e:
-                self.refused[key] = why = f"{nodes[0].name}..{nodes[-1].name}: {e}"
+                self.refused[key] = why = f"{segment.name}: {e}"
                 return self._eager(why, fn, ctx, inputs, first)
         else:
             for i in entry.copied:
