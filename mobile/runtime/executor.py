@@ -9,7 +9,8 @@ its nodes need on the host are read in one copy (mobile.runtime.hostio): a MoE l
 the prefetches that go with it cost one read. The segment before a sync step computes those
 values (segments.Read), so that a CUDA graph holds that device work too. A forward (Executor.run)
 runs its first pass; when a gate fires, it runs the big pass again from the region, or over a KV
-refresh's positions. A model with linear-attention layers has a recurrent state
+refresh's positions. Then it picks the next token on the device (Forward.pick), through the graph
+runner as a segment is. A model with linear-attention layers has a recurrent state
 (mobile.runtime.state): the executor keeps it before a gated pass and restores it before the big
 pass that follows a fallback.
 """

@@ -91,6 +91,8 @@ def seed_keys(seed: int) -> tuple[int, int]:
 
 
 class Sampler:
+    """One request's way of choosing tokens, checked once: its Pick (what the executor runs)."""
+
     def __init__(self, greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  device: torch.device | str = "cpu"):
         """device: the logits' (the seed and knobs are put there once)."""
@@ -101,7 +103,6 @@ class Sampler:
                 raise MobileError(f"top_p must be in (0, 1], got {top_p}", key="--top-p")
         self.greedy, self.temperature, self.top_p = greedy, temperature, top_p
         self.seed = seed if seed is not None else 0
-        # what the executor runs after a forward (mobile.runtime.context: Pick)
         if greedy:
             self.pick = Pick(greedy_pick, (), "greedy")
             return
