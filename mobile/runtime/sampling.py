@@ -35,31 +35,19 @@ def greedy_pick(ctx: StepContext, logits: torch.Tensor, params: tuple) -> tuple[
 
 def sample_pick(ctx: StepContext, logits: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, V] -> an id sampled from the last row at params' temperature, and whether that
-    row is all finite (on the device). params: (the seed's keys [2] int64, [temperature])."""
-    keys, (temperature,) = params
+    """logits [T, V] -> an id sampled from the last row, and whether that row is all finite (on the
+    device). params: (the seed's keys [2] int64, knobs: [temperature], or [temperature, top_p] to
+    draw from the smallest set of ids whose probability reaches top_p). The knobs' length is a
+    shape, which a capture is keyed by, so each kind of request has its own."""
+    keys, knobs = params
     last = logits[-1]
-    probs = torch.softmax(last.float() / temperature, dim=-1)
-    return _draw(probs, keys, ctx.positions[-1]), torch.isfinite(last).all()
-
-
-def nucleus_pick(ctx: StepContext, logits: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """sample_pick from the smallest set of ids whose probability reaches params' top_p.
-    params: (the seed's keys [2] int64, [temperature, top_p])."""
-    keys, (temperature, top_p) = params
-    last = logits[-1]
-    probs = torch.softmax(last.float() / temperature, dim=-1)
-    sorted_p, order = torch.sort(probs, descending=True)
-    keep = (sorted_p.cumsum(0) - sorted_p) < top_p  # the prefix before it holds less than top_p: at least one
-    probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
-    return _draw(probs, keys, ctx.positions[-1]), torch.isfinite(last).all()
-
-
-def _draw(probs: torch.Tensor, keys: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """One id drawn from probs [V] (unnormalized): argmax(p / E), E exponential noise ([1], int64)."""
-    noise = -torch.log(uniforms(keys, position, probs.shape[0]))
-    return torch.argmax(probs / noise, dim=-1, keepdim=True)
+    probs = torch.softmax(last.float() / knobs[0], dim=-1)
+    if knobs.shape[0] > 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < knobs[1]  # the prefix before it holds less than top_p: at least one
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
+    noise = -torch.log(uniforms(keys, ctx.positions[-1], probs.shape[0]))  # exponential
+    return torch.argmax(probs / noise, dim=-1, keepdim=True), torch.isfinite(last).all()
 
 
 def uniforms(keys: torch.Tensor, position: torch.Tensor, n: int) -> torch.Tensor:
@@ -106,8 +94,7 @@ class Sampler:
         if greedy:
             self.pick = Pick(greedy_pick, (), "greedy")
             return
-        keys = torch.tensor(seed_keys(self.seed), device=device)
-        if top_p < 1.0:
-            self.pick = Pick(nucleus_pick, (keys, torch.tensor([temperature, top_p], device=device)), "nucleus")
-        else:
-            self.pick = Pick(sample_pick, (keys, torch.tensor([temperature], device=device)), "sample")
+        nucleus = top_p < 1.0
+        knobs = torch.tensor([temperature, top_p] if nucleus else [temperature], device=device)
+        self.pick = Pick(sample_pick, (torch.tensor(seed_keys(self.seed), device=device), knobs),
+                         "nucleus" if nucleus else "sample")
