@@ -54,14 +54,14 @@ class HostNode:
 class Step:
     """One unit the executor runs: a segment of compute nodes (fn), or a run of sync nodes (sync)."""
 
-    key: tuple[str, int]  # (pass, index): what the graph runner keys the segment's entries by
     nodes: list[Node]
     fn: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None
     sync: list[HostNode] | None
     live_in: list[str]
     drop_after: list[str]  # values no later step reads
     # with CUDA graphs: the segment without the executor's bookkeeping (the node list, the trace),
-    # which a replay would skip; what the graph runner captures (fn itself when compiled)
+    # which a replay would skip; what the graph runner captures (fn itself when compiled), keyed by
+    # (pass, step index)
     graph: Segment | None = None
     # derived, once: a sync step one of whose nodes reads floats (a host placement) reads any dtypes in
     # its one read; the nodes' names, for the record of what ran
@@ -212,7 +212,7 @@ class Executor:
             live_in = {i for n in group for i in n.inputs if i not in defined}
             drop = [v for v, s in last_use.items() if s == si and v not in self.keep]
             if group[0].op in SYNC_OPS:
-                steps.append(Step((p.value, si), group, None, [hosts[n.name] for n in group], sorted(live_in), drop))
+                steps.append(Step(group, None, [hosts[n.name] for n in group], sorted(live_in), drop))
                 continue
             after = groups[si + 1] if si + 1 < len(groups) and groups[si + 1][0].op in SYNC_OPS else []
             reads = folded_reads(after, hosts)
@@ -227,7 +227,7 @@ class Executor:
             if self.graphs is not None:
                 plain = fn if self.compile else segment_fn(group, built, live_out, None, None, self.clock, reads)
                 graph = Segment((p.value, si), f"{group[0].name}..{group[-1].name}", plain, refusal(group))
-            steps.append(Step((p.value, si), group, fn, None, sorted(live_in), drop, graph))
+            steps.append(Step(group, fn, None, sorted(live_in), drop, graph))
         return steps
 
     def run(self, ctx: StepContext, tokens: torch.Tensor, forward: Forward) -> Outcome:
@@ -315,8 +315,7 @@ class Executor:
         t0 = self.clock() if self.trace is not None else 0.0
         out = self.graphs.run(step.graph, ctx, inputs, first)
         if self.trace is not None:
-            name = f"{step.nodes[0].name}..{step.nodes[-1].name}"
-            self.trace.append((name, "graph", "compute", t0, self.clock(), 0))
+            self.trace.append((step.graph.name, "graph", "compute", t0, self.clock(), 0))
         if not self.compile:
             self.executed.extend(step.names)
         return out

@@ -84,17 +84,14 @@ class Sampler:
     def __init__(self, greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  device: torch.device | str = "cpu"):
         """device: the logits' (the seed and knobs are put there once)."""
-        if not greedy:
-            if temperature <= 0:
-                raise MobileError(f"temperature must be > 0, got {temperature}", key="--temperature")
-            if not 0 < top_p <= 1:
-                raise MobileError(f"top_p must be in (0, 1], got {top_p}", key="--top-p")
-        self.greedy, self.temperature, self.top_p = greedy, temperature, top_p
-        self.seed = seed if seed is not None else 0
         if greedy:
             self.pick = Pick(greedy_pick, (), "greedy")
             return
+        if temperature <= 0:
+            raise MobileError(f"temperature must be > 0, got {temperature}", key="--temperature")
+        if not 0 < top_p <= 1:
+            raise MobileError(f"top_p must be in (0, 1], got {top_p}", key="--top-p")
         nucleus = top_p < 1.0
         knobs = torch.tensor([temperature, top_p] if nucleus else [temperature], device=device)
-        self.pick = Pick(sample_pick, (torch.tensor(seed_keys(self.seed), device=device), knobs),
+        self.pick = Pick(sample_pick, (torch.tensor(seed_keys(seed or 0), device=device), knobs),
                          "nucleus" if nucleus else "sample")
